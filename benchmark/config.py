@@ -1,0 +1,111 @@
+"""The run config: what one benchmark run is, filled from the CLI over a recipe over defaults."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from datamodules import EMBEDDED_DATASETS
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+EMBEDDED_BACKBONE = "vit_embedded_p7_28"
+EMBEDDED_WEIGHTS = REPO_ROOT / "results" / "embedded" / "vit_embedded_p7_28.safetensors"
+PAPER_BACKBONE = "vit_base_patch16_224.orig_in21k"  # the paper's ImageNet-21k ViT-B/16 (not augreg)
+
+# Fields a recipe may set; an explicit CLI value always wins over the recipe.
+RECIPE_FIELDS = ("optimizer", "lr", "weight_decay", "epochs", "warmup_epochs", "batch_size")
+
+
+@dataclass
+class RunConfig:
+    method: str = "vpt_deep"
+    dataset: str = "digits"  # the embedded default
+    train_fraction: float = 0.1
+    seed: int = 0
+    backbone: str | None = None  # None: embedded backbone on embedded datasets, else the paper's ViT-B/16
+    weights: str | None = None  # local checkpoint; None: embedded weights / timm hub weights
+    pretrained: bool = True  # False = random init (the "no pretraining" control)
+    recipe: str | None = None  # None: "quick" on embedded datasets, "paper" elsewhere
+    optimizer: str | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    epochs: int | None = None
+    warmup_epochs: float | None = None
+    batch_size: int | None = None
+    method_options: dict = field(default_factory=dict)  # e.g. {"prompt_length": 10}
+    data_root: str | None = None
+    train_on: str = "train"  # "trainval" for the final runs of the selection protocol
+    results_dir: str = "results"
+    tag: str = ""  # extra name part for variants (e.g. a search point)
+    num_workers: int = 0
+    accelerator: str = "auto"
+    devices: str = "auto"
+    precision: str | None = None
+    wandb: bool = False
+    force: bool = False
+
+    def __post_init__(self):
+        self.train_fraction = float(self.train_fraction)
+        if not (0.0 < self.train_fraction <= 1.0) or math.isnan(self.train_fraction):
+            raise ValueError(f"train fraction must be in (0, 1], got {self.train_fraction}; e.g. FRACTION=0.1.")
+
+    @property
+    def embedded(self) -> bool:
+        return self.dataset in EMBEDDED_DATASETS
+
+    def resolved(self) -> RunConfig:
+        """A copy with every None filled: defaults for the dataset family, then the recipe."""
+        cfg = RunConfig(**asdict(self))
+        if cfg.backbone is None:
+            cfg.backbone = EMBEDDED_BACKBONE if cfg.embedded else PAPER_BACKBONE
+            if cfg.weights is None and cfg.embedded and cfg.pretrained:
+                cfg.weights = str(EMBEDDED_WEIGHTS)
+        if not cfg.pretrained:
+            cfg.weights = None  # the random-init control ignores any weights
+        cfg.recipe = cfg.recipe or ("quick" if cfg.embedded else "paper")
+        recipe = load_recipe(cfg.recipe, cfg.method)
+        for name in RECIPE_FIELDS:
+            if getattr(cfg, name) is None:
+                setattr(cfg, name, recipe[name])
+        cfg.method_options = {**recipe.get("method_options", {}), **cfg.method_options}
+        if recipe.get("lr_scaling") == "batch/256" and self.lr is None:  # paper: lr = base_lr * batch / 256
+            cfg.lr = recipe["lr"] * cfg.batch_size / 256
+        return cfg
+
+    def run_id(self) -> str:
+        """Path of this run's result below results/runs, without suffix."""
+        name = f"frac{self.train_fraction:g}_seed{self.seed}"
+        if self.train_on != "train":
+            name += f"_{self.train_on}"
+        if not self.pretrained:
+            name += "_scratch"
+        if self.tag:
+            name += f"_{self.tag}"
+        backbone = (self.backbone or "default").replace("/", "-")
+        return f"{self.dataset}/{backbone}/{self.method}/{name}"
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.name for p in RECIPES_DIR.iterdir() if p.is_dir())
+
+
+def load_recipe(recipe: str, method: str) -> dict:
+    folder = RECIPES_DIR / recipe
+    if not folder.is_dir():
+        from methods.registry import closest_name
+
+        known = list_recipes()
+        raise ValueError(f"Unknown recipe {recipe!r}.{closest_name(recipe, known)} Known recipes: {', '.join(known)}.")
+    path = folder / f"{method}.yaml"
+    if not path.is_file():
+        path = folder / "default.yaml"
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    missing = [k for k in RECIPE_FIELDS if k not in values]
+    if missing:
+        raise ValueError(f"Recipe file {path} lacks {missing}.")
+    return values

@@ -1,0 +1,161 @@
+"""One benchmark run: config -> backbone + method + datamodule -> Lightning Trainer -> result JSON.
+
+    python -m benchmark.run --method vpt_deep --fraction 0.1 [--dataset digits] [--seed 0] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+import methods
+from benchmark.config import REPO_ROOT, RunConfig
+from benchmark.store import atomic_write_json, read_result, result_path
+from datamodules import create_datamodule
+from methods import OptimConfig, create_backbone, create_method, data_config
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> dict:
+    import timm
+    import torchmetrics
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "lightning": L.__version__, "torchmetrics": torchmetrics.__version__}
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def build(cfg: RunConfig):
+    """Backbone, method and datamodule for a resolved config."""
+    backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights)
+    datamodule = create_datamodule(cfg.dataset, data_config=data_config(backbone), train_fraction=cfg.train_fraction,
+                                   seed=cfg.seed, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                   train_on=cfg.train_on, data_root=cfg.data_root)
+    optim = OptimConfig(optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                        warmup_epochs=cfg.warmup_epochs, max_epochs=cfg.epochs)
+    model = create_method(cfg.method, backbone, datamodule.num_classes, optim, **cfg.method_options)
+    return model, datamodule
+
+
+def loggers(cfg: RunConfig) -> list:
+    found = [CSVLogger(f"{cfg.results_dir}/logs", name=cfg.run_id(), version="")]
+    if cfg.wandb:
+        from benchmark.tracking import wandb_logger
+
+        found.append(wandb_logger(cfg))
+    return found
+
+
+def run(cfg: RunConfig) -> dict:
+    """Train and test one configuration; returns (and writes) its result."""
+    cfg = cfg.resolved()
+    path = result_path(cfg.results_dir, cfg.run_id())
+    existing = read_result(path)
+    if existing and existing.get("status") == "ok" and not cfg.force:
+        print(f"Result exists, nothing to do: {path} (test top-1 {existing['test_top1']:.2f}). Use FORCE=1 to rerun.")
+        return existing
+    started = time.time()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model, datamodule = build(cfg)
+    datamodule.setup()
+    atomic_write_json(f"{cfg.results_dir}/splits/{cfg.run_id()}.json", datamodule.split_record())
+    trainer = L.Trainer(max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
+                        precision=cfg.precision, logger=loggers(cfg), enable_checkpointing=False,
+                        deterministic=True, num_sanity_val_steps=0, log_every_n_steps=1,
+                        enable_model_summary=False)
+    trainer.fit(model, datamodule=datamodule)
+    val_top1 = float(trainer.callback_metrics["val/acc"]) * 100
+    test_top1 = float(trainer.test(model, datamodule=datamodule, verbose=False)[0]["test/acc"]) * 100
+    result = {
+        "method": cfg.method, "dataset": cfg.dataset, "backbone": cfg.backbone, "train_fraction": cfg.train_fraction,
+        "seed": cfg.seed, "n_train": datamodule.n_train, "num_classes": datamodule.num_classes,
+        "tuned_params": model.tuned_params, "total_params": model.total_params,
+        "tuned_percent": 100 * model.tuned_params / model.total_params,
+        "val_top1": val_top1, "test_top1": test_top1, "epochs": cfg.epochs, "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "optimizer": cfg.optimizer,
+        "recipe": cfg.recipe, "train_on": cfg.train_on, "pretrained": cfg.pretrained,
+        "wall_seconds": time.time() - started, "peak_memory_mb": peak_memory_mb(), "git_commit": git_commit(),
+        "versions": versions(), "status": "ok", "config": asdict(cfg),
+    }
+    if trainer.is_global_zero:
+        atomic_write_json(path, result)
+        print(f"{cfg.method} on {cfg.dataset} @ {cfg.train_fraction:g}: test top-1 {test_top1:.2f} "
+              f"(val {val_top1:.2f}) in {result['wall_seconds']:.0f}s -> {path}")
+    return result
+
+
+def method_option(text: str) -> tuple[str, object]:
+    """`key=value` with value parsed as YAML (so 10 -> int, 0.1 -> float, null -> None)."""
+    import yaml
+
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"method option {text!r} must look like key=value, e.g. prompt_length=10")
+    key, value = text.split("=", 1)
+    return key.strip().replace("-", "_"), yaml.safe_load(value)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="vpt_deep", help=f"one of {', '.join(methods.list_methods())}")
+    p.add_argument("--fraction", dest="train_fraction", type=float, default=0.1, help="share of the train pool")
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backbone", help="any timm ViT name; default: embedded ViT / vit_base_patch16_224.orig_in21k")
+    p.add_argument("--weights", help="local checkpoint (.npz, .pth/.pt, .safetensors)")
+    p.add_argument("--scratch", dest="pretrained", action="store_false", help="random init instead of pretrained")
+    p.add_argument("--recipe", help="quick (embedded default) or paper")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"])
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--method-arg", dest="method_options", action="append", type=method_option, default=[],
+                   metavar="KEY=VALUE", help="method option, e.g. prompt_length=10 or reduction=8 (repeatable)")
+    p.add_argument("--data-root")
+    p.add_argument("--train-on", choices=["train", "trainval"], default="train")
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--tag", default="")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--devices", default="auto")
+    p.add_argument("--precision")
+    p.add_argument("--wandb", action="store_true")
+    p.add_argument("--force", action="store_true", help="rerun even if a result exists")
+    return p
+
+
+def config_from_args(argv: list[str] | None = None) -> RunConfig:
+    args = vars(parser().parse_args(argv))
+    args["method_options"] = dict(args["method_options"])
+    return RunConfig(**args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(config_from_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The results store: one JSON per run under results/runs/, written atomically, and the summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write via a temp file in the same folder + fsync + rename: readers see the old file or the new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def result_path(results_dir: str | Path, run_id: str) -> Path:
+    return Path(results_dir) / "runs" / f"{run_id}.json"
+
+
+def read_result(path: str | Path) -> dict | None:
+    """A run's result, or None when absent or unreadable (never raises on a damaged file)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def load_runs(results_dir: str | Path) -> pd.DataFrame:
+    """Every run JSON below results_dir/runs as one row (nested config dropped)."""
+    rows = []
+    for path in sorted((Path(results_dir) / "runs").rglob("*.json")):
+        result = read_result(path)
+        if result is not None:
+            rows.append({k: v for k, v in result.items() if not isinstance(v, (dict, list))} | {"path": str(path)})
+    return pd.DataFrame(rows)
+
+
+def write_summary(results_dir: str | Path) -> Path:
+    """results/summary.csv: one row per run."""
+    frame = load_runs(results_dir)
+    path = Path(results_dir) / "summary.csv"
+    atomic_write_text(path, frame.to_csv(index=False))
+    return path

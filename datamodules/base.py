@@ -1,0 +1,140 @@
+"""The base DataModule and the suite's one implementation of data-fraction splits."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class LabelledSplit:
+    """One split as a Dataset plus what the fraction logic needs without touching any image."""
+
+    dataset: Dataset
+    labels: np.ndarray  # (N,) int class ids in 0..C-1, in the dataset's order
+    ids: list[str] = field(default_factory=list)  # stable example ids (relative paths or "<split>/<index>")
+
+    def __post_init__(self):
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if not self.ids:
+            self.ids = [str(i) for i in range(len(self.labels))]
+
+
+def examples_to_keep(class_size: int, fraction: float) -> int:
+    """Per-class count for a fraction: rounded half up, never below one example."""
+    return max(1, math.floor(fraction * class_size + 0.5))
+
+
+def fraction_indices(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Indices of a per-class stratified, seeded, nested subset of `labels`.
+
+    Each class is shuffled by a generator seeded with (seed, class id) — PCG64 gives the same stream on
+    every machine and ignores PYTHONHASHSEED — and its first `examples_to_keep` items are kept. A larger
+    fraction keeps a longer prefix of the same permutation, so the 10% subset lies inside the 20% subset,
+    ... inside 100%. The result depends only on the order of `labels`, which datamodules make canonical
+    (sorted ids), never on file-listing order.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"train fraction must be in (0, 1], got {fraction}.")
+    kept = []
+    for class_id in np.unique(labels):
+        members = np.flatnonzero(labels == class_id)
+        order = np.random.Generator(np.random.PCG64([int(seed), int(class_id)])).permutation(members)
+        kept.append(order[: examples_to_keep(len(members), fraction)])
+    return np.sort(np.concatenate(kept)) if kept else np.zeros(0, dtype=np.int64)
+
+
+def seed_worker(worker_id: int) -> None:
+    """Derive numpy/random seeds of a loader worker from torch's per-worker seed (reproducible augmentation)."""
+    import random
+
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)
+
+
+class FractionDataModule(L.LightningDataModule):
+    """Subclasses say how to read each split (`load_split`); this class subsamples train and builds loaders.
+
+    Only the training split is subsampled; val and test are always used whole.
+    """
+
+    name: str = ""
+
+    def __init__(self, *, data_config: dict, train_fraction: float = 1.0, seed: int = 0, batch_size: int = 64,
+                 eval_batch_size: int | None = None, num_workers: int = 0, train_on: str = "train",
+                 data_root: str | None = None):
+        super().__init__()
+        if train_on not in ("train", "trainval"):
+            raise ValueError(f"train_on must be 'train' or 'trainval', got {train_on!r}.")
+        self.data_config = dict(data_config)
+        self.train_fraction = float(train_fraction)
+        self.seed = int(seed)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or max(batch_size, 256))
+        self.num_workers = int(num_workers)
+        self.train_on = train_on
+        self.data_root = data_root
+        self.splits: dict[str, LabelledSplit] = {}
+        self.train_indices: np.ndarray | None = None
+
+    # --- what a dataset family provides ------------------------------------------------------------
+    def load_split(self, split: str) -> LabelledSplit:
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        raise NotImplementedError
+
+    # --- shared ------------------------------------------------------------------------------------
+    def training_pool(self) -> LabelledSplit:
+        """train, or train followed by val for the final runs of the selection protocol."""
+        train = self.splits["train"]
+        if self.train_on == "train":
+            return train
+        val = self.splits["val"]
+        return LabelledSplit(ConcatDataset([train.dataset, val.dataset]), np.concatenate([train.labels, val.labels]),
+                             [f"train/{i}" for i in train.ids] + [f"val/{i}" for i in val.ids])
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        self.splits = {split: self.load_split(split) for split in SPLITS}
+        pool = self.training_pool()
+        self.train_indices = fraction_indices(pool.labels, self.train_fraction, self.seed)
+        self.train_set = Subset(pool.dataset, self.train_indices.tolist())
+        self.train_ids = [pool.ids[i] for i in self.train_indices]
+        self.train_labels = pool.labels[self.train_indices]
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_indices)
+
+    def split_record(self) -> dict:
+        """Exactly which examples trained: written beside the results so a run can be traced."""
+        return {"dataset": self.name, "train_fraction": self.train_fraction, "seed": self.seed,
+                "train_on": self.train_on, "n_train": self.n_train, "ids": self.train_ids,
+                "labels": self.train_labels.tolist()}
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          generator=generator, worker_init_fn=seed_worker,
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.splits["val"].dataset, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.splits["test"].dataset, self.eval_batch_size, shuffle=False)

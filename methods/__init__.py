@@ -1,0 +1,16 @@
+"""Tuning protocols for timm Vision Transformers, one file each; `list_methods()` names them."""
+
+# Import order is registration order: the paper's table order.
+from methods import full, linear, bias, adapter, vpt  # noqa: F401, I001
+from methods.backbone import create_backbone, data_config, load_weights
+from methods.base import OptimConfig, TuningModule
+from methods.registry import get_method_class, list_methods, register_method
+
+
+def create_method(name: str, backbone, num_classes: int, optim: OptimConfig | None = None, **options) -> TuningModule:
+    """Wrap `backbone` with tuning method `name`; `options` are the method's own (e.g. prompt_length=10)."""
+    return get_method_class(name).from_options(backbone, num_classes, optim, **options)
+
+
+__all__ = ["OptimConfig", "TuningModule", "create_backbone", "create_method", "data_config", "get_method_class",
+           "list_methods", "load_weights", "register_method"]

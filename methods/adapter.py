@@ -1,0 +1,72 @@
+"""Bottleneck adapters in the Pfeiffer placement (Pfeiffer et al., 2020, https://arxiv.org/abs/2005.00247),
+as used for the ADAPTER baseline in VPT (Jia et al., 2022, https://arxiv.org/abs/2203.12119).
+
+Placement (the VPT code's Pfeiffer variant): after each block's MLP, before its residual add,
+    h = mlp(norm2(x));  x = x + h + up(gelu(down(h)))
+with a bottleneck of dim // reduction, both projections with bias, no extra norm.
+
+Initialisation: `up` is zero so every adapter starts as the identity, but `down` is Kaiming-uniform.
+The VPT code zero-initialises both projections, which makes every gradient zero forever (the output of
+`down` is 0, so `up` sees no input, and `up` is 0, so `down` sees no error): its adapters never learn.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from methods.base import TuningModule
+from methods.registry import register_method
+
+
+@dataclass
+class AdapterOptions:
+    reduction: int = field(default=8, metadata={"help": "bottleneck width = embed_dim // reduction (paper: 8)"})
+
+    def __post_init__(self):
+        if int(self.reduction) != self.reduction or self.reduction < 1:
+            raise ValueError(f"adapter reduction must be a positive integer, got {self.reduction}.")
+
+
+class Adapter(nn.Module):
+    def __init__(self, dim: int, bottleneck: int):
+        super().__init__()
+        self.down = nn.Linear(dim, bottleneck)
+        self.act = nn.GELU()
+        self.up = nn.Linear(bottleneck, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.up(self.act(self.down(h)))
+
+
+class MlpWithAdapter(nn.Module):
+    """The block's MLP followed by its adapter; the block's own residual adds the sum."""
+
+    def __init__(self, mlp: nn.Module, adapter: Adapter):
+        super().__init__()
+        self.mlp = mlp
+        self.adapter = adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.mlp(x)  # x is already norm2(x) inside the timm Block
+        return h + self.adapter(h)
+
+
+@register_method("adapter")
+class AdapterTuning(TuningModule):
+    options_cls = AdapterOptions
+
+    def adapt(self) -> None:
+        dim = self.backbone.embed_dim
+        reduction = int(self.options.reduction)
+        if dim % reduction:
+            divisors = [r for r in range(1, dim + 1) if dim % r == 0 and r <= 64]
+            raise ValueError(f"adapter reduction {reduction} does not divide the embedding width {dim}; "
+                             f"choose one of {divisors}.")
+        for block in self.backbone.blocks:
+            block.mlp = MlpWithAdapter(block.mlp, Adapter(dim, dim // reduction))  # new params trainable
+
+    def adapters(self) -> list[Adapter]:
+        return [block.mlp.adapter for block in self.backbone.blocks]

@@ -1,0 +1,89 @@
+"""Backbone creation: any timm VisionTransformer by name, optionally with local weights, plus the
+suite's embedded architecture (registered with timm so it is created like any other ViT)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer, checkpoint_filter_fn
+
+from methods.registry import closest_name
+
+# Fashion-MNIST statistics: the embedded backbone is pretrained on it, so its data config normalises with them.
+FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
+
+default_cfgs = generate_default_cfgs({
+    "vit_embedded_p7_28": {
+        "input_size": (1, 28, 28), "mean": FMNIST_MEAN, "std": FMNIST_STD, "crop_pct": 1.0,
+        "interpolation": "bilinear", "num_classes": 10, "first_conv": "patch_embed.proj", "classifier": "head",
+    },
+})
+
+
+@register_model
+def vit_embedded_p7_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """The embedded default: 28 px grey images, 7 px patches (16 tokens + CLS), width 128, depth 6, 4 heads.
+
+    1.2M parameters: big enough for pretraining on Fashion-MNIST to give features that transfer, small
+    enough that every protocol trains in seconds on two CPU cores (see MEASUREMENTS).
+    """
+    args = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=128, depth=6, num_heads=4)
+    return _create_vision_transformer("vit_embedded_p7_28", pretrained=pretrained, **dict(args, **kwargs))
+
+
+def is_vit_name(name: str) -> bool:
+    return name.split(".")[0] in timm.list_models() and "vit" in name.split(".")[0]
+
+
+def create_backbone(name: str, *, pretrained: bool = False, weights: str | Path | None = None,
+                    **kwargs) -> VisionTransformer:
+    """A timm ViT by name; `weights` loads a local file (.npz, .pth/.pt, .safetensors) instead of the hub."""
+    architecture = name.split(".")[0]
+    if architecture not in timm.list_models():
+        vits = timm.list_models("*vit*")
+        raise ValueError(f"Unknown backbone {name!r}.{closest_name(architecture, vits)} Use a timm ViT name "
+                         f"(`timm.list_models('*vit*')` lists {len(vits)}), e.g. vit_base_patch16_224.orig_in21k.")
+    model = timm.create_model(name, pretrained=pretrained and weights is None, **kwargs)
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"Backbone {name!r} is a {type(model).__name__}, not a timm VisionTransformer; "
+                         "the tuning methods need a plain ViT (vit_*, deit_*, ...).")
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+def load_weights(model: VisionTransformer, path: str | Path) -> None:
+    """Load a local checkpoint into `model`; the classifier head is skipped (every method trains a new one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"WEIGHTS file {str(path)!r} does not exist; pass the path of a .npz, .pth/.pt "
+                                "or .safetensors checkpoint.")
+    if path.suffix == ".npz":  # the original Google/JAX checkpoints (e.g. ViT-B_16.npz): timm's own converter
+        model.load_pretrained(str(path))
+        return
+    try:
+        state = timm.models.load_state_dict(str(path), device="cpu")
+    except Exception as err:  # noqa: BLE001 — any decoding failure means "not a checkpoint"
+        raise ValueError(f"WEIGHTS file {str(path)!r} is not a readable checkpoint ({type(err).__name__}: {err}).") from err
+    state = checkpoint_filter_fn(state, model)  # timm's key/shape conversions (e.g. position-embedding resize)
+    head = {k for k in model.state_dict() if k.startswith("head.")}
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k not in head]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"WEIGHTS {str(path)!r} do not match backbone {type(model).__name__} "
+                         f"(embed_dim={model.embed_dim}, depth={len(model.blocks)}): "
+                         f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+                         f"unexpected keys {result.unexpected_keys[:8]}"
+                         f"{' ...' if len(result.unexpected_keys) > 8 else ''}.")
+
+
+def data_config(model: VisionTransformer) -> dict:
+    """timm's data config (input_size, mean, std, interpolation, crop_pct) as plain values for a datamodule."""
+    config = timm.data.resolve_model_data_config(model)
+    return {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.items()}
+
+

@@ -1,0 +1,156 @@
+"""The one LightningModule every tuning protocol shares.
+
+A method only decides what trains and what is added to the backbone (`adapt`, and `forward_features`
+when it changes the token sequence). Step, metrics, optimizer and schedule live here, once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from timm.optim import create_optimizer_v2
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+
+@dataclass
+class OptimConfig:
+    """How the tuned parameters are optimised; filled from a recipe (benchmark/recipes)."""
+
+    optimizer: str = "sgd"  # "sgd" (momentum, no Nesterov: the VPT code) or "adamw"
+    lr: float = 0.01  # the actual learning rate; recipes apply the base_lr * batch / 256 rule before
+    weight_decay: float = 0.0  # on weights and prompts; biases, norms and position embeddings get none (timm rule)
+    momentum: float = 0.9  # SGD only
+    warmup_epochs: float = 1.0  # linear warmup, starts above 0 so the first epoch learns
+    max_epochs: int = 10
+
+    def __post_init__(self):
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}.")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}.")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}.")
+        if self.max_epochs < 1:
+            raise ValueError(f"max_epochs must be >= 1, got {self.max_epochs}.")
+
+
+@dataclass
+class NoOptions:
+    """For methods with nothing to configure."""
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier: linear warmup from 1/warmup (never 0, unlike the VPT code's first epoch) then cosine to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class TuningModule(L.LightningModule):
+    """A timm VisionTransformer with a new head; subclasses choose what trains."""
+
+    method_name: ClassVar[str] = ""
+    options_cls: ClassVar[type] = NoOptions
+
+    def __init__(self, backbone: VisionTransformer, num_classes: int, optim: OptimConfig | None = None,
+                 options: Any = None):
+        super().__init__()
+        if not isinstance(backbone, VisionTransformer):
+            raise TypeError(f"Methods wrap a timm VisionTransformer, got {type(backbone).__name__}.")
+        self.backbone = backbone
+        self.backbone.reset_classifier(num_classes)
+        self.num_classes = num_classes
+        self.optim = optim or OptimConfig()
+        self.options = options if options is not None else self.options_cls()
+        self.backbone.requires_grad_(False)
+        self.adapt()
+        self.backbone.get_classifier().requires_grad_(True)  # every protocol trains a fresh head
+        self.criterion = nn.CrossEntropyLoss()
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    @classmethod
+    def from_options(cls, backbone: VisionTransformer, num_classes: int, optim: OptimConfig | None = None,
+                     **options) -> TuningModule:
+        valid = {f.name for f in fields(cls.options_cls)}
+        unknown = set(options) - valid
+        if unknown:
+            raise ValueError(f"Method {cls.method_name!r} has no option(s) {sorted(unknown)}; "
+                             f"its options are: {sorted(valid) or 'none'}.")
+        return cls(backbone, num_classes, optim, cls.options_cls(**options))
+
+    # --- what a method changes -------------------------------------------------------------------
+    def adapt(self) -> None:
+        """Unfreeze or add parameters. The backbone arrives fully frozen; the head is unfrozen after."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(x)  # (B, N, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_head(self.forward_features(x))  # (B, C)
+
+    # --- parameter accounting --------------------------------------------------------------------
+    @property
+    def tuned_params(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    @property
+    def total_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def param_summary(self) -> str:
+        """peft's standard line."""
+        tuned, total = self.tuned_params, self.total_params
+        return f"trainable params: {tuned:,d} || all params: {total:,d} || trainable%: {100 * tuned / total:.4f}"
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
+
+    # --- Lightning -------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if self.trainer.is_global_zero:
+            print(self.param_summary())
+
+    def model_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images, labels = batch
+        logits = self(images)
+        return self.criterion(logits, labels), logits.argmax(dim=1), labels
+
+    def training_step(self, batch, batch_idx):
+        loss, preds, labels = self.model_step(batch)
+        self.train_acc(preds, labels)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss, preds, labels = self.model_step(batch)
+        self.val_acc(preds, labels)
+        self.log("val/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+
+    def test_step(self, batch, batch_idx):
+        loss, preds, labels = self.model_step(batch)
+        self.test_acc(preds, labels)
+        self.log("test/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+        self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
+
+    def configure_optimizers(self):
+        opt = self.optim
+        # timm's factory skips frozen parameters and exempts biases/norms (and no_weight_decay()) from decay.
+        # timm's "momentum" is plain SGD with momentum; its "sgd" would be Nesterov, which the VPT code does not use.
+        optimizer = create_optimizer_v2(self, opt="momentum" if opt.optimizer == "sgd" else "adamw", lr=opt.lr,
+                                        weight_decay=opt.weight_decay, momentum=opt.momentum)
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup_steps = int(round(total_steps * opt.warmup_epochs / max(1, opt.max_epochs)))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

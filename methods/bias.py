@@ -1,0 +1,16 @@
+"""Bias tuning, BitFit (Ben Zaken et al., 2022, https://arxiv.org/abs/2106.10199).
+
+Every bias term of the backbone trains — attention qkv/proj, MLP fc1/fc2, patch embedding and the
+LayerNorm biases (the paper's BIAS row counts those too) — plus the new head.
+"""
+
+from methods.base import TuningModule
+from methods.registry import register_method
+
+
+@register_method("bias")
+class BiasTuning(TuningModule):
+    def adapt(self) -> None:
+        for name, param in self.backbone.named_parameters():
+            if name.endswith("bias"):
+                param.requires_grad_(True)
