@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny ViTs (pretrained=False) and small tensors; everything offline and fast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from methods import create_backbone
+
+TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+
+
+def make_tiny_vit(**overrides):
+    """A 2-block, width-32 ViT on 32 px RGB images (16 patches + CLS): a real timm VisionTransformer."""
+    return create_backbone("vit_tiny_patch16_224", pretrained=False, **{**TINY_VIT, **overrides})
+
+
+@pytest.fixture
+def tiny_vit():
+    torch.manual_seed(0)
+    return make_tiny_vit()
+
+
+@pytest.fixture
+def tiny_batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(4, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, 1])
