@@ -76,7 +76,8 @@ class VisualPromptTuning(TuningModule):
                               dim=1)
             x = checkpoint(block, x, use_reentrant=False) if checkpointing else block(x)
         x = backbone.norm(x)
-        return torch.cat([x[:, :prefix], x[:, prefix + self.prompt_length:]], dim=1)  # prompts stripped: (B, prefix+N, D)
+        # prompts stripped, so the head sees a plain ViT's tokens: (B, prefix+N, D)
+        return torch.cat([x[:, :prefix], x[:, prefix + self.prompt_length:]], dim=1)
 
 
 @register_method("vpt_shallow")

@@ -20,7 +20,7 @@ def labels():
 
 def test_nested_across_fractions(labels):
     subsets = [set(fraction_indices(labels, f, seed=3)) for f in FRACTIONS]
-    for smaller, larger in zip(subsets, subsets[1:]):
+    for smaller, larger in zip(subsets, subsets[1:], strict=False):
         assert smaller <= larger
     assert subsets[-1] == set(range(len(labels)))
 
