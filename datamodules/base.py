@@ -68,6 +68,9 @@ class FractionDataModule(L.LightningDataModule):
     """
 
     name: str = ""
+    # True when the training split's transform is deterministic (no augmentation): a frozen backbone then gives
+    # the same features every epoch, so the linear probe may train on cached ones (benchmark/feature_cache.py).
+    deterministic_train_transform: bool = False
 
     def __init__(self, *, data_config: dict, train_fraction: float = 1.0, seed: int = 0, batch_size: int = 64,
                  eval_batch_size: int | None = None, num_workers: int = 0, train_on: str = "train",

@@ -75,6 +75,8 @@ def carve(labels: np.ndarray, per_class: int, seed: int = POOL_SEED) -> tuple[np
 class TensorSplitsDataModule(FractionDataModule):
     """A dataset held in memory as arrays: subclasses return (images uint8 (N,H,W), labels) per split."""
 
+    deterministic_train_transform = True  # decoded, resized and normalised once; no augmentation
+
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 

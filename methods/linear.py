@@ -2,7 +2,13 @@
 
 The frozen backbone runs in eval mode under `torch.inference_mode`: no autograd graph and no saved
 activations for it, so a linear-probe step costs one inference forward plus a matmul.
+
+Everything before the head is a fixed function of the image, so its output (the pooled, normed
+"pre-logits") can be computed once and cached (benchmark/feature_cache.py): `read_features(True)` makes the
+module take those (B, D) features as input instead of images, and the head sees exactly the same values.
 """
+
+from typing import ClassVar
 
 import torch
 
@@ -12,13 +18,33 @@ from methods.registry import register_method
 
 @register_method("linear")
 class LinearProbe(TuningModule):
+    trains_on_frozen_features: ClassVar[bool] = True  # a feature cache may stand in for the backbone
+    inputs_are_features: bool = False
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.backbone.eval()  # frozen features: dropout / drop-path stay off even while the head trains
         return self
+
+    def read_features(self, enabled: bool = True) -> None:
+        """Take cached pre-logit features (B, D) as input instead of images (B, C, H, W)."""
+        self.inputs_are_features = enabled
+
+    @torch.inference_mode()
+    def frozen_features(self, x: torch.Tensor) -> torch.Tensor:
+        """What the head reads: pooled, normed backbone features (B, D), without autograd."""
+        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             features = self.backbone.forward_features(x)
         # An inference tensor cannot be saved for the head's backward; a clone outside the mode can.
         return features.clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.inputs_are_features:
+            x = self.frozen_features(x).clone()  # clone: leaves inference mode so the head can save it
+        elif x.ndim != 2 or x.shape[1] != self.backbone.num_features:
+            raise ValueError(f"With read_features(True) the linear probe takes (batch, {self.backbone.num_features}) "
+                             f"features, got shape {tuple(x.shape)}; pass images after read_features(False).")
+        return self.backbone.head(x)  # (B, C)
