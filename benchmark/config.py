@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,13 +44,16 @@ class RunConfig:
     accelerator: str = "auto"
     devices: str = "auto"
     precision: str | None = None
+    compile: bool = False  # torch.compile the model's forward (benchmark/perf.py measures what it buys)
+    checkpointing: bool = False  # gradient checkpointing of the backbone blocks: less memory, ~1 more forward
+    feature_cache: bool = True  # linear probe on a deterministic transform: train the head on cached features
     wandb: bool = False
     force: bool = False
 
     def __post_init__(self):
-        self.train_fraction = float(self.train_fraction)
-        if not (0.0 < self.train_fraction <= 1.0) or math.isnan(self.train_fraction):
-            raise ValueError(f"train fraction must be in (0, 1], got {self.train_fraction}; e.g. FRACTION=0.1.")
+        from benchmark.validate import check_fraction  # here, not at the top: validate imports this module
+
+        self.train_fraction = check_fraction(self.train_fraction)  # text, NaN, <= 0, > 1 rejected with the fix
 
     @property
     def embedded(self) -> bool:

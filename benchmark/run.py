@@ -11,33 +11,49 @@ import resource
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import asdict
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 import methods
+from benchmark.callbacks import NonFiniteLossError, StopOnNonFiniteLoss
 from benchmark.config import REPO_ROOT, RunConfig
+from benchmark.feature_cache import can_cache, cached_datamodule
 from benchmark.store import atomic_write_json, read_result, result_path
+from benchmark.validate import ConfigError, check_fraction, validate_config, validate_data
 from datamodules import create_datamodule
 from methods import OptimConfig, create_backbone, create_method, data_config
 
 
-def git_commit() -> str:
+def git(*args: str) -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
+        done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def git_commit() -> str:
+    return git("rev-parse", "HEAD") or "unknown"
+
+
+def git_dirty() -> bool | None:
+    """Whether tracked files differ from the commit (then `git_commit` alone does not reproduce the run)."""
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status)
 
 
 def versions() -> dict:
+    import numpy
     import timm
     import torchmetrics
 
     return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "lightning": L.__version__, "torchmetrics": torchmetrics.__version__}
+            "lightning": L.__version__, "torchmetrics": torchmetrics.__version__, "numpy": numpy.__version__}
 
 
 def peak_memory_mb() -> float:
@@ -55,7 +71,25 @@ def build(cfg: RunConfig):
     optim = OptimConfig(optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                         warmup_epochs=cfg.warmup_epochs, max_epochs=cfg.epochs)
     model = create_method(cfg.method, backbone, datamodule.num_classes, optim, **cfg.method_options)
+    apply_speed_options(model, compile=cfg.compile, checkpointing=cfg.checkpointing)
     return model, datamodule
+
+
+def apply_speed_options(model: L.LightningModule, *, compile: bool, checkpointing: bool) -> None:
+    """Gradient checkpointing of the backbone blocks (timm's flag, honoured by methods.vpt too) and
+    torch.compile of the forward in place, so Lightning's steps run the compiled graph."""
+    if checkpointing:
+        model.backbone.set_grad_checkpointing(True)
+    if compile:
+        model.compile()
+
+
+def with_feature_cache(cfg: RunConfig, model: L.LightningModule, datamodule):
+    """The linear probe on a deterministic transform trains on cached features (benchmark/feature_cache.py)."""
+    if not (cfg.feature_cache and can_cache(model, datamodule)):
+        return datamodule
+    device = "cuda" if torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda") else "cpu"
+    return cached_datamodule(model, datamodule, f"{cfg.results_dir}/cache/features", device, cfg.precision)
 
 
 def loggers(cfg: RunConfig) -> list:
@@ -67,36 +101,78 @@ def loggers(cfg: RunConfig) -> list:
     return found
 
 
+def prepare(cfg: RunConfig):
+    """Build and load everything, then check the data; a bad weights file or dataset raises ConfigError."""
+    try:
+        model, datamodule = build(cfg)
+        datamodule.setup()
+        validate_data(datamodule, cfg)
+    except ConfigError:
+        raise
+    except (ValueError, OSError) as err:  # methods.backbone and datamodules name the file and the fix
+        raise ConfigError(str(err)) from err
+    return model, datamodule
+
+
+def run_record(cfg: RunConfig, started: float) -> dict:
+    """What every result holds, whatever its status: the run's identity, provenance and cost."""
+    return {"method": cfg.method, "dataset": cfg.dataset, "backbone": cfg.backbone,
+            "train_fraction": cfg.train_fraction, "seed": cfg.seed, "epochs": cfg.epochs, "lr": cfg.lr,
+            "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "optimizer": cfg.optimizer,
+            "recipe": cfg.recipe, "train_on": cfg.train_on, "pretrained": cfg.pretrained,
+            "wall_seconds": time.time() - started, "peak_memory_mb": peak_memory_mb(), "git_commit": git_commit(),
+            "git_dirty": git_dirty(), "versions": versions()}
+
+
+def record_failure(cfg: RunConfig, path, started: float, err: Exception) -> dict:
+    """A training failure becomes a `status: failed` result (written atomically) so a grid records it and moves on."""
+    if not isinstance(err, NonFiniteLossError):  # expected failures need no traceback; anything else does
+        traceback.print_exc()
+    result = run_record(cfg, started) | {"status": "failed", "error": f"{type(err).__name__}: {err}",
+                                         "config": asdict(cfg)}
+    if rank_zero_only.rank == 0:
+        atomic_write_json(path, result)
+    print(f"FAILED {cfg.method} on {cfg.dataset} @ {cfg.train_fraction:g}: {result['error']} -> {path}",
+          file=sys.stderr)
+    return result
+
+
 def run(cfg: RunConfig) -> dict:
-    """Train and test one configuration; returns (and writes) its result."""
-    cfg = cfg.resolved()
+    """Train and test one configuration; returns (and writes) its result.
+
+    Bad input raises ConfigError before anything trains (and writes nothing); a failure during training
+    (NaN loss, out of memory, ...) is returned and written as `status: failed` with the error.
+    """
+    cfg = validate_config(cfg)
     path = result_path(cfg.results_dir, cfg.run_id())
     existing = read_result(path)
     if existing and existing.get("status") == "ok" and not cfg.force:
         print(f"Result exists, nothing to do: {path} (test top-1 {existing['test_top1']:.2f}). Use FORCE=1 to rerun.")
         return existing
+    if existing and existing.get("status") != "ok":
+        print(f"Rerunning {path}: the previous attempt failed ({existing.get('error', 'no reason recorded')}).")
     started = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    model, datamodule = build(cfg)
-    datamodule.setup()
+    model, datamodule = prepare(cfg)
     atomic_write_json(f"{cfg.results_dir}/splits/{cfg.run_id()}.json", datamodule.split_record())
-    trainer = L.Trainer(max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
-                        precision=cfg.precision, logger=loggers(cfg), enable_checkpointing=False,
-                        deterministic=True, num_sanity_val_steps=0, log_every_n_steps=1,
-                        enable_model_summary=False)
-    trainer.fit(model, datamodule=datamodule)
-    val_top1 = float(trainer.callback_metrics["val/acc"]) * 100
-    test_top1 = float(trainer.test(model, datamodule=datamodule, verbose=False)[0]["test/acc"]) * 100
-    result = {
-        "method": cfg.method, "dataset": cfg.dataset, "backbone": cfg.backbone, "train_fraction": cfg.train_fraction,
-        "seed": cfg.seed, "n_train": datamodule.n_train, "num_classes": datamodule.num_classes,
+    datamodule = with_feature_cache(cfg, model, datamodule)
+    try:
+        # deterministic=True: torch.use_deterministic_algorithms + cuBLAS workspace config, so the same seed
+        # on the same machine gives bit-identical results (tests/test_reproducibility.py).
+        trainer = L.Trainer(max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
+                            precision=cfg.precision, logger=loggers(cfg), enable_checkpointing=False,
+                            deterministic=True, num_sanity_val_steps=0, log_every_n_steps=1,
+                            enable_model_summary=False, callbacks=[StopOnNonFiniteLoss()])
+        trainer.fit(model, datamodule=datamodule)
+        val_top1 = float(trainer.callback_metrics["val/acc"]) * 100
+        test_top1 = float(trainer.test(model, datamodule=datamodule, verbose=False)[0]["test/acc"]) * 100
+    except Exception as err:  # noqa: BLE001 — recorded as a failed result; KeyboardInterrupt/SystemExit pass
+        return record_failure(cfg, path, started, err)
+    result = run_record(cfg, started) | {
+        "n_train": datamodule.n_train, "num_classes": datamodule.num_classes,
         "tuned_params": model.tuned_params, "total_params": model.total_params,
         "tuned_percent": 100 * model.tuned_params / model.total_params,
-        "val_top1": val_top1, "test_top1": test_top1, "epochs": cfg.epochs, "lr": cfg.lr,
-        "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "optimizer": cfg.optimizer,
-        "recipe": cfg.recipe, "train_on": cfg.train_on, "pretrained": cfg.pretrained,
-        "wall_seconds": time.time() - started, "peak_memory_mb": peak_memory_mb(), "git_commit": git_commit(),
-        "versions": versions(), "status": "ok", "config": asdict(cfg),
+        "val_top1": val_top1, "test_top1": test_top1, "status": "ok", "config": asdict(cfg),
     }
     if trainer.is_global_zero:
         atomic_write_json(path, result)
@@ -115,10 +191,18 @@ def method_option(text: str) -> tuple[str, object]:
     return key.strip().replace("-", "_"), yaml.safe_load(value)
 
 
+def fraction_arg(text: str) -> float:
+    try:
+        return check_fraction(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="vpt_deep", help=f"one of {', '.join(methods.list_methods())}")
-    p.add_argument("--fraction", dest="train_fraction", type=float, default=0.1, help="share of the train pool")
+    p.add_argument("--fraction", dest="train_fraction", type=fraction_arg, default=0.1,
+                   help="share of the train pool, in (0, 1]")
     p.add_argument("--dataset", default="digits")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backbone", help="any timm ViT name; default: embedded ViT / vit_base_patch16_224.orig_in21k")
@@ -140,7 +224,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--devices", default="auto")
-    p.add_argument("--precision")
+    p.add_argument("--precision", help="Lightning precision, e.g. bf16-mixed (autocast; GPU) or 32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of the backbone blocks")
+    p.add_argument("--no-feature-cache", dest="feature_cache", action="store_false",
+                   help="linear probe: run the frozen backbone every epoch instead of caching its features")
     p.add_argument("--wandb", action="store_true")
     p.add_argument("--force", action="store_true", help="rerun even if a result exists")
     return p
@@ -153,8 +241,13 @@ def config_from_args(argv: list[str] | None = None) -> RunConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    run(config_from_args(argv))
-    return 0
+    """Exit status: 0 ok (or already done), 1 the run failed (recorded), 2 bad input (nothing ran)."""
+    try:
+        result = run(config_from_args(argv))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0 if result.get("status") == "ok" else 1
 
 
 if __name__ == "__main__":

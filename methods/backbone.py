@@ -62,7 +62,12 @@ def load_weights(model: VisionTransformer, path: str | Path) -> None:
         raise FileNotFoundError(f"WEIGHTS file {str(path)!r} does not exist; pass the path of a .npz, .pth/.pt "
                                 "or .safetensors checkpoint.")
     if path.suffix == ".npz":  # the original Google/JAX checkpoints (e.g. ViT-B_16.npz): timm's own converter
-        model.load_pretrained(str(path))
+        try:
+            model.load_pretrained(str(path))
+        except (KeyError, RuntimeError, ValueError) as err:  # a missing array or a wrong shape
+            raise ValueError(f"WEIGHTS {str(path)!r} do not match backbone {type(model).__name__} "
+                             f"(embed_dim={model.embed_dim}, depth={len(model.blocks)}): "
+                             f"{type(err).__name__}: {str(err)[:300]}") from err
         return
     try:
         state = timm.models.load_state_dict(str(path), device="cpu")
@@ -71,6 +76,14 @@ def load_weights(model: VisionTransformer, path: str | Path) -> None:
     state = checkpoint_filter_fn(state, model)  # timm's key/shape conversions (e.g. position-embedding resize)
     head = {k for k in model.state_dict() if k.startswith("head.")}
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    own = model.state_dict()
+    wrong_shape = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in state.items()
+                   if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong_shape:  # load_state_dict would raise a RuntimeError listing every tensor; name a few instead
+        raise ValueError(f"WEIGHTS {str(path)!r} do not match backbone {type(model).__name__} "
+                         f"(embed_dim={model.embed_dim}, depth={len(model.blocks)}): {len(wrong_shape)} tensors have "
+                         f"another shape (checkpoint != model), e.g. {wrong_shape[:4]}. Pick the BACKBONE these "
+                         "weights were trained with.")
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if k not in head]
     if missing or result.unexpected_keys:

@@ -1,0 +1,49 @@
+"""Lightning callbacks of the benchmark runner."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the run is recorded as failed with this message."""
+
+
+class StopOnNonFiniteLoss(L.Callback):
+    """Stop training at the first NaN/inf training loss instead of finishing the epochs on garbage weights.
+
+    Lightning's own options do not fit: `detect_anomaly` is autograd's anomaly mode (several times slower,
+    meant for debugging) and `EarlyStopping(check_finite=True)` looks only at a validation metric at epoch
+    end and stops "successfully". Here the loss is tested every `check_every_n_steps` steps: the per-step
+    finiteness flags accumulate on the device and are read back at most once per window, so on a GPU the
+    check adds no host synchronisation to most steps.
+    """
+
+    def __init__(self, check_every_n_steps: int = 1):
+        if check_every_n_steps < 1:
+            raise ValueError(f"check_every_n_steps must be >= 1, got {check_every_n_steps}.")
+        self.check_every_n_steps = check_every_n_steps
+        self._all_finite: torch.Tensor | None = None
+        self._first_step = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        finite = torch.isfinite(loss.detach()).all()
+        if self._all_finite is None:
+            self._all_finite, self._first_step = finite, trainer.global_step
+        else:
+            self._all_finite = self._all_finite & finite
+        last_of_epoch = batch_idx + 1 >= trainer.num_training_batches
+        if (batch_idx + 1) % self.check_every_n_steps == 0 or last_of_epoch:
+            self._raise_if_nonfinite(trainer, float(loss.detach().float()))
+
+    def _raise_if_nonfinite(self, trainer: L.Trainer, last_loss: float) -> None:
+        all_finite, self._all_finite = bool(self._all_finite), None
+        if not all_finite:
+            raise NonFiniteLossError(
+                f"non-finite training loss (last value {last_loss}) in epoch {trainer.current_epoch}, "
+                f"optimizer steps {self._first_step}-{trainer.global_step}; the run was stopped. "
+                "Usual causes: a learning rate too high for this method (lower LR), or NaN/inf in the input data.")

@@ -1,0 +1,328 @@
+"""Every check of a run's inputs, in one place, before any training: a typo costs seconds, not a night of GPU time.
+
+Two entry points, called by `benchmark.run` (and usable by a grid to check all its runs up front):
+
+- `validate_config(cfg)` resolves the config and checks it without reading data or weights: names (method,
+  dataset, backbone, recipe) with a closest-name suggestion, numbers in range, method options, the backbone's
+  geometry (built on PyTorch's `meta` device: no memory, no time), the results directory, W&B. It raises one
+  `ConfigError` listing every problem found, each with its fix.
+- `validate_data(datamodule, cfg)` runs after the datamodule's `setup()`: labels in range, every class in the
+  training pool, a fraction large enough for one example per class, image files present and decodable.
+
+File-level dataset checks (split files, image paths) live in `datamodules.checks` so datamodules can call them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import fields, replace
+from pathlib import Path
+
+import numpy as np
+
+from benchmark.config import RunConfig, list_recipes
+from datamodules import list_datasets
+from datamodules.checks import check_image_files
+from methods.registry import closest_name
+
+# Accepted ranges: wide enough for every recipe of the paper (SGD base lrs up to 50, scaled by batch/256),
+# narrow enough to catch a slipped exponent.
+EPOCHS_RANGE = (1, 10_000)
+BATCH_SIZE_RANGE = (1, 65_536)
+LR_MAX = {"sgd": 1_000.0, "adamw": 1.0}  # AdamW steps are ~lr per weight: above 1 it diverges at once
+WEIGHT_DECAY_MAX = 1.0
+SEED_RANGE = (0, 2**32 - 1)  # numpy's PCG64 seeds the splits and takes non-negative integers
+
+
+class ConfigError(ValueError):
+    """Bad input found before training; the message names each problem and its fix."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            message = self.problems[0]
+        else:
+            message = f"{len(self.problems)} problems with this run's settings:\n" + "\n".join(
+                f"  - {p}" for p in self.problems)
+        super().__init__(message)
+
+
+class ConfigWarning(UserWarning):
+    """A setting the run works around (e.g. W&B falls back to offline)."""
+
+
+def unknown_name(kind: str, name: str, known: list[str], variable: str) -> str:
+    return (f"Unknown {kind} {name!r}.{closest_name(str(name), known)} Known {kind}s: {', '.join(known)} "
+            f"(set {variable}=<name>).")
+
+
+# --- names -------------------------------------------------------------------------------------------
+def check_names(cfg: RunConfig) -> list[str]:
+    """Method, dataset, recipe and backbone must be known: checked before the recipe is even read."""
+    import methods
+
+    problems = []
+    if cfg.method not in methods.list_methods():
+        problems.append(unknown_name("method", cfg.method, methods.list_methods(), "METHOD"))
+    if cfg.dataset not in list_datasets():
+        problems.append(unknown_name("dataset", cfg.dataset, list_datasets(), "DATASET"))
+    if cfg.recipe is not None and cfg.recipe not in list_recipes():
+        problems.append(unknown_name("recipe", cfg.recipe, list_recipes(), "RECIPE"))
+    if cfg.backbone is not None:
+        problems += check_backbone_name(cfg.backbone, uses_hub=cfg.pretrained and cfg.weights is None)
+    return problems
+
+
+def check_backbone_name(name: str, uses_hub: bool) -> list[str]:
+    """A timm model name, and — when its weights come from the hub — a pretrained tag timm knows."""
+    import timm
+
+    architecture, _, tag = name.partition(".")
+    if architecture not in timm.list_models():
+        vits = timm.list_models("*vit*")
+        return [f"Unknown backbone {name!r}.{closest_name(architecture, vits)} Use a timm ViT name "
+                f"(`timm.list_models('*vit*')` lists {len(vits)}), e.g. vit_base_patch16_224.orig_in21k "
+                "(set BACKBONE=<name>)."]
+    if tag and uses_hub:
+        tagged = timm.list_pretrained(f"{architecture}.*")
+        if name not in tagged:
+            return [f"Backbone {architecture!r} has no pretrained weights tagged {tag!r}.{closest_name(name, tagged)}"
+                    f" Tags timm knows: {', '.join(tagged) or 'none'}; or pass local WEIGHTS=<file>."]
+    return []
+
+
+# --- numbers -----------------------------------------------------------------------------------------
+def check_fraction(value) -> float:
+    """The train fraction as a float in (0, 1]; raises ConfigError for anything else (text, NaN, 0, 1.5)."""
+    try:
+        fraction = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"FRACTION must be a number in (0, 1] (the share of the training pool), got {value!r}; "
+                          "e.g. FRACTION=0.1.") from None
+    if math.isnan(fraction) or not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"FRACTION must be in (0, 1] (the share of the training pool), got {value!r}; "
+                          "e.g. FRACTION=0.1 for 10%, FRACTION=1 for all of it.")
+    return fraction
+
+
+def is_integer(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def in_int_range(name: str, variable: str, value, bounds: tuple[int, int]) -> list[str]:
+    low, high = bounds
+    if not is_integer(value) or not low <= value <= high:
+        return [f"{name} must be an integer in [{low}, {high:,}], got {value!r} (set {variable}=<n>)."]
+    return []
+
+
+def check_numbers(cfg: RunConfig) -> list[str]:
+    """Values a resolved config must have: every recipe field filled and in range."""
+    problems = []
+    try:
+        check_fraction(cfg.train_fraction)
+    except ConfigError as err:
+        problems.append(str(err))
+    problems += in_int_range("EPOCHS", "EPOCHS", cfg.epochs, EPOCHS_RANGE)
+    problems += in_int_range("BATCH_SIZE", "BATCH_SIZE", cfg.batch_size, BATCH_SIZE_RANGE)
+    problems += in_int_range("SEED", "SEED", cfg.seed, SEED_RANGE)
+    problems += in_int_range("num_workers", "--num-workers", cfg.num_workers, (0, 256))
+    if cfg.optimizer not in LR_MAX:
+        problems.append(f"optimizer must be one of {', '.join(LR_MAX)}, got {cfg.optimizer!r} "
+                        f"(the recipe {cfg.recipe!r} or --optimizer).")
+    else:
+        lr_max = LR_MAX[cfg.optimizer]
+        if not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and 0 < cfg.lr <= lr_max):
+            problems.append(f"LR must be in (0, {lr_max:g}] for {cfg.optimizer}, got {cfg.lr!r} (set LR=<value>; "
+                            f"recipe {cfg.recipe!r} uses {recipe_value(cfg, 'lr')}).")
+    if not (isinstance(cfg.weight_decay, (int, float)) and 0 <= cfg.weight_decay <= WEIGHT_DECAY_MAX):
+        problems.append(f"weight decay must be in [0, {WEIGHT_DECAY_MAX:g}], got {cfg.weight_decay!r} "
+                        "(set WD=<value>).")
+    if not (isinstance(cfg.warmup_epochs, (int, float)) and math.isfinite(cfg.warmup_epochs)
+            and cfg.warmup_epochs >= 0):
+        problems.append(f"warmup_epochs must be a number >= 0, got {cfg.warmup_epochs!r} (--warmup-epochs).")
+    if cfg.train_on not in ("train", "trainval"):
+        problems.append(f"train_on must be 'train' or 'trainval', got {cfg.train_on!r}.")
+    return problems
+
+
+def recipe_value(cfg: RunConfig, name: str):
+    from benchmark.config import load_recipe
+
+    try:
+        return load_recipe(cfg.recipe, cfg.method)[name]
+    except (ValueError, OSError, KeyError):
+        return "?"
+
+
+# --- model -------------------------------------------------------------------------------------------
+def check_method_options(cfg: RunConfig) -> list[str]:
+    """Option names the method has, and values its options dataclass accepts (prompt_length >= 1, ...)."""
+    from methods import get_method_class
+
+    options_cls = get_method_class(cfg.method).options_cls
+    valid = [f.name for f in fields(options_cls)]
+    unknown = [k for k in cfg.method_options if k not in valid]
+    how = 'set options with METHOD_ARGS="key=value ..." (--method-arg key=value)'
+    if unknown:
+        hints = "".join(closest_name(k, valid) for k in unknown)
+        return [f"Method {cfg.method!r} has no option(s) {unknown}.{hints} Its options: {valid or 'none'}; {how}."]
+    try:
+        options_cls(**cfg.method_options)
+    except (TypeError, ValueError) as err:
+        return [f"{cfg.method}: {err} Options now (recipe {cfg.recipe!r} + METHOD_ARGS): {cfg.method_options}; {how}."]
+    return []
+
+
+def check_model_builds(cfg: RunConfig) -> list[str]:
+    """Build the backbone and the method on the `meta` device: catches a non-ViT backbone and options that do
+    not fit its geometry (e.g. an adapter reduction that does not divide the width) without allocating memory."""
+    import torch
+
+    from methods import OptimConfig, create_backbone, create_method
+
+    optim = OptimConfig(optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                        warmup_epochs=cfg.warmup_epochs, max_epochs=cfg.epochs)
+    try:
+        with torch.device("meta"):
+            backbone = create_backbone(cfg.backbone, pretrained=False)
+            create_method(cfg.method, backbone, 2, optim, **cfg.method_options)
+    except (TypeError, ValueError, RuntimeError) as err:
+        return [f"{err} (BACKBONE={cfg.backbone}, METHOD={cfg.method})"]
+    return []
+
+
+def check_weights(cfg: RunConfig) -> list[str]:
+    """WEIGHTS must exist; whether they are a checkpoint that fits is checked when they load (methods.backbone)."""
+    if cfg.weights is None or Path(cfg.weights).is_file():
+        return []
+    return [f"WEIGHTS file {cfg.weights!r} does not exist; pass the path of a .npz, .pth/.pt or .safetensors "
+            "checkpoint, or leave WEIGHTS empty to use timm's pretrained weights."]
+
+
+# --- files -------------------------------------------------------------------------------------------
+def check_results_dir(cfg: RunConfig) -> list[str]:
+    """Create the results directory and write a probe file into it: a permission problem shows now, not after
+    training (the probe is what the atomic result writer does: a temp file in the same directory)."""
+    folder = Path(cfg.results_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
+            pass
+    except OSError as err:
+        return [f"results directory {str(folder)!r} is not writable ({err.strerror or err}); "
+                "pass RESULTS=<a writable dir> (--results-dir)."]
+    return []
+
+
+def check_data_root(cfg: RunConfig) -> list[str]:
+    if cfg.data_root is None or Path(cfg.data_root).is_dir():
+        return []
+    from datamodules.checks import prepare_hint
+
+    fix = prepare_hint(cfg.dataset)
+    if cfg.embedded:
+        fix = "leave DATA_ROOT empty: the embedded datasets install with `make data` (Fashion-MNIST from Debian)"
+    return [f"DATA_ROOT {cfg.data_root!r} does not exist (or is not a directory) for DATASET={cfg.dataset}; "
+            f"check the path, or {fix}."]
+
+
+# --- W&B ---------------------------------------------------------------------------------------------
+def wandb_key_problem() -> str | None:
+    """Why the W&B API key cannot work (absent or malformed), or None; never contacts the server."""
+    key = os.environ.get("WANDB_API_KEY")
+    try:
+        from wandb.sdk.lib.wbauth.validation import check_api_key
+        from wandb.sdk.lib.wbauth.wbnetrc import read_netrc_auth
+    except ImportError:  # another wandb version: a format check of our own
+        check_api_key = lambda k: None if len(k.split("-")[-1]) >= 40 else "API key must have 40+ characters."
+        read_netrc_auth = lambda host: None
+    if key is not None:
+        problem = check_api_key(key.strip())
+        return f"WANDB_API_KEY is malformed: {problem}" if problem else None
+    try:
+        key = read_netrc_auth(host=os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    except Exception as err:  # noqa: BLE001 — wandb raises its own AuthenticationError for a malformed key
+        return f"the W&B key in ~/.netrc is malformed: {err}"
+    return None if key else "no W&B API key (neither WANDB_API_KEY nor `wandb login`)"
+
+
+def check_wandb(cfg: RunConfig) -> RunConfig:
+    """W&B asked for but unusable: fall back (to offline, or to CSV only without the package) with a warning."""
+    if not cfg.wandb:
+        return cfg
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        warnings.warn("WANDB=1 but the wandb package is not installed: logging to CSV only "
+                      f"({cfg.results_dir}/logs). Install it with `pip install wandb`.", ConfigWarning, stacklevel=2)
+        return replace(cfg, wandb=False)
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return cfg
+    problem = wandb_key_problem()
+    if problem:
+        os.environ["WANDB_MODE"] = "offline"
+        warnings.warn(f"{problem}; W&B logs offline to ./wandb instead. Fix the key (`wandb login`), then upload "
+                      "with `wandb sync wandb/offline-run-*`.", ConfigWarning, stacklevel=2)
+    return cfg
+
+
+# --- entry points ------------------------------------------------------------------------------------
+def validate_config(cfg: RunConfig) -> RunConfig:
+    """The resolved config, checked; raises one ConfigError with every problem found."""
+    problems = check_names(cfg)
+    if problems:  # the recipe cannot be read for an unknown method or recipe
+        raise ConfigError(problems)
+    try:
+        resolved = cfg.resolved()
+    except (ValueError, OSError) as err:  # a recipe folder without a file for this method, or a malformed one
+        raise ConfigError(f"The recipe for METHOD={cfg.method} cannot be read: {err} Choose another RECIPE "
+                          f"({', '.join(list_recipes())}) or add the file.") from err
+    problems = check_numbers(resolved) + check_method_options(resolved) + check_weights(resolved)
+    problems += check_data_root(resolved) + check_results_dir(resolved)
+    if not problems:  # the meta build needs sane numbers and options, and would repeat their errors
+        problems += check_model_builds(resolved)
+    if problems:
+        raise ConfigError(problems)
+    return check_wandb(resolved)
+
+
+def smallest_fraction(class_sizes: np.ndarray) -> float:
+    """Smallest fraction that keeps >= 1 example of every class under the split's rounding (half up, base.py):
+    fraction * n + 0.5 >= 1 for the smallest class n; rounded up to two significant digits."""
+    exact = 0.5 / int(class_sizes.min())
+    scale = 10 ** (1 - math.floor(math.log10(exact)))
+    return math.ceil(exact * scale) / scale
+
+
+def validate_data(datamodule, cfg: RunConfig) -> None:
+    """Checks needing the loaded splits (call after `datamodule.setup()`); raises ConfigError."""
+    problems = []
+    num_classes = datamodule.num_classes
+    for split, data in datamodule.splits.items():
+        labels = np.asarray(data.labels)
+        bad = np.unique(labels[(labels < 0) | (labels >= num_classes)])
+        if bad.size:
+            problems.append(f"{cfg.dataset} {split} split has labels {bad[:8].tolist()}"
+                            f"{' ...' if bad.size > 8 else ''} outside 0..{num_classes - 1} ({num_classes} classes); "
+                            "class ids must be remapped to 0..C-1 — re-run `make prepare` or fix the split file.")
+    pool = datamodule.training_pool().labels
+    counts = np.bincount(pool[(pool >= 0) & (pool < num_classes)], minlength=num_classes)
+    absent = np.flatnonzero(counts == 0)
+    if absent.size:
+        problems.append(f"{cfg.dataset}: class(es) {absent[:8].tolist()}{' ...' if absent.size > 8 else ''} have "
+                        f"no example in the training pool ({datamodule.train_on}) but {num_classes} classes are "
+                        "expected; every class needs training examples — check the split file.")
+    elif cfg.train_fraction * counts.min() + 0.5 < 1:
+        problems.append(f"FRACTION={cfg.train_fraction:g} is too small for {cfg.dataset}: its smallest class has "
+                        f"{counts.min()} training examples, so it would keep none of them. The smallest valid "
+                        f"fraction is {smallest_fraction(counts):g} (one example per class).")
+    if problems:
+        raise ConfigError(problems)
+    for split, data in datamodule.splits.items():
+        samples = getattr(data.dataset, "samples", None)  # torchvision DatasetFolder convention: [(path, label)]
+        if samples:
+            check_image_files([path for path, _ in samples], split=split)
