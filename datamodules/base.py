@@ -112,10 +112,15 @@ class FractionDataModule(L.LightningDataModule):
             return
         self.splits = {split: self.load_split(split) for split in SPLITS}
         pool = self.training_pool()
-        self.train_indices = fraction_indices(pool.labels, self.train_fraction, self.seed)
+        self.train_indices = self.select_training_indices(pool)
         self.train_set = Subset(pool.dataset, self.train_indices.tolist())
         self.train_ids = [pool.ids[i] for i in self.train_indices]
         self.train_labels = pool.labels[self.train_indices]
+
+    def select_training_indices(self, pool: LabelledSplit) -> np.ndarray:
+        """Indices into the training pool that train: the suite's split. A family overrides this only to read a
+        split that is published with the data (FGVC's `train_<p>.json`), never to split differently."""
+        return fraction_indices(pool.labels, self.train_fraction, self.seed)
 
     @property
     def n_train(self) -> int:
