@@ -1,0 +1,133 @@
+"""LoRA: low-rank updates of frozen weights (Hu et al., 2021, https://arxiv.org/abs/2106.09685).
+
+Every block's attention `qkv` and `proj` projections compute
+    h = W x + b + (alpha / r) * B A x,    A: (r, in), B: (out, r)
+with W and b frozen and untouched, A Kaiming-uniform and B zero (the paper's init, so training starts from
+the pretrained function), alpha = 16 and r = 8 by default. Only A, B and the new head train.
+
+`merge_for_eval` folds the delta into a copy of W while the module evaluates (one matmul per projection
+instead of three). The copy is a separate tensor, never written into W, so W stays bit-identical: merging in
+place and subtracting afterwards, as peft does, drifts W by rounding at every validation epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.base import TuningModule
+from methods.registry import register_method
+
+
+@dataclass
+class LoRAOptions:
+    rank: int = field(default=8, metadata={"help": "rank r of each update B A (LoRA paper: 1-64; 8 is common)"})
+    alpha: float = field(default=16.0, metadata={"help": "the update is scaled by alpha / rank"})
+    merge_for_eval: bool = field(default=True, metadata={
+        "help": "evaluate with W + (alpha / r) B A precomputed (same outputs, faster); W itself is never changed"})
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or int(self.rank) != self.rank or self.rank < 1:
+            raise ValueError(f"LoRA rank must be a positive integer (e.g. rank=8), got {self.rank}.")
+        self.rank = int(self.rank)
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"LoRA alpha must be a positive number (the scale is alpha / rank), got {self.alpha}.")
+        if not isinstance(self.merge_for_eval, bool):
+            raise ValueError(f"merge_for_eval must be true or false, got {self.merge_for_eval!r}.")
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update. Keeps the wrapped layer's `weight` and `bias`
+    parameters under their own names, so the backbone's state-dict keys are unchanged (LoRA adds `lora_*`)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # the same Parameter objects: frozen, never written to
+        self.bias = base.bias
+        self.scaling = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=base.weight.device))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=base.weight.device))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the LoRA reference code (loralib) init
+        self.merged_weight: torch.Tensor | None = None
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scaling * (self.lora_B @ self.lora_A)  # (out, in)
+
+    def merge(self) -> None:
+        with torch.no_grad():
+            self.merged_weight = self.weight + self.delta_weight().to(self.weight.dtype)
+
+    def unmerge(self) -> None:
+        self.merged_weight = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged_weight is not None:
+            return F.linear(x, self.merged_weight, self.bias)
+        update = F.linear(F.linear(x, self.lora_A), self.lora_B)  # (..., out) via the rank-r bottleneck
+        return F.linear(x, self.weight, self.bias) + self.scaling * update
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.lora_A.shape[0]}, "
+                f"scaling={self.scaling:g}, merged={self.merged_weight is not None}")
+
+
+@register_method("lora")
+class LoRATuning(TuningModule):
+    options_cls = LoRAOptions
+
+    def adapt(self) -> None:
+        rank, alpha = self.options.rank, float(self.options.alpha)
+        for block in self.backbone.blocks:
+            attn = block.attn
+            if not (isinstance(attn.qkv, nn.Linear) and isinstance(attn.proj, nn.Linear)):
+                raise ValueError(f"LoRA wraps nn.Linear attention projections; this backbone's are "
+                                 f"{type(attn.qkv).__name__} / {type(attn.proj).__name__}.")
+            attn.qkv = LoRALinear(attn.qkv, rank, alpha)  # new lora_A / lora_B are trainable
+            attn.proj = LoRALinear(attn.proj, rank, alpha)
+
+    def lora_layers(self) -> list[LoRALinear]:
+        return [m for m in self.modules() if isinstance(m, LoRALinear)]
+
+    def merge_lora(self) -> None:
+        """Precompute W + scaling * B A in every wrapped layer; valid until the next `unmerge_lora` or `train()`."""
+        for layer in self.lora_layers():
+            layer.merge()
+
+    def unmerge_lora(self) -> None:
+        for layer in self.lora_layers():
+            layer.unmerge()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:  # A and B are about to change: a merged copy would go stale
+            self.unmerge_lora()
+        return self
+
+    def _merge_if_enabled(self) -> None:
+        if self.options.merge_for_eval:
+            self.merge_lora()
+
+    # Lightning puts the module in eval mode before these hooks and back in train mode (unmerging) after fit's
+    # validation; the *_end hooks free the merged copies once evaluation is done.
+    def on_validation_start(self) -> None:
+        self._merge_if_enabled()
+
+    def on_test_start(self) -> None:
+        self._merge_if_enabled()
+
+    def on_predict_start(self) -> None:
+        self._merge_if_enabled()
+
+    def on_validation_end(self) -> None:
+        self.unmerge_lora()
+
+    def on_test_end(self) -> None:
+        self.unmerge_lora()
+
+    def on_predict_end(self) -> None:
+        self.unmerge_lora()

@@ -1,0 +1,59 @@
+"""MLP-k: the frozen backbone with a k-layer MLP as classification head instead of a linear layer
+(the MLP-3 row of VPT's Table 1, Jia et al., 2022, https://arxiv.org/abs/2203.12119).
+
+The head follows the VPT code's `MLP`: k - 1 hidden layers of the embedding width D, each
+    Linear(D, D) -> ReLU -> norm(D) -> Dropout(0.1)
+then Linear(D, num_classes); every weight Kaiming-normal (fan_out). One change: the norm is a LayerNorm
+where the VPT code has BatchNorm1d. BatchNorm fails on a training batch of one (the loaders keep the last
+partial batch, and small data fractions make small batches) and is noisy on few-shot batches; LayerNorm has
+the same 2·D parameters, so the counts equal the VPT code's. k = 1 is the linear probe's head.
+
+The backbone is the linear probe's: eval mode, `torch.inference_mode`, and the same cached pre-logit
+features may stand in for it (benchmark/feature_cache.py).
+"""
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from methods.linear import LinearProbe
+from methods.registry import register_method
+
+
+@dataclass
+class MLPOptions:
+    k: int = field(default=3, metadata={"help": "layers in the head, k - 1 of them hidden with the embedding width "
+                                                "(paper: MLP-3)"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout after each hidden layer (VPT code: 0.1)"})
+
+    def __post_init__(self):
+        if isinstance(self.k, bool) or int(self.k) != self.k or self.k < 1:
+            raise ValueError(f"mlp_k needs k >= 1 head layers (k=1 is the linear probe), got k={self.k}.")
+        self.k = int(self.k)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"mlp_k dropout must be in [0, 1), got {self.dropout}.")
+
+
+def mlp_head(dim: int, num_classes: int, layers: int, dropout: float) -> nn.Sequential:
+    hidden = []
+    for _ in range(layers - 1):
+        hidden += [nn.Linear(dim, dim), nn.ReLU(), nn.LayerNorm(dim), nn.Dropout(dropout)]
+    head = nn.Sequential(*hidden, nn.Linear(dim, num_classes))
+    for module in head:
+        if isinstance(module, nn.Linear):
+            nn.init.kaiming_normal_(module.weight, a=0, mode="fan_out")
+    return head
+
+
+@register_method("mlp_k")
+class MLPHeadProbe(LinearProbe):
+    options_cls = MLPOptions
+
+    def adapt(self) -> None:
+        backbone = self.backbone
+        backbone.head = mlp_head(backbone.num_features, self.num_classes, self.options.k, self.options.dropout)
+
+    def train(self, mode: bool = True):
+        super().train(mode)  # the backbone goes to eval, and with it the head it holds
+        self.backbone.head.train(mode)  # the head's dropout is part of what trains
+        return self

@@ -1,0 +1,42 @@
+"""Partial-k fine-tuning: the last k blocks, the final norm and the head train (Yosinski et al., 2014,
+https://arxiv.org/abs/1411.1792; the PARTIAL-1 row of VPT's Table 1, Jia et al., 2022, https://arxiv.org/abs/2203.12119).
+
+Everything after the last k blocks trains too: the final `norm`, timm's `fc_norm` (for mean-pooled
+backbones) and an attention-pooling head (`attn_pool`, MAP backbones), since each sits between the tuned
+blocks and the classifier. The frozen early blocks cost no autograd: nothing before them requires grad, so
+autograd records nothing until the first tuned block.
+"""
+
+from dataclasses import dataclass, field
+
+from methods.base import TuningModule
+from methods.registry import register_method
+
+
+@dataclass
+class PartialOptions:
+    k: int = field(default=1, metadata={"help": "how many of the last blocks train (paper: Partial-1)"})
+
+    def __post_init__(self):
+        if isinstance(self.k, bool) or int(self.k) != self.k or self.k < 1:
+            raise ValueError(f"partial_k needs k >= 1 blocks to tune (k=0 is the linear probe: use method "
+                             f"'linear'), got k={self.k}.")
+        self.k = int(self.k)
+
+
+@register_method("partial_k")
+class PartialFineTuning(TuningModule):
+    options_cls = PartialOptions
+
+    def adapt(self) -> None:
+        backbone = self.backbone
+        depth = len(backbone.blocks)
+        if self.options.k > depth:
+            raise ValueError(f"partial_k k={self.options.k} exceeds the backbone's {depth} blocks; choose k in "
+                             f"1..{depth} (k={depth} tunes every block but leaves the embeddings frozen; "
+                             "method 'full' tunes everything).")
+        for block in backbone.blocks[depth - self.options.k:]:
+            block.requires_grad_(True)
+        for after_blocks in (backbone.norm, backbone.fc_norm, getattr(backbone, "attn_pool", None)):
+            if after_blocks is not None:  # nn.Identity when absent: no parameters
+                after_blocks.requires_grad_(True)

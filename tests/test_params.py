@@ -1,0 +1,71 @@
+"""benchmark.params: exact counts on ViT-B/16 with 200 classes, the paper's six and the extra three by formula."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmark.params import count_params, main
+from methods import list_methods
+
+D, C, DEPTH = 768, 200, 12  # ViT-B/16 width and depth; CUB-200's classes
+HEAD = D * C + C
+BLOCK = 2 * (2 * D) + (D * 3 * D + 3 * D) + (D * D + D) + (D * 4 * D + 4 * D) + (4 * D * D + D)  # norms, qkv, proj, mlp
+
+# The paper setting, P=50 prompts and adapter reduction 8: tuned parameters, head included.
+PAPER_COUNTS = {"full": 85_952_456, "linear": 153_800, "bias": 256_712, "vpt_shallow": 192_200, "vpt_deep": 614_600,
+                "adapter": 1_933_640}
+
+
+def partial(k: int) -> int:
+    return k * BLOCK + 2 * D + HEAD  # k blocks + final norm + head
+
+
+def lora(rank: int) -> int:
+    return DEPTH * (rank * (D + 3 * D) + rank * (D + D)) + HEAD  # A (r, in) and B (out, r) on qkv and proj
+
+
+def mlp(k: int) -> int:
+    return (k - 1) * (D * D + D + 2 * D) + HEAD  # hidden Linear(D, D) + LayerNorm(D) each, then Linear(D, C)
+
+
+@pytest.fixture(scope="module")
+def vit_b_counts():
+    table = count_params("vit_base_patch16_224", C, prompt_length=50, adapter_reduction=8)
+    return table.set_index("method")
+
+
+def test_paper_six_match_the_paper_setting(vit_b_counts):
+    assert {m: vit_b_counts.loc[m, "tuned_params"] for m in PAPER_COUNTS} == PAPER_COUNTS
+    assert vit_b_counts.loc["full", "total_params"] == 85_952_456
+
+
+def test_extra_methods_follow_their_formulas(vit_b_counts):
+    assert vit_b_counts.loc["partial_k", "tuned_params"] == partial(1) == 7_243_208
+    assert vit_b_counts.loc["lora", "tuned_params"] == lora(8) == 12 * (8 * (768 + 2304) + 8 * (768 + 768)) + HEAD
+    assert vit_b_counts.loc["mlp_k", "tuned_params"] == mlp(3)
+    # added parameters show in the total; re-enabled ones do not
+    assert vit_b_counts.loc["lora", "total_params"] == 85_952_456 + lora(8) - HEAD
+    assert vit_b_counts.loc["partial_k", "total_params"] == 85_952_456
+
+
+def test_flags_reach_their_methods():
+    table = count_params("vit_base_patch16_224", C, methods=["partial_k", "lora", "mlp_k", "vpt_deep", "adapter"],
+                         partial_k=2, lora_rank=4, mlp_k=2, prompt_length=10, adapter_reduction=16)
+    tuned = table.set_index("method")["tuned_params"].to_dict()
+    assert tuned == {"partial_k": partial(2), "lora": lora(4), "mlp_k": mlp(2), "vpt_deep": DEPTH * 10 * D + HEAD,
+                     "adapter": DEPTH * (D * 48 + 48 + 48 * D + D) + HEAD}
+
+
+def test_cli_csv_lists_every_registered_method(capsys):
+    assert main(["--backbone", "vit_embedded_p7_28", "--num-classes", "10", "--csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "method,tuned_params,total_params,tuned_percent"
+    assert [line.split(",")[0] for line in lines[1:]] == list_methods()
+    assert "linear,1290," in lines[2]  # 128 * 10 + 10
+
+
+def test_cli_rejects_bad_input_with_the_fix(capsys):
+    assert main(["--backbone", "vit_embedded_p7_28", "--num-classes", "10", "--partial-k", "7"]) == 2
+    assert "choose k in 1..6" in capsys.readouterr().err
+    assert main(["--backbone", "resnet50", "--num-classes", "10"]) == 2
+    assert "not a timm VisionTransformer" in capsys.readouterr().err
