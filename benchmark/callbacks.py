@@ -25,7 +25,7 @@ class StopOnNonFiniteLoss(L.Callback):
             raise ValueError(f"check_every_n_steps must be >= 1, got {check_every_n_steps}.")
         self.check_every_n_steps = check_every_n_steps
         self._all_finite: torch.Tensor | None = None
-        self._first_step = 0
+        self._first_batch = 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -33,17 +33,19 @@ class StopOnNonFiniteLoss(L.Callback):
             return
         finite = torch.isfinite(loss.detach()).all()
         if self._all_finite is None:
-            self._all_finite, self._first_step = finite, trainer.global_step
+            self._all_finite, self._first_batch = finite, batch_idx
         else:
             self._all_finite = self._all_finite & finite
         last_of_epoch = batch_idx + 1 >= trainer.num_training_batches
         if (batch_idx + 1) % self.check_every_n_steps == 0 or last_of_epoch:
-            self._raise_if_nonfinite(trainer, float(loss.detach().float()))
+            self._raise_if_nonfinite(trainer, batch_idx, float(loss.detach().float()))
 
-    def _raise_if_nonfinite(self, trainer: L.Trainer, last_loss: float) -> None:
+    def _raise_if_nonfinite(self, trainer: L.Trainer, batch_idx: int, last_loss: float) -> None:
         all_finite, self._all_finite = bool(self._all_finite), None
         if not all_finite:
+            first = self._first_batch
+            where = f"batch {batch_idx}" if batch_idx == first else f"batches {first}-{batch_idx}"
             raise NonFiniteLossError(
-                f"non-finite training loss (last value {last_loss}) in epoch {trainer.current_epoch}, "
-                f"optimizer steps {self._first_step}-{trainer.global_step}; the run was stopped. "
-                "Usual causes: a learning rate too high for this method (lower LR), or NaN/inf in the input data.")
+                f"non-finite training loss in epoch {trainer.current_epoch}, {where} (last loss {last_loss}); "
+                "the run was stopped. Usual causes: a learning rate too high for this method (lower LR), "
+                "or NaN/inf in the input data.")

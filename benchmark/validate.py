@@ -188,7 +188,7 @@ def check_model_builds(cfg: RunConfig) -> list[str]:
                         warmup_epochs=cfg.warmup_epochs, max_epochs=cfg.epochs)
     try:
         with torch.device("meta"):
-            backbone = create_backbone(cfg.backbone, pretrained=False)
+            backbone = create_backbone(cfg.backbone, pretrained=False, **getattr(cfg, "backbone_kwargs", {}))
             create_method(cfg.method, backbone, 2, optim, **cfg.method_options)
     except (TypeError, ValueError, RuntimeError) as err:
         return [f"{err} (BACKBONE={cfg.backbone}, METHOD={cfg.method})"]
