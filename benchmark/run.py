@@ -64,7 +64,8 @@ def peak_memory_mb() -> float:
 
 def build(cfg: RunConfig):
     """Backbone, method and datamodule for a resolved config."""
-    backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights)
+    backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights,
+                               **cfg.backbone_kwargs)
     datamodule = create_datamodule(cfg.dataset, data_config=data_config(backbone), train_fraction=cfg.train_fraction,
                                    seed=cfg.seed, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                    train_on=cfg.train_on, data_root=cfg.data_root)
@@ -179,6 +180,10 @@ def run(cfg: RunConfig) -> dict:
         atomic_write_json(path, result)
         print(f"{cfg.method} on {cfg.dataset} @ {cfg.train_fraction:g}: test top-1 {test_top1:.2f} "
               f"(val {val_top1:.2f}) in {result['wall_seconds']:.0f}s -> {path}")
+    if cfg.wandb:
+        from benchmark.tracking import log_result
+
+        log_result(trainer.loggers, result)  # tuned/total params + test top-1, then closes the W&B run
     return result
 
 

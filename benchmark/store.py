@@ -44,13 +44,27 @@ def read_result(path: str | Path) -> dict | None:
 
 
 def load_runs(results_dir: str | Path) -> pd.DataFrame:
-    """Every run JSON below results_dir/runs as one row (nested config dropped)."""
+    """Every run JSON below results_dir/runs as one row (nested values dropped, but the config's `tag` kept:
+    it tells search points of the selection protocol from final runs)."""
     rows = []
     for path in sorted((Path(results_dir) / "runs").rglob("*.json")):
         result = read_result(path)
         if result is not None:
-            rows.append({k: v for k, v in result.items() if not isinstance(v, (dict, list))} | {"path": str(path)})
+            flat = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
+            rows.append(flat | {"tag": (result.get("config") or {}).get("tag", ""), "path": str(path)})
     return pd.DataFrame(rows)
+
+
+def read_summary(results_dir: str | Path) -> pd.DataFrame:
+    """results/summary.csv as written by `write_summary` (empty tags stay empty strings, not NaN)."""
+    path = Path(results_dir) / "summary.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run a grid first (`make grid`), or point RESULTS= at a "
+                                "folder holding runs/ or summary.csv.")
+    frame = pd.read_csv(path)
+    if "tag" in frame:
+        frame["tag"] = frame["tag"].fillna("").astype(str)
+    return frame
 
 
 def write_summary(results_dir: str | Path) -> Path:

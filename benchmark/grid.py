@@ -1,0 +1,256 @@
+"""A grid of runs: methods x train fractions x seeds x datasets, resumable, one result JSON per run.
+
+    python -m benchmark.grid --methods full,linear,vpt_deep --fractions 0.1,1.0 --seeds 0,1 \\
+        --datasets digits,fashion_heldout [--search] [any benchmark.run option: --epochs 5 --results-dir ...]
+
+- A run whose result exists with `status: ok` is skipped, so a stopped grid resumes where it stopped.
+- A failing run is recorded as `status: failed` with its error and the grid goes on.
+- SIGINT / SIGTERM (Ctrl+C, SLURM preemption) stop the grid at once: the run in progress is dropped
+  (result files are written atomically, so it leaves nothing half-written) and the next call redoes it.
+- `--search` runs the paper's selection protocol per (dataset, method, fraction): benchmark/search.py.
+- Afterwards results/summary.csv holds one row per run.
+
+Runs execute in this process, one after another: importing torch/timm/Lightning costs seconds per process,
+which on the embedded default would be a sizeable share of a grid of 15-second runs; each run seeds itself
+(`L.seed_everything`) and builds a fresh model, trainer and datamodule, so nothing leaks between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import signal
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from typing import TextIO
+
+from benchmark.config import RunConfig
+from benchmark.store import read_result, result_path, write_summary
+from benchmark.validate import ConfigError, check_fraction, validate_config
+
+PAPER_FRACTIONS = (0.1, 0.2, 0.4, 0.8, 1.0)  # the training-data ratios of Fig. 3 (Jia et al., ECCV 2022)
+PAPER_METHODS = ("full", "linear", "bias", "adapter", "vpt_shallow", "vpt_deep")
+
+
+class GridInterrupted(BaseException):
+    """Raised from the SIGINT/SIGTERM handler. A BaseException, so neither `benchmark.run` (which records
+    `Exception`s as failed runs) nor Lightning (which re-raises non-KeyboardInterrupt errors after its
+    teardown, instead of calling sys.exit as it does for KeyboardInterrupt) swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class stop_on_signals:
+    """Context manager: SIGINT/SIGTERM raise GridInterrupted once; later signals are ignored while we clean up."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def handle(self, signum, frame):
+        for s in self.SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        raise GridInterrupted(signum)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        return False
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def describe(cfg: RunConfig) -> str:
+    tag = f" {cfg.tag}" if cfg.tag else ""
+    on = " trainval" if cfg.train_on == "trainval" else ""
+    return f"{cfg.method} {cfg.dataset} frac={cfg.train_fraction:g} seed={cfg.seed}{on}{tag}"
+
+
+@dataclass
+class GridRunner:
+    """Executes runs one by one: skips finished ones, records failures, prints progress with an ETA.
+
+    The ETA is the mean wall time of the runs trained in this call times the runs still to go.
+    """
+
+    total: int
+    out: TextIO = sys.stdout
+    done: int = 0
+    counts: dict = field(default_factory=lambda: {"ok": 0, "skipped": 0, "failed": 0})
+    trained_seconds: list = field(default_factory=list)
+
+    def execute(self, cfg: RunConfig, rerun_if=None) -> dict:
+        """Run `cfg` unless its result exists with status ok (and `rerun_if(result)` is false); never raises
+        for a failing run. Returns the result dict (status ok or failed)."""
+        resolved = cfg.resolved()
+        existing = read_result(result_path(resolved.results_dir, resolved.run_id()))
+        stale = existing is not None and rerun_if is not None and rerun_if(existing)
+        if existing and existing.get("status") == "ok" and not cfg.force and not stale:
+            self.finish(cfg, "skipped", "already done")
+            return existing
+        started = time.time()
+        result = self.train(replace(cfg, force=cfg.force or stale), started)
+        self.trained_seconds.append(time.time() - started)
+        status = result.get("status", "failed")
+        detail = (f"test top-1 {result['test_top1']:.2f} (val {result['val_top1']:.2f})" if status == "ok"
+                  else result.get("error", "no error recorded"))
+        self.finish(cfg, status, f"{detail} in {format_seconds(self.trained_seconds[-1])}")
+        return result
+
+    @staticmethod
+    def train(cfg: RunConfig, started: float) -> dict:
+        from benchmark.run import record_failure, run
+        from benchmark.tracking import finish_open_run
+
+        try:
+            result = run(cfg)
+        except Exception as err:  # noqa: BLE001 — e.g. a dataset missing on disk (ConfigError from prepare)
+            resolved = cfg.resolved()
+            result = record_failure(resolved, result_path(resolved.results_dir, resolved.run_id()), started, err)
+        finish_open_run(failed=result.get("status") != "ok")  # a failed run leaves its W&B run open
+        return result
+
+    def finish(self, cfg: RunConfig, status: str, detail: str) -> None:
+        self.done += 1
+        self.counts[status] += 1
+        remaining = self.total - self.done
+        eta = ""
+        if self.trained_seconds and remaining:
+            eta = f", ETA {format_seconds(remaining * sum(self.trained_seconds) / len(self.trained_seconds))}"
+        print(f"[grid {self.done}/{self.total}{eta}] {status:7s} {describe(cfg)}: {detail}", file=self.out,
+              flush=True)
+
+    def summary_line(self) -> str:
+        c = self.counts
+        return (f"{self.done}/{self.total} runs: {c['ok']} trained ok, {c['skipped']} already done, "
+                f"{c['failed']} failed")
+
+
+@dataclass
+class GridSpec:
+    """What to sweep; every other run setting comes from `base` (a RunConfig with the CLI's run options)."""
+
+    methods: list[str]
+    fractions: list[float]
+    seeds: list[int]
+    datasets: list[str]
+    base: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        examples = {"methods": "vpt_deep,linear", "fractions": "0.1,1.0", "seeds": "0,1", "datasets": "digits"}
+        for name, example in examples.items():
+            values = getattr(self, name)
+            if not values:
+                raise ConfigError(f"{name.upper()} is empty; give at least one value, e.g. {name.upper()}={example}.")
+            if len(set(values)) != len(values):
+                raise ConfigError(f"{name.upper()} lists a value twice: {values}.")
+
+    def configs(self) -> list[RunConfig]:
+        """Dataset-major order: a stopped grid leaves whole datasets finished, and the report can draw them."""
+        return [replace(self.base, dataset=d, method=m, train_fraction=f, seed=s)
+                for d, m, f, s in itertools.product(self.datasets, self.methods, self.fractions, self.seeds)]
+
+
+def validate_all(configs: list[RunConfig]) -> None:
+    """Check every run before the first trains: one typo must not surface hours into a grid."""
+    problems: dict[str, None] = {}
+    for cfg in configs:
+        try:
+            validate_config(cfg)
+        except ConfigError as err:
+            problems.update({f"{describe(cfg)}: {p}" if len(configs) > 1 else p: None for p in err.problems})
+    if problems:
+        raise ConfigError(list(problems))
+
+
+def run_grid(spec: GridSpec, out: TextIO = sys.stdout) -> GridRunner:
+    """Every run of the grid (skipping finished ones); writes summary.csv. GridInterrupted propagates."""
+    configs = spec.configs()
+    validate_all(configs)
+    runner = GridRunner(total=len(configs), out=out)
+    try:
+        for cfg in configs:
+            runner.execute(cfg)
+    finally:
+        write_summary(spec.base.results_dir)
+    return runner
+
+
+# --- command line ------------------------------------------------------------------------------------------
+def comma_list(kind):
+    def parse(text: str) -> list:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        try:
+            return [kind(item) for item in items]
+        except (ValueError, ConfigError) as err:
+            raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    import methods
+    from datamodules import EMBEDDED_DATASETS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Every other option is passed to each run: see python -m benchmark.run -h.")
+    p.add_argument("--methods", type=comma_list(str), default=list(PAPER_METHODS),
+                   help=f"comma list of {', '.join(methods.list_methods())} (default: the paper's six)")
+    p.add_argument("--fractions", type=comma_list(check_fraction), default=list(PAPER_FRACTIONS),
+                   help="comma list of train fractions in (0, 1] (default: 0.1,0.2,0.4,0.8,1.0)")
+    p.add_argument("--seeds", type=comma_list(int), default=[0], help="comma list of seeds (default: 0)")
+    p.add_argument("--datasets", type=comma_list(str), default=list(EMBEDDED_DATASETS),
+                   help="comma list of datasets (default: the embedded tasks)")
+    p.add_argument("--search", action="store_true",
+                   help="the paper's selection protocol: lr x wd search on val, then final runs on train+val")
+    p.add_argument("--search-lrs", type=comma_list(float), help="override the search's lr grid")
+    p.add_argument("--search-wds", type=comma_list(float), help="override the search's weight-decay grid")
+    return p
+
+
+def base_config(run_args: list[str]) -> RunConfig:
+    """The options a grid passes through to every run, parsed by benchmark.run's own parser."""
+    from benchmark.run import config_from_args
+
+    for flag in ("--method", "--fraction", "--dataset", "--seed"):
+        if any(a == flag or a.startswith(flag + "=") for a in run_args):
+            raise ConfigError(f"{flag} names one run; a grid takes {flag}s (comma list), e.g. {flag}s a,b.")
+    return config_from_args(run_args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 every run ok, 1 some failed (recorded), 2 bad input (nothing ran), 128+signal if stopped."""
+    args, run_args = parser().parse_known_args(argv)
+    try:
+        spec = GridSpec(args.methods, args.fractions, args.seeds, args.datasets, base_config(run_args))
+        with stop_on_signals():
+            if args.search:
+                from benchmark.search import SearchGrid, run_search
+
+                runner = run_search(spec, SearchGrid.override(args.search_lrs, args.search_wds))
+            else:
+                if args.search_lrs or args.search_wds:
+                    raise ConfigError("--search-lrs/--search-wds (SEARCH_LRS/SEARCH_WDS) need --search (SEARCH=1).")
+                runner = run_grid(spec)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except GridInterrupted as stop:
+        print(f"\nGrid stopped by {stop}: finished runs are recorded in {spec.base.results_dir}/runs and "
+              f"{spec.base.results_dir}/summary.csv; run the same command again to resume.", file=sys.stderr)
+        return 128 + stop.signum
+    print(f"Grid done: {runner.summary_line()}. Summary: {spec.base.results_dir}/summary.csv")
+    return 1 if runner.counts["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

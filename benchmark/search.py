@@ -1,0 +1,155 @@
+"""The paper's hyperparameter selection protocol (`make grid SEARCH=1`, `python -m benchmark.grid --search`).
+
+Jia et al., "Visual Prompt Tuning", ECCV 2022 (https://arxiv.org/abs/2203.12119), Sec. 4.1 and App. A: for each
+(dataset, method, train fraction), train on the train split over an lr x weight-decay grid and evaluate on val;
+choose by final-epoch val top-1 (ties -> the smaller lr, then the smaller weight decay); then retrain on train+val
+with every seed and report test top-1 mean +- std. The official code never published the chosen values; here
+they are stored in every final result (`selected_lr`, `selected_weight_decay`) and printed in the report's table.
+
+Search points are ordinary runs tagged `search_lr<lr>_wd<wd>` (seed = the grid's first seed, train_on=train);
+final runs have train_on=trainval. Both are resumable like any grid run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, replace
+
+from benchmark.config import RunConfig, load_recipe
+from benchmark.grid import GridRunner, GridSpec, describe, validate_all
+from benchmark.store import atomic_write_json, result_path, write_summary
+from benchmark.validate import ConfigError
+
+# The paper's grids (App. A). The lrs are *base* lrs: the paper recipe scales them by batch/256.
+PAPER_LRS = (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05)  # linear, bias, adapter, VPT
+PAPER_FULL_LRS = (0.001, 0.0005, 0.0001, 0.005)  # full fine-tuning
+PAPER_WDS = (0.01, 0.001, 0.0001, 0.0)
+# Any other recipe (the CPU "quick" one): 3 lrs around the recipe's own lr x 2 weight decays = 6 runs per cell
+# instead of the paper's 40, and it follows the recipe when its lr is retuned. The factor 5 spans the range
+# in which a 40-epoch cosine run on the embedded tasks changes most (lr too small: underfit; too large: unstable).
+RELATIVE_LR_FACTORS = (0.2, 1.0, 5.0)
+RELATIVE_WDS = (0.001, 0.0)
+TAG_PREFIX = "search_"
+
+
+@dataclass(frozen=True)
+class SearchGrid:
+    """Optional overrides of the lr / weight-decay grids (SEARCH_LRS, SEARCH_WDS); None = per recipe."""
+
+    lrs: tuple[float, ...] | None = None
+    weight_decays: tuple[float, ...] | None = None
+
+    @classmethod
+    def override(cls, lrs: list[float] | None, weight_decays: list[float] | None) -> SearchGrid:
+        return cls(tuple(lrs) if lrs else None, tuple(weight_decays) if weight_decays else None)
+
+    def values(self, cfg: RunConfig) -> tuple[list[float], list[float]]:
+        """(lrs, weight decays) for a resolved config, lrs as the recipe states them (base lrs for `paper`)."""
+        if cfg.recipe == "paper":
+            lrs, wds = (PAPER_FULL_LRS if cfg.method == "full" else PAPER_LRS), PAPER_WDS
+        else:
+            recipe_lr = load_recipe(cfg.recipe, cfg.method)["lr"]
+            lrs, wds = tuple(float(f"{recipe_lr * f:.3g}") for f in RELATIVE_LR_FACTORS), RELATIVE_WDS
+        return list(self.lrs or lrs), list(self.weight_decays if self.weight_decays is not None else wds)
+
+
+def lr_multiplier(cfg: RunConfig) -> float:
+    """batch/256 for recipes whose lrs are base lrs (the paper's linear scaling rule), else 1."""
+    scaling = load_recipe(cfg.recipe, cfg.method).get("lr_scaling")
+    return cfg.batch_size / 256 if scaling == "batch/256" else 1.0
+
+
+def search_tag(lr: float, weight_decay: float) -> str:
+    return f"{TAG_PREFIX}lr{lr:g}_wd{weight_decay:g}"
+
+
+def point_config(cell: RunConfig, lr: float, weight_decay: float, seed: int) -> RunConfig:
+    resolved = cell.resolved()
+    return replace(cell, seed=seed, lr=lr * lr_multiplier(resolved), weight_decay=weight_decay, train_on="train",
+                   tag=search_tag(lr, weight_decay))
+
+
+def final_config(cell: RunConfig, lr: float, weight_decay: float, seed: int) -> RunConfig:
+    resolved = cell.resolved()
+    return replace(cell, seed=seed, lr=lr * lr_multiplier(resolved), weight_decay=weight_decay, train_on="trainval",
+                   tag="")
+
+
+def select(points: list[tuple[float, float, dict]]) -> tuple[float, float, dict] | None:
+    """The (lr, weight_decay, result) with the best final-epoch val top-1; ties -> smaller lr, then smaller wd.
+
+    Val top-1 is rounded to 1e-6 so that float noise cannot break a tie that the val set makes exact.
+    """
+    finished = [(lr, wd, r) for lr, wd, r in points
+                if r.get("status") == "ok" and math.isfinite(float(r.get("val_top1", math.nan)))]
+    if not finished:
+        return None
+    return min(finished, key=lambda p: (-round(float(p[2]["val_top1"]), 6), p[0], p[1]))
+
+
+def selection_record(points: list[tuple[float, float, dict]], choice: tuple[float, float, dict]) -> dict:
+    """What a final result stores about its selection: flat fields (they reach summary.csv) + every point."""
+    lr, wd, best = choice
+    return {"selected_lr": lr, "selected_weight_decay": wd, "selected_val_top1": best["val_top1"],
+            "search_points": len(points),
+            "selection": {"protocol": "lr x wd search on val, final-epoch val top-1, ties -> smaller lr",
+                          "search_seed": best["seed"],
+                          "points": [{"lr": p_lr, "weight_decay": p_wd, "status": r.get("status"),
+                                      "val_top1": r.get("val_top1")} for p_lr, p_wd, r in points]}}
+
+
+def record_unselectable(cfg: RunConfig, reason: str) -> dict:
+    """A final run that cannot start because no search point finished: recorded as failed, like any run."""
+    from benchmark.run import run_record
+
+    resolved = cfg.resolved()
+    result = run_record(resolved, time.time()) | {"status": "failed", "error": reason}
+    atomic_write_json(result_path(resolved.results_dir, resolved.run_id()), result)
+    return result
+
+
+def search_cell(runner: GridRunner, cell: RunConfig, seeds: list[int], grid: SearchGrid) -> None:
+    lrs, wds = grid.values(cell.resolved())
+    points = [(lr, wd, runner.execute(point_config(cell, lr, wd, seeds[0])))
+              for lr, wd in itertools.product(lrs, wds)]
+    choice = select(points)
+    for seed in seeds:
+        if choice is None:
+            final = replace(cell, seed=seed, train_on="trainval")
+            record_unselectable(final, f"every search point of {describe(cell)} failed; see their results")
+            runner.finish(final, "failed", "no search point finished")
+            continue
+        lr, wd, _ = choice
+        record = selection_record(points, choice)
+        stale = lambda r: (r.get("selected_lr"), r.get("selected_weight_decay")) != (lr, wd)  # noqa: B023
+        result = runner.execute(final_config(cell, lr, wd, seed), rerun_if=stale)
+        if result.get("status") == "ok" and stale(result):  # freshly trained: add how lr and wd were chosen
+            resolved = final_config(cell, lr, wd, seed).resolved()
+            atomic_write_json(result_path(resolved.results_dir, resolved.run_id()), result | record)
+
+
+def run_search(spec: GridSpec, grid: SearchGrid | None = None) -> GridRunner:
+    """The selection protocol over every (dataset, method, fraction) of `spec`; writes summary.csv."""
+    grid = grid or SearchGrid()
+    if spec.base.lr is not None or spec.base.weight_decay is not None:
+        raise ConfigError("SEARCH=1 chooses lr and weight decay itself: drop LR=/WD= (--lr/--weight-decay), or "
+                          "set the grids with SEARCH_LRS=... SEARCH_WDS=... (comma lists).")
+    if spec.base.tag or spec.base.train_on != "train":
+        raise ConfigError("SEARCH=1 sets the tag and train_on of its runs itself: drop --tag/--train-on.")
+    cells = [replace(spec.base, dataset=d, method=m, train_fraction=f)
+             for d, m, f in itertools.product(spec.datasets, spec.methods, spec.fractions)]
+    validate_all(cells)  # names, recipe, options: before resolving the grids needs the recipe
+    grids = [grid.values(cell.resolved()) for cell in cells]
+    extremes = [point_config(cell, max(lrs), max(wds), spec.seeds[0])
+                for cell, (lrs, wds) in zip(cells, grids, strict=True)]
+    validate_all(extremes)  # the largest lr and wd of each cell are the ones a range check can refuse
+    total = sum(len(lrs) * len(wds) + len(spec.seeds) for lrs, wds in grids)
+    runner = GridRunner(total=total)
+    try:
+        for cell in cells:
+            search_cell(runner, cell, spec.seeds, grid)
+    finally:
+        write_summary(spec.base.results_dir)
+    return runner

@@ -1,0 +1,146 @@
+"""The report from a small synthetic results set: all three outputs, the table's numbers, the selection columns."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from benchmark import report
+from benchmark.store import atomic_write_json, load_runs, result_path, write_summary
+
+METHODS = {"full": 100.0, "linear": 0.11, "bias": 0.9, "adapter": 2.5, "vpt_shallow": 0.12, "vpt_deep": 0.74}
+FRACTIONS = (0.1, 0.2, 0.4, 0.8, 1.0)
+DATASETS = ("digits", "fashion_heldout")
+BACKBONE = "vit_embedded_p7_28"
+
+
+def synthetic_top1(method: str, dataset: str, fraction: float, seed: int) -> float:
+    """A made-up but shaped accuracy: grows with data; VPT-deep ahead of linear, behind adapter at 100%."""
+    base = {"full": 80, "linear": 70, "bias": 74, "adapter": 76, "vpt_shallow": 72, "vpt_deep": 78}[method]
+    slope = {"adapter": 14, "full": 12}.get(method, 8)
+    return base + slope * np.log10(fraction * 10) + (2 if dataset == "digits" else 0) + 0.5 * seed
+
+
+def write_run(results_dir, method, dataset, fraction, seed, *, tag="", status="ok", train_on="train", **extra):
+    tuned_percent = METHODS[method]
+    top1 = synthetic_top1(method, dataset, fraction, seed)
+    result = {"method": method, "dataset": dataset, "backbone": BACKBONE, "train_fraction": fraction, "seed": seed,
+              "train_on": train_on, "pretrained": True, "status": status, "tuned_params": int(tuned_percent * 1e4),
+              "total_params": 1_000_000, "tuned_percent": tuned_percent, "val_top1": top1 - 1, "test_top1": top1,
+              "lr": 0.5, "weight_decay": 0.0, "config": {"tag": tag}} | extra
+    if status != "ok":
+        result = {k: v for k, v in result.items() if not k.endswith("top1")} | {"error": "RuntimeError: boom"}
+    name = f"frac{fraction:g}_seed{seed}{'_trainval' if train_on == 'trainval' else ''}{'_' + tag if tag else ''}"
+    atomic_write_json(result_path(results_dir, f"{dataset}/{BACKBONE}/{method}/{name}"), result)
+    return result
+
+
+def write_synthetic_results(results_dir, seeds=(0, 1), selected: bool = True) -> int:
+    """Every method x fraction x dataset x seed, plus noise the report must ignore; returns the number of runs."""
+    n = 0
+    for method, dataset, fraction, seed in itertools.product(METHODS, DATASETS, FRACTIONS, seeds):
+        write_run(results_dir, method, dataset, fraction, seed)
+        n += 1
+    write_run(results_dir, "linear", "digits", 0.1, 0, tag="search_lr5_wd0", val_top1=99.0, test_top1=1.0)
+    write_run(results_dir, "bias", "digits", 0.1, 7, status="failed")
+    n += 2
+    if selected:  # the selection protocol's final runs for one cell: replace the fixed-recipe runs there
+        for seed in seeds:
+            write_run(results_dir, "vpt_deep", "digits", 1.0, seed, train_on="trainval", test_top1=99.0,
+                      selected_lr=2.5, selected_weight_decay=0.001, selected_val_top1=97.0)
+            n += 1
+    return n
+
+
+@pytest.fixture
+def results(tmp_path):
+    n = write_synthetic_results(tmp_path / "results")
+    return tmp_path / "results", n
+
+
+def test_summary_has_one_row_per_run(results):
+    results_dir, n = results
+    frame = pd.read_csv(write_summary(results_dir))
+    assert len(frame) == n
+    assert set(frame["status"]) == {"ok", "failed"}
+    assert (frame["tag"].fillna("") == "search_lr5_wd0").sum() == 1
+
+
+def test_final_runs_drop_failed_search_and_prefer_selected(results):
+    results_dir, _ = results
+    final = report.final_runs(load_runs(results_dir))
+    assert (final["status"] == "ok").all()
+    assert not final["tag"].fillna("").astype(str).str.startswith("search_").any()
+    cell = final[(final.method == "vpt_deep") & (final.dataset == "digits") & (final.train_fraction == 1.0)]
+    assert len(cell) == 2 and (cell["test_top1"] == 99.0).all() and (cell["train_on"] == "trainval").all()
+    assert len(final) == len(METHODS) * len(DATASETS) * len(FRACTIONS) * 2
+
+
+def test_report_writes_figures_and_tables(results):
+    results_dir, _ = results
+    written = report.write_report(results_dir)
+    for name in ("fig3.png", "fig3.pdf", "params.png", "params.pdf", "table.md", "table.csv", "selected_hparams.csv"):
+        assert written[name].is_file() and written[name].stat().st_size > 0, name
+    assert written["fig3.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    table = pd.read_csv(written["table.csv"]).set_index("method")
+    assert list(table.index) == ["full", "linear", "bias", "adapter", "vpt_shallow", "vpt_deep"]
+    expected = np.mean([synthetic_top1("linear", "fashion_heldout", 1.0, s) for s in (0, 1)])
+    assert table.loc["linear", "fashion_heldout"] == pytest.approx(expected)
+    assert table.loc["linear", "fashion_heldout_std"] == pytest.approx(np.std([0, 0.5], ddof=1))
+    # VPT-deep beats Full on digits (the selected runs score 99) but not on fashion_heldout.
+    assert table.loc["vpt_deep", "beats_full"] == 1 and table.loc["vpt_deep", "tasks_compared"] == 2
+    assert table.loc["linear", "beats_full"] == 0
+
+    text = written["table.md"].read_text()
+    assert "| VPT-deep |" in text and "Tasks > Full" in text and "± " in text
+    assert "2.5 / 0.001" in text  # the chosen lr / wd are printed
+    hparams = pd.read_csv(written["selected_hparams.csv"])
+    assert hparams[["method", "dataset", "lr", "weight_decay"]].values.tolist() == [
+        ["vpt_deep", "digits", 2.5, 0.001]]
+
+
+def test_fig3_curves_average_tasks_then_seeds(results):
+    results_dir, _ = results
+    curves = report.fraction_curves(report.final_runs(load_runs(results_dir)))
+    row = curves[(curves.method == "adapter") & (curves.train_fraction == 0.2)].iloc[0]
+    per_seed = [np.mean([synthetic_top1("adapter", d, 0.2, s) for d in DATASETS]) for s in (0, 1)]
+    assert row["mean"] == pytest.approx(np.mean(per_seed))
+    assert row["std"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert row["n_seeds"] == 2 and row["n_tasks"] == 2
+
+
+def test_fig3_panels_shading_and_marker_sizes(results):
+    results_dir, _ = results
+    curves = report.fraction_curves(report.final_runs(load_runs(results_dir)))
+    fig = report.plot_fig3(curves)
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["VPT-deep vs Linear", "VPT-deep vs Adapter", "VPT-deep vs Bias"]
+    colors = [tuple(np.round(c.get_facecolor()[0][:3], 3)) for c in axes[1].collections if len(c.get_paths())]
+    from matplotlib.colors import to_rgb
+
+    ahead, behind = (tuple(np.round(to_rgb(c), 3)) for c in (report.AHEAD_COLOR, report.BEHIND_COLOR))
+    assert ahead in colors and behind in colors  # VPT-deep is ahead of Adapter at 10%, behind at 100%
+    for ax in axes:  # VPT-shallow and Full in every panel: 4 lines per panel
+        assert len(ax.get_lines()) == 4
+    sizes = report.marker_area([0.1, 1.0, 100.0])
+    assert sizes[0] < sizes[1] < sizes[2]
+    assert sizes[2] - sizes[1] == pytest.approx(2 * (sizes[1] - sizes[0]))  # linear in log10(%)
+
+
+def test_report_cli_errors_clearly_without_results(tmp_path, capsys):
+    assert report.main(["--results-dir", str(tmp_path)]) == 2
+    assert "make grid" in capsys.readouterr().err
+
+
+def test_report_refuses_mixed_backbones(results):
+    results_dir, _ = results
+    other = json.loads(next((results_dir / "runs").rglob("*.json")).read_text()) | {"backbone": "vit_other"}
+    atomic_write_json(results_dir / "runs" / "x" / "other.json", other)
+    with pytest.raises(ValueError, match="BACKBONE="):
+        report.final_runs(load_runs(results_dir))
+    assert len(report.final_runs(load_runs(results_dir), backbone=BACKBONE)) == 120
