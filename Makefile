@@ -22,24 +22,31 @@ WD ?=
 RECIPE ?=
 DATA_ROOT ?=
 METHOD_ARGS ?=
+PARTIAL_K ?=
+MLP_K ?=
+LORA_RANK ?=
 WANDB ?= 0
 FORCE ?= 0
 RESULTS ?= results
 
 opt = $(if $(strip $(2)),$(1) $(2))
+# $(call method_arg,METHOD_NAME,VALUE,OPTION): --method-arg OPTION=VALUE when METHOD is METHOD_NAME and VALUE is set
+method_arg = $(if $(and $(filter $(1),$(METHOD)),$(strip $(2))),--method-arg $(3)=$(strip $(2)))
 RUN_ARGS = --method $(METHOD) --fraction $(FRACTION) \
 	$(call opt,--dataset,$(DATASET)) $(call opt,--seed,$(SEED)) $(call opt,--backbone,$(BACKBONE)) \
 	$(call opt,--weights,$(WEIGHTS)) $(call opt,--epochs,$(EPOCHS)) $(call opt,--batch-size,$(BATCH_SIZE)) \
 	$(call opt,--lr,$(LR)) $(call opt,--weight-decay,$(WD)) $(call opt,--recipe,$(RECIPE)) \
 	$(call opt,--data-root,$(DATA_ROOT)) $(call opt,--results-dir,$(RESULTS)) \
 	$(foreach a,$(METHOD_ARGS),--method-arg $(a)) \
+	$(call method_arg,partial_k,$(PARTIAL_K),k) $(call method_arg,mlp_k,$(MLP_K),k) \
+	$(call method_arg,lora,$(LORA_RANK),rank) \
 	$(if $(filter 1,$(WANDB)),--wandb) $(if $(filter 1,$(FORCE)),--force)
 
 .PHONY: help install data bench pretrain params test test-slow lint clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
-	@echo "Variables: METHOD FRACTION DATASET SEED BACKBONE WEIGHTS EPOCHS BATCH_SIZE LR WD RECIPE DATA_ROOT METHOD_ARGS WANDB FORCE"
+	@echo "Variables: METHOD FRACTION DATASET SEED BACKBONE WEIGHTS EPOCHS BATCH_SIZE LR WD RECIPE DATA_ROOT METHOD_ARGS PARTIAL_K MLP_K LORA_RANK WANDB FORCE"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
@@ -64,7 +71,8 @@ pretrain: install data ## Re-pretrain the embedded backbone on Fashion-MNIST (wr
 	$(PY) -m benchmark.pretrain
 
 params: install ## Parameter counts per method: make params BACKBONE=vit_base_patch16_224
-	$(PY) -m benchmark.params --backbone $(or $(BACKBONE),vit_base_patch16_224) --num-classes 200 --csv
+	$(PY) -m benchmark.params --backbone $(or $(BACKBONE),vit_base_patch16_224) --num-classes 200 --csv \
+		$(call opt,--partial-k,$(PARTIAL_K)) $(call opt,--mlp-k,$(MLP_K)) $(call opt,--lora-rank,$(LORA_RANK))
 
 test: install data ## Fast test suite (slow tests excluded)
 	$(PY) -m pytest -m "not slow" -q
