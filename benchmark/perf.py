@@ -1,0 +1,456 @@
+"""Cost of each tuning protocol, measured: `make perf` / `python -m benchmark.perf`.
+
+For every method on one backbone, batch size and image size, each in its own process (so peak RSS is that
+method's alone): training images/s and evaluation images/s (median over timed steps after warm-up, timed by a
+Lightning callback around each batch of a real Trainer), peak memory (CUDA max allocated on GPU, peak RSS
+on CPU), FLOPs per training image (`torch.utils.flop_counter`, forward + backward), the FLOP/s that achieves
+and its share of this machine's dense matmul peak, measured in the same run. For the embedded backbone it
+also times the data loader of the embedded default, which must outpace training.
+
+    python -m benchmark.perf --backbone vit_base_patch16_224 --batch-size 8 --steps 3 --warmup 1
+    python -m benchmark.perf --feature-cache-benchmark    # linear probe, 100 epochs, with vs without cache
+
+Rows are merged into results/perf.csv (one per method x backbone x batch x image size x options) and plotted
+to results/figures/perf_<backbone>_bs<batch>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import lightning as L
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+
+from benchmark.config import EMBEDDED_BACKBONE, REPO_ROOT
+from benchmark.store import atomic_write_text
+
+RESULT_MARK = "PERF_RESULT "
+KEY_COLUMNS = ["method", "method_options", "backbone", "batch_size", "img_size", "device", "precision", "compile",
+               "checkpointing"]
+LOADER_DATASET = "digits"  # the embedded default
+
+
+@dataclass
+class PerfConfig:
+    method: str = "full"
+    backbone: str = EMBEDDED_BACKBONE
+    batch_size: int = 64
+    img_size: int | None = None  # None: the backbone's own
+    num_classes: int = 100
+    steps: int = 5  # timed training (and evaluation) steps; the median is reported
+    warmup: int = 2  # untimed steps first (allocator, caches, compilation)
+    precision: str = "32"  # Lightning precision: 32, bf16-mixed (GPU autocast), 16-mixed
+    compile: bool = False
+    checkpointing: bool = False
+    method_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.steps < 1 or self.warmup < 0:
+            raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={self.steps}, warmup={self.warmup}.")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}.")
+
+
+# --- FLOPs --------------------------------------------------------------------------------------------
+def _register_cpu_attention_flops() -> None:
+    """torch's counter knows the CUDA SDPA kernels but not the CPU flash kernel timm's fused attention uses."""
+    aten = torch.ops.aten
+    try:
+        @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+        def _cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+        @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+        def _cpu_sdpa_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                               **kwargs) -> int:
+            return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+    except (AttributeError, RuntimeError):  # op absent, or a newer torch already counts it
+        pass
+
+
+_register_cpu_attention_flops()
+
+
+def training_flops(model: L.LightningModule, batch) -> int:
+    """FLOPs of one training forward + backward on `batch` (matmuls, convolutions, attention)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss, _, _ = model.model_step(batch)
+        if loss.requires_grad:
+            loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+# --- the machine --------------------------------------------------------------------------------------
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, sizes=(1024, 2048),
+                       repeats: int = 5) -> float:
+    """Best median GFLOP/s of square dense matmuls: the practical peak the models are compared with."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        times = []
+        for _ in range(repeats + 1):
+            synchronize(device)
+            start = time.perf_counter()
+            torch.mm(a, b)
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        best = max(best, 2 * n**3 / statistics.median(times[1:]) / 1e9)
+    return best
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def current_memory_mb(device: torch.device) -> float:
+    """Memory held now: CUDA allocated, or this process's resident set (Linux /proc; else the peak)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return peak_memory_mb(device)
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+# --- one method, in its own process -------------------------------------------------------------------
+class StepTimer(L.Callback):
+    """Wall time of every train / test batch, from the batch-start hook to the batch-end hook."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.train, self.test = [], []
+        self._start = 0.0
+        self.inference_mode: bool | None = None  # whether evaluation ran under torch.inference_mode
+
+    def _begin(self) -> None:
+        synchronize(self.device)
+        self._start = time.perf_counter()
+
+    def _end(self, into: list) -> None:
+        synchronize(self.device)
+        into.append(time.perf_counter() - self._start)
+
+    def on_train_batch_start(self, *args, **kwargs):
+        self._begin()
+
+    def on_train_batch_end(self, *args, **kwargs):
+        self._end(self.train)
+
+    def on_test_batch_start(self, *args, **kwargs):
+        self._begin()
+
+    def on_test_batch_end(self, *args, **kwargs):
+        self._end(self.test)
+        self.inference_mode = torch.is_inference_mode_enabled()
+
+
+def build_model(cfg: PerfConfig):
+    """The method on a randomly initialised backbone: weights do not change the cost."""
+    from benchmark.run import apply_speed_options
+    from methods import OptimConfig, create_backbone, create_method
+
+    extra = {"img_size": cfg.img_size} if cfg.img_size else {}
+    backbone = create_backbone(cfg.backbone, pretrained=False, **extra)
+    optim = OptimConfig(optimizer="sgd", lr=0.01, max_epochs=1, warmup_epochs=0)
+    model = create_method(cfg.method, backbone, cfg.num_classes, optim, **cfg.method_options)
+    return model, apply_speed_options
+
+
+def synthetic_batches(model, cfg: PerfConfig, n_batches: int = 2) -> TensorDataset:
+    channels, height, width = model.backbone.patch_embed.proj.in_channels, *model.backbone.patch_embed.img_size
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(n_batches * cfg.batch_size, channels, height, width, generator=g)
+    return TensorDataset(images, torch.randint(0, cfg.num_classes, (len(images),), generator=g))
+
+
+def measure_method(cfg: PerfConfig) -> dict:
+    """Time one method with a Lightning Trainer on synthetic batches; returns one perf.csv row."""
+    L.seed_everything(0, verbose=False)
+    model, apply_speed_options = build_model(cfg)
+    data = synthetic_batches(model, cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    model_mb = current_memory_mb(device)  # interpreter, libraries, model and batches: before any step
+    # Checkpointing before counting (its recomputation is executed work); compiling after (the counter sees eager ops).
+    apply_speed_options(model, compile=False, checkpointing=cfg.checkpointing)
+    flops = training_flops(model, [t[: cfg.batch_size].to(device) for t in data.tensors])
+    fused = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
+    apply_speed_options(model, compile=cfg.compile, checkpointing=False)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timer = StepTimer(device)
+    steps = cfg.warmup + cfg.steps
+    order = [i % len(data) for i in range(steps * cfg.batch_size)]  # the same few batches, cycled
+    loader = DataLoader(data, batch_size=cfg.batch_size, sampler=order)
+    trainer = L.Trainer(max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, precision=cfg.precision,
+                        devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[timer])
+    trainer.fit(model, train_dataloaders=loader)
+    trainer.test(model, dataloaders=loader, verbose=False)
+    step = statistics.median(timer.train[cfg.warmup:])
+    eval_step = statistics.median(timer.test[cfg.warmup:])
+    train_img_s = cfg.batch_size / step
+    return {
+        "method": cfg.method, "backbone": cfg.backbone, "batch_size": cfg.batch_size,
+        "img_size": model.backbone.patch_embed.img_size[0], "device": device_name(device),
+        "precision": cfg.precision, "compile": cfg.compile, "checkpointing": cfg.checkpointing,
+        "method_options": json.dumps(cfg.method_options, sort_keys=True),
+        "train_step_ms": 1000 * step, "train_img_s": train_img_s, "eval_img_s": cfg.batch_size / eval_step,
+        "peak_mem_mb": peak_memory_mb(device), "train_mem_mb": peak_memory_mb(device) - model_mb,
+        "flops_per_img": flops / cfg.batch_size,
+        "achieved_gflops": flops / cfg.batch_size * train_img_s / 1e9,
+        "tuned_params": model.tuned_params, "total_params": model.total_params,
+        "fused_attn": bool(fused) and all(fused), "eval_inference_mode": timer.inference_mode,
+        "timed_steps": len(timer.train) - cfg.warmup, "threads": torch.get_num_threads(),
+    }
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+
+
+def run_in_own_process(cfg: PerfConfig) -> dict:
+    """`measure_method` in a fresh interpreter: its peak RSS is this method's alone."""
+    done = subprocess.run([sys.executable, "-m", "benchmark.perf", "--worker", json.dumps(asdict(cfg))],
+                          cwd=REPO_ROOT, capture_output=True, text=True)
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK):])
+    raise RuntimeError(f"perf worker for {cfg.method!r} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+
+
+# --- data loading -------------------------------------------------------------------------------------
+def loader_img_s(backbone: str, batch_size: int, epochs: int = 20) -> float:
+    """Images/s of the embedded default's training loader (full training pool, the run's settings)."""
+    from datamodules import create_datamodule
+    from methods import create_backbone, data_config
+
+    datamodule = create_datamodule(LOADER_DATASET, data_config=data_config(create_backbone(backbone)),
+                                   train_fraction=1.0, batch_size=batch_size)
+    datamodule.setup()
+    seen, start = 0, time.perf_counter()
+    for _ in range(epochs):
+        for images, _labels in datamodule.train_dataloader():
+            seen += len(images)
+    return seen / (time.perf_counter() - start)
+
+
+# --- the table ----------------------------------------------------------------------------------------
+def merge_rows(path: Path, rows: pd.DataFrame) -> pd.DataFrame:
+    """Replace the rows of the same configuration in results/perf.csv, keep the others."""
+    if path.is_file():
+        old = pd.read_csv(path)
+        keys = rows[KEY_COLUMNS].astype(str).agg("|".join, axis=1)
+        old = old[~old[KEY_COLUMNS].astype(str).agg("|".join, axis=1).isin(set(keys))]
+        rows = pd.concat([old, rows], ignore_index=True)
+    atomic_write_text(path, rows.to_csv(index=False, float_format="%.6g"))
+    return rows
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    header = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns) + "\n"
+    return header + "\n".join("| " + " | ".join(format_cell(v) for v in row) + " |" for row in frame.itertuples(
+        index=False))
+
+
+def format_cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    return str(value)
+
+
+def plot(rows: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("train_img_s", "training images/s"), ("peak_mem_mb", "peak memory (MB)"),
+              ("pct_of_peak", "% of matmul peak")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    for ax, (column, label) in zip(axes, panels, strict=True):
+        ax.bar(rows["method"], rows[column], color="tab:blue")
+        ax.set_title(label, fontsize=10)
+        ax.tick_params(axis="x", rotation=45, labelsize=8)
+    first = rows.iloc[0]
+    fig.suptitle(f"{first['backbone']}, batch {first['batch_size']}, {first['img_size']} px, {first['device']}, "
+                 f"precision {first['precision']}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def measure_all(args) -> pd.DataFrame:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if str(args.precision).startswith("bf16") and device.type == "cuda" else torch.float32
+    peak = matmul_peak_gflops(device, dtype)
+    print(f"dense matmul peak: {peak:.1f} GFLOP/s ({dtype}, {device_name(device)})", flush=True)
+    rows = []
+    for method in args.methods:
+        cfg = PerfConfig(method=method, backbone=args.backbone, batch_size=args.batch_size, img_size=args.img_size,
+                         num_classes=args.num_classes, steps=args.steps, warmup=args.warmup,
+                         precision=args.precision, compile=args.compile, checkpointing=args.checkpointing,
+                         method_options=options_for(method, args.backbone, args.method_options))
+        row = run_in_own_process(cfg)
+        print(f"  {method:12s} train {row['train_img_s']:9.2f} img/s  eval {row['eval_img_s']:9.2f} img/s  "
+              f"peak {row['peak_mem_mb']:8.0f} MB  {row['achieved_gflops']:7.1f} GFLOP/s", flush=True)
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    frame["peak_gflops"] = peak
+    frame["pct_of_peak"] = 100 * frame["achieved_gflops"] / peak
+    full = frame.loc[frame["method"] == "full", "train_step_ms"]
+    frame["step_vs_full"] = frame["train_step_ms"] / full.iloc[0] if len(full) else float("nan")
+    frame["loader_img_s"] = float("nan")
+    if args.backbone == EMBEDDED_BACKBONE:
+        frame["loader_img_s"] = loader_img_s(args.backbone, args.batch_size)
+        fastest = frame.loc[frame["train_img_s"].idxmax()]
+        print(f"loader ({LOADER_DATASET}): {frame['loader_img_s'].iloc[0]:,.0f} img/s vs fastest training "
+              f"{fastest['train_img_s']:,.0f} img/s ({fastest['method']})")
+    frame["torch"] = torch.__version__
+    frame["measured_at"] = time.strftime("%Y-%m-%d %H:%M")
+    return frame
+
+
+def options_for(method: str, backbone: str, given: dict) -> dict:
+    """The method's options from its recipe (quick for the embedded backbone, paper otherwise; VPT's prompt
+    length is the cost knob), overridden by `given` where the method has that option."""
+    from benchmark.config import load_recipe
+    from methods import get_method_class
+
+    accepted = {f.name for f in fields(get_method_class(method).options_cls)}
+    try:
+        recipe = load_recipe("quick" if backbone == EMBEDDED_BACKBONE else "paper", method)
+    except (ValueError, OSError):  # no such recipe yet: the method's own defaults
+        recipe = {}
+    return {k: v for k, v in {**recipe.get("method_options", {}), **given}.items() if k in accepted}
+
+
+# --- linear probe: feature cache, end to end ----------------------------------------------------------
+def timed_run(argv: list[str]) -> tuple[float, dict]:
+    """One `python -m benchmark.run` process, end to end (interpreter start to exit); returns (seconds, result)."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "benchmark.run", *argv], cwd=REPO_ROOT, capture_output=True,
+                          text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark.run {' '.join(argv)} failed:\n{done.stderr[-3000:]}")
+    results_dir = Path(argv[argv.index("--results-dir") + 1])
+    result = json.loads(next((results_dir / "runs").rglob("*.json")).read_text())
+    return seconds, result
+
+
+def feature_cache_benchmark(epochs: int, fraction: float, out: Path) -> pd.DataFrame:
+    """The linear probe on the embedded default: no cache, cache computed (cold), cache read (warm)."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="perf-cache-") as tmp:
+        # cold: an empty cache is filled; warm: the same results folder again (--force), so the cache is read.
+        modes = [("no cache", "uncached", ["--no-feature-cache"]), ("cache, cold", "cached", []),
+                 ("cache, warm", "cached", ["--force"])]
+        for mode, folder, flags in modes:
+            results_dir = Path(tmp) / folder
+            argv = ["--method", "linear", "--fraction", str(fraction), "--epochs", str(epochs),
+                    "--results-dir", str(results_dir), *flags]
+            seconds, result = timed_run(argv)
+            rows.append({"mode": mode, "epochs": epochs, "train_fraction": fraction, "process_s": seconds,
+                         "run_s": result["wall_seconds"], "test_top1": result["test_top1"],
+                         "val_top1": result["val_top1"]})
+            print(f"  {mode:12s} {seconds:7.1f} s end to end ({result['wall_seconds']:.1f} s in run), "
+                  f"test top-1 {result['test_top1']:.2f}", flush=True)
+    frame = pd.DataFrame(rows)
+    for column in ("process_s", "run_s"):
+        frame[f"speedup_{column}"] = frame[column].iloc[0] / frame[column]
+    frame["threads"] = torch.get_num_threads()
+    frame["measured_at"] = time.strftime("%Y-%m-%d %H:%M")
+    atomic_write_text(out, frame.to_csv(index=False, float_format="%.6g"))
+    return frame
+
+
+# --- CLI ----------------------------------------------------------------------------------------------
+def method_option(text: str) -> tuple[str, object]:
+    from benchmark.run import method_option as parse
+
+    return parse(text)
+
+
+def parser() -> argparse.ArgumentParser:
+    from methods import list_methods
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default=EMBEDDED_BACKBONE, help="timm ViT name (random init: weights cost nothing)")
+    p.add_argument("--methods", default=",".join(list_methods()), help="comma-separated methods")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 64 (embedded backbone), 8 otherwise")
+    p.add_argument("--img-size", type=int, default=None, help="default: the backbone's")
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per method (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    p.add_argument("--precision", default="32", help="Lightning precision: 32, bf16-mixed, 16-mixed")
+    p.add_argument("--compile", action="store_true", help="torch.compile each model")
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of the backbone blocks")
+    p.add_argument("--method-arg", dest="method_options", action="append", type=method_option, default=[],
+                   metavar="KEY=VALUE", help="method option for every method that has it, e.g. prompt_length=50")
+    p.add_argument("--out", default="results/perf.csv")
+    p.add_argument("--figures", default="results/figures")
+    p.add_argument("--feature-cache-benchmark", action="store_true",
+                   help="instead: the linear probe end to end with and without the feature cache")
+    p.add_argument("--epochs", type=int, default=100, help="with --feature-cache-benchmark")
+    p.add_argument("--fraction", type=float, default=0.1, help="with --feature-cache-benchmark")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.worker:  # one method, in this (fresh) process; the parent reads the marked line
+        print(RESULT_MARK + json.dumps(measure_method(PerfConfig(**json.loads(args.worker)))), flush=True)
+        return 0
+    if args.feature_cache_benchmark:
+        frame = feature_cache_benchmark(args.epochs, args.fraction, Path(args.out).with_name("perf_feature_cache.csv"))
+        print(markdown_table(frame[["mode", "process_s", "run_s", "speedup_process_s", "speedup_run_s",
+                                    "test_top1"]]))
+        return 0
+    from methods import list_methods
+
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(args.methods) - set(list_methods()))
+    if unknown:
+        raise SystemExit(f"error: unknown method(s) {unknown}; METHODS takes a comma-separated subset of "
+                         f"{', '.join(list_methods())}.")
+    args.batch_size = args.batch_size or (64 if args.backbone == EMBEDDED_BACKBONE else 8)
+    args.method_options = dict(args.method_options)
+    os.makedirs(args.figures, exist_ok=True)
+    frame = measure_all(args)
+    merge_rows(Path(args.out), frame)
+    figure = Path(args.figures) / f"perf_{args.backbone}_bs{args.batch_size}.png"
+    plot(frame, figure)
+    print(markdown_table(frame[["method", "train_img_s", "eval_img_s", "peak_mem_mb", "flops_per_img",
+                                "achieved_gflops", "pct_of_peak", "step_vs_full"]]))
+    print(f"-> {args.out}, {figure}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The linear probe's feature cache: same accuracy as without it, keyed on everything the features depend on,
+never used where it would change results."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from benchmark.config import RunConfig
+from benchmark.feature_cache import CachedFeatureDataModule, cached_datamodule, can_cache
+from benchmark.run import run
+from datamodules.embedded import TensorSplitsDataModule
+from methods import OptimConfig, create_method, data_config
+from tests.conftest import make_tiny_vit
+
+SIZES = {"train": 60, "val": 30, "test": 45}
+
+
+class PatternDataModule(TensorSplitsDataModule):
+    """3 classes of 12x12 grey images: a bright band whose row depends on the class, plus noise."""
+
+    name = "patterns"
+    offset = 0  # changing it changes every image: the cache must notice
+
+    @property
+    def num_classes(self) -> int:
+        return 3
+
+    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(list(SIZES).index(split))
+        labels = np.arange(SIZES[split]) % 3
+        images = rng.integers(0, 120, size=(len(labels), 12, 12)).astype(np.int64) + self.offset
+        for i, label in enumerate(labels):
+            images[i, 4 * label: 4 * label + 4] += 120
+        return np.clip(images, 0, 255).astype(np.uint8), labels
+
+
+class AugmentingPatterns(PatternDataModule):
+    deterministic_train_transform = False
+
+
+def setup_probe(train_fraction: float = 0.5, seed: int = 0, datamodule_cls=PatternDataModule, **config_overrides):
+    torch.manual_seed(0)
+    backbone = make_tiny_vit()
+    datamodule = datamodule_cls(data_config={**data_config(backbone), **config_overrides},
+                                train_fraction=train_fraction, seed=seed, batch_size=8, eval_batch_size=16)
+    datamodule.setup()
+    optim = OptimConfig(optimizer="sgd", lr=0.5, max_epochs=4, warmup_epochs=0)
+    return create_method("linear", backbone, datamodule.num_classes, optim), datamodule
+
+
+def fit_and_test(model, datamodule) -> tuple[float, torch.Tensor]:
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, deterministic=True)
+    trainer.fit(model, datamodule=datamodule)
+    accuracy = trainer.test(model, datamodule=datamodule, verbose=False)[0]["test/acc"]
+    return accuracy, model.backbone.head.weight.detach().clone()
+
+
+def test_cached_probe_matches_uncached_accuracy(tmp_path):
+    plain_acc, plain_head = fit_and_test(*setup_probe())
+    model, datamodule = setup_probe()
+    cached = cached_datamodule(model, datamodule, tmp_path)
+    cached_acc, cached_head = fit_and_test(model, cached)
+    assert plain_acc > 0.5  # the probe learned something, so equality is not trivially 1/3 == 1/3
+    assert abs(cached_acc - plain_acc) <= 1e-4
+    torch.testing.assert_close(cached_head, plain_head, rtol=1e-4, atol=1e-5)
+
+
+def test_cached_features_are_what_the_head_reads(tmp_path):
+    model, datamodule = setup_probe()
+    images, _ = next(iter(datamodule.test_dataloader()))
+    expected = model.eval()(images)
+    cached = cached_datamodule(model, datamodule, tmp_path)
+    features, _ = next(iter(cached.test_dataloader()))
+    torch.testing.assert_close(model(features), expected, rtol=1e-5, atol=1e-6)
+    assert len(cached.features["train"]) == datamodule.n_train and cached.n_train == datamodule.n_train
+
+
+def test_second_run_reads_the_cache(tmp_path):
+    first = cached_datamodule(*setup_probe(), tmp_path)
+    second = cached_datamodule(*setup_probe(), tmp_path)
+    assert first.hits == dict.fromkeys(("train", "val", "test"), False)
+    assert second.hits == dict.fromkeys(("train", "val", "test"), True)
+    for split in ("train", "val", "test"):
+        torch.testing.assert_close(second.features[split].tensors[0], first.features[split].tensors[0])
+
+
+@pytest.mark.parametrize("change", ["weights", "fraction", "seed", "transform", "data", "precision"])
+def test_any_change_invalidates(tmp_path, change):
+    cached_datamodule(*setup_probe(), tmp_path)
+    kwargs, precision = {}, None
+    if change == "fraction":
+        kwargs = {"train_fraction": 0.8}
+    elif change == "seed":
+        kwargs = {"seed": 1}
+    elif change == "transform":
+        kwargs = {"mean": (0.4, 0.4, 0.4)}
+    elif change == "data":
+        kwargs = {"datamodule_cls": type("ShiftedPatterns", (PatternDataModule,), {"offset": 3})}
+    elif change == "precision":
+        precision = "bf16-mixed"
+    model, datamodule = setup_probe(**kwargs)
+    if change == "weights":
+        with torch.no_grad():
+            model.backbone.blocks[0].mlp.fc1.weight[0, 0] += 1e-3
+    hits = cached_datamodule(model, datamodule, tmp_path, precision=precision).hits
+    expected_train_hit = False
+    expected_eval_hit = change in ("fraction", "seed")  # val and test do not depend on the train subset
+    assert hits == {"train": expected_train_hit, "val": expected_eval_hit, "test": expected_eval_hit}
+
+
+def test_head_change_keeps_the_cache(tmp_path):
+    """The head is what trains; its weights are not part of the features."""
+    cached_datamodule(*setup_probe(), tmp_path)
+    model, datamodule = setup_probe()
+    with torch.no_grad():
+        model.backbone.head.weight.add_(1.0)
+    assert all(cached_datamodule(model, datamodule, tmp_path).hits.values())
+
+
+def test_damaged_entry_is_recomputed(tmp_path):
+    cached_datamodule(*setup_probe(), tmp_path)
+    for path in tmp_path.glob("train-*.pt"):
+        path.write_bytes(b"not a tensor file")
+    cached = cached_datamodule(*setup_probe(), tmp_path)
+    assert cached.hits == {"train": False, "val": True, "test": True}
+
+
+def test_never_cached_when_it_would_change_results(tmp_path):
+    model, augmenting = setup_probe(datamodule_cls=AugmentingPatterns)
+    assert not can_cache(model, augmenting)
+    with pytest.raises(ValueError, match="deterministic training transform"):
+        cached_datamodule(model, augmenting, tmp_path)
+    _, datamodule = setup_probe()
+    vpt = create_method("vpt_deep", make_tiny_vit(), num_classes=3)
+    assert not can_cache(vpt, datamodule)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_probe_rejects_images_when_reading_features(tmp_path):
+    model, datamodule = setup_probe()
+    cached_datamodule(model, datamodule, tmp_path)
+    with pytest.raises(ValueError, match=r"takes \(batch, 32\) features"):
+        model(torch.randn(2, 3, 32, 32))
+
+
+def test_run_uses_the_cache_for_linear_on_the_embedded_default(tmp_path, capsys):
+    cfg = RunConfig(method="linear", dataset="digits", train_fraction=0.1, epochs=1, results_dir=str(tmp_path))
+    first = run(cfg)
+    assert "feature cache: train computed, val computed, test computed" in capsys.readouterr().out
+    cfg.force = True
+    second = run(cfg)
+    assert "feature cache: train hit, val hit, test hit" in capsys.readouterr().out
+    assert abs(first["test_top1"] - second["test_top1"]) <= 1e-4
+    assert len(list((tmp_path / "cache" / "features").glob("*.pt"))) == 3
+    uncached = run(RunConfig(method="linear", dataset="digits", train_fraction=0.1, epochs=1, force=True,
+                             results_dir=str(tmp_path), feature_cache=False))
+    assert "feature cache" not in capsys.readouterr().out
+    assert abs(uncached["test_top1"] - first["test_top1"]) <= 1e-4
+
+
+def test_cached_datamodule_keeps_loader_settings(tmp_path):
+    model, datamodule = setup_probe()
+    cached = cached_datamodule(model, datamodule, tmp_path)
+    assert isinstance(cached, CachedFeatureDataModule)
+    assert cached.train_dataloader().batch_size == 8 and cached.test_dataloader().batch_size == 16
+    plain_labels = torch.cat([labels for _, labels in datamodule.train_dataloader()])
+    cached_labels = torch.cat([labels for _, labels in cached.train_dataloader()])
+    assert torch.equal(plain_labels, cached_labels)  # same shuffled order

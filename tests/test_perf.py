@@ -1,0 +1,105 @@
+"""benchmark.perf measures what it says: FLOPs including fused attention, a full row per method with evaluation
+under inference mode, rows merged by configuration, bad input named. No speed thresholds here: the targets are
+benchmarks (README, "Performance")."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from benchmark import perf
+from benchmark.perf import PerfConfig, measure_method, merge_rows, training_flops
+from methods import create_method
+from tests.conftest import TINY_VIT, make_tiny_vit
+
+REQUIRED = ["method", "backbone", "batch_size", "train_img_s", "eval_img_s", "peak_mem_mb", "flops_per_img",
+            "achieved_gflops"]
+
+
+def fused_off(model):
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    return model
+
+
+def test_flops_count_fused_attention_like_explicit_matmuls(tiny_batch):
+    """timm's fused (SDPA) path on CPU is counted: forward FLOPs equal the explicit q@k, attn@v path, and the
+    backward adds exactly the score recomputation the fused kernel does (one q@k^T per block)."""
+    images, labels = tiny_batch
+    linear = create_method("linear", make_tiny_vit(), num_classes=3)
+    assert training_flops(linear, tiny_batch) == training_flops(fused_off(linear), tiny_batch)
+    torch.manual_seed(0)
+    full = create_method("full", make_tiny_vit(), num_classes=3)
+    fused, explicit = training_flops(full, tiny_batch), training_flops(fused_off(full), tiny_batch)
+    b, heads, tokens = len(images), TINY_VIT["num_heads"], (TINY_VIT["img_size"] // TINY_VIT["patch_size"]) ** 2 + 1
+    head_dim = TINY_VIT["embed_dim"] // heads
+    assert fused - explicit == TINY_VIT["depth"] * 2 * b * heads * tokens * tokens * head_dim
+    assert all(p.grad is None for p in full.parameters())  # counting leaves no gradients behind
+
+
+def test_frozen_parts_cost_no_weight_gradient_flops(tiny_batch):
+    """Full fine-tuning computes weight gradients that VPT-deep and the linear probe skip."""
+    flops = {m: training_flops(create_method(m, make_tiny_vit(), num_classes=3, **opts), tiny_batch)
+             for m, opts in [("full", {}), ("vpt_deep", {"prompt_length": 1}), ("linear", {})]}
+    assert flops["linear"] < flops["vpt_deep"] < flops["full"]
+
+
+@pytest.mark.parametrize("method", ["linear", "vpt_deep"])
+def test_measure_method_row(method):
+    cfg = PerfConfig(method=method, backbone="vit_embedded_p7_28", batch_size=4, num_classes=5, steps=2, warmup=1,
+                     method_options={"prompt_length": 3} if method == "vpt_deep" else {})
+    row = measure_method(cfg)
+    assert all(key in row for key in REQUIRED)
+    assert row["train_img_s"] > 0 and row["eval_img_s"] > 0 and row["flops_per_img"] > 0
+    assert row["peak_mem_mb"] > 0 and row["timed_steps"] == 2 and row["img_size"] == 28
+    assert row["eval_inference_mode"] is True
+    assert row["fused_attn"] is True  # timm's fused attention stays on, VPT included
+    assert math.isclose(row["achieved_gflops"], row["flops_per_img"] * row["train_img_s"] / 1e9)
+
+
+def test_measure_method_with_bf16_autocast_and_checkpointing():
+    cfg = PerfConfig(method="vpt_deep", backbone="vit_embedded_p7_28", batch_size=4, num_classes=5, steps=1,
+                     warmup=1, precision="bf16-mixed", checkpointing=True, method_options={"prompt_length": 2})
+    row = measure_method(cfg)
+    assert row["precision"] == "bf16-mixed" and row["checkpointing"] is True and row["train_img_s"] > 0
+
+
+def test_merge_rows_replaces_same_configuration(tmp_path):
+    path = tmp_path / "perf.csv"
+    base = {k: 0 for k in perf.KEY_COLUMNS} | {"method_options": "{}", "train_img_s": 1.0}
+    merge_rows(path, pd.DataFrame([base | {"method": "full"}, base | {"method": "linear"}]))
+    merge_rows(path, pd.DataFrame([base | {"method": "full", "train_img_s": 2.0},
+                                   base | {"method": "full", "batch_size": 8, "train_img_s": 3.0}]))
+    table = pd.read_csv(path)
+    assert len(table) == 3
+    assert sorted(table["train_img_s"]) == [1.0, 2.0, 3.0]
+
+
+def test_matmul_peak_is_positive():
+    assert perf.matmul_peak_gflops(torch.device("cpu"), sizes=(64,), repeats=2) > 0
+
+
+def test_unknown_method_is_named():
+    with pytest.raises(SystemExit, match="unknown method.*'vpt-deep'.*METHODS takes"):
+        perf.main(["--methods", "full,vpt-deep"])
+
+
+def test_bad_step_counts_rejected():
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        PerfConfig(steps=0)
+
+
+@pytest.mark.slow
+def test_cli_writes_csv_and_figure(tmp_path):
+    out = tmp_path / "perf.csv"
+    assert perf.main(["--methods", "full,vpt_deep", "--batch-size", "4", "--steps", "1", "--warmup", "1",
+                      "--out", str(out), "--figures", str(tmp_path / "figures")]) == 0
+    table = pd.read_csv(out)
+    assert list(table["method"]) == ["full", "vpt_deep"]
+    assert table["pct_of_peak"].gt(0).all() and table["loader_img_s"].gt(0).all()
+    assert table.loc[table["method"] == "full", "step_vs_full"].item() == 1.0
+    assert (tmp_path / "figures" / "perf_vit_embedded_p7_28_bs4.png").is_file()
