@@ -36,6 +36,7 @@ class RunConfig:
     warmup_epochs: float | None = None
     batch_size: int | None = None
     method_options: dict = field(default_factory=dict)  # e.g. {"prompt_length": 10}
+    backbone_kwargs: dict = field(default_factory=dict)  # timm create_model kwargs, e.g. {"img_size": 384}
     data_root: str | None = None
     train_on: str = "train"  # "trainval" for the final runs of the selection protocol
     results_dir: str = "results"
@@ -110,4 +111,7 @@ def load_recipe(recipe: str, method: str) -> dict:
     missing = [k for k in RECIPE_FIELDS if k not in values]
     if missing:
         raise ValueError(f"Recipe file {path} lacks {missing}.")
+    if values.get("lr_scaling") not in (None, "batch/256"):
+        raise ValueError(f"Recipe file {path}: lr_scaling must be 'batch/256' (lr = base lr * batch / 256, the VPT "
+                         f"recipe) or absent (lr as given), got {values['lr_scaling']!r}.")
     return values

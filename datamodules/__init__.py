@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from datamodules.base import FractionDataModule, LabelledSplit, fraction_indices
 from datamodules.embedded import DigitsDataModule, FashionHeldoutDataModule, FashionPretrainDataModule
+from datamodules.fgvc import FGVC_DATAMODULES
+from datamodules.folder import FolderDataModule
+from datamodules.vtab import VTAB_DATAMODULES, VTAB_TASKS
 
 _DATASETS: dict[str, type[FractionDataModule]] = {}
 EMBEDDED_DATASETS = ("digits", "fashion_heldout")
+FGVC_DATASETS = tuple(cls.name for cls in FGVC_DATAMODULES)  # cub, nabirds, flowers, dogs, cars
+VTAB_DATASETS = tuple(f"vtab/{task}" for task in VTAB_TASKS)
 
 
 def register_dataset(name: str, cls: type[FractionDataModule]) -> None:
@@ -15,7 +20,8 @@ def register_dataset(name: str, cls: type[FractionDataModule]) -> None:
     _DATASETS[name] = cls
 
 
-for _cls in (DigitsDataModule, FashionHeldoutDataModule, FashionPretrainDataModule):
+for _cls in (DigitsDataModule, FashionHeldoutDataModule, FashionPretrainDataModule, *FGVC_DATAMODULES,
+             *VTAB_DATAMODULES, FolderDataModule):
     register_dataset(_cls.name, _cls)
 
 
@@ -39,5 +45,6 @@ def create_datamodule(name: str, **kwargs) -> FractionDataModule:
     return get_datamodule_class(name)(**kwargs)
 
 
-__all__ = ["EMBEDDED_DATASETS", "FractionDataModule", "LabelledSplit", "create_datamodule", "fraction_indices",
+__all__ = ["EMBEDDED_DATASETS", "FGVC_DATASETS", "VTAB_DATASETS", "FractionDataModule",
+           "LabelledSplit", "create_datamodule", "fraction_indices",
            "get_datamodule_class", "list_datasets", "register_dataset"]

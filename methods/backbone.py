@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import timm
-import torch
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer, checkpoint_filter_fn
 
@@ -62,17 +61,19 @@ def load_weights(model: VisionTransformer, path: str | Path) -> None:
         raise FileNotFoundError(f"WEIGHTS file {str(path)!r} does not exist; pass the path of a .npz, .pth/.pt "
                                 "or .safetensors checkpoint.")
     if path.suffix == ".npz":  # the original Google/JAX checkpoints (e.g. ViT-B_16.npz): timm's own converter
+        geometry = check_npz_layout(model, path)
         try:
             model.load_pretrained(str(path))
         except (KeyError, RuntimeError, ValueError) as err:  # a missing array or a wrong shape
             raise ValueError(f"WEIGHTS {str(path)!r} do not match backbone {type(model).__name__} "
-                             f"(embed_dim={model.embed_dim}, depth={len(model.blocks)}): "
-                             f"{type(err).__name__}: {str(err)[:300]}") from err
+                             f"(embed_dim={model.embed_dim}, depth={len(model.blocks)}; the checkpoint has "
+                             f"{geometry}): {type(err).__name__}: {str(err)[:300]}") from err
         return
     try:
         state = timm.models.load_state_dict(str(path), device="cpu")
     except Exception as err:  # noqa: BLE001 — any decoding failure means "not a checkpoint"
-        raise ValueError(f"WEIGHTS file {str(path)!r} is not a readable checkpoint ({type(err).__name__}: {err}).") from err
+        raise ValueError(f"WEIGHTS file {str(path)!r} is not a readable checkpoint "
+                         f"({type(err).__name__}: {err}).") from err
     state = checkpoint_filter_fn(state, model)  # timm's key/shape conversions (e.g. position-embedding resize)
     head = {k for k in model.state_dict() if k.startswith("head.")}
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
@@ -94,9 +95,57 @@ def load_weights(model: VisionTransformer, path: str | Path) -> None:
                          f"{' ...' if len(result.unexpected_keys) > 8 else ''}.")
 
 
+NPZ_PREFIXES = ("", "opt/target/", "params/", "params/img/")  # the layouts timm's npz loader reads
+
+
+def check_npz_layout(model: VisionTransformer, path: Path) -> str:
+    """Compare a Google-format .npz with `model` before loading; returns the checkpoint's geometry as text.
+
+    timm's loader reads `Transformer/encoderblock_{i}` for i < depth and silently ignores the rest, so a 12-block
+    checkpoint would load into a 2-block model without a word; here extra blocks are unexpected keys and absent
+    ones missing keys, both named in the error.
+    """
+    import re
+
+    import numpy as np
+
+    try:
+        arrays = np.load(path)
+        names = set(arrays.files)
+    except Exception as err:  # noqa: BLE001 — not a zip of arrays
+        raise ValueError(f"WEIGHTS file {str(path)!r} is not a readable .npz checkpoint "
+                         f"({type(err).__name__}: {err}).") from err
+    prefix = next((p for p in NPZ_PREFIXES if f"{p}embedding/kernel" in names), None)
+    if prefix is None:
+        raise ValueError(f"WEIGHTS {str(path)!r} is not a ViT .npz checkpoint: it has no 'embedding/kernel' array "
+                         f"(arrays: {sorted(names)[:6]} ...). Use the original Google ViT .npz, e.g. ViT-B_16.npz.")
+    stacked = f"{prefix}Transformer/encoderblock/LayerNorm_0/scale"  # big_vision: blocks stacked on axis 0
+    if stacked in names:
+        blocks = set(range(arrays[stacked].shape[0]))
+    else:
+        pattern = re.compile(rf"{re.escape(prefix)}Transformer/encoderblock_(\d+)/")
+        blocks = {int(m.group(1)) for name in names if (m := pattern.match(name))}
+    width = arrays[f"{prefix}embedding/kernel"].shape[-1]
+    geometry = f"embed_dim={width}, depth={len(blocks)}"
+    depth = len(model.blocks)
+    missing = [f"{prefix}Transformer/encoderblock_{i}/..." for i in range(depth) if i not in blocks]
+    unexpected = [f"{prefix}Transformer/encoderblock_{i}/..." for i in sorted(blocks) if i >= depth]
+    if missing or unexpected:
+        raise ValueError(f"WEIGHTS {str(path)!r} do not match backbone {type(model).__name__} "
+                         f"(embed_dim={model.embed_dim}, depth={depth}; the checkpoint has {geometry}): "
+                         f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+                         f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}. "
+                         "Pick the BACKBONE these weights were trained with.")
+    return geometry
+
+
 def data_config(model: VisionTransformer) -> dict:
     """timm's data config (input_size, mean, std, interpolation, crop_pct) as plain values for a datamodule."""
     config = timm.data.resolve_model_data_config(model)
+    # timm takes input_size from the pretrained config; a model built with another img_size / in_chans
+    # (e.g. create_backbone("vit_tiny_patch16_224", img_size=32)) takes the size it was built for.
+    if getattr(model.patch_embed, "img_size", None):
+        config["input_size"] = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
     return {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.items()}
 
 
