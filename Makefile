@@ -1,0 +1,99 @@
+# vpt-bench — every target installs what it needs; `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_SYS ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+
+# Run variables (empty = the recipe's / embedded default's value).
+METHOD ?= vpt_deep
+FRACTION ?= 0.1
+DATASET ?=
+SEED ?=
+BACKBONE ?=
+WEIGHTS ?=
+EPOCHS ?=
+BATCH_SIZE ?=
+LR ?=
+WD ?=
+RECIPE ?=
+DATA_ROOT ?=
+RAW ?=
+FRACTIONS ?=
+METHOD_ARGS ?=
+PARTIAL_K ?=
+MLP_K ?=
+LORA_RANK ?=
+WANDB ?= 0
+FORCE ?= 0
+RESULTS ?= results
+
+opt = $(if $(strip $(2)),$(1) $(2))
+# $(call method_arg,METHOD_NAME,VALUE,OPTION): --method-arg OPTION=VALUE when METHOD is METHOD_NAME and VALUE is set
+method_arg = $(if $(and $(filter $(1),$(METHOD)),$(strip $(2))),--method-arg $(3)=$(strip $(2)))
+RUN_ARGS = --method $(METHOD) --fraction $(FRACTION) \
+	$(call opt,--dataset,$(DATASET)) $(call opt,--seed,$(SEED)) $(call opt,--backbone,$(BACKBONE)) \
+	$(call opt,--weights,$(WEIGHTS)) $(call opt,--epochs,$(EPOCHS)) $(call opt,--batch-size,$(BATCH_SIZE)) \
+	$(call opt,--lr,$(LR)) $(call opt,--weight-decay,$(WD)) $(call opt,--recipe,$(RECIPE)) \
+	$(call opt,--data-root,$(DATA_ROOT)) $(call opt,--results-dir,$(RESULTS)) \
+	$(foreach a,$(METHOD_ARGS),--method-arg $(a)) \
+	$(call method_arg,partial_k,$(PARTIAL_K),k) $(call method_arg,mlp_k,$(MLP_K),k) \
+	$(call method_arg,lora,$(LORA_RANK),rank) \
+	$(if $(filter 1,$(WANDB)),--wandb) $(if $(filter 1,$(FORCE)),--force)
+
+.PHONY: help install data bench pretrain params prepare splits test test-slow lint clean
+
+help: ## Show this help
+	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+	@echo "Variables: METHOD FRACTION DATASET SEED BACKBONE WEIGHTS EPOCHS BATCH_SIZE LR WD RECIPE DATA_ROOT RAW FRACTIONS METHOD_ARGS PARTIAL_K MLP_K LORA_RANK WANDB FORCE"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	# torch first, pinned: pip takes these from the machine's local wheel cache (no 3 GB download).
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## Create/reuse .venv and install the suite (editable) with dev tools
+
+data: ## Install the offline upstream dataset (Debian dataset-fashion-mnist) when missing
+	@if [ ! -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
+		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+			(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null; \
+		else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; fi; fi
+
+bench: install data ## One run: make bench METHOD=vpt_deep FRACTION=0.1 [DATASET= SEED= BACKBONE= WEIGHTS= EPOCHS= ...]
+	$(PY) -m benchmark.run $(RUN_ARGS)
+
+pretrain: install data ## Re-pretrain the embedded backbone on Fashion-MNIST (writes results/embedded/)
+	$(PY) -m benchmark.pretrain
+
+params: install ## Parameter counts per method: make params BACKBONE=vit_base_patch16_224
+	$(PY) -m benchmark.params --backbone $(or $(BACKBONE),vit_base_patch16_224) --num-classes 200 --csv \
+		$(call opt,--partial-k,$(PARTIAL_K)) $(call opt,--mlp-k,$(MLP_K)) $(call opt,--lora-rank,$(LORA_RANK))
+
+test: install data ## Fast test suite (slow tests excluded)
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: install data ## Slow tests only
+	$(PY) -m pytest -m slow -q
+
+lint: install ## Ruff lint
+	$(PY) -m ruff check methods datamodules benchmark tests
+
+prepare: install ## FGVC JSON splits from an original release: make prepare DATASET=cub RAW=<dir> [DATA_ROOT=<out>]
+	@test -n "$(DATASET)" -a -n "$(RAW)" || { echo "usage: make prepare DATASET=cub|nabirds|flowers|dogs|cars RAW=<dir> [DATA_ROOT=<out>] [FORCE=1]"; exit 2; }
+	$(PY) -m benchmark.prepare --dataset $(DATASET) --raw "$(RAW)" $(call opt,--out,$(DATA_ROOT)) \
+		$(call opt,--seed,$(SEED)) $(if $(filter 1,$(FORCE)),--force)
+
+splits: install ## Write FGVC train_<p>.json fraction files: make splits DATASET=cub DATA_ROOT=<dir> [FRACTIONS="0.1 0.2"]
+	@test -n "$(DATASET)" -a -n "$(DATA_ROOT)" || { echo "usage: make splits DATASET=<fgvc name> DATA_ROOT=<dir> [FRACTIONS=\"0.1 0.2 0.4 0.8\"] [SEED=0] [FORCE=1]"; exit 2; }
+	$(PY) -m benchmark.splits --dataset $(DATASET) --data-root "$(DATA_ROOT)" --fractions $(FRACTIONS) \
+		$(call opt,--seed,$(SEED)) $(if $(filter 1,$(FORCE)),--force)
+
+clean: ## Remove run outputs (keeps .venv and committed reference results)
+	rm -rf results/runs results/logs results/splits results/cache results/summary.csv
