@@ -27,6 +27,13 @@ METHOD_ARGS ?=
 PARTIAL_K ?=
 MLP_K ?=
 LORA_RANK ?=
+PRECISION ?=
+COMPILE ?= 0
+CHECKPOINTING ?= 0
+METHODS ?=
+IMG_SIZE ?=
+STEPS ?=
+WARMUP ?=
 WANDB ?= 0
 FORCE ?= 0
 RESULTS ?= results
@@ -42,13 +49,15 @@ RUN_ARGS = --method $(METHOD) --fraction $(FRACTION) \
 	$(foreach a,$(METHOD_ARGS),--method-arg $(a)) \
 	$(call method_arg,partial_k,$(PARTIAL_K),k) $(call method_arg,mlp_k,$(MLP_K),k) \
 	$(call method_arg,lora,$(LORA_RANK),rank) \
+	$(call opt,--precision,$(PRECISION)) $(if $(filter 1,$(COMPILE)),--compile) \
+	$(if $(filter 1,$(CHECKPOINTING)),--checkpointing) \
 	$(if $(filter 1,$(WANDB)),--wandb) $(if $(filter 1,$(FORCE)),--force)
 
-.PHONY: help install data bench pretrain params prepare splits test test-slow lint clean
+.PHONY: help install data bench pretrain params prepare splits test test-slow lint perf perf-cache clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
-	@echo "Variables: METHOD FRACTION DATASET SEED BACKBONE WEIGHTS EPOCHS BATCH_SIZE LR WD RECIPE DATA_ROOT RAW FRACTIONS METHOD_ARGS PARTIAL_K MLP_K LORA_RANK WANDB FORCE"
+	@echo "Variables: METHOD FRACTION DATASET SEED BACKBONE WEIGHTS EPOCHS BATCH_SIZE LR WD RECIPE DATA_ROOT RAW FRACTIONS METHOD_ARGS PARTIAL_K MLP_K LORA_RANK PRECISION COMPILE CHECKPOINTING METHODS IMG_SIZE STEPS WARMUP WANDB FORCE"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
@@ -94,6 +103,17 @@ splits: install ## Write FGVC train_<p>.json fraction files: make splits DATASET
 	@test -n "$(DATASET)" -a -n "$(DATA_ROOT)" || { echo "usage: make splits DATASET=<fgvc name> DATA_ROOT=<dir> [FRACTIONS=\"0.1 0.2 0.4 0.8\"] [SEED=0] [FORCE=1]"; exit 2; }
 	$(PY) -m benchmark.splits --dataset $(DATASET) --data-root "$(DATA_ROOT)" --fractions $(FRACTIONS) \
 		$(call opt,--seed,$(SEED)) $(if $(filter 1,$(FORCE)),--force)
+
+PERF_ARGS = $(call opt,--backbone,$(BACKBONE)) $(call opt,--methods,$(METHODS)) \
+	$(call opt,--batch-size,$(BATCH_SIZE)) $(call opt,--img-size,$(IMG_SIZE)) $(call opt,--precision,$(PRECISION)) \
+	$(call opt,--steps,$(STEPS)) $(call opt,--warmup,$(WARMUP)) $(foreach a,$(METHOD_ARGS),--method-arg $(a)) \
+	$(if $(filter 1,$(COMPILE)),--compile) $(if $(filter 1,$(CHECKPOINTING)),--checkpointing)
+
+perf: install ## Cost per method -> results/perf.csv + figure [BACKBONE= METHODS=full,vpt_deep BATCH_SIZE= IMG_SIZE= PRECISION=bf16-mixed COMPILE=1 CHECKPOINTING=1 STEPS= WARMUP=]
+	$(PY) -m benchmark.perf $(PERF_ARGS)
+
+perf-cache: install ## Linear probe end to end, with vs without the feature cache [EPOCHS=100 FRACTION=0.1]
+	$(PY) -m benchmark.perf --feature-cache-benchmark $(call opt,--epochs,$(EPOCHS)) --fraction $(FRACTION)
 
 clean: ## Remove run outputs (keeps .venv and committed reference results)
 	rm -rf results/runs results/logs results/splits results/cache results/summary.csv
