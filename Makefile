@@ -23,6 +23,8 @@ RECIPE ?=
 DATA_ROOT ?=
 RAW ?=
 FRACTIONS ?=
+TRAIN_ON ?=
+NUM_WORKERS ?=
 METHOD_ARGS ?=
 PARTIAL_K ?=
 MLP_K ?=
@@ -46,6 +48,7 @@ RUN_ARGS = --method $(METHOD) --fraction $(FRACTION) \
 	$(call opt,--weights,$(WEIGHTS)) $(call opt,--epochs,$(EPOCHS)) $(call opt,--batch-size,$(BATCH_SIZE)) \
 	$(call opt,--lr,$(LR)) $(call opt,--weight-decay,$(WD)) $(call opt,--recipe,$(RECIPE)) \
 	$(call opt,--data-root,$(DATA_ROOT)) $(call opt,--results-dir,$(RESULTS)) \
+	$(call opt,--train-on,$(TRAIN_ON)) $(call opt,--num-workers,$(NUM_WORKERS)) \
 	$(foreach a,$(METHOD_ARGS),--method-arg $(a)) \
 	$(call method_arg,partial_k,$(PARTIAL_K),k) $(call method_arg,mlp_k,$(MLP_K),k) \
 	$(call method_arg,lora,$(LORA_RANK),rank) \
@@ -57,7 +60,7 @@ RUN_ARGS = --method $(METHOD) --fraction $(FRACTION) \
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
-	@echo "Variables: METHOD FRACTION DATASET SEED BACKBONE WEIGHTS EPOCHS BATCH_SIZE LR WD RECIPE DATA_ROOT RAW FRACTIONS METHOD_ARGS PARTIAL_K MLP_K LORA_RANK PRECISION COMPILE CHECKPOINTING METHODS IMG_SIZE STEPS WARMUP WANDB FORCE"
+	@echo "Variables: METHOD FRACTION DATASET SEED BACKBONE WEIGHTS EPOCHS BATCH_SIZE LR WD RECIPE DATA_ROOT RAW FRACTIONS TRAIN_ON NUM_WORKERS METHOD_ARGS PARTIAL_K MLP_K LORA_RANK PRECISION COMPILE CHECKPOINTING METHODS IMG_SIZE STEPS WARMUP WANDB FORCE"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
