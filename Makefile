@@ -43,20 +43,41 @@ RESULTS ?= results
 opt = $(if $(strip $(2)),$(1) $(2))
 # $(call method_arg,METHOD_NAME,VALUE,OPTION): --method-arg OPTION=VALUE when METHOD is METHOD_NAME and VALUE is set
 method_arg = $(if $(and $(filter $(1),$(METHOD)),$(strip $(2))),--method-arg $(3)=$(strip $(2)))
-RUN_ARGS = --method $(METHOD) --fraction $(FRACTION) \
-	$(call opt,--dataset,$(DATASET)) $(call opt,--seed,$(SEED)) $(call opt,--backbone,$(BACKBONE)) \
+# Options of every run, whether one (bench) or a grid of them (grid, fig3, sweep-config).
+RUN_OPTIONS = $(call opt,--backbone,$(BACKBONE)) \
 	$(call opt,--weights,$(WEIGHTS)) $(call opt,--epochs,$(EPOCHS)) $(call opt,--batch-size,$(BATCH_SIZE)) \
 	$(call opt,--lr,$(LR)) $(call opt,--weight-decay,$(WD)) $(call opt,--recipe,$(RECIPE)) \
 	$(call opt,--data-root,$(DATA_ROOT)) $(call opt,--results-dir,$(RESULTS)) \
 	$(call opt,--train-on,$(TRAIN_ON)) $(call opt,--num-workers,$(NUM_WORKERS)) \
 	$(foreach a,$(METHOD_ARGS),--method-arg $(a)) \
-	$(call method_arg,partial_k,$(PARTIAL_K),k) $(call method_arg,mlp_k,$(MLP_K),k) \
-	$(call method_arg,lora,$(LORA_RANK),rank) \
 	$(call opt,--precision,$(PRECISION)) $(if $(filter 1,$(COMPILE)),--compile) \
 	$(if $(filter 1,$(CHECKPOINTING)),--checkpointing) \
 	$(if $(filter 1,$(WANDB)),--wandb) $(if $(filter 1,$(FORCE)),--force)
+RUN_ARGS = --method $(METHOD) --fraction $(FRACTION) \
+	$(call opt,--dataset,$(DATASET)) $(call opt,--seed,$(SEED)) \
+	$(call method_arg,partial_k,$(PARTIAL_K),k) $(call method_arg,mlp_k,$(MLP_K),k) \
+	$(call method_arg,lora,$(LORA_RANK),rank) $(RUN_OPTIONS)
 
-.PHONY: help install data bench pretrain params prepare splits test test-slow lint perf perf-cache clean
+# Grid variables: comma (or quoted space) lists; empty METHODS/FRACTIONS = the paper's six methods / five fractions.
+SEEDS ?= 0
+DATASETS ?= digits,fashion_heldout
+SEARCH ?= 0
+SEARCH_LRS ?=
+SEARCH_WDS ?=
+PAPER_METHODS := full,linear,bias,adapter,vpt_shallow,vpt_deep
+PAPER_FRACTIONS := 0.1,0.2,0.4,0.8,1.0
+EMBEDDED_DATASETS := digits,fashion_heldout
+EMBEDDED_BACKBONE := vit_embedded_p7_28
+SEARCH_ARGS = $(if $(filter 1,$(SEARCH)),--search) $(if $(strip $(SEARCH_LRS)),--search-lrs "$(SEARCH_LRS)") \
+	$(if $(strip $(SEARCH_WDS)),--search-wds "$(SEARCH_WDS)")
+GRID_ARGS = --methods "$(or $(METHODS),$(PAPER_METHODS))" --fractions "$(or $(FRACTIONS),$(PAPER_FRACTIONS))" \
+	--seeds "$(SEEDS)" --datasets "$(DATASETS)" $(SEARCH_ARGS) $(RUN_OPTIONS)
+# The report filters only by what was set on the command line; by default it shows every dataset and method.
+cli_opt = $(if $(filter command line,$(origin $(2))),$(1) "$($(2))")
+REPORT_ARGS = --results-dir $(RESULTS) $(call cli_opt,--datasets,DATASETS) $(call cli_opt,--methods,METHODS) \
+	$(call opt,--backbone,$(BACKBONE)) $(if $(filter 1,$(WANDB)),--wandb)
+
+.PHONY: help install data bench pretrain params prepare splits test test-slow lint perf perf-cache grid fig3 report sweep-config clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -87,6 +108,22 @@ pretrain: install data ## Re-pretrain the embedded backbone on Fashion-MNIST (wr
 params: install ## Parameter counts per method: make params BACKBONE=vit_base_patch16_224
 	$(PY) -m benchmark.params --backbone $(or $(BACKBONE),vit_base_patch16_224) --num-classes 200 --csv \
 		$(call opt,--partial-k,$(PARTIAL_K)) $(call opt,--mlp-k,$(MLP_K)) $(call opt,--lora-rank,$(LORA_RANK))
+
+grid: install data ## Grid of runs, resumable: make grid [METHODS=a,b FRACTIONS=0.1,1.0 SEEDS=0,1 DATASETS=digits SEARCH=1 WANDB=1 EPOCHS= ...]
+	$(PY) -m benchmark.grid $(GRID_ARGS)
+
+# Exit status 1 = some runs failed (recorded in their JSON): the report still draws every finished run.
+fig3: install data ## Fig. 3 of the embedded default: 6 methods x 5 fractions on digits + fashion_heldout, then the report
+	$(PY) -m benchmark.grid --methods $(PAPER_METHODS) --fractions $(PAPER_FRACTIONS) --seeds "$(SEEDS)" \
+		--datasets $(EMBEDDED_DATASETS) $(SEARCH_ARGS) $(RUN_OPTIONS) || [ $$? -eq 1 ]
+	$(PY) -m benchmark.report --results-dir $(RESULTS) --datasets $(EMBEDDED_DATASETS) \
+		--methods $(PAPER_METHODS) --backbone $(or $(BACKBONE),$(EMBEDDED_BACKBONE)) $(if $(filter 1,$(WANDB)),--wandb)
+
+report: install ## Fig. 3, parameter plot, Table 1 -> results/figures [DATASETS= METHODS= BACKBONE= WANDB=1]
+	$(PY) -m benchmark.report $(REPORT_ARGS)
+
+sweep-config: install ## W&B sweep YAML of a grid -> results/sweep.yaml (same variables as grid), for `wandb agent`
+	$(PY) -m benchmark.sweep $(GRID_ARGS) --out $(RESULTS)/sweep.yaml
 
 test: install data ## Fast test suite (slow tests excluded)
 	$(PY) -m pytest -m "not slow" -q

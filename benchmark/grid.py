@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import re
 import signal
 import sys
 import time
@@ -188,7 +189,7 @@ def run_grid(spec: GridSpec, out: TextIO = sys.stdout) -> GridRunner:
 # --- command line ------------------------------------------------------------------------------------------
 def comma_list(kind):
     def parse(text: str) -> list:
-        items = [item.strip() for item in text.split(",") if item.strip()]
+        items = [item for item in re.split(r"[,\s]+", text) if item]  # "a,b" or "a b" (make's lists)
         try:
             return [kind(item) for item in items]
         except (ValueError, ConfigError) as err:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -388,7 +389,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    split = lambda text: [s.strip() for s in text.split(",") if s.strip()] if text else None
+    split = lambda text: [s for s in re.split(r"[,\s]+", text) if s] if text else None  # "a,b" or "a b"
     try:
         written = write_report(args.results_dir, args.out, split(args.datasets), split(args.methods), args.backbone,
                                args.fraction, args.wandb)

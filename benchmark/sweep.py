@@ -1,0 +1,76 @@
+"""A W&B sweep config for a grid, so `wandb agent` can spread its runs over machines.
+
+    python -m benchmark.sweep --methods vpt_deep,linear --fractions 0.1,1.0 --seeds 0,1 --datasets digits \\
+        [--out results/sweep.yaml] [any benchmark.run option: --epochs 5 ...]
+    wandb sweep results/sweep.yaml        # prints the sweep id
+    wandb agent <entity>/<project>/<id>   # on every machine, in the repository with the venv active
+
+Each sweep run is one `python -m benchmark.run --wandb` with method, dataset, fraction and seed from the grid
+(W&B's `grid` search method enumerates every combination once). Results land in each machine's results/;
+W&B groups them by dataset and tags them by method, as for `make grid WANDB=1`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+
+from benchmark.grid import GridSpec, base_config
+from benchmark.grid import parser as grid_parser
+from benchmark.store import atomic_write_text
+from benchmark.tracking import project
+from benchmark.validate import ConfigError
+
+HEADER = """\
+# W&B sweep of a vpt-bench grid ({n} runs), written by `{command}`.
+# Start it with `wandb sweep {out}`, then run `wandb agent <entity>/<project>/<sweep id>` on each machine
+# (in the repository, with its venv active so `python` has the suite installed).
+"""
+
+
+def sweep_config(spec: GridSpec, run_args: list[str], project_name: str) -> dict:
+    """The sweep as a dict: a grid over method x dataset x fraction x seed; every other run option fixed."""
+    n = len(spec.methods) * len(spec.datasets) * len(spec.fractions) * len(spec.seeds)
+    return {
+        "name": f"vpt-bench grid: {len(spec.methods)} methods x {len(spec.datasets)} datasets x "
+                f"{len(spec.fractions)} fractions x {len(spec.seeds)} seeds = {n} runs",
+        "project": project_name,
+        "program": "benchmark/run.py",
+        "method": "grid",
+        "metric": {"name": "test_top1", "goal": "maximize"},
+        "parameters": {"method": {"values": list(spec.methods)}, "dataset": {"values": list(spec.datasets)},
+                       "fraction": {"values": [float(f) for f in spec.fractions]},
+                       "seed": {"values": [int(s) for s in spec.seeds]}},
+        # ${args} expands to --method=... --dataset=... --fraction=... --seed=..., which benchmark.run parses.
+        "command": ["${env}", "python", "-m", "benchmark.run", "--wandb", *run_args, "${args}"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = grid_parser()
+    p.description = __doc__
+    p.add_argument("--out", default="results/sweep.yaml", help="where to write the sweep YAML")
+    p.add_argument("--project", default=project(), help="W&B project (default: $WANDB_PROJECT or vpt-bench)")
+    args, run_args = p.parse_known_args(argv)
+    try:
+        if args.search:
+            raise ConfigError("SEARCH=1 cannot be a W&B sweep: its final runs depend on the search's results. Spread "
+                              "it instead with `make grid SEARCH=1 DATASETS=... METHODS=...` per machine writing to "
+                              "one shared RESULTS folder (every run is a file, finished ones are skipped).")
+        spec = GridSpec(args.methods, args.fractions, args.seeds, args.datasets, base_config(run_args))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    config = sweep_config(spec, run_args, args.project)
+    n = len(spec.configs())
+    command = "python -m benchmark.sweep " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = HEADER.format(n=n, command=command.strip(), out=args.out) + yaml.safe_dump(config, sort_keys=False)
+    atomic_write_text(Path(args.out), text)
+    print(f"Wrote {args.out} ({n} runs). Next: wandb sweep {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
