@@ -16,6 +16,12 @@ from methods.base import TuningModule
 from methods.registry import register_method
 
 
+def no_autograd():
+    """inference_mode, or no_grad inside torch.compile (which cannot trace inference mode): either way no graph
+    and no saved activations for the frozen backbone."""
+    return torch.no_grad() if torch.compiler.is_compiling() else torch.inference_mode()
+
+
 @register_method("linear")
 class LinearProbe(TuningModule):
     trains_on_frozen_features: ClassVar[bool] = True  # a feature cache may stand in for the backbone
@@ -30,13 +36,13 @@ class LinearProbe(TuningModule):
         """Take cached pre-logit features (B, D) as input instead of images (B, C, H, W)."""
         self.inputs_are_features = enabled
 
-    @torch.inference_mode()
     def frozen_features(self, x: torch.Tensor) -> torch.Tensor:
         """What the head reads: pooled, normed backbone features (B, D), without autograd."""
-        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+        with no_autograd():
+            return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
+        with no_autograd():
             features = self.backbone.forward_features(x)
         # An inference tensor cannot be saved for the head's backward; a clone outside the mode can.
         return features.clone()

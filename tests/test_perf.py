@@ -103,3 +103,19 @@ def test_cli_writes_csv_and_figure(tmp_path):
     assert table["pct_of_peak"].gt(0).all() and table["loader_img_s"].gt(0).all()
     assert table.loc[table["method"] == "full", "step_vs_full"].item() == 1.0
     assert (tmp_path / "figures" / "perf_vit_embedded_p7_28_bs4.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["linear", "vpt_deep"])
+def test_compiled_model_matches_eager(method, tiny_batch):
+    """COMPILE=1 changes speed only; the linear probe's frozen pass stays gradient-free inside the graph."""
+    from benchmark.run import apply_speed_options
+
+    torch.manual_seed(0)
+    eager = create_method(method, make_tiny_vit(), num_classes=3).eval()
+    torch.manual_seed(0)
+    compiled = create_method(method, make_tiny_vit(), num_classes=3).eval()
+    apply_speed_options(compiled, compile=True, checkpointing=False)
+    torch.testing.assert_close(compiled(tiny_batch[0]), eager(tiny_batch[0]), rtol=1e-4, atol=1e-5)
+    torch.nn.functional.cross_entropy(compiled.train()(tiny_batch[0]), tiny_batch[1]).backward()
+    assert all((p.grad is not None) == p.requires_grad for p in compiled.parameters())
