@@ -56,6 +56,7 @@ class PerfConfig:
     compile: bool = False
     checkpointing: bool = False
     method_options: dict = field(default_factory=dict)
+    profile: bool = False  # print where the training steps spend their time (torch.profiler, by operator)
 
     def __post_init__(self):
         if self.steps < 1 or self.warmup < 0:
@@ -208,7 +209,12 @@ def measure_method(cfg: PerfConfig) -> dict:
     trainer = L.Trainer(max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, precision=cfg.precision,
                         devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[timer])
-    trainer.fit(model, train_dataloaders=loader)
+    if cfg.profile:
+        with torch.profiler.profile() as profiler:
+            trainer.fit(model, train_dataloaders=loader)
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
+    else:
+        trainer.fit(model, train_dataloaders=loader)
     trainer.test(model, dataloaders=loader, verbose=False)
     step = statistics.median(timer.train[cfg.warmup:])
     eval_step = statistics.median(timer.test[cfg.warmup:])
@@ -236,6 +242,8 @@ def run_in_own_process(cfg: PerfConfig) -> dict:
     """`measure_method` in a fresh interpreter: its peak RSS is this method's alone."""
     done = subprocess.run([sys.executable, "-m", "benchmark.perf", "--worker", json.dumps(asdict(cfg))],
                           cwd=REPO_ROOT, capture_output=True, text=True)
+    if cfg.profile:
+        print("\n".join(line for line in done.stdout.splitlines() if not line.startswith(RESULT_MARK)))
     for line in reversed(done.stdout.splitlines()):
         if line.startswith(RESULT_MARK):
             return json.loads(line[len(RESULT_MARK):])
@@ -314,6 +322,7 @@ def measure_all(args) -> pd.DataFrame:
         cfg = PerfConfig(method=method, backbone=args.backbone, batch_size=args.batch_size, img_size=args.img_size,
                          num_classes=args.num_classes, steps=args.steps, warmup=args.warmup,
                          precision=args.precision, compile=args.compile, checkpointing=args.checkpointing,
+                         profile=args.profile,
                          method_options=options_for(method, args.backbone, args.method_options))
         row = run_in_own_process(cfg)
         print(f"  {method:12s} train {row['train_img_s']:9.2f} img/s  eval {row['eval_img_s']:9.2f} img/s  "
@@ -412,6 +421,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of the backbone blocks")
     p.add_argument("--method-arg", dest="method_options", action="append", type=method_option, default=[],
                    metavar="KEY=VALUE", help="method option for every method that has it, e.g. prompt_length=50")
+    p.add_argument("--profile", action="store_true", help="also print each method's time by operator")
     p.add_argument("--out", default="results/perf.csv")
     p.add_argument("--figures", default="results/figures")
     p.add_argument("--feature-cache-benchmark", action="store_true",

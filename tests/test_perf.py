@@ -119,3 +119,19 @@ def test_compiled_model_matches_eager(method, tiny_batch):
     torch.testing.assert_close(compiled(tiny_batch[0]), eager(tiny_batch[0]), rtol=1e-4, atol=1e-5)
     torch.nn.functional.cross_entropy(compiled.train()(tiny_batch[0]), tiny_batch[1]).backward()
     assert all((p.grad is not None) == p.requires_grad for p in compiled.parameters())
+
+
+@pytest.mark.parametrize("method", ["vpt_deep", "adapter", "linear"])
+def test_frozen_parameters_get_no_gradient_and_no_optimizer_state(method, tiny_batch):
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = create_method(method, make_tiny_vit(), num_classes=3)
+    trainer = L.Trainer(fast_dev_run=2, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, DataLoader(TensorDataset(*tiny_batch), batch_size=2))
+    state = trainer.optimizers[0].state
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert param in state, f"{name} trains but has no optimizer state"
+        else:
+            assert param.grad is None and param not in state, f"frozen {name} got a gradient or optimizer state"
