@@ -242,7 +242,7 @@ def wandb_key_problem() -> str | None:
         read_netrc_auth = lambda host: None
     if key is not None:
         problem = check_api_key(key.strip())
-        return f"WANDB_API_KEY is malformed: {problem}" if problem else None
+        return f"WANDB_API_KEY is malformed: {problem.rstrip('.')}" if problem else None
     try:
         key = read_netrc_auth(host=os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
     except Exception as err:  # noqa: BLE001 — wandb raises its own AuthenticationError for a malformed key

@@ -45,7 +45,15 @@ def create_backbone(name: str, *, pretrained: bool = False, weights: str | Path 
         vits = timm.list_models("*vit*")
         raise ValueError(f"Unknown backbone {name!r}.{closest_name(architecture, vits)} Use a timm ViT name "
                          f"(`timm.list_models('*vit*')` lists {len(vits)}), e.g. vit_base_patch16_224.orig_in21k.")
-    model = timm.create_model(name, pretrained=pretrained and weights is None, **kwargs)
+    from_hub = pretrained and weights is None
+    try:
+        model = timm.create_model(name, pretrained=from_hub, **kwargs)
+    except OSError as err:  # huggingface_hub's errors (offline, no cached copy, HTTP) are OSErrors
+        if not from_hub:
+            raise
+        raise OSError(f"Pretrained weights of {name!r} could not be fetched from the Hugging Face hub ({err}). "
+                      "Fetch them once where the hub is reachable (timm caches them; HF_HUB_OFFLINE=1 then uses the "
+                      "cache), or pass local WEIGHTS=<.npz, .pth/.pt or .safetensors file>.") from err
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"Backbone {name!r} is a {type(model).__name__}, not a timm VisionTransformer; "
                          "the tuning methods need a plain ViT (vit_*, deit_*, ...).")
@@ -73,7 +81,8 @@ def load_weights(model: VisionTransformer, path: str | Path) -> None:
         state = timm.models.load_state_dict(str(path), device="cpu")
     except Exception as err:  # noqa: BLE001 — any decoding failure means "not a checkpoint"
         raise ValueError(f"WEIGHTS file {str(path)!r} is not a readable checkpoint "
-                         f"({type(err).__name__}: {err}).") from err
+                         f"({type(err).__name__}: {err}); pass a .npz, .pth/.pt or .safetensors file holding a "
+                         "ViT state dict (e.g. saved by timm or torch.save(model.state_dict())).") from err
     state = checkpoint_filter_fn(state, model)  # timm's key/shape conversions (e.g. position-embedding resize)
     head = {k for k in model.state_dict() if k.startswith("head.")}
     state = {k: v for k, v in state.items() if not k.startswith("head.")}

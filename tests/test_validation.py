@@ -226,6 +226,16 @@ def test_weights_for_another_backbone_name_the_keys(tmp_path, capsys):
     assert "tensors have another shape" in err and "(128,) != (192,)" in err
 
 
+def test_hub_weights_unreachable_suggest_local_weights(tmp_path):
+    """Offline with an empty cache (a GPU node without internet): the error says to pass WEIGHTS."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run([sys.executable, "-m", "benchmark.run", "--backbone", "vit_tiny_patch16_224.augreg_in21k",
+                           "--epochs", "1", "--results-dir", str(tmp_path / "results")], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "could not be fetched from the Hugging Face hub" in done.stderr and "WEIGHTS=" in done.stderr
+
+
 # --- results directory and W&B -------------------------------------------------------------------------------
 def test_results_dir_not_writable(tmp_path, capsys):
     blocker = tmp_path / "a_file"
