@@ -38,6 +38,7 @@ STEPS ?=
 WARMUP ?=
 WANDB ?= 0
 FORCE ?= 0
+TAG ?=
 RESULTS ?= results
 
 opt = $(if $(strip $(2)),$(1) $(2))
@@ -54,7 +55,7 @@ RUN_OPTIONS = $(call opt,--backbone,$(BACKBONE)) \
 	$(if $(filter 1,$(CHECKPOINTING)),--checkpointing) \
 	$(if $(filter 1,$(WANDB)),--wandb) $(if $(filter 1,$(FORCE)),--force)
 RUN_ARGS = --method $(METHOD) --fraction $(FRACTION) \
-	$(call opt,--dataset,$(DATASET)) $(call opt,--seed,$(SEED)) \
+	$(call opt,--dataset,$(DATASET)) $(call opt,--seed,$(SEED)) $(call opt,--tag,$(TAG)) \
 	$(call method_arg,partial_k,$(PARTIAL_K),k) $(call method_arg,mlp_k,$(MLP_K),k) \
 	$(call method_arg,lora,$(LORA_RANK),rank) $(RUN_OPTIONS)
 
@@ -81,7 +82,7 @@ REPORT_ARGS = --results-dir $(RESULTS) $(call cli_opt,--datasets,DATASETS) $(cal
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
-	@echo "Variables: METHOD FRACTION DATASET SEED BACKBONE WEIGHTS EPOCHS BATCH_SIZE LR WD RECIPE DATA_ROOT RAW FRACTIONS TRAIN_ON NUM_WORKERS METHOD_ARGS PARTIAL_K MLP_K LORA_RANK PRECISION COMPILE CHECKPOINTING METHODS IMG_SIZE STEPS WARMUP WANDB FORCE"
+	@echo "Variables: METHOD FRACTION DATASET SEED BACKBONE WEIGHTS EPOCHS BATCH_SIZE LR WD RECIPE DATA_ROOT RAW FRACTIONS TRAIN_ON NUM_WORKERS METHOD_ARGS PARTIAL_K MLP_K LORA_RANK PRECISION COMPILE CHECKPOINTING METHODS IMG_SIZE STEPS WARMUP WANDB FORCE TAG"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)

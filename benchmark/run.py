@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import resource
 import subprocess
@@ -22,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 import methods
 from benchmark.callbacks import NonFiniteLossError, StopOnNonFiniteLoss
 from benchmark.config import REPO_ROOT, RunConfig
-from benchmark.feature_cache import can_cache, cached_datamodule
+from benchmark.feature_cache import cached_datamodule, can_cache
 from benchmark.store import atomic_write_json, read_result, result_path
 from benchmark.validate import ConfigError, check_fraction, validate_config, validate_data
 from datamodules import create_datamodule
@@ -138,6 +139,18 @@ def record_failure(cfg: RunConfig, path, started: float, err: Exception) -> dict
     return result
 
 
+# Settings that change a result but not its file name (run_id holds method, dataset, fraction, seed, train_on, tag).
+RESULT_SETTINGS = ("backbone", "weights", "pretrained", "recipe", "optimizer", "lr", "weight_decay", "epochs",
+                   "warmup_epochs", "batch_size", "method_options", "backbone_kwargs", "precision")
+
+
+def changed_settings(stored: dict, cfg: RunConfig) -> list[str]:
+    """'lr 0.5 -> 0.1' for each result-defining setting where a stored result's config differs from `cfg`."""
+    now = json.loads(json.dumps(asdict(cfg), default=str))  # as stored: tuples become lists
+    return [f"{name} {stored[name]!r} -> {now[name]!r}" for name in RESULT_SETTINGS
+            if name in stored and name in now and stored[name] != now[name]]
+
+
 def run(cfg: RunConfig) -> dict:
     """Train and test one configuration; returns (and writes) its result.
 
@@ -149,6 +162,10 @@ def run(cfg: RunConfig) -> dict:
     existing = read_result(path)
     if existing and existing.get("status") == "ok" and not cfg.force:
         print(f"Result exists, nothing to do: {path} (test top-1 {existing['test_top1']:.2f}). Use FORCE=1 to rerun.")
+        changed = changed_settings(existing.get("config", {}), cfg)
+        if changed:  # the file name does not hold every hyperparameter: say that this result is not for them
+            print(f"Note: that result was made with other settings ({', '.join(changed)}); FORCE=1 replaces it, "
+                  "TAG=<name> (--tag) keeps both.")
         return existing
     if existing and existing.get("status") != "ok":
         print(f"Rerunning {path}: the previous attempt failed ({existing.get('error', 'no reason recorded')}).")

@@ -155,3 +155,21 @@ def test_damaged_result_reads_as_absent_and_is_redone(tmp_path):
     assert read_result(path) is None
     assert main(["--method", "linear", "--epochs", "1", "--results-dir", str(results)]) == 0
     assert read_result(path)["status"] == "ok"
+
+
+def test_existing_result_with_other_settings_is_kept_and_the_difference_named(tmp_path, capsys):
+    """`make bench LR=0.1` over a result made with the recipe's lr: nothing runs, and it says the settings differ."""
+    from dataclasses import asdict
+
+    from benchmark.store import atomic_write_json, result_path
+    from benchmark.validate import validate_config
+
+    earlier = validate_config(RunConfig(method="linear", train_fraction=0.1, results_dir=str(tmp_path)))
+    path = result_path(tmp_path, earlier.run_id())
+    atomic_write_json(path, {"status": "ok", "test_top1": 50.0, "config": asdict(earlier)})
+    before = path.read_bytes()
+    assert main(["--method", "linear", "--fraction", "0.1", "--lr", "0.01", "--results-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Result exists, nothing to do" in out and "FORCE=1" in out
+    assert f"other settings (lr {earlier.lr!r} -> 0.01)" in out and "TAG=" in out
+    assert path.read_bytes() == before
