@@ -3,10 +3,13 @@
 
 The head follows the VPT code's `MLP`: k - 1 hidden layers of the embedding width D, each
     Linear(D, D) -> ReLU -> norm(D) -> Dropout(0.1)
-then Linear(D, num_classes); every weight Kaiming-normal (fan_out). One change: the norm is a LayerNorm
-where the VPT code has BatchNorm1d. BatchNorm fails on a training batch of one (the loaders keep the last
-partial batch, and small data fractions make small batches) and is noisy on few-shot batches; LayerNorm has
-the same 2·D parameters, so the counts equal the VPT code's. k = 1 is the linear probe's head.
+then Linear(D, num_classes); hidden weights Kaiming-normal (fan_out). Two changes from the VPT code:
+- the norm is a LayerNorm where the VPT code has BatchNorm1d. BatchNorm fails on a training batch of one (the
+  loaders keep the last partial batch, and small data fractions make small batches) and is noisy on few-shot
+  batches; LayerNorm has the same 2·D parameters, so the counts equal the VPT code's.
+- the last layer keeps PyTorch's default init, the linear probe's head. The VPT code's Kaiming-normal
+  (fan_out) there gives logits of std ~ sqrt(2·D / C): on 10 classes the first loss is ~9 and SGD diverges.
+k = 1 is the linear probe's head.
 
 The backbone is the linear probe's: eval mode, `torch.inference_mode`, and the same cached pre-logit
 features may stand in for it (benchmark/feature_cache.py).
@@ -38,11 +41,10 @@ def mlp_head(dim: int, num_classes: int, layers: int, dropout: float) -> nn.Sequ
     hidden = []
     for _ in range(layers - 1):
         hidden += [nn.Linear(dim, dim), nn.ReLU(), nn.LayerNorm(dim), nn.Dropout(dropout)]
-    head = nn.Sequential(*hidden, nn.Linear(dim, num_classes))
-    for module in head:
+    for module in hidden:
         if isinstance(module, nn.Linear):
             nn.init.kaiming_normal_(module.weight, a=0, mode="fan_out")
-    return head
+    return nn.Sequential(*hidden, nn.Linear(dim, num_classes))
 
 
 @register_method("mlp_k")

@@ -61,6 +61,7 @@ def test_mlp_k_head_layers_and_frozen_backbone_without_autograd(tiny_batch):
     model = create_method("mlp_k", make_tiny_vit(), num_classes=3)
     linears = [m for m in model.backbone.head if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(32, 32), (32, 32), (32, 3)]  # MLP-3, width D
+    assert linears[-1].weight.abs().max() <= 32 ** -0.5  # the linear head's default init, small logits at start
     assert isinstance(create_method("mlp_k", make_tiny_vit(), num_classes=3, k=1).backbone.head[0], torch.nn.Linear)
     model.train()
     assert not model.backbone.blocks[0].training and model.backbone.head.training  # head dropout on, backbone off
