@@ -27,7 +27,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Subset, TensorDataset
 
 from datamodules.base import SPLITS, FractionDataModule, LabelledSplit
 
@@ -128,7 +128,7 @@ def save_atomically(obj, path: Path) -> None:
 
 
 def load_or_compute(model: L.LightningModule, datamodule: FractionDataModule, split: str, cache_dir: Path,
-                    device: torch.device, precision: str | None, backbone: dict) -> tuple[TensorDataset, bool]:
+                    device: torch.device, precision: str | None, backbone: dict) -> tuple[FeatureDataset, bool]:
     """The split's features from the cache, computing and storing them on a miss; returns (dataset, hit)."""
     data = training_split(datamodule) if split == "train" else datamodule.splits[split]
     path = Path(cache_dir) / f"{split}-{cache_key(backbone, split_fingerprint(datamodule, split), precision)}.pt"
@@ -136,18 +136,31 @@ def load_or_compute(model: L.LightningModule, datamodule: FractionDataModule, sp
         try:
             stored = torch.load(path, map_location="cpu", weights_only=True)
             if stored["features"].shape[0] == len(data.ids):
-                return TensorDataset(stored["features"], stored["labels"]), True
+                return FeatureDataset(stored["features"], stored["labels"]), True
         except Exception:  # noqa: BLE001 — an unreadable entry (e.g. a truncated copy) is recomputed, not fatal
             pass
     features, labels = compute_features(model, data.dataset, datamodule.eval_batch_size, device, precision)
     save_atomically({"features": features, "labels": labels}, path)
-    return TensorDataset(features, labels), False
+    return FeatureDataset(features, labels), False
+
+
+class FeatureDataset(TensorDataset):
+    """Cached features and labels; a whole batch is one indexing operation."""
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return [tensor[index] for tensor in self.tensors]
+
+
+def as_batch(batch: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The collate function for FeatureDataset: its batches come out already stacked."""
+    return batch
 
 
 class CachedFeatureDataModule(L.LightningDataModule):
     """The datamodule's splits as cached features, loaded exactly as the original loads its images."""
 
-    def __init__(self, source: FractionDataModule, features: dict[str, TensorDataset], hits: dict[str, bool]):
+    def __init__(self, source: FractionDataModule, features: dict[str, FeatureDataset], hits: dict[str, bool]):
         super().__init__()
         self.source = source
         self.features = features
@@ -165,8 +178,12 @@ class CachedFeatureDataModule(L.LightningDataModule):
         return self.source.split_record()
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        # The source's own loader factory: same generator seed, so shuffled batches match the uncached run.
-        return self.source._loader(self.features[split], batch_size, shuffle=shuffle)
+        # The source's own sampler and generator (the loader draws a worker seed from it every epoch too), so the
+        # shuffled batches match the uncached run; each batch is fetched by one tensor index instead of
+        # per-example lookups and a stack.
+        source = self.source._loader(self.features[split], batch_size, shuffle=shuffle)
+        return DataLoader(self.features[split], batch_sampler=BatchSampler(source.sampler, batch_size, drop_last=False),
+                          generator=source.generator, collate_fn=as_batch)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.source.batch_size, shuffle=True)

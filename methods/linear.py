@@ -28,8 +28,15 @@ class LinearProbe(TuningModule):
     inputs_are_features: bool = False
 
     def train(self, mode: bool = True):
-        super().train(mode)
-        self.backbone.eval()  # frozen features: dropout / drop-path stay off even while the head trains
+        # The frozen backbone (head included: it has no dropout of its own) stays in eval mode, so dropout and
+        # drop-path never touch the features; skipping it here also spares Lightning's twice-per-epoch mode
+        # switches a walk over every backbone module, which is most of an epoch on cached features.
+        self.training = mode
+        for child in self.children():
+            if child is not self.backbone:
+                child.train(mode)
+        if self.backbone.training:
+            self.backbone.eval()
         return self
 
     def read_features(self, enabled: bool = True) -> None:

@@ -167,7 +167,8 @@ def test_cached_datamodule_keeps_loader_settings(tmp_path):
     model, datamodule = setup_probe()
     cached = cached_datamodule(model, datamodule, tmp_path)
     assert isinstance(cached, CachedFeatureDataModule)
-    assert cached.train_dataloader().batch_size == 8 and cached.test_dataloader().batch_size == 16
+    assert [len(labels) for _, labels in cached.train_dataloader()] == [8, 8, 8, 6]  # 30 of 60 kept, batch 8
+    assert [len(labels) for _, labels in cached.test_dataloader()] == [16, 16, 13]
     plain_labels = torch.cat([labels for _, labels in datamodule.train_dataloader()])
     cached_labels = torch.cat([labels for _, labels in cached.train_dataloader()])
     assert torch.equal(plain_labels, cached_labels)  # same shuffled order
