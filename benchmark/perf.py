@@ -56,6 +56,7 @@ class PerfConfig:
     compile: bool = False
     checkpointing: bool = False
     method_options: dict = field(default_factory=dict)
+    optimizer: str = "sgd"  # the recipe's: its state (momentum; AdamW's two moments) is part of the memory
     profile: bool = False  # print where the training steps spend their time (torch.profiler, by operator)
 
     def __post_init__(self):
@@ -175,7 +176,7 @@ def build_model(cfg: PerfConfig):
 
     extra = {"img_size": cfg.img_size} if cfg.img_size else {}
     backbone = create_backbone(cfg.backbone, pretrained=False, **extra)
-    optim = OptimConfig(optimizer="sgd", lr=0.01, max_epochs=1, warmup_epochs=0)
+    optim = OptimConfig(optimizer=cfg.optimizer, lr=1e-3, max_epochs=1, warmup_epochs=0)
     model = create_method(cfg.method, backbone, cfg.num_classes, optim, **cfg.method_options)
     return model, apply_speed_options
 
@@ -223,7 +224,7 @@ def measure_method(cfg: PerfConfig) -> dict:
         "method": cfg.method, "backbone": cfg.backbone, "batch_size": cfg.batch_size,
         "img_size": model.backbone.patch_embed.img_size[0], "device": device_name(device),
         "precision": cfg.precision, "compile": cfg.compile, "checkpointing": cfg.checkpointing,
-        "method_options": json.dumps(cfg.method_options, sort_keys=True),
+        "method_options": json.dumps(cfg.method_options, sort_keys=True), "optimizer": cfg.optimizer,
         "train_step_ms": 1000 * step, "train_img_s": train_img_s, "eval_img_s": cfg.batch_size / eval_step,
         "peak_mem_mb": peak_memory_mb(device), "train_mem_mb": peak_memory_mb(device) - model_mb,
         "flops_per_img": flops / cfg.batch_size,
@@ -323,7 +324,7 @@ def measure_all(args) -> pd.DataFrame:
                          num_classes=args.num_classes, steps=args.steps, warmup=args.warmup,
                          precision=args.precision, compile=args.compile, checkpointing=args.checkpointing,
                          profile=args.profile,
-                         method_options=options_for(method, args.backbone, args.method_options))
+                         **recipe_settings(method, args.backbone, args.method_options))
         row = run_in_own_process(cfg)
         print(f"  {method:12s} train {row['train_img_s']:9.2f} img/s  eval {row['eval_img_s']:9.2f} img/s  "
               f"peak {row['peak_mem_mb']:8.0f} MB  {row['achieved_gflops']:7.1f} GFLOP/s", flush=True)
@@ -344,18 +345,19 @@ def measure_all(args) -> pd.DataFrame:
     return frame
 
 
-def options_for(method: str, backbone: str, given: dict) -> dict:
-    """The method's options from its recipe (quick for the embedded backbone, paper otherwise; VPT's prompt
-    length is the cost knob), overridden by `given` where the method has that option."""
+def recipe_settings(method: str, backbone: str, given: dict) -> dict:
+    """Optimizer and method options from the method's recipe (quick for the embedded backbone, paper otherwise),
+    options overridden by `given` where the method has them. VPT's prompt length is its cost knob."""
     from benchmark.config import load_recipe
     from methods import get_method_class
 
     accepted = {f.name for f in fields(get_method_class(method).options_cls)}
     try:
         recipe = load_recipe("quick" if backbone == EMBEDDED_BACKBONE else "paper", method)
-    except (ValueError, OSError):  # no such recipe yet: the method's own defaults
+    except (ValueError, OSError):  # no such recipe: SGD and the method's own defaults
         recipe = {}
-    return {k: v for k, v in {**recipe.get("method_options", {}), **given}.items() if k in accepted}
+    options = {k: v for k, v in {**recipe.get("method_options", {}), **given}.items() if k in accepted}
+    return {"optimizer": recipe.get("optimizer", "sgd"), "method_options": options}
 
 
 # --- linear probe: feature cache, end to end ----------------------------------------------------------
