@@ -1,6 +1,6 @@
 """Pretrain the embedded backbone: the `full` method on the Fashion-MNIST pretraining classes, from scratch.
 
-    python -m benchmark.pretrain [--epochs 4] [--out results/embedded]
+    python -m benchmark.pretrain [--epochs 3] [--out results/embedded]
 
 Writes `vit_embedded_p7_28.safetensors` (backbone + upstream head) and `vit_embedded_p7_28.json` recording
 the command, data, metrics, versions and the weights' sha256, so anyone can rebuild and check them.
@@ -63,7 +63,7 @@ def pretrain(epochs: int, lr: float, weight_decay: float, batch_size: int, seed:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--batch-size", type=int, default=128)
