@@ -12,7 +12,7 @@ import torch
 
 from benchmark import perf
 from benchmark.perf import PerfConfig, measure_method, merge_rows, training_flops
-from methods import create_method
+from methods import create_method, list_methods
 from tests.conftest import TINY_VIT, make_tiny_vit
 
 REQUIRED = ["method", "backbone", "batch_size", "train_img_s", "eval_img_s", "peak_mem_mb", "flops_per_img",
@@ -135,3 +135,18 @@ def test_frozen_parameters_get_no_gradient_and_no_optimizer_state(method, tiny_b
             assert param in state, f"{name} trains but has no optimizer state"
         else:
             assert param.grad is None and param not in state, f"frozen {name} got a gradient or optimizer state"
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_fused_attention_stays_on(method, tiny_batch):
+    """Every method keeps timm's scaled-dot-product attention, and a training step actually runs it."""
+    from torch.profiler import profile
+
+    model = create_method(method, make_tiny_vit(), num_classes=3)
+    flags = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
+    assert flags and all(flags)
+    with profile() as prof:
+        model.train()
+        loss = torch.nn.functional.cross_entropy(model(tiny_batch[0]), tiny_batch[1])
+        loss.backward()
+    assert any("scaled_dot_product" in event.key for event in prof.key_averages())
