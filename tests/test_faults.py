@@ -46,6 +46,7 @@ def store_files(results) -> list:
     return sorted(p for p in runs.rglob("*") if p.is_file()) if runs.exists() else []
 
 
+@pytest.mark.slow  # a fresh Python process (torch import) per case
 def test_killed_run_leaves_no_partial_result_and_a_rerun_completes(tmp_path):
     """SIGKILL mid-training (no handler can run): the store holds no result and no temp file; rerun -> valid."""
     results = tmp_path / "results"

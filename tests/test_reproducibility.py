@@ -67,6 +67,7 @@ def test_result_records_code_and_library_versions(two_runs):
     assert isinstance(result["git_dirty"], bool)
 
 
+@pytest.mark.slow  # a fresh Python process (torch import) per case
 def test_splits_identical_under_different_python_hash_seeds():
     """Each process hashes strings differently; the split must not care (nor may it differ across machines)."""
     children = [subprocess.Popen([sys.executable, "-c", SPLIT_DIGEST], cwd=REPO_ROOT, text=True,

@@ -226,6 +226,7 @@ def test_weights_for_another_backbone_name_the_keys(tmp_path, capsys):
     assert "tensors have another shape" in err and "(128,) != (192,)" in err
 
 
+@pytest.mark.slow  # a fresh Python process (torch import) per case
 def test_hub_weights_unreachable_suggest_local_weights(tmp_path):
     """Offline with an empty cache (a GPU node without internet): the error says to pass WEIGHTS."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
