@@ -312,14 +312,20 @@ def validate_data(datamodule, cfg: RunConfig) -> None:
     pool = datamodule.training_pool().labels
     counts = np.bincount(pool[(pool >= 0) & (pool < num_classes)], minlength=num_classes)
     absent = np.flatnonzero(counts == 0)
-    if absent.size:
+    if absent.size and datamodule.sparse_classes:
+        warnings.warn(f"{cfg.dataset}: class(es) {absent[:8].tolist()}{' ...' if absent.size > 8 else ''} have no "
+                      f"example in the training pool ({datamodule.train_on}); they can only be mispredicted.",
+                      stacklevel=2)
+    elif absent.size:
         problems.append(f"{cfg.dataset}: class(es) {absent[:8].tolist()}{' ...' if absent.size > 8 else ''} have "
                         f"no example in the training pool ({datamodule.train_on}) but {num_classes} classes are "
                         "expected; every class needs training examples — check the split file.")
-    elif cfg.train_fraction * counts.min() + 0.5 < 1:
-        problems.append(f"FRACTION={cfg.train_fraction:g} is too small for {cfg.dataset}: its smallest class has "
-                        f"{counts.min()} training examples, so it would keep none of them. The smallest valid "
-                        f"fraction is {smallest_fraction(counts):g} (one example per class).")
+    present = counts[counts > 0]
+    if not absent.size or datamodule.sparse_classes:
+        if present.size and cfg.train_fraction * present.min() + 0.5 < 1:
+            problems.append(f"FRACTION={cfg.train_fraction:g} is too small for {cfg.dataset}: its smallest class has "
+                            f"{present.min()} training examples, so it would keep none of them. The smallest valid "
+                            f"fraction is {smallest_fraction(present):g} (one example per class).")
     if problems:
         raise ConfigError(problems)
     for split, data in datamodule.splits.items():

@@ -68,6 +68,9 @@ class FractionDataModule(L.LightningDataModule):
     """
 
     name: str = ""
+    # VTAB-1k draws 800 training images from tasks with up to 397 classes, so some classes can be absent
+    # from train: a warning there, an error for datasets whose splits must cover every class.
+    sparse_classes: bool = False
     # True when the training split's transform is deterministic (no augmentation): a frozen backbone then gives
     # the same features every epoch, so the linear probe may train on cached ones (benchmark/feature_cache.py).
     deterministic_train_transform: bool = False

@@ -80,6 +80,7 @@ class VTABDataModule(ImageFilesDataModule):
 
     task: str = ""
     deterministic_train_transform = True  # resize only: a frozen backbone gives the same features every epoch
+    sparse_classes = True  # 800 training images need not cover every class (e.g. SUN397's 397)
 
     @property
     def num_classes(self) -> int:

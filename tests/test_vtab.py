@@ -116,7 +116,8 @@ def test_errors_name_the_problem(tmp_path):
 
 
 def tiny_run(tmp_path: Path, method: str, **overrides) -> dict:
-    cfg = RunConfig(method=method, dataset="vtab/kitti", data_root=str(tmp_path / "vtab-1k"), train_fraction=1.0,
+    overrides.setdefault("dataset", "vtab/kitti")
+    cfg = RunConfig(method=method, data_root=str(tmp_path / "vtab-1k"), train_fraction=1.0,
                     backbone="vit_tiny_patch16_224", pretrained=False, backbone_kwargs=TINY_VIT, epochs=1,
                     warmup_epochs=0, batch_size=4, results_dir=str(tmp_path / "results"), **overrides)
     return run(cfg)
@@ -136,3 +137,11 @@ def test_vpt_run_on_train800val200(tmp_path):
     assert result["status"] == "ok" and result["n_train"] == 16 and result["train_on"] == "trainval"
     split = json.loads(next((tmp_path / "results" / "splits").rglob("*.json")).read_text())
     assert len(split["ids"]) == 16
+
+
+def test_run_with_classes_absent_from_train_warns_and_runs(tmp_path):
+    """VTAB-1k's 800 images can miss classes (SUN397 has 397): a warning, not an error as for FGVC."""
+    make_vtab(tmp_path / "vtab-1k", task="dmlab", labels=(1, 4))
+    with pytest.warns(UserWarning, match=r"class\(es\) \[0, 2, 3, 5\] have no example in the training pool"):
+        result = tiny_run(tmp_path, "linear", dataset="vtab/dmlab")
+    assert result["status"] == "ok" and result["num_classes"] == 6
