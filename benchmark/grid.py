@@ -202,8 +202,10 @@ def parser() -> argparse.ArgumentParser:
     import methods
     from datamodules import EMBEDDED_DATASETS
 
+    # allow_abbrev=False: "--method x" must reach the per-run check below, not be read as "--methods x".
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Every other option is passed to each run: see python -m benchmark.run -h.")
+                                epilog="Every other option is passed to each run: see python -m benchmark.run -h.",
+                                allow_abbrev=False)
     p.add_argument("--methods", type=comma_list(str), default=list(PAPER_METHODS),
                    help=f"comma list of {', '.join(methods.list_methods())} (default: the paper's six)")
     p.add_argument("--fractions", type=comma_list(check_fraction), default=list(PAPER_FRACTIONS),

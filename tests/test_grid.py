@@ -1,0 +1,133 @@
+"""Grids and the selection protocol on the embedded default with a 1-epoch budget: real runs, real files."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from benchmark.config import REPO_ROOT, RunConfig
+from benchmark.grid import GridSpec, main, run_grid
+from benchmark.search import SearchGrid, run_search, search_tag, select
+from benchmark.store import read_result, result_path
+
+BACKBONE = "vit_embedded_p7_28"
+
+
+def run_file(results_dir, dataset, method, name):
+    return result_path(results_dir, f"{dataset}/{BACKBONE}/{method}/{name}")
+
+
+def test_grid_records_failures_goes_on_and_resumes(tmp_path):
+    results = tmp_path / "results"
+    empty = tmp_path / "no-fashion-mnist-here"
+    empty.mkdir()
+    # fashion_heldout reads Fashion-MNIST from DATA_ROOT: empty there, so its runs fail; digits ignores DATA_ROOT.
+    base = RunConfig(epochs=1, results_dir=str(results), data_root=str(empty))
+    out = io.StringIO()
+    runner = run_grid(GridSpec(["linear"], [0.1], [0, 1], ["fashion_heldout", "digits"], base), out=out)
+
+    assert runner.counts == {"ok": 2, "skipped": 0, "failed": 2}
+    failed = read_result(run_file(results, "fashion_heldout", "linear", "frac0.1_seed0"))
+    assert failed["status"] == "failed" and "Fashion-MNIST" in failed["error"]
+    for seed in (0, 1):  # the grid went on after the failures
+        assert read_result(run_file(results, "digits", "linear", f"frac0.1_seed{seed}"))["status"] == "ok"
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("[grid 1/4, ETA ") and "failed" in lines[0]
+    assert lines[-1].startswith("[grid 4/4]") and "test top-1" in lines[-1]
+
+    summary = pd.read_csv(results / "summary.csv")
+    assert len(summary) == 4 and sorted(summary["status"]) == ["failed", "failed", "ok", "ok"]
+
+    done = run_file(results, "digits", "linear", "frac0.1_seed0")
+    stamp = done.stat().st_mtime_ns
+    again = run_grid(GridSpec(["linear"], [0.1], [0, 1], ["digits"], base), out=io.StringIO())
+    assert again.counts == {"ok": 0, "skipped": 2, "failed": 0} and not again.trained_seconds
+    assert done.stat().st_mtime_ns == stamp
+
+
+def test_grid_cli_rejects_bad_input_before_training(tmp_path, capsys):
+    code = main(["--methods", "linear,vpt_dep", "--fractions", "0.1", "--datasets", "digits", "--results-dir",
+                 str(tmp_path)])
+    assert code == 2
+    assert "Did you mean 'vpt_deep'?" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(SystemExit):
+        main(["--fractions", "0.1,1.5"])
+    assert main(["--method", "linear", "--results-dir", str(tmp_path)]) == 2
+    assert "--methods" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
+def test_grid_stops_cleanly_on_signal_and_resumes(tmp_path, signum):
+    results = tmp_path / "results"
+    command = [sys.executable, "-m", "benchmark.grid", "--methods", "linear,full", "--fractions", "0.1",
+               "--datasets", "digits", "--epochs", "30", "--results-dir", str(results)]
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    first = run_file(results, "digits", "linear", "frac0.1_seed0")
+    second_started = results / "splits" / "digits" / BACKBONE / "full" / "frac0.1_seed0.json"
+    deadline = time.time() + 240
+    while not second_started.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"grid ended before the second run started: {proc.communicate()}"
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=120)
+
+    assert proc.returncode == 128 + signum, stderr
+    assert "run the same command again to resume" in stderr
+    assert read_result(first)["status"] == "ok"  # what finished is recorded ...
+    assert not run_file(results, "digits", "full", "frac0.1_seed0").exists()  # ... the interrupted run is not
+    assert len(pd.read_csv(results / "summary.csv")) == 1
+
+    # The next call resumes: the finished run is skipped (the 30-epoch one is left out to keep the test short).
+    resumed = run_grid(GridSpec(["linear"], [0.1], [0], ["digits"], RunConfig(epochs=30, results_dir=str(results))),
+                       out=io.StringIO())
+    assert resumed.counts["skipped"] == 1 and not resumed.trained_seconds
+
+
+def test_select_best_val_ties_to_smaller_lr_ignoring_failures():
+    ok = lambda val: {"status": "ok", "val_top1": val, "seed": 0}
+    points = [(1.0, 0.0, ok(80.0)), (0.1, 0.01, ok(80.0)), (0.1, 0.0, ok(80.0)), (0.5, 0.0, ok(79.0)),
+              (5.0, 0.0, {"status": "failed", "error": "NonFiniteLossError"}), (2.5, 0.0, ok(float("nan")))]
+    lr, wd, _ = select(points)
+    assert (lr, wd) == (0.1, 0.0)
+    assert select([(5.0, 0.0, {"status": "failed"})]) is None
+
+
+def test_search_selects_on_val_and_retrains_on_trainval(tmp_path):
+    results = tmp_path / "results"
+    base = RunConfig(epochs=1, results_dir=str(results))
+    spec = GridSpec(["linear"], [0.1], [0], ["digits"], base)
+    runner = run_search(spec, SearchGrid(lrs=(0.05, 2.0), weight_decays=(0.0,)))
+    assert runner.counts == {"ok": 3, "skipped": 0, "failed": 0}
+
+    points = {lr: read_result(run_file(results, "digits", "linear", f"frac0.1_seed0_{search_tag(lr, 0.0)}"))
+              for lr in (0.05, 2.0)}
+    assert all(p["train_on"] == "train" and p["status"] == "ok" for p in points.values())
+    best = max(points, key=lambda lr: (points[lr]["val_top1"], -lr))
+    final = read_result(run_file(results, "digits", "linear", "frac0.1_seed0_trainval"))
+    assert final["train_on"] == "trainval" and final["status"] == "ok"
+    assert final["selected_lr"] == best and final["lr"] == best and final["selected_weight_decay"] == 0.0
+    assert final["n_train"] > points[best]["n_train"]  # train + val
+    assert [p["lr"] for p in final["selection"]["points"]] == [0.05, 2.0]
+
+    summary = pd.read_csv(results / "summary.csv")
+    assert len(summary) == 3 and summary["selected_lr"].notna().sum() == 1
+
+    again = run_search(spec, SearchGrid(lrs=(0.05, 2.0), weight_decays=(0.0,)))
+    assert again.counts["skipped"] == 3 and not again.trained_seconds
+
+
+def test_search_refuses_a_fixed_lr(tmp_path):
+    from benchmark.validate import ConfigError
+
+    spec = GridSpec(["linear"], [0.1], [0], ["digits"], RunConfig(lr=0.1, results_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match="SEARCH_LRS"):
+        run_search(spec)
