@@ -121,3 +121,18 @@ def test_sweep_refuses_search(tmp_path, capsys):
 
     assert main(["--search", "--out", str(tmp_path / "s.yaml")]) == 2
     assert "SEARCH=1" in capsys.readouterr().err and not (tmp_path / "s.yaml").exists()
+
+
+def test_report_with_wandb_logs_figures_and_tables_offline(no_wandb_key):
+    from benchmark.report import write_report
+    from tests.test_report import write_synthetic_results
+
+    write_synthetic_results(no_wandb_key / "results")
+    write_report(no_wandb_key / "results", use_wandb=True)
+    (run_dir,) = (no_wandb_key / "wandb_dir" / "wandb").glob("offline-run-*")
+    media = run_dir / "files" / "media"
+    assert {p.name.split("_")[0] for p in (media / "images").glob("*.png")} == {"fig3", "params"}
+    tables = {p.name.rsplit("_", 2)[0] for p in (media / "table").glob("*.table.json")}
+    assert tables == {"table", "fig3_data", "selected_hparams"}
+    table = json.loads(next((media / "table").glob("table_*.table.json")).read_text())
+    assert "beats_full" in table["columns"] and len(table["data"]) == 6
