@@ -62,6 +62,10 @@ def test_grid_cli_rejects_bad_input_before_training(tmp_path, capsys):
         main(["--fractions", "0.1,1.5"])
     assert main(["--method", "linear", "--results-dir", str(tmp_path)]) == 2
     assert "--methods" in capsys.readouterr().err
+    assert main(["--search", "--lr", "0.1", "--results-dir", str(tmp_path)]) == 2
+    assert "SEARCH_LRS" in capsys.readouterr().err
+    assert main(["--search-lrs", "0.1", "--results-dir", str(tmp_path)]) == 2
+    assert "need --search" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
