@@ -31,11 +31,11 @@ class LoRAOptions:
         "help": "evaluate with W + (alpha / r) B A precomputed (same outputs, faster); W itself is never changed"})
 
     def __post_init__(self):
-        if isinstance(self.rank, bool) or int(self.rank) != self.rank or self.rank < 1:
-            raise ValueError(f"LoRA rank must be a positive integer (e.g. rank=8), got {self.rank}.")
-        self.rank = int(self.rank)
-        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
-            raise ValueError(f"LoRA alpha must be a positive number (the scale is alpha / rank), got {self.alpha}.")
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise ValueError(f"LoRA rank must be a positive integer (e.g. rank=8), got {self.rank!r}.")
+        if not (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)
+                and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"LoRA alpha must be a positive number (the scale is alpha / rank), got {self.alpha!r}.")
         if not isinstance(self.merge_for_eval, bool):
             raise ValueError(f"merge_for_eval must be true or false, got {self.merge_for_eval!r}.")
 

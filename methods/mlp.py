@@ -32,11 +32,10 @@ class MLPOptions:
     dropout: float = field(default=0.1, metadata={"help": "dropout after each hidden layer (VPT code: 0.1)"})
 
     def __post_init__(self):
-        if isinstance(self.k, bool) or int(self.k) != self.k or self.k < 1:
-            raise ValueError(f"mlp_k needs k >= 1 head layers (k=1 is the linear probe), got k={self.k}.")
-        self.k = int(self.k)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"mlp_k dropout must be in [0, 1), got {self.dropout}.")
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
+            raise ValueError(f"mlp_k needs an integer k >= 1 head layers (k=1 is the linear probe), got k={self.k!r}.")
+        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
+            raise ValueError(f"mlp_k dropout must be a number in [0, 1), got {self.dropout!r}.")
 
 
 def mlp_head(dim: int, num_classes: int, layers: int, dropout: float) -> nn.Sequential:

@@ -18,10 +18,9 @@ class PartialOptions:
     k: int = field(default=1, metadata={"help": "how many of the last blocks train (paper: Partial-1)"})
 
     def __post_init__(self):
-        if isinstance(self.k, bool) or int(self.k) != self.k or self.k < 1:
-            raise ValueError(f"partial_k needs k >= 1 blocks to tune (k=0 is the linear probe: use method "
-                             f"'linear'), got k={self.k}.")
-        self.k = int(self.k)
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
+            raise ValueError(f"partial_k needs an integer k >= 1 blocks to tune (k=0 is the linear probe: use "
+                             f"method 'linear'), got k={self.k!r}.")
 
 
 @register_method("partial_k")

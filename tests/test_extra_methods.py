@@ -148,11 +148,14 @@ def test_lora_merges_only_during_lightning_evaluation(merge_for_eval, tmp_path):
 
 @pytest.mark.parametrize(("method", "options", "message"), [
     ("partial_k", {"k": 0}, "k >= 1 blocks"),
+    ("partial_k", {"k": "two"}, "integer k >= 1 blocks"),
     ("partial_k", {"k": 3}, "exceeds the backbone's 2 blocks; choose k in 1..2"),
     ("mlp_k", {"k": 0}, "k >= 1 head layers"),
-    ("mlp_k", {"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+    ("mlp_k", {"dropout": 1.0}, r"dropout must be a number in \[0, 1\)"),
+    ("mlp_k", {"dropout": "high"}, r"dropout must be a number in \[0, 1\), got 'high'"),
     ("lora", {"rank": 0}, "rank must be a positive integer"),
     ("lora", {"rank": 2.5}, "rank must be a positive integer"),
+    ("lora", {"rank": "eight"}, "rank must be a positive integer"),
     ("lora", {"alpha": 0}, "alpha must be a positive number"),
     ("lora", {"merge_for_eval": "yes"}, "merge_for_eval must be true or false"),
     ("lora", {"k": 1}, "has no option"),
