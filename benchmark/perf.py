@@ -50,7 +50,7 @@ class PerfConfig:
     batch_size: int = 64
     img_size: int | None = None  # None: the backbone's own
     num_classes: int = 100
-    steps: int = 5  # timed training (and evaluation) steps; the median is reported
+    steps: int = 10  # timed training (and evaluation) steps; the median is reported
     warmup: int = 2  # untimed steps first (allocator, caches, compilation)
     precision: str = "32"  # Lightning precision: 32, bf16-mixed (GPU autocast), 16-mixed
     compile: bool = False
@@ -297,7 +297,7 @@ def plot(rows: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("train_img_s", "training images/s"), ("peak_mem_mb", "peak memory (MB)"),
+    panels = [("train_img_s", "training images/s"), ("train_mem_mb", "training memory over the built model (MB)"),
               ("pct_of_peak", "% of matmul peak")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
     for ax, (column, label) in zip(axes, panels, strict=True):
@@ -416,7 +416,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="default: 64 (embedded backbone), 8 otherwise")
     p.add_argument("--img-size", type=int, default=None, help="default: the backbone's")
     p.add_argument("--num-classes", type=int, default=100)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per method (median reported)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per method (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     p.add_argument("--precision", default="32", help="Lightning precision: 32, bf16-mixed, 16-mixed")
     p.add_argument("--compile", action="store_true", help="torch.compile each model")
