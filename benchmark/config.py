@@ -43,7 +43,9 @@ class RunConfig:
     tag: str = ""  # extra name part for variants (e.g. a search point)
     num_workers: int = 0
     accelerator: str = "auto"
-    devices: str = "auto"
+    devices: str = "auto"  # per node: a count ("2"), a list ("0,1") or "auto"; >1 in total needs a strategy
+    num_nodes: int = 1  # machines of one run (SLURM: --nodes; Lightning reads ranks from SLURM's environment)
+    strategy: str = "auto"  # Lightning strategy, e.g. "ddp": one run over devices x num_nodes processes
     precision: str | None = None
     compile: bool = False  # torch.compile the model's forward (benchmark/perf.py measures what it buys)
     checkpointing: bool = False  # gradient checkpointing of the backbone blocks: less memory, ~1 more forward

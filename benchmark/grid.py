@@ -8,6 +8,8 @@
 - SIGINT / SIGTERM (Ctrl+C, SLURM preemption) stop the grid at once: the run in progress is dropped
   (result files are written atomically, so it leaves nothing half-written) and the next call redoes it.
 - `--search` runs the paper's selection protocol per (dataset, method, fraction): benchmark/search.py.
+- `--shard i/n` (SHARD=i/n) runs only the i-th of n disjoint parts of the grid, so n processes (a SLURM job
+  array, several machines) share one grid and one results folder: see `Shard`.
 - Afterwards results/summary.csv holds one row per run.
 
 Runs execute in this process, one after another: importing torch/timm/Lightning costs seconds per process,
@@ -18,6 +20,7 @@ which on the embedded default would be a sizeable share of a grid of 15-second r
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import re
 import signal
@@ -161,6 +164,39 @@ class GridSpec:
                 for d, m, f, s in itertools.product(self.datasets, self.methods, self.fractions, self.seeds)]
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Part `index` of `count` disjoint parts of a grid (`SHARD=index/count`, index counted from 0).
+
+    The grid's runs are ranked by the sha256 of their run id and dealt out in turn: the parts are disjoint, together
+    they are the whole grid, their sizes differ by at most one, and every machine and Python computes the same
+    parts (hashlib, not `hash()`, which PYTHONHASHSEED salts). Ranking by a hash instead of dealing out the grid's
+    own order spreads cheap and costly runs alike: METHODS x FRACTIONS dealt in order to 5 shards would give each
+    shard a single fraction. Each shard runs its part in the grid's order. Every shard must get the same grid.
+    """
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        if not match or not int(match[1]) < int(match[2]):
+            raise ConfigError(f"SHARD must be i/n with 0 <= i < n (part i of n, counted from 0), got {text!r}; "
+                              "e.g. SHARD=0/3, SHARD=1/3 and SHARD=2/3 together run the whole grid.")
+        return cls(int(match[1]), int(match[2]))
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def select(self, configs: list[RunConfig]) -> list[RunConfig]:
+        """This shard's runs, in the grid's order."""
+        digests = [hashlib.sha256(cfg.resolved().run_id().encode()).hexdigest() for cfg in configs]
+        ranked = sorted(range(len(configs)), key=lambda k: (digests[k], k))
+        mine = set(ranked[self.index::self.count])
+        return [cfg for k, cfg in enumerate(configs) if k in mine]
+
+
 def validate_all(configs: list[RunConfig]) -> None:
     """Check every run before the first trains: one typo must not surface hours into a grid."""
     problems: dict[str, None] = {}
@@ -173,10 +209,15 @@ def validate_all(configs: list[RunConfig]) -> None:
         raise ConfigError(list(problems))
 
 
-def run_grid(spec: GridSpec, out: TextIO = sys.stdout) -> GridRunner:
-    """Every run of the grid (skipping finished ones); writes summary.csv. GridInterrupted propagates."""
+def run_grid(spec: GridSpec, out: TextIO = sys.stdout, shard: Shard | None = None) -> GridRunner:
+    """Every run of the grid, or of its `shard` (skipping finished ones); writes summary.csv.
+    GridInterrupted propagates."""
     configs = spec.configs()
-    validate_all(configs)
+    validate_all(configs)  # the whole grid, in every shard: each refuses the same typo before training
+    if shard is not None:
+        mine = shard.select(configs)
+        print(f"Shard {shard}: {len(mine)} of the grid's {len(configs)} runs", file=out, flush=True)
+        configs = mine
     runner = GridRunner(total=len(configs), out=out)
     try:
         for cfg in configs:
@@ -230,20 +271,34 @@ def base_config(run_args: list[str]) -> RunConfig:
     return config_from_args(run_args)
 
 
+def shard_arg(text: str) -> Shard:
+    try:
+        return Shard.parse(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 every run ok, 1 some failed (recorded), 2 bad input (nothing ran), 128+signal if stopped."""
-    args, run_args = parser().parse_known_args(argv)
+    p = parser()  # --shard is the grid command's own: a W&B sweep (benchmark.sweep) shares the rest, not this
+    p.add_argument("--shard", type=shard_arg, help="i/n: run only part i of n disjoint parts of the grid (i from 0)")
+    args, run_args = p.parse_known_args(argv)
     try:
         spec = GridSpec(args.methods, args.fractions, args.seeds, args.datasets, base_config(run_args))
         with stop_on_signals():
             if args.search:
                 from benchmark.search import SearchGrid, run_search
 
+                if args.shard:
+                    raise ConfigError("SHARD= splits plain grids, not SEARCH=1 ones (a final run needs its cell's "
+                                      "whole search). Split a search by DATASETS= or METHODS= per process instead, "
+                                      "all writing to one RESULTS folder.")
+
                 runner = run_search(spec, SearchGrid.override(args.search_lrs, args.search_wds))
             else:
                 if args.search_lrs or args.search_wds:
                     raise ConfigError("--search-lrs/--search-wds (SEARCH_LRS/SEARCH_WDS) need --search (SEARCH=1).")
-                runner = run_grid(spec)
+                runner = run_grid(spec, shard=args.shard)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -19,10 +19,12 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import methods
 from benchmark.callbacks import NonFiniteLossError, StopOnNonFiniteLoss
 from benchmark.config import REPO_ROOT, RunConfig
+from benchmark.distributed import for_this_process, per_process_batch_size
 from benchmark.feature_cache import cached_datamodule, can_cache
 from benchmark.store import atomic_write_json, read_result, result_path
 from benchmark.validate import ConfigError, check_fraction, validate_config, validate_data
@@ -86,11 +88,11 @@ def apply_speed_options(model: L.LightningModule, *, compile: bool, checkpointin
         model.compile()
 
 
-def with_feature_cache(cfg: RunConfig, model: L.LightningModule, datamodule):
-    """The linear probe on a deterministic transform trains on cached features (benchmark/feature_cache.py)."""
+def with_feature_cache(cfg: RunConfig, model: L.LightningModule, datamodule, device: torch.device):
+    """The linear probe on a deterministic transform trains on cached features (benchmark/feature_cache.py),
+    computed on `device`: this process's own (the trainer's root device; in a DDP run each rank has its own GPU)."""
     if not (cfg.feature_cache and can_cache(model, datamodule)):
         return datamodule
-    device = "cuda" if torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda") else "cpu"
     return cached_datamodule(model, datamodule, f"{cfg.results_dir}/cache/features", device, cfg.precision)
 
 
@@ -101,6 +103,25 @@ def loggers(cfg: RunConfig) -> list:
 
         found.append(wandb_logger(cfg))
     return found
+
+
+def make_trainer(cfg: RunConfig) -> L.Trainer:
+    """The run's Lightning Trainer. Settings Lightning cannot use here (DEVICES=4 on a 2-GPU machine, an unknown
+    STRATEGY, fp16 on CPU, ...) raise ConfigError before anything is built.
+
+    deterministic=True: torch.use_deterministic_algorithms + cuBLAS workspace config, so the same seed on the
+    same machine gives bit-identical results (tests/test_reproducibility.py). The NaN check reads the loss back
+    every 10 steps, not every step, to keep GPU steps free of a host sync.
+    """
+    try:
+        return L.Trainer(max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
+                         num_nodes=cfg.num_nodes, strategy=cfg.strategy, precision=cfg.precision,
+                         logger=loggers(cfg), enable_checkpointing=False, deterministic=True, num_sanity_val_steps=0,
+                         log_every_n_steps=1, enable_model_summary=False,
+                         callbacks=[StopOnNonFiniteLoss(check_every_n_steps=10)])
+    except (MisconfigurationException, ValueError, RuntimeError) as err:
+        raise ConfigError(f"Lightning cannot run ACCELERATOR={cfg.accelerator} DEVICES={cfg.devices} NUM_NODES="
+                          f"{cfg.num_nodes} STRATEGY={cfg.strategy} PRECISION={cfg.precision} here: {err}") from err
 
 
 def prepare(cfg: RunConfig):
@@ -171,33 +192,34 @@ def run(cfg: RunConfig) -> dict:
         print(f"Rerunning {path}: the previous attempt failed ({existing.get('error', 'no reason recorded')}).")
     started = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    # The trainer first: it knows this process's rank and device (a DDP run executes this function once per
+    # process, benchmark/distributed.py), which decide who writes files and where cached features are computed.
+    trainer = make_trainer(cfg)
+    per_process_batch_size(cfg.batch_size, trainer.world_size)  # a global batch the processes cannot share
     model, datamodule = prepare(cfg)
-    atomic_write_json(f"{cfg.results_dir}/splits/{cfg.run_id()}.json", datamodule.split_record())
-    datamodule = with_feature_cache(cfg, model, datamodule)
+    if trainer.is_global_zero:
+        atomic_write_json(f"{cfg.results_dir}/splits/{cfg.run_id()}.json", datamodule.split_record())
+    datamodule = with_feature_cache(cfg, model, datamodule, trainer.strategy.root_device)
+    loaders = for_this_process(datamodule, trainer, cfg.seed)
     try:
-        # deterministic=True: torch.use_deterministic_algorithms + cuBLAS workspace config, so the same seed
-        # on the same machine gives bit-identical results (tests/test_reproducibility.py). The NaN check reads
-        # the loss back every 10 steps, not every step, to keep GPU steps free of a host sync.
-        trainer = L.Trainer(max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
-                            precision=cfg.precision, logger=loggers(cfg), enable_checkpointing=False,
-                            deterministic=True, num_sanity_val_steps=0, log_every_n_steps=1,
-                            enable_model_summary=False, callbacks=[StopOnNonFiniteLoss(check_every_n_steps=10)])
-        trainer.fit(model, datamodule=datamodule)
+        trainer.fit(model, datamodule=loaders)
+        # torchmetrics objects: Lightning's compute() sums their counts over all processes, so both are global.
         val_top1 = float(trainer.callback_metrics["val/acc"]) * 100
-        test_top1 = float(trainer.test(model, datamodule=datamodule, verbose=False)[0]["test/acc"]) * 100
+        test_top1 = float(trainer.test(model, datamodule=loaders, verbose=False)[0]["test/acc"]) * 100
     except Exception as err:  # noqa: BLE001 — recorded as a failed result; KeyboardInterrupt/SystemExit pass
         return record_failure(cfg, path, started, err)
     result = run_record(cfg, started) | {
         "n_train": datamodule.n_train, "num_classes": datamodule.num_classes,
         "tuned_params": model.tuned_params, "total_params": model.total_params,
         "tuned_percent": 100 * model.tuned_params / model.total_params,
-        "val_top1": val_top1, "test_top1": test_top1, "status": "ok", "config": asdict(cfg),
+        "val_top1": val_top1, "test_top1": test_top1, "world_size": trainer.world_size, "status": "ok",
+        "config": asdict(cfg),
     }
     if trainer.is_global_zero:
         atomic_write_json(path, result)
         print(f"{cfg.method} on {cfg.dataset} @ {cfg.train_fraction:g}: test top-1 {test_top1:.2f} "
               f"(val {val_top1:.2f}) in {result['wall_seconds']:.0f}s -> {path}")
-    if cfg.wandb:
+    if cfg.wandb and trainer.is_global_zero:  # other ranks hold no W&B run (Lightning's WandbLogger is rank 0's)
         from benchmark.tracking import log_result
 
         log_result(trainer.loggers, result)  # tuned/total params + test top-1, then closes the W&B run
@@ -246,7 +268,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default="")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--accelerator", default="auto")
-    p.add_argument("--devices", default="auto")
+    p.add_argument("--devices", default="auto", help="per node: a count, a list like 0,1, or auto")
+    p.add_argument("--num-nodes", type=int, default=1, help="machines of this one run (e.g. SLURM --nodes)")
+    p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp (one run over several devices)")
     p.add_argument("--precision", help="Lightning precision, e.g. bf16-mixed (autocast; GPU) or 32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of the backbone blocks")
