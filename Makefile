@@ -104,7 +104,7 @@ bench: install data ## One run: make bench METHOD=vpt_deep FRACTION=0.1 [DATASET
 	$(PY) -m benchmark.run $(RUN_ARGS)
 
 pretrain: install data ## Re-pretrain the embedded backbone on Fashion-MNIST (writes results/embedded/)
-	$(PY) -m benchmark.pretrain
+	OMP_NUM_THREADS=1 $(PY) -m benchmark.pretrain
 
 params: install ## Parameter counts per method: make params BACKBONE=vit_base_patch16_224
 	$(PY) -m benchmark.params --backbone $(or $(BACKBONE),vit_base_patch16_224) --num-classes 200 --csv \
