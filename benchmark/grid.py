@@ -83,7 +83,7 @@ def describe(cfg: RunConfig) -> str:
 class GridRunner:
     """Executes runs one by one: skips finished ones, records failures, prints progress with an ETA.
 
-    The ETA is the mean wall time of the runs trained in this call times the runs still to go.
+    The ETA is the mean wall time of the runs trained (ok) in this call times the runs still to go.
     """
 
     total: int
@@ -103,11 +103,13 @@ class GridRunner:
             return existing
         started = time.time()
         result = self.train(replace(cfg, force=cfg.force or stale), started)
-        self.trained_seconds.append(time.time() - started)
+        seconds = time.time() - started
         status = result.get("status", "failed")
+        if status == "ok":  # failures often end at once (missing data): they would shrink the ETA
+            self.trained_seconds.append(seconds)
         detail = (f"test top-1 {result['test_top1']:.2f} (val {result['val_top1']:.2f})" if status == "ok"
                   else result.get("error", "no error recorded"))
-        self.finish(cfg, status, f"{detail} in {format_seconds(self.trained_seconds[-1])}")
+        self.finish(cfg, status, f"{detail} in {format_seconds(seconds)}")
         return result
 
     @staticmethod
