@@ -225,17 +225,20 @@ def plot_params(curves: pd.DataFrame, title: str | None = None) -> Figure:
 
 # --- tables ----------------------------------------------------------------------------------------------
 def dataset_groups(datasets) -> dict[str, str]:
-    """A dataset's group (e.g. VTAB Natural / Specialized / Structured) when its datamodule declares `group`."""
+    """A dataset's group — VTAB-1k's Natural / Specialized / Structured, which the paper averages separately — when
+    its datamodule class declares `group`, or for a VTAB task, from datamodules.vtab's task table."""
     from datamodules import get_datamodule_class
+    from datamodules.vtab import VTAB_TASKS
 
     groups = {}
     for name in datasets:
         try:
-            group = getattr(get_datamodule_class(name), "group", None)
+            cls = get_datamodule_class(name)
         except ValueError:  # a dataset registered by code this checkout lacks: no group, still reported
-            group = None
+            continue
+        group = getattr(cls, "group", None) or getattr(VTAB_TASKS.get(getattr(cls, "task", None)), "group", None)
         if group:
-            groups[name] = str(group)
+            groups[name] = str(group).capitalize()
     return groups
 
 

@@ -144,3 +144,19 @@ def test_report_refuses_mixed_backbones(results):
     with pytest.raises(ValueError, match="BACKBONE="):
         report.final_runs(load_runs(results_dir))
     assert len(report.final_runs(load_runs(results_dir), backbone=BACKBONE)) == 120
+
+
+def test_table_averages_vtab_groups(tmp_path):
+    results = tmp_path / "results"
+    scores = {("full", "vtab/cifar"): 60.0, ("full", "vtab/dtd"): 70.0, ("full", "vtab/eurosat"): 90.0,
+              ("vpt_deep", "vtab/cifar"): 78.0, ("vpt_deep", "vtab/dtd"): 66.0, ("vpt_deep", "vtab/eurosat"): 95.0}
+    for (method, dataset), top1 in scores.items():
+        write_run(results, method, dataset, 1.0, 0, test_top1=top1)
+    table = report.results_table(report.final_runs(load_runs(results))).set_index("method")
+    assert table.loc["vpt_deep", "Natural mean"] == pytest.approx(72.0)
+    assert table.loc["vpt_deep", "Specialized mean"] == pytest.approx(95.0)
+    assert table.loc["full", "mean"] == pytest.approx(np.mean([60, 70, 90]))
+    assert table.loc["vpt_deep", "beats_full"] == 2 and table.loc["vpt_deep", "tasks_compared"] == 3
+    text = report.table_markdown(table.reset_index(), report.selected_hparams(report.final_runs(load_runs(results))))
+    assert "| Natural mean | Specialized mean | Mean | Tasks > Full |" in text
+    assert "| VPT-deep | 0.74 | 78.00 | 66.00 | 95.00 | 72.00 | 95.00 | 79.67 | 2/3 |" in text
