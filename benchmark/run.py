@@ -120,8 +120,9 @@ def make_trainer(cfg: RunConfig) -> L.Trainer:
                          log_every_n_steps=1, enable_model_summary=False,
                          callbacks=[StopOnNonFiniteLoss(check_every_n_steps=10)])
     except (MisconfigurationException, ValueError, RuntimeError) as err:
+        precision = f" PRECISION={cfg.precision}" if cfg.precision else ""
         raise ConfigError(f"Lightning cannot run ACCELERATOR={cfg.accelerator} DEVICES={cfg.devices} NUM_NODES="
-                          f"{cfg.num_nodes} STRATEGY={cfg.strategy} PRECISION={cfg.precision} here: {err}") from err
+                          f"{cfg.num_nodes} STRATEGY={cfg.strategy}{precision} here: {err}") from err
 
 
 def prepare(cfg: RunConfig):
