@@ -28,8 +28,8 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from benchmark.store import read_summary, write_summary
 
-PAPER_ORDER = ("full", "linear", "partial", "mlp", "bias", "adapter", "lora", "vpt_shallow", "vpt_deep")
-METHOD_LABELS = {"full": "Full", "linear": "Linear", "partial": "Partial-1", "mlp": "Mlp-3", "bias": "Bias",
+PAPER_ORDER = ("full", "linear", "partial_k", "mlp_k", "bias", "adapter", "lora", "vpt_shallow", "vpt_deep")
+METHOD_LABELS = {"full": "Full", "linear": "Linear", "partial_k": "Partial-k", "mlp_k": "MLP-k", "bias": "Bias",
                  "adapter": "Adapter", "lora": "LoRA", "vpt_shallow": "VPT-shallow", "vpt_deep": "VPT-deep"}
 # VPT-deep in purple: red and green are the shading's "behind" / "ahead".
 METHOD_COLORS = {"full": "#4d4d4d", "linear": "#1f77b4", "bias": "#ff7f0e", "adapter": "#8c564b",
