@@ -40,6 +40,11 @@ WANDB ?= 0
 FORCE ?= 0
 TAG ?=
 RESULTS ?= results
+# Scaling out: one run over DEVICES x NUM_NODES processes (STRATEGY=ddp); a grid's part SHARD=i/n (i from 0).
+DEVICES ?=
+NUM_NODES ?=
+STRATEGY ?=
+SHARD ?=
 
 opt = $(if $(strip $(2)),$(1) $(2))
 # $(call method_arg,METHOD_NAME,VALUE,OPTION): --method-arg OPTION=VALUE when METHOD is METHOD_NAME and VALUE is set
@@ -52,6 +57,7 @@ RUN_OPTIONS = $(call opt,--backbone,$(BACKBONE)) \
 	$(call opt,--train-on,$(TRAIN_ON)) $(call opt,--num-workers,$(NUM_WORKERS)) \
 	$(foreach a,$(METHOD_ARGS),--method-arg $(a)) \
 	$(call opt,--precision,$(PRECISION)) $(if $(filter 1,$(COMPILE)),--compile) \
+	$(call opt,--devices,$(DEVICES)) $(call opt,--num-nodes,$(NUM_NODES)) $(call opt,--strategy,$(STRATEGY)) \
 	$(if $(filter 1,$(CHECKPOINTING)),--checkpointing) \
 	$(if $(filter 1,$(WANDB)),--wandb) $(if $(filter 1,$(FORCE)),--force)
 RUN_ARGS = --method $(METHOD) --fraction $(FRACTION) \
@@ -82,7 +88,7 @@ REPORT_ARGS = --results-dir $(RESULTS) $(call cli_opt,--datasets,DATASETS) $(cal
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
-	@echo "Variables: METHOD FRACTION DATASET SEED BACKBONE WEIGHTS EPOCHS BATCH_SIZE LR WD RECIPE DATA_ROOT RAW FRACTIONS TRAIN_ON NUM_WORKERS METHOD_ARGS PARTIAL_K MLP_K LORA_RANK PRECISION COMPILE CHECKPOINTING METHODS IMG_SIZE STEPS WARMUP WANDB FORCE TAG"
+	@echo "Variables: METHOD FRACTION DATASET SEED BACKBONE WEIGHTS EPOCHS BATCH_SIZE LR WD RECIPE DATA_ROOT RAW FRACTIONS TRAIN_ON NUM_WORKERS METHOD_ARGS PARTIAL_K MLP_K LORA_RANK PRECISION COMPILE CHECKPOINTING METHODS IMG_SIZE STEPS WARMUP WANDB FORCE TAG DEVICES NUM_NODES STRATEGY SHARD"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
@@ -100,7 +106,7 @@ data: ## Install the offline upstream dataset (Debian dataset-fashion-mnist) whe
 			(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null; \
 		else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; fi; fi
 
-bench: install data ## One run: make bench METHOD=vpt_deep FRACTION=0.1 [DATASET= SEED= BACKBONE= WEIGHTS= EPOCHS= ...]
+bench: install data ## One run: make bench METHOD=vpt_deep FRACTION=0.1 [DATASET= SEED= BACKBONE= WEIGHTS= EPOCHS= DEVICES=2 STRATEGY=ddp ...]
 	$(PY) -m benchmark.run $(RUN_ARGS)
 
 pretrain: install data ## Re-pretrain the embedded backbone on Fashion-MNIST (writes results/embedded/)
@@ -110,8 +116,8 @@ params: install ## Parameter counts per method: make params BACKBONE=vit_base_pa
 	$(PY) -m benchmark.params --backbone $(or $(BACKBONE),vit_base_patch16_224) --num-classes 200 --csv \
 		$(call opt,--partial-k,$(PARTIAL_K)) $(call opt,--mlp-k,$(MLP_K)) $(call opt,--lora-rank,$(LORA_RANK))
 
-grid: install data ## Grid of runs, resumable: make grid [METHODS=a,b FRACTIONS=0.1,1.0 SEEDS=0,1 DATASETS=digits SEARCH=1 WANDB=1 EPOCHS= ...]
-	$(PY) -m benchmark.grid $(GRID_ARGS)
+grid: install data ## Grid of runs, resumable: make grid [METHODS=a,b FRACTIONS=0.1,1.0 SEEDS=0,1 DATASETS=digits SEARCH=1 WANDB=1 EPOCHS= SHARD=i/n ...]
+	$(PY) -m benchmark.grid $(GRID_ARGS) $(if $(strip $(SHARD)),--shard=$(strip $(SHARD)))
 
 # Exit status 1 = some runs failed (recorded in their JSON): the report still draws every finished run.
 fig3: install data ## Fig. 3 of the embedded default: 6 methods x 5 fractions on digits + fashion_heldout, then the report
