@@ -165,6 +165,20 @@ class CachedFeatureDataModule(L.LightningDataModule):
         self.source = source
         self.features = features
         self.hits = hits
+        self._threads: int | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        # A step on cached features is a (B, D) x (D, C) matmul: far too small to split across threads, and every
+        # op's OpenMP hand-off then costs more than the op (milliseconds per op on a busy machine). One thread
+        # while Lightning trains or tests on these loaders; teardown restores the count.
+        if self._threads is None:
+            self._threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def teardown(self, stage: str | None = None) -> None:
+        if self._threads is not None:
+            torch.set_num_threads(self._threads)
+            self._threads = None
 
     @property
     def num_classes(self) -> int:

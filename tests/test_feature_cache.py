@@ -172,3 +172,24 @@ def test_cached_datamodule_keeps_loader_settings(tmp_path):
     plain_labels = torch.cat([labels for _, labels in datamodule.train_dataloader()])
     cached_labels = torch.cat([labels for _, labels in cached.train_dataloader()])
     assert torch.equal(plain_labels, cached_labels)  # same shuffled order
+
+
+def test_head_trains_on_one_thread_and_restores_the_count(tmp_path):
+    model, datamodule = setup_probe()
+    cached = cached_datamodule(model, datamodule, tmp_path)
+    seen = []
+
+    class RecordThreads(L.Callback):
+        def on_train_batch_start(self, *args):
+            seen.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[RecordThreads()])
+        trainer.fit(model, datamodule=cached)
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
