@@ -316,20 +316,23 @@ def plot(rows: pd.DataFrame, path: Path) -> None:
 def measure_all(args) -> pd.DataFrame:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if str(args.precision).startswith("bf16") and device.type == "cuda" else torch.float32
-    peak = matmul_peak_gflops(device, dtype)
-    print(f"dense matmul peak: {peak:.1f} GFLOP/s ({dtype}, {device_name(device)})", flush=True)
-    rows = []
-    for method in args.methods:
-        cfg = PerfConfig(method=method, backbone=args.backbone, batch_size=args.batch_size, img_size=args.img_size,
-                         num_classes=args.num_classes, steps=args.steps, warmup=args.warmup,
-                         precision=args.precision, compile=args.compile, checkpointing=args.checkpointing,
-                         profile=args.profile,
-                         **recipe_settings(method, args.backbone, args.method_options))
-        row = run_in_own_process(cfg)
-        print(f"  {method:12s} train {row['train_img_s']:9.2f} img/s  eval {row['eval_img_s']:9.2f} img/s  "
-              f"peak {row['peak_mem_mb']:8.0f} MB  {row['achieved_gflops']:7.1f} GFLOP/s", flush=True)
-        rows.append(row)
-    frame = pd.DataFrame(rows)
+    rows, peak = [], 0.0
+    for repeat in range(args.repeats):  # methods interleaved: a load change on a shared machine hits all of them
+        peak = max(peak, matmul_peak_gflops(device, dtype))
+        print(f"[{repeat + 1}/{args.repeats}] dense matmul peak so far: {peak:.1f} GFLOP/s ({dtype}, "
+              f"{device_name(device)})", flush=True)
+        for method in args.methods:
+            cfg = PerfConfig(method=method, backbone=args.backbone, batch_size=args.batch_size,
+                             img_size=args.img_size, num_classes=args.num_classes, steps=args.steps,
+                             warmup=args.warmup, precision=args.precision, compile=args.compile,
+                             checkpointing=args.checkpointing, profile=args.profile,
+                             **recipe_settings(method, args.backbone, args.method_options))
+            row = run_in_own_process(cfg)
+            print(f"  {method:12s} train {row['train_img_s']:9.2f} img/s  eval {row['eval_img_s']:9.2f} img/s  "
+                  f"peak {row['peak_mem_mb']:8.0f} MB  {row['achieved_gflops']:7.1f} GFLOP/s", flush=True)
+            rows.append(row)
+    frame = median_over_repeats(pd.DataFrame(rows))
+    frame["repeats"] = args.repeats
     frame["peak_gflops"] = peak
     frame["pct_of_peak"] = 100 * frame["achieved_gflops"] / peak
     full = frame.loc[frame["method"] == "full", "train_step_ms"]
@@ -343,6 +346,15 @@ def measure_all(args) -> pd.DataFrame:
     frame["torch"] = torch.__version__
     frame["measured_at"] = time.strftime("%Y-%m-%d %H:%M")
     return frame
+
+
+def median_over_repeats(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per method: the median of every measured number over the repeats, the rest from the first."""
+    numeric = rows.select_dtypes("float").columns  # measurements; integer settings stay as they are
+    grouped = rows.groupby("method", sort=False)
+    frame = grouped.first()
+    frame[numeric] = grouped[numeric].median()
+    return frame.reset_index()
 
 
 def recipe_settings(method: str, backbone: str, given: dict) -> dict:
@@ -418,6 +430,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--steps", type=int, default=10, help="timed steps per method (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run the method list this many times, interleaved, and report per-method medians")
     p.add_argument("--precision", default="32", help="Lightning precision: 32, bf16-mixed, 16-mixed")
     p.add_argument("--compile", action="store_true", help="torch.compile each model")
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of the backbone blocks")

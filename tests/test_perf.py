@@ -150,3 +150,12 @@ def test_fused_attention_stays_on(method, tiny_batch):
         loss = torch.nn.functional.cross_entropy(model(tiny_batch[0]), tiny_batch[1])
         loss.backward()
     assert any("scaled_dot_product" in event.key for event in prof.key_averages())
+
+
+def test_repeats_reduce_to_per_method_medians():
+    rows = pd.DataFrame({"method": ["full", "vpt_deep"] * 3, "batch_size": [8] * 6,
+                         "train_step_ms": [10.0, 6.0, 30.0, 7.0, 11.0, 20.0], "fused_attn": [True] * 6})
+    frame = perf.median_over_repeats(rows)
+    assert list(frame["method"]) == ["full", "vpt_deep"]
+    assert list(frame["train_step_ms"]) == [11.0, 7.0]
+    assert list(frame["batch_size"]) == [8, 8] and frame["batch_size"].dtype.kind == "i"
