@@ -11,6 +11,12 @@ Choices, each the paper's unless noted:
 - dropout on the prompts (the VPT code's prompt dropout; 0.1 for deep, 0.0 for shallow by default).
 - prompts are stripped after the final norm, so the head sees exactly the tokens a plain ViT has; the
   classifier reads CLS (or whatever pooling the backbone was built with).
+
+Cost (VPT-deep): a block's outputs at the p prompt positions are thrown away (the "_" in eq. 4; the last block's
+are stripped), so computing their queries, attention rows, projection and MLP is wasted work: on ViT-B/16 with
+p = 50 that is a fifth of every block's matmuls. `KeyValuePromptBlock` runs a timm Block with the prompt rows as
+keys and values only and returns the other rows: the same function (tests/test_perf.py compares it
+with plain blocks) at about (N + p/6) / (N + p) of the matmul cost.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -42,6 +51,43 @@ class VPTOptions:
             raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}.")
 
 
+class KeyValuePromptBlock(Block):
+    """A timm Block that, given `prompt_rows=(start, length)`, uses those rows only as attention keys/values
+    and returns the sequence without them; without it, exactly the timm Block."""
+
+    @staticmethod
+    def supports(block: nn.Module) -> bool:
+        """Plain timm Block and Attention (fused SDPA on, no gate) over an nn.Linear qkv: what `forward` mirrors."""
+        attn = getattr(block, "attn", None)
+        return (type(block) is Block and type(attn) is Attention and attn.fused_attn
+                and getattr(attn, "gate", None) is None and type(attn.qkv) is nn.Linear)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                prompt_rows: tuple[int, int] | None = None) -> torch.Tensor:
+        if prompt_rows is None or attn_mask is not None or is_causal:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        start, length = prompt_rows
+        kept = torch.cat([x[:, :start], x[:, start + length:]], dim=1)  # (B, T-p, D)
+        x = kept + self.drop_path1(self.ls1(self.attend(self.norm1(x), start, length)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    def attend(self, h: torch.Tensor, start: int, length: int) -> torch.Tensor:
+        """timm's Attention forward with queries only for the kept rows; keys and values for all rows."""
+        attn = self.attn
+        batch, tokens, _ = h.shape
+        dim, heads, head_dim = attn.attn_dim, attn.num_heads, attn.head_dim
+        weight, bias = attn.qkv.weight, attn.qkv.bias  # rows: q, then k, then v
+        kept = torch.cat([h[:, :start], h[:, start + length:]], dim=1)
+        q = F.linear(kept, weight[:dim], None if bias is None else bias[:dim])
+        q = q.reshape(batch, tokens - length, heads, head_dim).transpose(1, 2)  # (B, H, T-p, d)
+        kv = F.linear(h, weight[dim:], None if bias is None else bias[dim:])
+        k, v = kv.reshape(batch, tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, d)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+        out = attn.norm(out.transpose(1, 2).reshape(batch, tokens - length, dim))
+        return attn.proj_drop(attn.proj(out))
+
+
 class VisualPromptTuning(TuningModule):
     options_cls = VPTOptions
     deep: ClassVar[bool] = False
@@ -57,6 +103,10 @@ class VisualPromptTuning(TuningModule):
         nn.init.uniform_(self.vpt_prompts, -bound, bound)
         dropout = self.options.prompt_dropout
         self.prompt_dropout = nn.Dropout(dropout if dropout is not None else (0.1 if self.deep else 0.0))
+        if self.deep:  # every block's prompt outputs are discarded: compute the prompts as keys/values only
+            for block in backbone.blocks:
+                if KeyValuePromptBlock.supports(block):
+                    block.__class__ = KeyValuePromptBlock  # same parameters and state dict, one more forward mode
 
     def prompts_for(self, layer: int, batch: int) -> torch.Tensor:
         return self.prompt_dropout(self.vpt_prompts[layer].expand(batch, -1, -1))  # (B, p, D)
@@ -67,17 +117,21 @@ class VisualPromptTuning(TuningModule):
         x = backbone.patch_embed(x)
         x = backbone._pos_embed(x)  # timm's own CLS/register concat + position embedding: (B, prefix+N, D)
         x = backbone.norm_pre(backbone.patch_drop(x))
-        batch = x.shape[0]
+        batch, p = x.shape[0], self.prompt_length
         x = torch.cat([x[:, :prefix], self.prompts_for(0, batch), x[:, prefix:]], dim=1)  # (B, prefix+p+N, D)
         checkpointing = backbone.grad_checkpointing and torch.is_grad_enabled()
+        has_prompts = True  # whether x still holds the prompt rows (a KeyValuePromptBlock drops them)
         for layer, block in enumerate(backbone.blocks):
-            if self.deep and layer > 0:  # replace the previous block's prompt outputs with this layer's prompts
-                x = torch.cat([x[:, :prefix], self.prompts_for(layer, batch), x[:, prefix + self.prompt_length:]],
-                              dim=1)
-            x = checkpoint(block, x, use_reentrant=False) if checkpointing else block(x)
+            if self.deep and layer > 0:  # this layer's prompts replace the previous block's prompt outputs
+                rest = x[:, prefix + p:] if has_prompts else x[:, prefix:]
+                x = torch.cat([x[:, :prefix], self.prompts_for(layer, batch), rest], dim=1)  # (B, prefix+p+N, D)
+            kwargs = {"prompt_rows": (prefix, p)} if isinstance(block, KeyValuePromptBlock) else {}
+            x = checkpoint(block, x, use_reentrant=False, **kwargs) if checkpointing else block(x, **kwargs)
+            has_prompts = not kwargs
         x = backbone.norm(x)
-        # prompts stripped, so the head sees a plain ViT's tokens: (B, prefix+N, D)
-        return torch.cat([x[:, :prefix], x[:, prefix + self.prompt_length:]], dim=1)
+        if has_prompts:  # strip them, so the head sees a plain ViT's tokens
+            x = torch.cat([x[:, :prefix], x[:, prefix + p:]], dim=1)
+        return x  # (B, prefix+N, D)
 
 
 @register_method("vpt_shallow")

@@ -159,3 +159,60 @@ def test_repeats_reduce_to_per_method_medians():
     assert list(frame["method"]) == ["full", "vpt_deep"]
     assert list(frame["train_step_ms"]) == [11.0, 7.0]
     assert list(frame["batch_size"]) == [8, 8] and frame["batch_size"].dtype.kind == "i"
+
+
+def plain_blocks(model):
+    """The same model with timm's own Block forward (prompt outputs computed, then discarded)."""
+    from timm.models.vision_transformer import Block
+
+    for block in model.backbone.blocks:
+        block.__class__ = Block
+    return model
+
+
+@pytest.mark.parametrize("vit", [{}, {"reg_tokens": 2, "qkv_bias": False}, {"qk_norm": True, "init_values": 0.1}])
+def test_vpt_deep_prompt_rows_as_keys_values_only_is_the_same_function(vit, tiny_batch):
+    """VPT-deep skips the queries/projection/MLP of prompt rows whose outputs are discarded: same logits and
+    gradients as plain timm blocks (train mode: prompt dropout and drop-path on), fewer FLOPs."""
+    from methods.vpt import KeyValuePromptBlock
+
+    def step(model):
+        torch.manual_seed(1)
+        logits = model.train()(tiny_batch[0])
+        torch.nn.functional.cross_entropy(logits, tiny_batch[1]).backward()
+        return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(create_method("vpt_deep", make_tiny_vit(drop_path_rate=0.2, **vit), num_classes=3,
+                                    prompt_length=5))
+    fast, plain = models[0], plain_blocks(models[1])
+    assert all(isinstance(b, KeyValuePromptBlock) for b in fast.backbone.blocks)
+    fast_logits, fast_grads = step(fast)
+    plain_logits, plain_grads = step(plain)
+    torch.testing.assert_close(fast_logits, plain_logits, rtol=1e-5, atol=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=f"gradient of {name}")
+    assert training_flops(fast, tiny_batch) < training_flops(plain, tiny_batch)
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_vpt_deep_backbone_alone_is_still_plain(tiny_batch):
+    """Without prompt rows (the backbone called directly) the swapped blocks are timm's Block."""
+    torch.manual_seed(0)
+    fast = create_method("vpt_deep", make_tiny_vit(), num_classes=3).eval()
+    torch.manual_seed(0)
+    plain = plain_blocks(create_method("vpt_deep", make_tiny_vit(), num_classes=3)).eval()
+    torch.testing.assert_close(fast.backbone.forward_features(tiny_batch[0]),
+                               plain.backbone.forward_features(tiny_batch[0]))
+
+
+def test_vpt_deep_keeps_plain_blocks_without_fused_attention(tiny_batch):
+    """The key/value-only path mirrors the fused (SDPA) attention; with fused attention off it is not used."""
+    from timm.models.vision_transformer import Block
+
+    backbone = fused_off(make_tiny_vit())
+    model = create_method("vpt_deep", backbone, num_classes=3, prompt_length=3)
+    assert all(type(b) is Block for b in model.backbone.blocks)
+    assert model(tiny_batch[0]).shape == (4, 3)
