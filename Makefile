@@ -159,8 +159,8 @@ PERF_ARGS = $(call opt,--backbone,$(BACKBONE)) $(call opt,--methods,$(METHODS)) 
 perf: install ## Cost per method -> results/perf.csv + figure [BACKBONE= METHODS=full,vpt_deep BATCH_SIZE= IMG_SIZE= PRECISION=bf16-mixed COMPILE=1 CHECKPOINTING=1 STEPS= WARMUP=]
 	$(PY) -m benchmark.perf $(PERF_ARGS)
 
-perf-cache: install ## Linear probe end to end, with vs without the feature cache [EPOCHS=100 FRACTION=0.1]
-	$(PY) -m benchmark.perf --feature-cache-benchmark $(call opt,--epochs,$(EPOCHS)) --fraction $(FRACTION)
+perf-cache: install data ## Linear probe end to end, with vs without the feature cache [EPOCHS=100 FRACTIONS=0.1,1.0]
+	$(PY) -m benchmark.perf --feature-cache-benchmark $(call opt,--epochs,$(EPOCHS)) $(if $(strip $(FRACTIONS)),--fractions "$(FRACTIONS)")
 
 clean: ## Remove run outputs (keeps .venv and committed reference results)
 	rm -rf results/runs results/logs results/splits results/cache results/summary.csv

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 from datamodules.base import SPLITS, FractionDataModule, LabelledSplit
 
@@ -157,14 +157,34 @@ def as_batch(batch: list[torch.Tensor]) -> list[torch.Tensor]:
     return batch
 
 
-class CachedFeatureDataModule(L.LightningDataModule):
-    """The datamodule's splits as cached features, loaded exactly as the original loads its images."""
+class WholeEpochSampler(Sampler):
+    """One batch per epoch: every index of `sampler`, in its order (for methods.linear's whole-epoch steps)."""
 
-    def __init__(self, source: FractionDataModule, features: dict[str, FeatureDataset], hits: dict[str, bool]):
+    def __init__(self, sampler: Sampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        yield list(self.sampler)
+
+    def __len__(self) -> int:
+        return 1
+
+
+class CachedFeatureDataModule(L.LightningDataModule):
+    """The datamodule's splits as cached features, loaded exactly as the original loads its images.
+
+    With `whole_epochs`, the training loader yields each epoch as one batch (the source's shuffled order), which
+    the linear probe splits into the source's minibatches itself (methods/linear.py). A multi-process run keeps
+    one batch per step: its loaders are re-sharded per process (benchmark/distributed.py).
+    """
+
+    def __init__(self, source: FractionDataModule, features: dict[str, FeatureDataset], hits: dict[str, bool],
+                 whole_epochs: bool = False):
         super().__init__()
         self.source = source
         self.features = features
         self.hits = hits
+        self.whole_epochs = whole_epochs
         self._threads: int | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -191,16 +211,18 @@ class CachedFeatureDataModule(L.LightningDataModule):
     def split_record(self) -> dict:
         return self.source.split_record()
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, shuffle: bool, whole_epoch: bool = False) -> DataLoader:
         # The source's own sampler and generator (the loader draws a worker seed from it every epoch too), so the
         # shuffled batches match the uncached run; each batch is fetched by one tensor index instead of
         # per-example lookups and a stack.
+        # A whole-epoch batch draws from the generator exactly as the per-minibatch loader does.
         source = self.source._loader(self.features[split], batch_size, shuffle=shuffle)
-        return DataLoader(self.features[split], batch_sampler=BatchSampler(source.sampler, batch_size, drop_last=False),
-                          generator=source.generator, collate_fn=as_batch)
+        batches = WholeEpochSampler(source.sampler) if whole_epoch else BatchSampler(source.sampler, batch_size,
+                                                                                     drop_last=False)
+        return DataLoader(self.features[split], batch_sampler=batches, generator=source.generator, collate_fn=as_batch)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.source.batch_size, shuffle=True)
+        return self._loader("train", self.source.batch_size, shuffle=True, whole_epoch=self.whole_epochs)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.source.eval_batch_size, shuffle=False)
@@ -210,10 +232,12 @@ class CachedFeatureDataModule(L.LightningDataModule):
 
 
 def cached_datamodule(model: L.LightningModule, datamodule: FractionDataModule, cache_dir: str | Path,
-                      device: torch.device | str = "cpu", precision: str | None = None) -> CachedFeatureDataModule:
+                      device: torch.device | str = "cpu", precision: str | None = None,
+                      whole_epochs: bool = False) -> CachedFeatureDataModule:
     """Switch `model` to read features and return loaders over the cached features of every split.
 
     `datamodule` must be set up; call `can_cache` first (raises ValueError when caching would change results).
+    `whole_epochs` (one process only): one training batch per epoch, updated in minibatch slices by the model.
     """
     if not can_cache(model, datamodule):
         raise ValueError(f"Features can be cached only for a method that trains on frozen features (linear) and a "
@@ -229,8 +253,9 @@ def cached_datamodule(model: L.LightningModule, datamodule: FractionDataModule, 
                   for split in SPLITS}
     finally:
         model.to(home).train(training)
-    model.read_features(True)
+    n_train = len(loaded["train"][0])
+    model.read_features(True, minibatch_size=datamodule.batch_size if whole_epochs else None, n_train=n_train)
     print("feature cache: " + ", ".join(f"{split} {'hit' if hit else 'computed'}" for split, (_, hit) in loaded.items())
           + f" ({cache_dir})")
     return CachedFeatureDataModule(datamodule, {s: d for s, (d, _) in loaded.items()},
-                                   {s: hit for s, (_, hit) in loaded.items()})
+                                   {s: hit for s, (_, hit) in loaded.items()}, whole_epochs)

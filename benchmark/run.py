@@ -88,12 +88,14 @@ def apply_speed_options(model: L.LightningModule, *, compile: bool, checkpointin
         model.compile()
 
 
-def with_feature_cache(cfg: RunConfig, model: L.LightningModule, datamodule, device: torch.device):
+def with_feature_cache(cfg: RunConfig, model: L.LightningModule, datamodule, trainer: L.Trainer):
     """The linear probe on a deterministic transform trains on cached features (benchmark/feature_cache.py),
-    computed on `device`: this process's own (the trainer's root device; in a DDP run each rank has its own GPU)."""
+    computed on this process's device (the trainer's root device; in a DDP run each rank has its own GPU). One
+    process takes each epoch as one batch (methods/linear.py); several shard per-minibatch loaders."""
     if not (cfg.feature_cache and can_cache(model, datamodule)):
         return datamodule
-    return cached_datamodule(model, datamodule, f"{cfg.results_dir}/cache/features", device, cfg.precision)
+    return cached_datamodule(model, datamodule, f"{cfg.results_dir}/cache/features", trainer.strategy.root_device,
+                             cfg.precision, whole_epochs=trainer.world_size == 1)
 
 
 def loggers(cfg: RunConfig) -> list:
@@ -200,7 +202,7 @@ def run(cfg: RunConfig) -> dict:
     model, datamodule = prepare(cfg)
     if trainer.is_global_zero:
         atomic_write_json(f"{cfg.results_dir}/splits/{cfg.run_id()}.json", datamodule.split_record())
-    datamodule = with_feature_cache(cfg, model, datamodule, trainer.strategy.root_device)
+    datamodule = with_feature_cache(cfg, model, datamodule, trainer)
     loaders = for_this_process(datamodule, trainer, cfg.seed)
     try:
         trainer.fit(model, datamodule=loaders)

@@ -143,13 +143,17 @@ class TuningModule(L.LightningModule):
         self.log("test/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
         self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
 
+    def optimizer_updates_per_batch(self) -> int:
+        """Optimizer updates per training batch: 1 in Lightning's automatic optimization."""
+        return 1
+
     def configure_optimizers(self):
         opt = self.optim
         # timm's factory skips frozen parameters and exempts biases/norms (and no_weight_decay()) from decay.
         # timm's "momentum" is plain SGD with momentum; its "sgd" would be Nesterov, which the VPT code does not use.
         optimizer = create_optimizer_v2(self, opt="momentum" if opt.optimizer == "sgd" else "adamw", lr=opt.lr,
                                         weight_decay=opt.weight_decay, momentum=opt.momentum)
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches) * self.optimizer_updates_per_batch())
         warmup_steps = int(round(total_steps * opt.warmup_epochs / max(1, opt.max_epochs)))
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps))

@@ -51,11 +51,13 @@ def setup_probe(train_fraction: float = 0.5, seed: int = 0, datamodule_cls=Patte
     return create_method("linear", backbone, datamodule.num_classes, optim), datamodule
 
 
-def fit_and_test(model, datamodule) -> tuple[float, torch.Tensor]:
+def fit_and_test(model, datamodule, fit_metrics: dict | None = None) -> tuple[float, torch.Tensor]:
     L.seed_everything(0, verbose=False)
     trainer = L.Trainer(max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, deterministic=True)
     trainer.fit(model, datamodule=datamodule)
+    if fit_metrics is not None:
+        fit_metrics.update(trainer.callback_metrics)
     accuracy = trainer.test(model, datamodule=datamodule, verbose=False)[0]["test/acc"]
     return accuracy, model.backbone.head.weight.detach().clone()
 
@@ -68,6 +70,34 @@ def test_cached_probe_matches_uncached_accuracy(tmp_path):
     assert plain_acc > 0.5  # the probe learned something, so equality is not trivially 1/3 == 1/3
     assert abs(cached_acc - plain_acc) <= 1e-4
     torch.testing.assert_close(cached_head, plain_head, rtol=1e-4, atol=1e-5)
+
+
+def test_whole_epoch_batches_make_the_same_updates_as_minibatch_steps(tmp_path):
+    """One training batch per epoch, updated in minibatch slices (manual optimization), against Lightning's one
+    automatic step per minibatch on images: same head, same accuracy, same number of updates and schedule."""
+    plain_model, plain_data = setup_probe()
+    plain_metrics, metrics = {}, {}
+    plain_acc, plain_head = fit_and_test(plain_model, plain_data, plain_metrics)
+    model, datamodule = setup_probe()
+    cached = cached_datamodule(model, datamodule, tmp_path, whole_epochs=True)
+    assert [len(labels) for _, labels in cached.train_dataloader()] == [datamodule.n_train]
+    assert not model.automatic_optimization and model.updates_per_epoch == 4  # 30 examples, batch 8
+    cached_acc, cached_head = fit_and_test(model, cached, metrics)
+    assert plain_acc > 0.5
+    assert abs(cached_acc - plain_acc) <= 1e-4
+    torch.testing.assert_close(cached_head, plain_head, rtol=1e-4, atol=1e-5)
+    assert model.trainer.global_step == plain_model.trainer.global_step == 4 * 4
+    assert model.lr_schedulers().last_epoch == plain_model.lr_schedulers().last_epoch == 16
+    for name in ("train/loss", "train/acc", "val/acc"):
+        torch.testing.assert_close(metrics[name], plain_metrics[name], rtol=1e-4, atol=1e-5)
+
+
+def test_whole_epoch_needs_a_minibatch_size_and_data():
+    model, _ = setup_probe()
+    with pytest.raises(ValueError, match="minibatch_size > 0"):
+        model.read_features(True, minibatch_size=0, n_train=10)
+    with pytest.raises(ValueError, match="n_train > 0"):
+        model.read_features(True, minibatch_size=8, n_train=0)
 
 
 def test_cached_features_are_what_the_head_reads(tmp_path):
