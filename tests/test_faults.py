@@ -89,7 +89,8 @@ def test_nan_loss_stops_the_run_and_records_failed(tmp_path, capsys):
     [path] = store_files(results)
     result = read_result(path)
     assert result["status"] == "failed"
-    assert re.match(r"NonFiniteLossError: non-finite training loss in epoch 0, batch(es \d+-\d+| \d+) ", result["error"])
+    assert re.match(r"NonFiniteLossError: non-finite training loss in epoch 0, batch(es \d+-\d+| \d+) ",
+                    result["error"])
     assert "lower LR" in result["error"]
     assert result["config"]["epochs"] == 5 and "git_commit" in result and "torch" in result["versions"]
     logged = "".join(path.read_text() for path in (results / "logs").rglob("metrics.csv"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -168,3 +170,29 @@ def test_optimizer_holds_only_trainable_parameters():
     in_optimizer = {id(p) for group in config["optimizer"].param_groups for p in group["params"]}
     assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
     assert config["optimizer"].param_groups[0]["lr"] > 0
+    assert config["optimizer"].defaults["fused"] is True  # one fused update kernel, not a loop over tensors
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_fused_update_equals_the_per_tensor_loop(optimizer):
+    """The fused optimizer makes the same update as torch's default per-tensor implementation. One step: after
+    that, Adam's g / sqrt(v) turns rounding-level differences in near-zero gradients into lr-sized ones."""
+    torch.manual_seed(0)
+    model = create_method("full", make_tiny_vit(), num_classes=3,
+                          optim=OptimConfig(optimizer=optimizer, lr=0.05, weight_decay=0.01))
+    model.trainer = type("T", (), {"estimated_stepping_batches": 10})()
+    fused = model.configure_optimizers()["optimizer"]
+    groups = [{**g, "params": list(g["params"])} for g in fused.param_groups]
+    reference_model = copy.deepcopy(model)
+    reference_params = dict(reference_model.named_parameters())
+    names = {id(p): n for n, p in model.named_parameters()}
+    reference_groups = [{k: v for k, v in g.items() if k != "fused"} | {"params": [reference_params[names[id(p)]] for p
+                                                                                    in g["params"]]} for g in groups]
+    reference = type(fused)(reference_groups, fused=False, foreach=False)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    for m, opt in ((model, fused), (reference_model, reference)):
+        opt.zero_grad()
+        m.criterion(m(images), labels).backward()
+        opt.step()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param, reference_params[name], rtol=1e-5, atol=1e-6, msg=name)
