@@ -10,11 +10,14 @@
 - `--search` runs the paper's selection protocol per (dataset, method, fraction): benchmark/search.py.
 - `--shard i/n` (SHARD=i/n) runs only the i-th of n disjoint parts of the grid, so n processes (a SLURM job
   array, several machines) share one grid and one results folder: see `Shard`.
+- `--jobs n` (JOBS=n) trains n runs at a time in n worker processes on this machine, each with cpu_count / n
+  threads (`make fig3` uses 2): see `run_in_workers`.
 - Afterwards results/summary.csv holds one row per run.
 
-Runs execute in this process, one after another: importing torch/timm/Lightning costs seconds per process,
-which on the embedded default would be a sizeable share of a grid of 15-second runs; each run seeds itself
-(`L.seed_everything`) and builds a fresh model, trainer and datamodule, so nothing leaks between runs.
+Runs execute in this process, one after another (or in `--jobs` long-lived workers): importing
+torch/timm/Lightning costs seconds per process, which on the embedded default would be a sizeable share of a grid
+of 15-second runs; each run seeds itself (`L.seed_everything`) and builds a fresh model, trainer and datamodule,
+so nothing leaks between runs.
 """
 
 from __future__ import annotations
@@ -22,11 +25,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
+import multiprocessing
+import os
 import re
 import signal
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TextIO
 
 from benchmark.config import RunConfig
@@ -83,11 +90,13 @@ def describe(cfg: RunConfig) -> str:
 class GridRunner:
     """Executes runs one by one: skips finished ones, records failures, prints progress with an ETA.
 
-    The ETA is the mean wall time of the runs trained (ok) in this call times the runs still to go.
+    The ETA is the mean wall time of the runs trained (ok) in this call times the runs still to go, divided by
+    the runs trained at a time (`jobs`).
     """
 
     total: int
     out: TextIO = sys.stdout
+    jobs: int = 1
     done: int = 0
     counts: dict = field(default_factory=lambda: {"ok": 0, "skipped": 0, "failed": 0})
     trained_seconds: list = field(default_factory=list)
@@ -95,15 +104,25 @@ class GridRunner:
     def execute(self, cfg: RunConfig, rerun_if=None) -> dict:
         """Run `cfg` unless its result exists with status ok (and `rerun_if(result)` is false); never raises
         for a failing run. Returns the result dict (status ok or failed)."""
+        to_train, existing = self.to_train(cfg, rerun_if)
+        if to_train is None:
+            return existing
+        started = time.time()
+        result = self.train(to_train, started)
+        self.record(cfg, result, time.time() - started)
+        return result
+
+    def to_train(self, cfg: RunConfig, rerun_if=None) -> tuple[RunConfig | None, dict | None]:
+        """(the config to train, None), or (None, its finished result) after reporting it skipped."""
         resolved = cfg.resolved()
         existing = read_result(result_path(resolved.results_dir, resolved.run_id()))
         stale = existing is not None and rerun_if is not None and rerun_if(existing)
         if existing and existing.get("status") == "ok" and not cfg.force and not stale:
             self.finish(cfg, "skipped", "already done")
-            return existing
-        started = time.time()
-        result = self.train(replace(cfg, force=cfg.force or stale), started)
-        seconds = time.time() - started
+            return None, existing
+        return replace(cfg, force=cfg.force or stale), None
+
+    def record(self, cfg: RunConfig, result: dict, seconds: float) -> None:
         status = result.get("status", "failed")
         if status == "ok":  # failures often end at once (missing data): they would shrink the ETA
             self.trained_seconds.append(seconds)
@@ -131,7 +150,8 @@ class GridRunner:
         remaining = self.total - self.done
         eta = ""
         if self.trained_seconds and remaining:
-            eta = f", ETA {format_seconds(remaining * sum(self.trained_seconds) / len(self.trained_seconds))}"
+            mean = sum(self.trained_seconds) / len(self.trained_seconds)
+            eta = f", ETA {format_seconds(remaining * mean / self.jobs)}"
         print(f"[grid {self.done}/{self.total}{eta}] {status:7s} {describe(cfg)}: {detail}", file=self.out,
               flush=True)
 
@@ -211,8 +231,8 @@ def validate_all(configs: list[RunConfig]) -> None:
         raise ConfigError(list(problems))
 
 
-def run_grid(spec: GridSpec, out: TextIO = sys.stdout, shard: Shard | None = None) -> GridRunner:
-    """Every run of the grid, or of its `shard` (skipping finished ones); writes summary.csv.
+def run_grid(spec: GridSpec, out: TextIO = sys.stdout, shard: Shard | None = None, jobs: int = 1) -> GridRunner:
+    """Every run of the grid, or of its `shard` (skipping finished ones), `jobs` at a time; writes summary.csv.
     GridInterrupted propagates."""
     configs = spec.configs()
     validate_all(configs)  # the whole grid, in every shard: each refuses the same typo before training
@@ -220,13 +240,68 @@ def run_grid(spec: GridSpec, out: TextIO = sys.stdout, shard: Shard | None = Non
         mine = shard.select(configs)
         print(f"Shard {shard}: {len(mine)} of the grid's {len(configs)} runs", file=out, flush=True)
         configs = mine
-    runner = GridRunner(total=len(configs), out=out)
+    runner = GridRunner(total=len(configs), out=out, jobs=jobs)
     try:
-        for cfg in configs:
-            runner.execute(cfg)
+        if jobs > 1:
+            run_in_workers(runner, configs, jobs, Path(spec.base.results_dir) / "logs")
+        else:
+            for cfg in configs:
+                runner.execute(cfg)
     finally:
         write_summary(spec.base.results_dir)
     return runner
+
+
+# --- several runs at a time --------------------------------------------------------------------------------
+def run_in_workers(runner: GridRunner, configs: list[RunConfig], jobs: int, log_dir: Path) -> None:
+    """Train the grid's unfinished runs in `jobs` worker processes, each taking the next run when it is free.
+
+    Why: a small model's step does not keep 2+ cores busy (per-op dispatch, Python, tiny matmuls), so two runs on
+    one thread each finish sooner than the same two one after another on two threads (README, "Grids").
+    Costliest fractions go first, so the last runs to finish are short ones and no worker idles long at the end.
+    Workers split the cores (cpu_count / jobs threads each), ignore SIGINT (the grid stops them, like a run, at
+    once: results are atomic), and write their runs' output to `log_dir/grid_worker_<pid>.log`; this process
+    prints one progress line per run.
+    """
+    pending = [to_train for to_train, _ in map(runner.to_train, configs) if to_train is not None]
+    pending.sort(key=lambda cfg: -cfg.train_fraction)  # stable: the grid's order within a fraction
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    print(f"Training {len(pending)} runs, {jobs} at a time ({threads} thread(s) each); their output: "
+          f"{log_dir}/grid_worker_*.log", file=runner.out, flush=True)
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=start_worker,
+                               initargs=(threads, str(log_dir)))
+    try:
+        running = {pool.submit(train_in_worker, cfg): cfg for cfg in pending}
+        while running:
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                result, seconds = future.result()
+                runner.record(running.pop(future), result, seconds)
+    except BaseException:  # GridInterrupted, or a worker that died: stop the others now, not after their runs
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
+def start_worker(threads: int, log_dir: str) -> None:
+    import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole process group: the grid decides
+    torch.set_num_threads(threads)
+    log = open(Path(log_dir) / f"grid_worker_{os.getpid()}.log", "a", buffering=1)  # noqa: SIM115 — the worker's
+    os.dup2(log.fileno(), 1)  # stdout and stderr (progress bars, warnings) for its lifetime
+    os.dup2(log.fileno(), 2)
+
+
+def train_in_worker(cfg: RunConfig) -> tuple[dict, float]:
+    started = time.time()
+    result = GridRunner.train(cfg, started)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return result, time.time() - started
 
 
 # --- command line ------------------------------------------------------------------------------------------
@@ -284,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 every run ok, 1 some failed (recorded), 2 bad input (nothing ran), 128+signal if stopped."""
     p = parser()  # --shard is the grid command's own: a W&B sweep (benchmark.sweep) shares the rest, not this
     p.add_argument("--shard", type=shard_arg, help="i/n: run only part i of n disjoint parts of the grid (i from 0)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at a time, in worker processes (default 1)")
     args, run_args = p.parse_known_args(argv)
     try:
         spec = GridSpec(args.methods, args.fractions, args.seeds, args.datasets, base_config(run_args))
@@ -291,16 +367,18 @@ def main(argv: list[str] | None = None) -> int:
             if args.search:
                 from benchmark.search import SearchGrid, run_search
 
-                if args.shard:
-                    raise ConfigError("SHARD= splits plain grids, not SEARCH=1 ones (a final run needs its cell's "
-                                      "whole search). Split a search by DATASETS= or METHODS= per process instead, "
-                                      "all writing to one RESULTS folder.")
+                if args.shard or args.jobs > 1:
+                    raise ConfigError("SHARD= and JOBS= split plain grids, not SEARCH=1 ones (a final run needs its "
+                                      "cell's whole search). Split a search by DATASETS= or METHODS= per process "
+                                      "instead, all writing to one RESULTS folder.")
 
                 runner = run_search(spec, SearchGrid.override(args.search_lrs, args.search_wds))
             else:
                 if args.search_lrs or args.search_wds:
                     raise ConfigError("--search-lrs/--search-wds (SEARCH_LRS/SEARCH_WDS) need --search (SEARCH=1).")
-                runner = run_grid(spec, shard=args.shard)
+                if args.jobs < 1:
+                    raise ConfigError(f"JOBS must be a whole number >= 1 (runs trained at a time), got {args.jobs}.")
+                runner = run_grid(spec, shard=args.shard, jobs=args.jobs)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

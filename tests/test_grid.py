@@ -53,6 +53,37 @@ def test_grid_records_failures_goes_on_and_resumes(tmp_path):
     assert done.stat().st_mtime_ns == stamp
 
 
+def test_grid_with_two_jobs_trains_each_run_once_records_failures_and_resumes(tmp_path):
+    """JOBS=2: worker processes train the runs (costliest fraction first); every run has its result, a failing one
+    is recorded, progress lines come from this process, the workers' output goes to their logs; a second call
+    trains nothing."""
+    results = tmp_path / "results"
+    empty = tmp_path / "no-fashion-mnist-here"
+    empty.mkdir()
+    base = RunConfig(epochs=1, results_dir=str(results), data_root=str(empty))
+    spec = GridSpec(["linear", "bias"], [0.1, 0.2], [0], ["digits", "fashion_heldout"], base)
+    out = io.StringIO()
+    runner = run_grid(spec, out=out, jobs=2)
+
+    assert runner.counts == {"ok": 4, "skipped": 0, "failed": 4}
+    for method in ("linear", "bias"):
+        for fraction in ("0.1", "0.2"):
+            assert read_result(run_file(results, "digits", method, f"frac{fraction}_seed0"))["status"] == "ok"
+            failed = read_result(run_file(results, "fashion_heldout", method, f"frac{fraction}_seed0"))
+            assert failed["status"] == "failed" and "Fashion-MNIST" in failed["error"]
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("Training 8 runs, 2 at a time")
+    progress = [line for line in lines if line.startswith("[grid ")]
+    assert len(progress) == 8 and progress[-1].startswith("[grid 8/8")
+    assert "frac=0.2" in progress[0] or "frac=0.2" in progress[1]  # the larger fraction was handed out first
+    logs = list((results / "logs").glob("grid_worker_*.log"))
+    assert logs and any("trainable params" in log.read_text() for log in logs)
+    assert len(pd.read_csv(results / "summary.csv")) == 8
+
+    again = run_grid(GridSpec(["linear", "bias"], [0.1, 0.2], [0], ["digits"], base), out=io.StringIO(), jobs=2)
+    assert again.counts == {"ok": 0, "skipped": 4, "failed": 0}
+
+
 def test_grid_cli_rejects_bad_input_before_training(tmp_path, capsys):
     code = main(["--methods", "linear,vpt_dep", "--fractions", "0.1", "--datasets", "digits", "--results-dir",
                  str(tmp_path)])
@@ -67,6 +98,10 @@ def test_grid_cli_rejects_bad_input_before_training(tmp_path, capsys):
     assert "SEARCH_LRS" in capsys.readouterr().err
     assert main(["--search-lrs", "0.1", "--results-dir", str(tmp_path)]) == 2
     assert "need --search" in capsys.readouterr().err
+    assert main(["--jobs", "0", "--results-dir", str(tmp_path)]) == 2
+    assert "JOBS must be a whole number >= 1" in capsys.readouterr().err
+    assert main(["--search", "--jobs", "2", "--results-dir", str(tmp_path)]) == 2
+    assert "JOBS= split plain grids" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
