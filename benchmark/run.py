@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import methods
-from benchmark.callbacks import NonFiniteLossError, StopOnNonFiniteLoss
+from benchmark.callbacks import EpochProgressBar, NonFiniteLossError, StopOnNonFiniteLoss
 from benchmark.config import REPO_ROOT, RunConfig
 from benchmark.distributed import for_this_process, per_process_batch_size
 from benchmark.feature_cache import cached_datamodule, can_cache
@@ -120,7 +120,7 @@ def make_trainer(cfg: RunConfig) -> L.Trainer:
                          num_nodes=cfg.num_nodes, strategy=cfg.strategy, precision=cfg.precision,
                          logger=loggers(cfg), enable_checkpointing=False, deterministic=True, num_sanity_val_steps=0,
                          log_every_n_steps=1, enable_model_summary=False,
-                         callbacks=[StopOnNonFiniteLoss(check_every_n_steps=10)])
+                         callbacks=[StopOnNonFiniteLoss(check_every_n_steps=10), EpochProgressBar()])
     except (MisconfigurationException, ValueError, RuntimeError) as err:
         precision = f" PRECISION={cfg.precision}" if cfg.precision else ""
         raise ConfigError(f"Lightning cannot run ACCELERATOR={cfg.accelerator} DEVICES={cfg.devices} NUM_NODES="

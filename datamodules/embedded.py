@@ -11,6 +11,7 @@ is deterministic (no augmentation), which keeps loading far faster than training
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from pathlib import Path
@@ -40,14 +41,22 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+def read_only(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    for array in arrays:
+        array.setflags(write=False)
+    return arrays
+
+
+@functools.lru_cache(maxsize=2)
 def load_fashion_mnist(split: str, root: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(images (N, 28, 28) uint8, labels (N,)) of Fashion-MNIST 'train' or 't10k'."""
+    """(images (N, 28, 28) uint8, labels (N,)) of Fashion-MNIST 'train' or 't10k', read-only. Cached: a run's
+    train and val splits both come from 'train', and a grid reads the same files for every run."""
     root = Path(root or FMNIST_DIR)
     images, labels = root / f"{split}-images-idx3-ubyte.gz", root / f"{split}-labels-idx1-ubyte.gz"
     if not images.is_file():
         raise FileNotFoundError(f"Fashion-MNIST not found at {root}: install it with "
                                 "'apt-get install dataset-fashion-mnist' (or `make data`), or set FMNIST_DIR.")
-    return read_idx(images), read_idx(labels).astype(np.int64)
+    return read_only(read_idx(images), read_idx(labels).astype(np.int64))
 
 
 def to_model_input(images: np.ndarray, data_config: dict) -> torch.Tensor:
@@ -129,6 +138,16 @@ class FashionPretrainDataModule(TensorSplitsDataModule):
         return images, labels
 
 
+@functools.lru_cache(maxsize=1)
+def load_digits_uint8() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits as (images (N, 8, 8) uint8 in [0, 255], labels (N,)), read-only; cached, as
+    every split of every run reads them."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return read_only(np.round(digits.images * (255.0 / 16.0)).astype(np.uint8), digits.target.astype(np.int64))
+
+
 class DigitsDataModule(TensorSplitsDataModule):
     """scikit-learn's 1,797 handwritten digits (8x8, 0-16), upsampled to the backbone's input size.
 
@@ -142,11 +161,7 @@ class DigitsDataModule(TensorSplitsDataModule):
         return 10
 
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-        labels = digits.target.astype(np.int64)
+        images, labels = load_digits_uint8()
         test, rest = carve(labels, 60)
         val, train = carve(labels[rest], 20)
         chosen = {"test": test, "val": rest[val], "train": rest[train]}[split]

@@ -72,16 +72,22 @@ def test_cached_probe_matches_uncached_accuracy(tmp_path):
     torch.testing.assert_close(cached_head, plain_head, rtol=1e-4, atol=1e-5)
 
 
-def test_whole_epoch_batches_make_the_same_updates_as_minibatch_steps(tmp_path):
+@pytest.mark.parametrize("closed_form", [True, False])
+def test_whole_epoch_batches_make_the_same_updates_as_minibatch_steps(tmp_path, closed_form):
     """One training batch per epoch, updated in minibatch slices (manual optimization), against Lightning's one
-    automatic step per minibatch on images: same head, same accuracy, same number of updates and schedule."""
+    automatic step per minibatch on images: same head, same accuracy, same number of updates and schedule.
+    With label smoothing the head's gradient has no closed form here, so the slices go through autograd."""
+    criterion = torch.nn.CrossEntropyLoss() if closed_form else torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     plain_model, plain_data = setup_probe()
+    plain_model.criterion = criterion
     plain_metrics, metrics = {}, {}
     plain_acc, plain_head = fit_and_test(plain_model, plain_data, plain_metrics)
     model, datamodule = setup_probe()
+    model.criterion = criterion
     cached = cached_datamodule(model, datamodule, tmp_path, whole_epochs=True)
     assert [len(labels) for _, labels in cached.train_dataloader()] == [datamodule.n_train]
     assert not model.automatic_optimization and model.updates_per_epoch == 4  # 30 examples, batch 8
+    assert model.head_gradient_has_closed_form(torch.zeros(1)) == closed_form
     cached_acc, cached_head = fit_and_test(model, cached, metrics)
     assert plain_acc > 0.5
     assert abs(cached_acc - plain_acc) <= 1e-4
@@ -90,6 +96,34 @@ def test_whole_epoch_batches_make_the_same_updates_as_minibatch_steps(tmp_path):
     assert model.lr_schedulers().last_epoch == plain_model.lr_schedulers().last_epoch == 16
     for name in ("train/loss", "train/acc", "val/acc"):
         torch.testing.assert_close(metrics[name], plain_metrics[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_closed_form_head_gradient_equals_autograd(batch):
+    model, _ = setup_probe()
+    torch.manual_seed(batch)
+    features = torch.randn(batch, model.backbone.num_features)
+    labels = torch.randint(0, model.num_classes, (batch,))
+    loss = model.criterion(model.backbone.head(features), labels)
+    loss.backward()
+    expected = [p.grad.clone() for p in (model.backbone.head.weight, model.backbone.head.bias)]
+    onehot = torch.nn.functional.one_hot(labels, model.num_classes).float()
+    closed_loss, logits = model.head_backward_closed_form(features, onehot)
+    torch.testing.assert_close(closed_loss, loss.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logits, model.backbone.head(features).detach())
+    torch.testing.assert_close(model.backbone.head.weight.grad, expected[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.backbone.head.bias.grad, expected[1], rtol=1e-5, atol=1e-6)
+
+
+def test_closed_form_gradient_only_where_it_is_exact():
+    model, _ = setup_probe()
+    features = torch.zeros(2, model.backbone.num_features)
+    assert model.head_gradient_has_closed_form(features)
+    model.criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)  # not the closed form: autograd steps instead
+    assert not model.head_gradient_has_closed_form(features)
+    model.criterion = torch.nn.CrossEntropyLoss()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast rounds the head's matmul: autograd steps instead
+        assert not model.head_gradient_has_closed_form(features)
 
 
 def test_whole_epoch_needs_a_minibatch_size_and_data():
