@@ -36,6 +36,7 @@ METHODS ?=
 IMG_SIZE ?=
 STEPS ?=
 WARMUP ?=
+REPEATS ?=
 WANDB ?= 0
 FORCE ?= 0
 TAG ?=
@@ -89,7 +90,7 @@ REPORT_ARGS = --results-dir $(RESULTS) $(call cli_opt,--datasets,DATASETS) $(cal
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
-	@echo "Variables: METHOD FRACTION DATASET SEED BACKBONE WEIGHTS EPOCHS BATCH_SIZE LR WD RECIPE DATA_ROOT RAW FRACTIONS TRAIN_ON NUM_WORKERS METHOD_ARGS PARTIAL_K MLP_K LORA_RANK PRECISION COMPILE CHECKPOINTING METHODS IMG_SIZE STEPS WARMUP WANDB FORCE TAG DEVICES NUM_NODES STRATEGY SHARD JOBS"
+	@echo "Variables: METHOD FRACTION DATASET SEED BACKBONE WEIGHTS EPOCHS BATCH_SIZE LR WD RECIPE DATA_ROOT RAW FRACTIONS TRAIN_ON NUM_WORKERS METHOD_ARGS PARTIAL_K MLP_K LORA_RANK PRECISION COMPILE CHECKPOINTING METHODS IMG_SIZE STEPS WARMUP REPEATS WANDB FORCE TAG DEVICES NUM_NODES STRATEGY SHARD JOBS"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
@@ -156,14 +157,14 @@ splits: install ## Write FGVC train_<p>.json fraction files: make splits DATASET
 
 PERF_ARGS = $(call opt,--backbone,$(BACKBONE)) $(call opt,--methods,$(METHODS)) \
 	$(call opt,--batch-size,$(BATCH_SIZE)) $(call opt,--img-size,$(IMG_SIZE)) $(call opt,--precision,$(PRECISION)) \
-	$(call opt,--steps,$(STEPS)) $(call opt,--warmup,$(WARMUP)) $(foreach a,$(METHOD_ARGS),--method-arg $(a)) \
+	$(call opt,--steps,$(STEPS)) $(call opt,--warmup,$(WARMUP)) $(call opt,--repeats,$(REPEATS)) $(foreach a,$(METHOD_ARGS),--method-arg $(a)) \
 	$(if $(filter 1,$(COMPILE)),--compile) $(if $(filter 1,$(CHECKPOINTING)),--checkpointing)
 
 perf: install ## Cost per method -> results/perf.csv + figure [BACKBONE= METHODS=full,vpt_deep BATCH_SIZE= IMG_SIZE= PRECISION=bf16-mixed COMPILE=1 CHECKPOINTING=1 STEPS= WARMUP=]
 	$(PY) -m benchmark.perf $(PERF_ARGS)
 
-perf-cache: install data ## Linear probe end to end, with vs without the feature cache [EPOCHS=100 FRACTIONS=0.1,1.0]
-	$(PY) -m benchmark.perf --feature-cache-benchmark $(call opt,--epochs,$(EPOCHS)) $(if $(strip $(FRACTIONS)),--fractions "$(FRACTIONS)")
+perf-cache: install data ## Linear probe end to end, with vs without the feature cache [EPOCHS=100 FRACTIONS=0.1,1.0 REPEATS=]
+	$(PY) -m benchmark.perf --feature-cache-benchmark $(call opt,--epochs,$(EPOCHS)) $(call opt,--repeats,$(REPEATS)) $(if $(strip $(FRACTIONS)),--fractions "$(FRACTIONS)")
 
 clean: ## Remove run outputs (keeps .venv and committed reference results)
 	rm -rf results/runs results/logs results/splits results/cache results/summary.csv

@@ -386,36 +386,51 @@ def timed_run(argv: list[str]) -> tuple[float, dict]:
     return seconds, result
 
 
-def feature_cache_benchmark(epochs: int, fractions: list[float], out: Path) -> pd.DataFrame:
+CACHE_MODES = (("no cache", "uncached", ["--no-feature-cache"]), ("cache, cold", "cached", []),
+               ("cache, warm", "cached", ["--force"]))
+
+
+def feature_cache_benchmark(epochs: int, fractions: list[float], out: Path, repeats: int = 1) -> pd.DataFrame:
     """The linear probe on the embedded default at each train fraction: no cache, cache computed (cold), cache
     read (warm). process_s is the whole command (interpreter and imports included); run_s is the run itself,
     from the config to the written result, which is what each run of a grid or search costs (they share one
-    process)."""
-    frames = []
+    process). With `repeats`, the three modes are run in turn that many times (so a slow spell of a shared
+    machine hits all of them) and each is reported as its median."""
+    rows = []
     for fraction in fractions:
-        rows = []
-        with tempfile.TemporaryDirectory(prefix="perf-cache-") as tmp:
-            # cold: an empty cache is filled; warm: the same results folder again (--force), so the cache is read.
-            modes = [("no cache", "uncached", ["--no-feature-cache"]), ("cache, cold", "cached", []),
-                     ("cache, warm", "cached", ["--force"])]
-            for mode, folder, flags in modes:
-                results_dir = Path(tmp) / folder
-                argv = ["--method", "linear", "--fraction", str(fraction), "--epochs", str(epochs),
-                        "--results-dir", str(results_dir), *flags]
-                seconds, result = timed_run(argv)
-                rows.append({"mode": mode, "epochs": epochs, "train_fraction": fraction, "n_train": result["n_train"],
-                             "process_s": seconds, "run_s": result["wall_seconds"], "test_top1": result["test_top1"],
-                             "val_top1": result["val_top1"]})
-                print(f"  @{fraction:g} {mode:12s} {seconds:7.1f} s end to end ({result['wall_seconds']:.1f} s in "
-                      f"run), test top-1 {result['test_top1']:.2f}", flush=True)
-        frame = pd.DataFrame(rows)
-        for column in ("process_s", "run_s"):
-            frame[f"speedup_{column}"] = frame[column].iloc[0] / frame[column]
-        frames.append(frame)
-    frame = pd.concat(frames, ignore_index=True)
+        for repeat in range(repeats):
+            with tempfile.TemporaryDirectory(prefix="perf-cache-") as tmp:
+                # cold: an empty cache is filled; warm: the same results folder again (--force), so it is read.
+                for mode, folder, flags in CACHE_MODES:
+                    results_dir = Path(tmp) / folder
+                    argv = ["--method", "linear", "--fraction", str(fraction), "--epochs", str(epochs),
+                            "--results-dir", str(results_dir), *flags]
+                    seconds, result = timed_run(argv)
+                    rows.append({"mode": mode, "epochs": epochs, "train_fraction": fraction,
+                                 "n_train": result["n_train"], "repeat": repeat, "process_s": seconds,
+                                 "run_s": result["wall_seconds"], "test_top1": result["test_top1"],
+                                 "val_top1": result["val_top1"]})
+                    print(f"  @{fraction:g} {mode:12s} {seconds:7.1f} s end to end ({result['wall_seconds']:.2f} s "
+                          f"in run), test top-1 {result['test_top1']:.2f}", flush=True)
+    frame = cache_speedups(pd.DataFrame(rows))
     frame["threads"] = torch.get_num_threads()
     frame["measured_at"] = time.strftime("%Y-%m-%d %H:%M")
     atomic_write_text(out, frame.to_csv(index=False, float_format="%.6g"))
+    return frame
+
+
+def cache_speedups(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (fraction, mode): median process_s and run_s over repeats (with the run_s range), and the speed-ups
+    against the uncached median of the same fraction."""
+    keys = ["train_fraction", "mode"]
+    frame = (runs.groupby(keys, sort=False)
+             .agg(epochs=("epochs", "first"), n_train=("n_train", "first"), repeats=("repeat", "nunique"),
+                  process_s=("process_s", "median"), run_s=("run_s", "median"), run_s_min=("run_s", "min"),
+                  run_s_max=("run_s", "max"), test_top1=("test_top1", "median"), val_top1=("val_top1", "median"))
+             .reset_index())
+    for column in ("process_s", "run_s"):
+        uncached = frame[frame["mode"] == "no cache"].set_index("train_fraction")[column]
+        frame[f"speedup_{column}"] = frame["train_fraction"].map(uncached) / frame[column]
     return frame
 
 
@@ -438,7 +453,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed steps per method (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     p.add_argument("--repeats", type=int, default=1,
-                   help="run the method list this many times, interleaved, and report per-method medians")
+                   help="run the method list (or the cache benchmark's modes) this many times, interleaved, and "
+                        "report medians")
     p.add_argument("--precision", default="32", help="Lightning precision: 32, bf16-mixed, 16-mixed")
     p.add_argument("--compile", action="store_true", help="torch.compile each model")
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of the backbone blocks")
@@ -462,8 +478,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.feature_cache_benchmark:
         fractions = [float(f) for f in args.fractions.replace(",", " ").split()]
-        frame = feature_cache_benchmark(args.epochs, fractions, Path(args.out).with_name("perf_feature_cache.csv"))
-        print(markdown_table(frame[["train_fraction", "mode", "process_s", "run_s", "speedup_process_s",
+        frame = feature_cache_benchmark(args.epochs, fractions, Path(args.out).with_name("perf_feature_cache.csv"),
+                                        args.repeats)
+        print(markdown_table(frame[["train_fraction", "mode", "repeats", "process_s", "run_s", "speedup_process_s",
                                     "speedup_run_s", "test_top1"]]))
         return 0
     from methods import list_methods

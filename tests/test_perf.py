@@ -161,6 +161,20 @@ def test_repeats_reduce_to_per_method_medians():
     assert list(frame["batch_size"]) == [8, 8] and frame["batch_size"].dtype.kind == "i"
 
 
+def test_cache_speedups_are_ratios_of_medians_per_fraction():
+    modes = ["no cache", "cache, cold", "cache, warm"]
+    runs = pd.DataFrame({"train_fraction": [0.1] * 9 + [1.0] * 3, "mode": modes * 4, "epochs": 100, "n_train": 9,
+                         "repeat": [0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 0, 0],
+                         "run_s": [20.0, 2.0, 1.0, 30.0, 4.0, 2.0, 10.0, 3.0, 1.5, 60.0, 3.0, 2.0],
+                         "process_s": [27.0, 9.0, 8.0] * 4, "test_top1": 50.0, "val_top1": 50.0})
+    frame = perf.cache_speedups(runs).set_index(["train_fraction", "mode"])
+    assert frame.loc[(0.1, "no cache"), "run_s"] == 20.0 and frame.loc[(0.1, "no cache"), "repeats"] == 3
+    assert frame.loc[(0.1, "cache, warm"), "speedup_run_s"] == pytest.approx(20.0 / 1.5)
+    assert (frame.loc[(0.1, "cache, cold"), "run_s_min"], frame.loc[(0.1, "cache, cold"), "run_s_max"]) == (2.0, 4.0)
+    assert frame.loc[(1.0, "cache, cold"), "speedup_run_s"] == pytest.approx(20.0)  # its own fraction's baseline
+    assert frame.loc[(1.0, "no cache"), "speedup_process_s"] == 1.0
+
+
 def plain_blocks(model):
     """The same model with timm's own Block forward (prompt outputs computed, then discarded)."""
     from timm.models.vision_transformer import Block
