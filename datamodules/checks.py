@@ -13,6 +13,7 @@ Each raises `DataError`, a `ValueError`, so the run stops before training with o
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -78,17 +79,50 @@ def unreadable_reason(path: str | Path) -> str | None:
     return None
 
 
+def checked_images_dir() -> Path:
+    """Where lists of images that decoded are remembered: $VPT_BENCH_CACHE/checked-images, by default under
+    ~/.cache/vpt-bench (not in DATA_ROOT, which may be read-only or shared)."""
+    root = os.environ.get("VPT_BENCH_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / \
+        "vpt-bench"
+    return Path(root) / "checked-images"
+
+
+def file_list_digest(paths: Sequence[str | Path]) -> str:
+    """sha256 over each file's absolute path, size and modification time: any edit, replacement or re-download
+    of any listed file gives a new digest."""
+    digest = hashlib.sha256()
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def remember_checked(digest: str) -> None:
+    """Record that the file list with `digest` decoded; a cache that cannot be written only costs a re-check."""
+    try:
+        folder = checked_images_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / digest).touch()
+    except OSError:
+        pass
+
+
 def check_image_files(paths: Sequence[str | Path], split: str = "", workers: int | None = None) -> None:
     """Every path exists and decodes; raises one `DataError` naming the first few bad files and counting the rest.
 
     Existence is checked first (a stat per file) so that a wrong DATA_ROOT is reported as "missing" at once;
-    then every image is decoded in a thread pool (PIL releases the GIL while decoding).
+    then every image is decoded in a thread pool (PIL releases the GIL while decoding). A list that decoded
+    before, with every file's size and modification time unchanged, is not decoded again: a grid of runs over
+    the same dataset decodes it once, not once per run.
     """
     where = f" in the {split} split" if split else ""
     missing = [str(p) for p in paths if not os.path.isfile(p)]
     if missing:
         raise DataError(f"{len(missing)} of {len(paths)} image(s) listed{where} do not exist: {name_some(missing)}. "
                         "Check DATA_ROOT (image paths are relative to it) or re-run `make prepare`.")
+    digest = file_list_digest(paths)
+    if (checked_images_dir() / digest).is_file():
+        return
     workers = workers or min(32, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         reasons = list(pool.map(unreadable_reason, paths))
@@ -96,6 +130,7 @@ def check_image_files(paths: Sequence[str | Path], split: str = "", workers: int
     if bad:
         raise DataError(f"{len(bad)} image(s){where} cannot be read: {name_some(bad)}. "
                         "Replace or remove them (re-download the file, or drop it from the split list).")
+    remember_checked(digest)
 
 
 def load_image(path: str | Path, mode: str = "RGB"):

@@ -25,3 +25,9 @@ def tiny_vit():
 def tiny_batch():
     g = torch.Generator().manual_seed(0)
     return torch.randn(4, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, 1])
+
+
+@pytest.fixture(autouse=True)
+def own_checked_images_cache(tmp_path, monkeypatch):
+    """Each test remembers decoded image lists in its own folder, never in ~/.cache (datamodules/checks.py)."""
+    monkeypatch.setenv("VPT_BENCH_CACHE", str(tmp_path / "vpt-bench-cache"))

@@ -328,6 +328,36 @@ def test_unreadable_image_is_named(tmp_path, capsys, damage, reason):
     assert f"1 image(s) in the train split cannot be read: {victim} ({reason}" in err
 
 
+def test_a_list_that_decoded_is_not_decoded_again_until_a_file_changes(tmp_path, monkeypatch):
+    from datamodules import checks
+
+    root = write_image_list(tmp_path / "data")
+    paths = sorted((root / "images").glob("train_*.png"))
+    decoded = []
+    real_reason = checks.unreadable_reason
+    monkeypatch.setattr(checks, "unreadable_reason", lambda path: decoded.append(path) or real_reason(path))
+    checks.check_image_files(paths)
+    assert len(decoded) == len(paths)
+    checks.check_image_files(paths)  # remembered: only stats, no decoding
+    assert len(decoded) == len(paths)
+    victim = paths[1]
+    victim.write_bytes(victim.read_bytes()[:-30])  # damaged after the check: size and mtime change
+    with pytest.raises(checks.DataError, match=f"cannot be read: {victim}"):
+        checks.check_image_files(paths)
+    assert len(decoded) == 2 * len(paths)
+    assert len(list(checks.checked_images_dir().iterdir())) == 1  # the damaged list was not remembered
+
+
+def test_unwritable_checked_images_cache_only_costs_a_recheck(tmp_path, monkeypatch):
+    from datamodules import checks
+
+    root = write_image_list(tmp_path / "data")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("VPT_BENCH_CACHE", str(blocker))  # a file, so its subfolder cannot be created
+    checks.check_image_files(sorted((root / "images").glob("*.png")))
+
+
 def test_labels_out_of_range(tmp_path, capsys):
     root = write_image_list(tmp_path / "data")
     lines = (root / "test.txt").read_text().replace(" 2\n", " 7\n")
