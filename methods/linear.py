@@ -11,7 +11,9 @@ On cached features a step is a (B, D) x (D, C) matmul: microseconds of work unde
 per-batch machinery (hooks, logging, progress bar). `read_features(True, minibatch_size=B)` therefore takes one
 loader batch per epoch, the whole shuffled training set, and makes the same SGD updates on its consecutive
 B-sized slices inside one training_step (Lightning's manual optimization): same batches, same order, same
-optimizer and per-update schedule as one Lightning step per minibatch, at a fraction of the overhead.
+optimizer and per-update schedule as one Lightning step per minibatch, at a fraction of the overhead. For the
+usual linear head under cross-entropy the slices' gradients are written in closed form instead of through
+autograd (`head_backward_closed_form`, which says why); torch's optimizer and scheduler still make every update.
 """
 
 import math

@@ -62,6 +62,25 @@ def fit_and_test(model, datamodule, fit_metrics: dict | None = None) -> tuple[fl
     return accuracy, model.backbone.head.weight.detach().clone()
 
 
+def accuracy_by_hand(model, loader) -> float:
+    model.eval()
+    with torch.inference_mode():
+        pairs = [(model(x).argmax(dim=1), y) for x, y in loader]
+    return torch.cat([p for p, _ in pairs]).eq(torch.cat([y for _, y in pairs])).float().mean().item()
+
+
+def test_logged_epoch_accuracies_are_the_accuracies_over_the_whole_split():
+    """val/acc and test/acc (computed once per epoch from the steps' updates) equal the fraction of correct
+    predictions over the whole split, counted by hand; the metrics start again at zero every epoch."""
+    model, datamodule = setup_probe()
+    metrics = {}
+    test_acc, _ = fit_and_test(model, datamodule, metrics)
+    assert datamodule.eval_batch_size < len(datamodule.splits["val"].labels)  # several batches are combined
+    assert metrics["val/acc"].item() == pytest.approx(accuracy_by_hand(model, datamodule.val_dataloader()))
+    assert test_acc == pytest.approx(accuracy_by_hand(model, datamodule.test_dataloader()))
+    assert model.val_acc.update_count == 0 and model.test_acc.update_count == 0  # reset after each epoch
+
+
 def test_cached_probe_matches_uncached_accuracy(tmp_path):
     plain_acc, plain_head = fit_and_test(*setup_probe())
     model, datamodule = setup_probe()
