@@ -145,8 +145,8 @@ def load_digits_uint8() -> tuple[np.ndarray, np.ndarray]:
     every split of every run reads them.
 
     Read from the CSV that `sklearn.datasets.load_digits` itself parses, found without importing scikit-learn:
-    the import and load take 0.30 s against 0.02 s here, a third of a cached linear-probe run (tests/test_embedded_data.py checks the
-    arrays equal load_digits'). Without that file, load_digits.
+    its import and load take 0.30 s against 0.02 s here, a third of a cached linear-probe run
+    (tests/test_embedded_data.py checks the arrays equal load_digits'). Without that file, load_digits.
     """
     spec = importlib.util.find_spec("sklearn")
     path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
