@@ -14,8 +14,8 @@ Choices, each the paper's unless noted:
 
 Cost (VPT-deep): a block's outputs at the p prompt positions are thrown away (the "_" in eq. 4; the last block's
 are stripped), so computing their queries, attention rows, projection and MLP is wasted work: on ViT-B/16 with
-p = 50 that is a fifth of every block's matmuls. `KeyValuePromptBlock` runs a timm Block with the prompt rows as
-keys and values only and returns the other rows: the same function (tests/test_perf.py compares it
+p = 50 that is a fifth of every block's matmuls. `KeyValuePromptBlock` runs a timm Block with the prompts as
+extra keys and values only, never inserted into the sequence: the same function (tests/test_perf.py compares it
 with plain blocks) at about (N + p/6) / (N + p) of the matmul cost.
 """
 
@@ -52,8 +52,13 @@ class VPTOptions:
 
 
 class KeyValuePromptBlock(Block):
-    """A timm Block that, given `prompt_rows=(start, length)`, uses those rows only as attention keys/values
-    and returns the sequence without them; without it, exactly the timm Block."""
+    """A timm Block that, given `prompts` (B, p, D), uses them only as extra attention keys/values for the
+    sequence x and returns x's rows; without them, exactly the timm Block.
+
+    The prompts never enter x: no copy of the sequence with the prompt rows inserted and then removed again, and
+    where x needs no gradient (block 0: nothing below it trains) its queries, keys and values need no backward.
+    Attention is the same function of its keys in any order, so the prompt keys go first.
+    """
 
     @staticmethod
     def supports(block: nn.Module) -> bool:
@@ -63,28 +68,26 @@ class KeyValuePromptBlock(Block):
                 and getattr(attn, "gate", None) is None and type(attn.qkv) is nn.Linear)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                prompt_rows: tuple[int, int] | None = None) -> torch.Tensor:
-        if prompt_rows is None or attn_mask is not None or is_causal:
+                prompts: torch.Tensor | None = None) -> torch.Tensor:
+        if prompts is None or attn_mask is not None or is_causal:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        start, length = prompt_rows
-        kept = torch.cat([x[:, :start], x[:, start + length:]], dim=1)  # (B, T-p, D)
-        x = kept + self.drop_path1(self.ls1(self.attend(self.norm1(x), start, length)))
+        x = x + self.drop_path1(self.ls1(self.attend(self.norm1(x), self.norm1(prompts))))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
-    def attend(self, h: torch.Tensor, start: int, length: int) -> torch.Tensor:
-        """timm's Attention forward with queries only for the kept rows; keys and values for all rows."""
+    def attend(self, h: torch.Tensor, h_prompts: torch.Tensor) -> torch.Tensor:
+        """timm's Attention forward with queries for h's rows only, keys and values for the prompts' rows and h's."""
         attn = self.attn
         batch, tokens, _ = h.shape
         dim, heads, head_dim = attn.attn_dim, attn.num_heads, attn.head_dim
         weight, bias = attn.qkv.weight, attn.qkv.bias  # rows: q, then k, then v
-        kept = torch.cat([h[:, :start], h[:, start + length:]], dim=1)
-        q = F.linear(kept, weight[:dim], None if bias is None else bias[:dim])
-        q = q.reshape(batch, tokens - length, heads, head_dim).transpose(1, 2)  # (B, H, T-p, d)
-        kv = F.linear(h, weight[dim:], None if bias is None else bias[dim:])
-        k, v = kv.reshape(batch, tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, d)
+        q = F.linear(h, weight[:dim], None if bias is None else bias[:dim])
+        q = q.reshape(batch, tokens, heads, head_dim).transpose(1, 2)  # (B, H, N, d)
+        kv_bias = None if bias is None else bias[dim:]
+        kv = torch.cat([F.linear(h_prompts, weight[dim:], kv_bias), F.linear(h, weight[dim:], kv_bias)], dim=1)
+        k, v = kv.reshape(batch, -1, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, p+N, d)
         q, k = attn.q_norm(q), attn.k_norm(k)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-        out = attn.norm(out.transpose(1, 2).reshape(batch, tokens - length, dim))
+        out = attn.norm(out.transpose(1, 2).reshape(batch, tokens, dim))
         return attn.proj_drop(attn.proj(out))
 
 
@@ -118,16 +121,19 @@ class VisualPromptTuning(TuningModule):
         x = backbone._pos_embed(x)  # timm's own CLS/register concat + position embedding: (B, prefix+N, D)
         x = backbone.norm_pre(backbone.patch_drop(x))
         batch, p = x.shape[0], self.prompt_length
-        x = torch.cat([x[:, :prefix], self.prompts_for(0, batch), x[:, prefix:]], dim=1)  # (B, prefix+p+N, D)
         checkpointing = backbone.grad_checkpointing and torch.is_grad_enabled()
-        has_prompts = True  # whether x still holds the prompt rows (a KeyValuePromptBlock drops them)
+        has_prompts = False  # whether x holds prompt rows, after the prefix tokens
         for layer, block in enumerate(backbone.blocks):
-            if self.deep and layer > 0:  # this layer's prompts replace the previous block's prompt outputs
+            kwargs = {}
+            if layer == 0 or self.deep:  # deep: this layer's prompts replace the previous block's prompt outputs
+                prompts = self.prompts_for(layer, batch)  # (B, p, D)
                 rest = x[:, prefix + p:] if has_prompts else x[:, prefix:]
-                x = torch.cat([x[:, :prefix], self.prompts_for(layer, batch), rest], dim=1)  # (B, prefix+p+N, D)
-            kwargs = {"prompt_rows": (prefix, p)} if isinstance(block, KeyValuePromptBlock) else {}
+                if isinstance(block, KeyValuePromptBlock):  # their outputs would be discarded: keys/values only
+                    x = torch.cat([x[:, :prefix], rest], dim=1) if has_prompts else x
+                    kwargs, has_prompts = {"prompts": prompts}, False
+                else:
+                    x, has_prompts = torch.cat([x[:, :prefix], prompts, rest], dim=1), True  # (B, prefix+p+N, D)
             x = checkpoint(block, x, use_reentrant=False, **kwargs) if checkpointing else block(x, **kwargs)
-            has_prompts = not kwargs
         x = backbone.norm(x)
         if has_prompts:  # strip them, so the head sees a plain ViT's tokens
             x = torch.cat([x[:, :prefix], x[:, prefix + p:]], dim=1)

@@ -64,9 +64,18 @@ def test_tuned_and_total_params_and_summary_line(method):
 
 
 def capture_block_inputs(model) -> list[torch.Tensor]:
-    inputs = []
+    """Each block's input sequence as the paper writes it, [prefix, prompts, patches]: a KeyValuePromptBlock
+    (VPT-deep) takes its prompts beside the sequence, so they are put back in place here."""
+    inputs, prefix = [], model.backbone.num_prefix_tokens
+
+    def capture(_module, args, kwargs):
+        x, prompts = args[0].detach(), kwargs.get("prompts")
+        if prompts is not None:
+            x = torch.cat([x[:, :prefix], prompts.detach(), x[:, prefix:]], dim=1)
+        inputs.append(x.clone())
+
     for block in model.backbone.blocks:
-        block.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach().clone()))
+        block.register_forward_pre_hook(capture, with_kwargs=True)
     return inputs
 
 
