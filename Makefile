@@ -160,7 +160,7 @@ PERF_ARGS = $(call opt,--backbone,$(BACKBONE)) $(call opt,--methods,$(METHODS)) 
 	$(call opt,--steps,$(STEPS)) $(call opt,--warmup,$(WARMUP)) $(call opt,--repeats,$(REPEATS)) $(foreach a,$(METHOD_ARGS),--method-arg $(a)) \
 	$(if $(filter 1,$(COMPILE)),--compile) $(if $(filter 1,$(CHECKPOINTING)),--checkpointing)
 
-perf: install ## Cost per method -> results/perf.csv + figure [BACKBONE= METHODS=full,vpt_deep BATCH_SIZE= IMG_SIZE= PRECISION=bf16-mixed COMPILE=1 CHECKPOINTING=1 STEPS= WARMUP=]
+perf: install ## Cost per method -> results/perf.csv + figure [BACKBONE= METHODS=full,vpt_deep BATCH_SIZE= IMG_SIZE= PRECISION=bf16-mixed COMPILE=1 CHECKPOINTING=1 STEPS= WARMUP= REPEATS=]
 	$(PY) -m benchmark.perf $(PERF_ARGS)
 
 perf-cache: install data ## Linear probe end to end, with vs without the feature cache [EPOCHS=100 FRACTIONS=0.1,1.0 REPEATS=]
