@@ -83,10 +83,10 @@ class LinearProbe(TuningModule):
         targets = F.one_hot(labels, self.num_classes).to(features.dtype) if closed_form else labels
         weighted_losses, predictions = [], []
         for x, y in zip(features.split(self.minibatch_size), targets.split(self.minibatch_size), strict=True):
-            optimizer.zero_grad()
-            if closed_form:
+            if closed_form:  # assigns .grad outright: nothing to zero first
                 loss, logits = self.head_backward_closed_form(x, y)
             else:
+                optimizer.zero_grad()
                 logits = self(x)
                 loss = self.criterion(logits, y)
                 self.manual_backward(loss)
