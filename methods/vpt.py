@@ -83,7 +83,9 @@ class KeyValuePromptBlock(Block):
         q = F.linear(h, weight[:dim], None if bias is None else bias[:dim])
         q = q.reshape(batch, tokens, heads, head_dim).transpose(1, 2)  # (B, H, N, d)
         kv_bias = None if bias is None else bias[dim:]
-        kv = torch.cat([F.linear(h_prompts, weight[dim:], kv_bias), F.linear(h, weight[dim:], kv_bias)], dim=1)
+        # prompts shared by the batch (1, p, D): projected once, then broadcast to every image
+        kv_prompts = F.linear(h_prompts, weight[dim:], kv_bias).expand(batch, -1, -1)
+        kv = torch.cat([kv_prompts, F.linear(h, weight[dim:], kv_bias)], dim=1)
         k, v = kv.reshape(batch, -1, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, p+N, d)
         q, k = attn.q_norm(q), attn.k_norm(k)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
@@ -112,7 +114,13 @@ class VisualPromptTuning(TuningModule):
                     block.__class__ = KeyValuePromptBlock  # same parameters and state dict, one more forward mode
 
     def prompts_for(self, layer: int, batch: int) -> torch.Tensor:
-        return self.prompt_dropout(self.vpt_prompts[layer].expand(batch, -1, -1))  # (B, p, D)
+        """(B, p, D) with the VPT code's per-image dropout masks (it expands, then drops out); (1, p, D) where
+        dropout is off (rate 0, or eval): every image then sees the same prompts, so a KeyValuePromptBlock
+        projects them to keys/values once per batch instead of once per image — the same values, less work."""
+        prompts = self.vpt_prompts[layer].unsqueeze(0)  # (1, p, D)
+        if self.prompt_dropout.p == 0.0 or not self.prompt_dropout.training:
+            return prompts
+        return self.prompt_dropout(prompts.expand(batch, -1, -1))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         backbone = self.backbone
@@ -126,12 +134,13 @@ class VisualPromptTuning(TuningModule):
         for layer, block in enumerate(backbone.blocks):
             kwargs = {}
             if layer == 0 or self.deep:  # deep: this layer's prompts replace the previous block's prompt outputs
-                prompts = self.prompts_for(layer, batch)  # (B, p, D)
+                prompts = self.prompts_for(layer, batch)  # (B or 1, p, D)
                 rest = x[:, prefix + p:] if has_prompts else x[:, prefix:]
                 if isinstance(block, KeyValuePromptBlock):  # their outputs would be discarded: keys/values only
                     x = torch.cat([x[:, :prefix], rest], dim=1) if has_prompts else x
                     kwargs, has_prompts = {"prompts": prompts}, False
                 else:
+                    prompts = prompts.expand(batch, -1, -1)
                     x, has_prompts = torch.cat([x[:, :prefix], prompts, rest], dim=1), True  # (B, prefix+p+N, D)
             x = checkpoint(block, x, use_reentrant=False, **kwargs) if checkpointing else block(x, **kwargs)
         x = backbone.norm(x)

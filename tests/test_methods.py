@@ -71,7 +71,8 @@ def capture_block_inputs(model) -> list[torch.Tensor]:
     def capture(_module, args, kwargs):
         x, prompts = args[0].detach(), kwargs.get("prompts")
         if prompts is not None:
-            x = torch.cat([x[:, :prefix], prompts.detach(), x[:, prefix:]], dim=1)
+            prompts = prompts.detach().expand(x.shape[0], -1, -1)  # (1, p, D) where the batch shares them
+            x = torch.cat([x[:, :prefix], prompts, x[:, prefix:]], dim=1)
         inputs.append(x.clone())
 
     for block in model.backbone.blocks:

@@ -184,10 +184,12 @@ def plain_blocks(model):
     return model
 
 
+@pytest.mark.parametrize("prompt_dropout", [None, 0.0])
 @pytest.mark.parametrize("vit", [{}, {"reg_tokens": 2, "qkv_bias": False}, {"qk_norm": True, "init_values": 0.1}])
-def test_vpt_deep_prompt_rows_as_keys_values_only_is_the_same_function(vit, tiny_batch):
+def test_vpt_deep_prompt_rows_as_keys_values_only_is_the_same_function(vit, prompt_dropout, tiny_batch):
     """VPT-deep skips the queries/projection/MLP of prompt rows whose outputs are discarded: same logits and
-    gradients as plain timm blocks (train mode: prompt dropout and drop-path on), fewer FLOPs."""
+    gradients as plain timm blocks (train mode: drop-path on; per-image prompt dropout 0.1 by default, or none,
+    where the batch shares its prompts and they are projected once), fewer FLOPs."""
     from methods.vpt import KeyValuePromptBlock
 
     def step(model):
@@ -200,7 +202,7 @@ def test_vpt_deep_prompt_rows_as_keys_values_only_is_the_same_function(vit, tiny
     for _ in range(2):
         torch.manual_seed(0)
         models.append(create_method("vpt_deep", make_tiny_vit(drop_path_rate=0.2, **vit), num_classes=3,
-                                    prompt_length=5))
+                                    prompt_length=5, prompt_dropout=prompt_dropout))
     fast, plain = models[0], plain_blocks(models[1])
     assert all(isinstance(b, KeyValuePromptBlock) for b in fast.backbone.blocks)
     fast_logits, fast_grads = step(fast)
@@ -210,6 +212,27 @@ def test_vpt_deep_prompt_rows_as_keys_values_only_is_the_same_function(vit, tiny
         torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=f"gradient of {name}")
     assert training_flops(fast, tiny_batch) < training_flops(plain, tiny_batch)
     assert fast.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_vpt_deep_shares_prompts_across_the_batch_only_without_dropout(tiny_batch):
+    """The VPT code draws a dropout mask per image (expand, then drop out); with dropout off (eval, or rate 0)
+    the batch shares one (1, p, D) prompt set, projected to keys/values once: fewer FLOPs, the same logits."""
+    torch.manual_seed(0)
+    model = create_method("vpt_deep", make_tiny_vit(), num_classes=3, prompt_length=5)
+    masked = model.train().prompts_for(0, batch=4)
+    assert masked.shape == (4, 5, 32) and not torch.equal(masked[0], masked[1])  # a mask per image
+    assert model.eval().prompts_for(0, batch=4).shape == (1, 5, 32)
+    shared_flops = training_flops(model, tiny_batch)  # eval mode: shared prompts
+
+    per_image = model.prompts_for
+
+    def expanded(layer, batch):
+        return per_image(layer, batch).expand(batch, -1, -1)
+
+    shared_logits = model(tiny_batch[0])
+    model.prompts_for = expanded
+    torch.testing.assert_close(model(tiny_batch[0]), shared_logits, rtol=1e-5, atol=1e-6)
+    assert shared_flops < training_flops(model, tiny_batch)
 
 
 def test_vpt_deep_backbone_alone_is_still_plain(tiny_batch):
