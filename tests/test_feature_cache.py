@@ -127,8 +127,7 @@ def test_closed_form_head_gradient_equals_autograd(batch):
     loss.backward()
     expected = [p.grad.clone() for p in (model.backbone.head.weight, model.backbone.head.bias)]
     onehot = torch.nn.functional.one_hot(labels, model.num_classes).float()
-    closed_loss, logits = model.head_backward_closed_form(features, onehot)
-    torch.testing.assert_close(closed_loss, loss.detach(), rtol=1e-6, atol=1e-6)
+    logits = model.head_backward_closed_form(features, onehot)
     torch.testing.assert_close(logits, model.backbone.head(features).detach())
     torch.testing.assert_close(model.backbone.head.weight.grad, expected[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model.backbone.head.bias.grad, expected[1], rtol=1e-5, atol=1e-6)
