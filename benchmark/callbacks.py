@@ -11,6 +11,12 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss; the run is recorded as failed with this message."""
 
 
+def non_finite_loss_error(epoch: int, where: str, last_loss: float) -> NonFiniteLossError:
+    return NonFiniteLossError(
+        f"non-finite training loss in epoch {epoch}, {where} (last loss {last_loss}); the run was stopped. "
+        "Usual causes: a learning rate too high for this method (lower LR), or NaN/inf in the input data.")
+
+
 class StopOnNonFiniteLoss(L.Callback):
     """Stop training at the first NaN/inf training loss instead of finishing the epochs on garbage weights.
 
@@ -46,10 +52,7 @@ class StopOnNonFiniteLoss(L.Callback):
         if not all_finite:
             first = self._first_batch
             where = f"batch {batch_idx}" if batch_idx == first else f"batches {first}-{batch_idx}"
-            raise NonFiniteLossError(
-                f"non-finite training loss in epoch {trainer.current_epoch}, {where} (last loss {last_loss}); "
-                "the run was stopped. Usual causes: a learning rate too high for this method (lower LR), "
-                "or NaN/inf in the input data.")
+            raise non_finite_loss_error(trainer.current_epoch, where, last_loss)
 
 
 class EpochProgressBar(TQDMProgressBar):

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import methods
+from benchmark import probe_loop
 from benchmark.callbacks import EpochProgressBar, NonFiniteLossError, StopOnNonFiniteLoss
 from benchmark.config import REPO_ROOT, RunConfig
 from benchmark.distributed import for_this_process, per_process_batch_size
@@ -96,6 +97,18 @@ def with_feature_cache(cfg: RunConfig, model: L.LightningModule, datamodule, tra
         return datamodule
     return cached_datamodule(model, datamodule, f"{cfg.results_dir}/cache/features", trainer.strategy.root_device,
                              cfg.precision, whole_epochs=trainer.world_size == 1)
+
+
+def fit_and_test(cfg: RunConfig, trainer: L.Trainer, model: L.LightningModule, loaders) -> tuple[float, float]:
+    """(val top-1, test top-1) in %: Lightning's fit and test, or for the whole-epoch linear probe on cached
+    features the plain loop that reproduces them without Lightning's per-epoch cost (benchmark/probe_loop.py)."""
+    if probe_loop.can_train_outside_trainer(model, loaders, cfg.precision):
+        metrics = probe_loop.fit_and_test(model, loaders, cfg.epochs, trainer.loggers)
+        return metrics["val/acc"] * 100, metrics["test/acc"] * 100
+    trainer.fit(model, datamodule=loaders)
+    # torchmetrics objects: Lightning's compute() sums their counts over all processes, so both are global.
+    val_top1 = float(trainer.callback_metrics["val/acc"]) * 100
+    return val_top1, float(trainer.test(model, datamodule=loaders, verbose=False)[0]["test/acc"]) * 100
 
 
 def loggers(cfg: RunConfig) -> list:
@@ -205,10 +218,7 @@ def run(cfg: RunConfig) -> dict:
     datamodule = with_feature_cache(cfg, model, datamodule, trainer)
     loaders = for_this_process(datamodule, trainer, cfg.seed)
     try:
-        trainer.fit(model, datamodule=loaders)
-        # torchmetrics objects: Lightning's compute() sums their counts over all processes, so both are global.
-        val_top1 = float(trainer.callback_metrics["val/acc"]) * 100
-        test_top1 = float(trainer.test(model, datamodule=loaders, verbose=False)[0]["test/acc"]) * 100
+        val_top1, test_top1 = fit_and_test(cfg, trainer, model, loaders)
     except Exception as err:  # noqa: BLE001 — recorded as a failed result; KeyboardInterrupt/SystemExit pass
         return record_failure(cfg, path, started, err)
     result = run_record(cfg, started) | {

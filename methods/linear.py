@@ -72,13 +72,17 @@ class LinearProbe(TuningModule):
     def training_step(self, batch, batch_idx):
         if self.minibatch_size is None:
             return super().training_step(batch, batch_idx)
-        return self.train_whole_epoch(*batch)
+        features, labels = batch
+        loss, logits = self.whole_epoch_updates(features, labels, self.optimizers(), self.lr_schedulers())
+        self.train_acc.update(logits.argmax(dim=1), labels)  # one update: the counts are the same
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
+                 batch_size=len(labels))
+        return loss
 
-    def train_whole_epoch(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def whole_epoch_updates(self, features: torch.Tensor, labels: torch.Tensor, optimizer, schedule):
         """Lightning's automatic step (training_step, zero_grad, backward, optimizer step, then the per-step
-        scheduler) once per minibatch slice; logs what the per-minibatch steps would: the size-weighted mean
-        loss and the accuracy over the epoch."""
-        optimizer, schedule = self.optimizers(), self.lr_schedulers()
+        scheduler) once per minibatch slice of the epoch; returns what the per-minibatch steps would log: the
+        size-weighted mean loss, and every row's logits (each from the weights before its own update)."""
         closed_form = self.head_gradient_has_closed_form(features)
         targets = F.one_hot(labels, self.num_classes).to(features.dtype) if closed_form else labels
         all_logits, weighted_losses = [], []
@@ -89,20 +93,18 @@ class LinearProbe(TuningModule):
                 optimizer.zero_grad()
                 logits = self(x)
                 loss = self.criterion(logits, y)
-                self.manual_backward(loss)
+                self.manual_backward(loss) if self._trainer is not None else loss.backward()
                 weighted_losses.append(loss.detach() * len(x))
             optimizer.step()
             schedule.step()
             all_logits.append(logits.detach())
-        logits = torch.cat(all_logits)  # each row from the weights before its own update, as in the steps
-        self.train_acc.update(logits.argmax(dim=1), labels)  # one update: the counts are the same
+        logits = torch.cat(all_logits)
         # Where the closed form applies (plain mean cross-entropy), the size-weighted mean of the slices' mean
         # losses is the mean over all rows: one op per epoch instead of several per update.
-        loss = (self.criterion(logits, labels) if closed_form
-                else torch.stack(weighted_losses).sum() / len(labels))
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
-                 batch_size=len(labels))
-        return loss
+        with torch.no_grad():
+            loss = (self.criterion(logits, labels) if closed_form
+                    else torch.stack(weighted_losses).sum() / len(labels))
+        return loss, logits
 
     def head_gradient_has_closed_form(self, features: torch.Tensor) -> bool:
         """A linear head under plain mean cross-entropy, outside autocast: see head_backward_closed_form."""
