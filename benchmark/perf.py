@@ -382,25 +382,29 @@ def timed_run(argv: list[str]) -> tuple[float, dict]:
     if done.returncode != 0:
         raise RuntimeError(f"benchmark.run {' '.join(argv)} failed:\n{done.stderr[-3000:]}")
     results_dir = Path(argv[argv.index("--results-dir") + 1])
-    result = json.loads(next((results_dir / "runs").rglob("*.json")).read_text())
+    newest = max((results_dir / "runs").rglob("*.json"), key=lambda path: path.stat().st_mtime_ns)  # this run's
+    result = json.loads(newest.read_text())
     return seconds, result
 
 
+# cold: an empty cache is filled; warm: the same run again (--force), reading it; new seed: another train subset
+# (and shuffle) of the same size, so only the train split is computed (val and test features are keyed by their
+# content and read): what most runs of a grid over seeds and fractions cost.
 CACHE_MODES = (("no cache", "uncached", ["--no-feature-cache"]), ("cache, cold", "cached", []),
-               ("cache, warm", "cached", ["--force"]))
+               ("cache, warm", "cached", ["--force"]), ("cache, new seed", "cached", ["--force", "--seed", "1"]))
 
 
 def feature_cache_benchmark(epochs: int, fractions: list[float], out: Path, repeats: int = 1) -> pd.DataFrame:
-    """The linear probe on the embedded default at each train fraction: no cache, cache computed (cold), cache
-    read (warm). process_s is the whole command (interpreter and imports included); run_s is the run itself,
-    from the config to the written result, which is what each run of a grid or search costs (they share one
-    process). With `repeats`, the three modes are run in turn that many times (so a slow spell of a shared
-    machine hits all of them) and each is reported as its median."""
+    """The linear probe on the embedded default at each train fraction, in the CACHE_MODES: no cache, cache
+    computed (cold), cache read (warm), another seed (its train split computed, val/test read). process_s is the
+    whole command (interpreter and imports included); run_s is the run itself, from the config to the written
+    result, which is what each run of a grid or search costs (they share one process). With `repeats`, the modes
+    are run in turn that many times (so a slow spell of a shared machine hits all of them) and each is reported
+    as its median."""
     rows = []
     for fraction in fractions:
         for repeat in range(repeats):
             with tempfile.TemporaryDirectory(prefix="perf-cache-") as tmp:
-                # cold: an empty cache is filled; warm: the same results folder again (--force), so it is read.
                 for mode, folder, flags in CACHE_MODES:
                     results_dir = Path(tmp) / folder
                     argv = ["--method", "linear", "--fraction", str(fraction), "--epochs", str(epochs),
@@ -410,7 +414,7 @@ def feature_cache_benchmark(epochs: int, fractions: list[float], out: Path, repe
                                  "n_train": result["n_train"], "repeat": repeat, "process_s": seconds,
                                  "run_s": result["wall_seconds"], "test_top1": result["test_top1"],
                                  "val_top1": result["val_top1"]})
-                    print(f"  @{fraction:g} {mode:12s} {seconds:7.1f} s end to end ({result['wall_seconds']:.2f} s "
+                    print(f"  @{fraction:g} {mode:15s} {seconds:7.1f} s end to end ({result['wall_seconds']:.2f} s "
                           f"in run), test top-1 {result['test_top1']:.2f}", flush=True)
     frame = cache_speedups(pd.DataFrame(rows))
     frame["threads"] = torch.get_num_threads()
