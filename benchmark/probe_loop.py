@@ -52,9 +52,10 @@ def fit_and_test(model, datamodule: CachedFeatureDataModule, epochs: int, logger
             model.train()
             for features, labels in train_loader:  # one batch: the whole epoch in the loader's shuffled order
                 loss, logits = model.whole_epoch_updates(features, labels, optimizer, schedule)
-            if not math.isfinite(loss.item()):  # the epoch is the loader's one batch, as the Trainer counts it
-                raise non_finite_loss_error(epoch, "batch 0", loss.item())
-            train = {"train/loss": loss.item(), "train/acc": accuracy(model.train_acc, logits, labels)}
+            train_loss = loss.item()
+            if not math.isfinite(train_loss):  # the epoch is the loader's one batch, as the Trainer counts it
+                raise non_finite_loss_error(epoch, "batch 0", train_loss)
+            train = {"train/loss": train_loss, "train/acc": accuracy(model.train_acc, logits, labels)}
             val = evaluate(model, val_loader, "val", model.val_acc)
             # The Trainer's order and steps: the validation row, then the training row, both at step = epoch.
             log(loggers, val, epoch)

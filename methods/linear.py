@@ -14,6 +14,8 @@ B-sized slices inside one training_step (Lightning's manual optimization): same 
 optimizer and per-update schedule as one Lightning step per minibatch, at a fraction of the overhead. For the
 usual linear head under cross-entropy the slices' gradients are written in closed form instead of through
 autograd (`head_backward_closed_form`, which says why); torch's optimizer and scheduler still make every update.
+In one process in fp32 a run drives these same updates from a plain loop instead of the Trainer
+(benchmark/probe_loop.py says why).
 """
 
 import math
@@ -93,7 +95,10 @@ class LinearProbe(TuningModule):
                 optimizer.zero_grad()
                 logits = self(x)
                 loss = self.criterion(logits, y)
-                self.manual_backward(loss) if self._trainer is not None else loss.backward()
+                if self._trainer is not None:  # in Lightning's loop: its backward (precision plugin, hooks)
+                    self.manual_backward(loss)
+                else:  # benchmark/probe_loop.py
+                    loss.backward()
                 weighted_losses.append(loss.detach() * len(x))
             optimizer.step()
             schedule.step()
@@ -122,7 +127,7 @@ class LinearProbe(TuningModule):
         dL/dlogits = (softmax - onehot) / B, so dL/dW = dlogits^T x and dL/db = dlogits summed over the batch.
         On a (64, D) x (D, C) head, autograd's backward costs ~150 us of engine overhead per update against ~30 us
         of arithmetic (measured on the 2-core CPU; 1,600 updates per 100 epochs made it a third of a cached run).
-        Six ops, each ~10 us of dispatch here, so none is spent on the loss: train_whole_epoch computes it once
+        Six ops, each ~10 us of dispatch here, so none is spent on the loss: whole_epoch_updates computes it once
         per epoch from the logits. torch's optimizer and scheduler still make the update; tests/test_feature_cache.py
         checks the result against autograd steps.
         """
