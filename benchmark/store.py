@@ -6,8 +6,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:  # pandas is imported where a table is built: a single run (`make bench`) never needs its 0.5 s
+    import pandas as pd
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -46,6 +48,8 @@ def read_result(path: str | Path) -> dict | None:
 def load_runs(results_dir: str | Path) -> pd.DataFrame:
     """Every run JSON below results_dir/runs as one row (nested values dropped, but the config's `tag` kept:
     it tells search points of the selection protocol from final runs)."""
+    import pandas as pd
+
     rows = []
     for path in sorted((Path(results_dir) / "runs").rglob("*.json")):
         result = read_result(path)
@@ -61,6 +65,8 @@ def read_summary(results_dir: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run a grid first (`make grid`), or point RESULTS= at a "
                                 "folder holding runs/ or summary.csv.")
+    import pandas as pd
+
     frame = pd.read_csv(path)
     if "tag" in frame:
         frame["tag"] = frame["tag"].fillna("").astype(str)
