@@ -35,6 +35,7 @@ class RunConfig:
     epochs: int | None = None
     warmup_epochs: float | None = None
     batch_size: int | None = None
+    head_init: str | None = None  # None: the recipe's (paper: "vpt", the VPT code's head), else "pytorch"
     method_options: dict = field(default_factory=dict)  # e.g. {"prompt_length": 10}
     backbone_kwargs: dict = field(default_factory=dict)  # timm create_model kwargs, e.g. {"img_size": 384}
     data_root: str | None = None
@@ -76,6 +77,7 @@ class RunConfig:
         for name in RECIPE_FIELDS:
             if getattr(cfg, name) is None:
                 setattr(cfg, name, recipe[name])
+        cfg.head_init = cfg.head_init or recipe.get("head_init", "pytorch")
         cfg.method_options = {**recipe.get("method_options", {}), **cfg.method_options}
         if recipe.get("lr_scaling") == "batch/256" and self.lr is None:  # paper: lr = base_lr * batch / 256
             cfg.lr = recipe["lr"] * cfg.batch_size / 256

@@ -28,9 +28,9 @@ from benchmark.config import REPO_ROOT, RunConfig
 from benchmark.distributed import for_this_process, per_process_batch_size
 from benchmark.feature_cache import cached_datamodule, can_cache
 from benchmark.store import atomic_write_json, read_result, result_path
-from benchmark.validate import ConfigError, check_fraction, validate_config, validate_data
+from benchmark.validate import ConfigError, check_fraction, planned_data_config, validate_config, validate_data
 from datamodules import create_datamodule
-from methods import OptimConfig, create_backbone, create_method, data_config
+from methods import OptimConfig, create_backbone, create_method
 
 
 def git(*args: str) -> str | None:
@@ -66,18 +66,20 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def build(cfg: RunConfig):
-    """Backbone, method and datamodule for a resolved config."""
-    backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights,
-                               **cfg.backbone_kwargs)
-    datamodule = create_datamodule(cfg.dataset, data_config=data_config(backbone), train_fraction=cfg.train_fraction,
-                                   seed=cfg.seed, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                   train_on=cfg.train_on, data_root=cfg.data_root)
+def build_datamodule(cfg: RunConfig, data_cfg: dict):
+    return create_datamodule(cfg.dataset, data_config=data_cfg, train_fraction=cfg.train_fraction, seed=cfg.seed,
+                             batch_size=cfg.batch_size, num_workers=cfg.num_workers, train_on=cfg.train_on,
+                             data_root=cfg.data_root)
+
+
+def build_model(cfg: RunConfig, num_classes: int) -> methods.TuningModule:
+    """The backbone with its weights (read from a file or fetched from the hub) wrapped by the method."""
+    backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights, **cfg.backbone_kwargs)
     optim = OptimConfig(optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                         warmup_epochs=cfg.warmup_epochs, max_epochs=cfg.epochs)
-    model = create_method(cfg.method, backbone, datamodule.num_classes, optim, **cfg.method_options)
+    model = create_method(cfg.method, backbone, num_classes, optim, head_init=cfg.head_init, **cfg.method_options)
     apply_speed_options(model, compile=cfg.compile, checkpointing=cfg.checkpointing)
-    return model, datamodule
+    return model
 
 
 def apply_speed_options(model: L.LightningModule, *, compile: bool, checkpointing: bool) -> None:
@@ -141,11 +143,14 @@ def make_trainer(cfg: RunConfig) -> L.Trainer:
 
 
 def prepare(cfg: RunConfig):
-    """Build and load everything, then check the data; a bad weights file or dataset raises ConfigError."""
+    """Data first, then weights: DATA_ROOT, split files, labels and the fraction against the class sizes, then the
+    image files, are all checked before a backbone's weights are read or fetched. A bad dataset or weights file
+    raises ConfigError."""
     try:
-        model, datamodule = build(cfg)
+        datamodule = build_datamodule(cfg, planned_data_config(cfg))
         datamodule.setup()
         validate_data(datamodule, cfg)
+        model = build_model(cfg, datamodule.num_classes)
     except ConfigError:
         raise
     except (ValueError, OSError) as err:  # methods.backbone and datamodules name the file and the fix
@@ -178,7 +183,7 @@ def record_failure(cfg: RunConfig, path, started: float, err: Exception) -> dict
 
 # Settings that change a result but not its file name (run_id holds method, dataset, fraction, seed, train_on, tag).
 RESULT_SETTINGS = ("backbone", "weights", "pretrained", "recipe", "optimizer", "lr", "weight_decay", "epochs",
-                   "warmup_epochs", "batch_size", "method_options", "backbone_kwargs", "precision")
+                   "warmup_epochs", "batch_size", "head_init", "method_options", "backbone_kwargs", "precision")
 
 
 def changed_settings(stored: dict, cfg: RunConfig) -> list[str]:

@@ -26,6 +26,7 @@ import numpy as np
 from benchmark.config import RunConfig, list_recipes
 from datamodules import list_datasets
 from datamodules.checks import check_image_files
+from methods.base import HEAD_INITS
 from methods.registry import closest_name
 
 # Accepted ranges: wide enough for every recipe of the paper (SGD base lrs up to 50, scaled by batch/256),
@@ -146,6 +147,9 @@ def check_numbers(cfg: RunConfig) -> list[str]:
         problems.append(f"warmup_epochs must be a number >= 0, got {cfg.warmup_epochs!r} (--warmup-epochs).")
     if cfg.train_on not in ("train", "trainval"):
         problems.append(f"train_on must be 'train' or 'trainval', got {cfg.train_on!r}.")
+    if cfg.head_init not in HEAD_INITS:
+        problems.append(f"head_init must be one of {', '.join(HEAD_INITS)}, got {cfg.head_init!r} (the recipe "
+                        f"{cfg.recipe!r}).")
     return problems
 
 
@@ -177,25 +181,42 @@ def check_method_options(cfg: RunConfig) -> list[str]:
     return []
 
 
+def meta_backbone(cfg: RunConfig):
+    """The run's backbone architecture on PyTorch's `meta` device: no weights read or fetched, no memory."""
+    import torch
+
+    from methods import create_backbone
+
+    # weight_init="skip": timm's initialisation runs through Python reference kernels on `meta` (0.05 s for the
+    # embedded ViT, 0.1-0.3 s for ViT-B) and decides nothing about whether the model builds.
+    with torch.device("meta"):
+        try:
+            return create_backbone(cfg.backbone, pretrained=False, weight_init="skip", **cfg.backbone_kwargs)
+        except TypeError:  # a ViT variant without timm's weight_init argument
+            return create_backbone(cfg.backbone, pretrained=False, **cfg.backbone_kwargs)
+
+
+def planned_data_config(cfg: RunConfig) -> dict:
+    """The backbone's data config (input size, mean, std, ...) without its weights: timm takes it from the model
+    name's pretrained config, so the datamodule can be built and checked before any weights are read."""
+    from methods import data_config
+
+    return data_config(meta_backbone(cfg))
+
+
 def check_model_builds(cfg: RunConfig) -> list[str]:
     """Build the backbone and the method on the `meta` device: catches a non-ViT backbone and options that do
     not fit its geometry (e.g. an adapter reduction that does not divide the width) without allocating memory."""
     import torch
 
-    from methods import OptimConfig, create_backbone, create_method
+    from methods import OptimConfig, create_method
 
     optim = OptimConfig(optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                         warmup_epochs=cfg.warmup_epochs, max_epochs=cfg.epochs)
-    # weight_init="skip": timm's initialisation runs through Python reference kernels on `meta` (0.05 s for the
-    # embedded ViT, 0.1-0.3 s for ViT-B) and decides nothing about whether the model builds.
-    kwargs = {"weight_init": "skip", **getattr(cfg, "backbone_kwargs", {})}
     try:
+        backbone = meta_backbone(cfg)
         with torch.device("meta"):
-            try:
-                backbone = create_backbone(cfg.backbone, pretrained=False, **kwargs)
-            except TypeError:  # a ViT variant without timm's weight_init argument
-                backbone = create_backbone(cfg.backbone, pretrained=False, **getattr(cfg, "backbone_kwargs", {}))
-            create_method(cfg.method, backbone, 2, optim, **cfg.method_options)
+            create_method(cfg.method, backbone, 2, optim, head_init=cfg.head_init, **cfg.method_options)
     except (TypeError, ValueError, RuntimeError) as err:
         return [f"{err} (BACKBONE={cfg.backbone}, METHOD={cfg.method})"]
     return []

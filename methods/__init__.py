@@ -8,9 +8,11 @@ from methods.base import OptimConfig, TuningModule
 from methods.registry import get_method_class, list_methods, register_method
 
 
-def create_method(name: str, backbone, num_classes: int, optim: OptimConfig | None = None, **options) -> TuningModule:
-    """Wrap `backbone` with tuning method `name`; `options` are the method's own (e.g. prompt_length=10)."""
-    return get_method_class(name).from_options(backbone, num_classes, optim, **options)
+def create_method(name: str, backbone, num_classes: int, optim: OptimConfig | None = None, *,
+                  head_init: str = "pytorch", **options) -> TuningModule:
+    """Wrap `backbone` with tuning method `name`; `options` are the method's own (e.g. prompt_length=10);
+    `head_init` is "pytorch" (nn.Linear's init) or "vpt" (the VPT code's head)."""
+    return get_method_class(name).from_options(backbone, num_classes, optim, head_init=head_init, **options)
 
 
 __all__ = ["OptimConfig", "TuningModule", "create_backbone", "create_method", "data_config", "get_method_class",

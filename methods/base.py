@@ -62,18 +62,42 @@ def fused_if_supported(module: nn.Module) -> dict:
     return {"fused": True} if trained and supported else {}
 
 
+HEAD_INITS = ("pytorch", "vpt")
+# The VPT code's head bias (src/models/mlp.py, special_bias): -log((1 - 0.01) / 0.01), a prior of 1% per class.
+VPT_HEAD_BIAS = -math.log((1 - 0.01) / 0.01)
+
+
+def init_head(layer: nn.Linear, head_init: str) -> None:
+    """"pytorch": nn.Linear's own init (uniform, bound 1/sqrt(fan_in)). "vpt": the VPT code's head, Kaiming-normal
+    weights over fan-out (std sqrt(2 / num_classes)) and a constant bias; a constant bias shifts every logit alike,
+    so only the weights change what trains."""
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}.")
+    if head_init == "vpt":
+        nn.init.kaiming_normal_(layer.weight, a=0, mode="fan_out")
+        nn.init.constant_(layer.bias, VPT_HEAD_BIAS)
+
+
 class TuningModule(L.LightningModule):
-    """A timm VisionTransformer with a new head; subclasses choose what trains."""
+    """A timm VisionTransformer with a new head; subclasses choose what trains.
+
+    Train/eval mode: a method that freezes the backbone (every method but `full`) keeps every pretrained backbone
+    module in eval mode while training, so dropout or drop-path of a backbone built with them never act on it — the
+    VPT code does the same (`froze_enc` for linear, partial, bias, adapter; the prompt ViT's `train()` override).
+    Only the modules a method adds (the head, prompt dropout, adapters) follow `train()` / `eval()`.
+    """
 
     method_name: ClassVar[str] = ""
     options_cls: ClassVar[type] = NoOptions
+    frozen_backbone: ClassVar[bool] = True  # False: the pretrained modules train, in train mode (full fine-tuning)
 
     def __init__(self, backbone: VisionTransformer, num_classes: int, optim: OptimConfig | None = None,
-                 options: Any = None):
+                 options: Any = None, *, head_init: str = "pytorch"):
         super().__init__()
         if not isinstance(backbone, VisionTransformer):
             raise TypeError(f"Methods wrap a timm VisionTransformer, got {type(backbone).__name__}.")
         self.backbone = backbone
+        pretrained = list(backbone.modules())  # before the new head and whatever the method adds
         self.backbone.reset_classifier(num_classes)
         self.num_classes = num_classes
         self.optim = optim or OptimConfig()
@@ -81,20 +105,35 @@ class TuningModule(L.LightningModule):
         self.backbone.requires_grad_(False)
         self.adapt()
         self.backbone.get_classifier().requires_grad_(True)  # every protocol trains a fresh head
+        init_head(self.classifier_layer(), head_init)
+        # A plain list (not registered as submodules): only the train() override below reads it.
+        in_model = {id(m) for m in self.backbone.modules()}
+        self.pretrained_modules = [m for m in pretrained if id(m) in in_model] if self.frozen_backbone else []
         self.criterion = nn.CrossEntropyLoss()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
     @classmethod
-    def from_options(cls, backbone: VisionTransformer, num_classes: int, optim: OptimConfig | None = None,
-                     **options) -> TuningModule:
+    def from_options(cls, backbone: VisionTransformer, num_classes: int, optim: OptimConfig | None = None, *,
+                     head_init: str = "pytorch", **options) -> TuningModule:
         valid = {f.name for f in fields(cls.options_cls)}
         unknown = set(options) - valid
         if unknown:
             raise ValueError(f"Method {cls.method_name!r} has no option(s) {sorted(unknown)}; "
                              f"its options are: {sorted(valid) or 'none'}.")
-        return cls(backbone, num_classes, optim, cls.options_cls(**options))
+        return cls(backbone, num_classes, optim, cls.options_cls(**options), head_init=head_init)
+
+    def classifier_layer(self) -> nn.Linear:
+        """The Linear that produces the logits: the head itself, or the last layer of a deeper head (mlp_k)."""
+        return [m for m in self.backbone.get_classifier().modules() if isinstance(m, nn.Linear)][-1]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:  # pretrained modules of a frozen backbone stay in eval mode (see the class docstring)
+            for module in self.pretrained_modules:
+                module.training = False
+        return self
 
     # --- what a method changes -------------------------------------------------------------------
     def adapt(self) -> None:

@@ -1,10 +1,46 @@
-"""Full fine-tuning: every backbone parameter and the new head train (the paper's FULL baseline)."""
+"""Full fine-tuning: every backbone parameter and the new head train (the paper's FULL baseline).
+
+`dropout` is the VPT code's ViT config `dropout_rate` (0.1 in src/configs/vit_configs.py), which its full
+fine-tuning ('end2end') trains with: in each MLP after the activation and after fc2, and after the position
+embedding; its attention dropout is 0. Here it sets the same timm modules (`mlp.drop1`, `mlp.drop2`, `pos_drop`) and
+leaves `attn.proj_drop` alone, which timm's `proj_drop_rate` would also set. The paper recipe uses 0.1.
+"""
+
+from dataclasses import dataclass, field
+
+from torch import nn
 
 from methods.base import TuningModule
 from methods.registry import register_method
 
 
+@dataclass
+class FullOptions:
+    dropout: float = field(default=0.0, metadata={
+        "help": "dropout in every MLP (after the activation and after fc2) and after the position embedding "
+                "(VPT code: 0.1)"})
+
+    def __post_init__(self):
+        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
+            raise ValueError(f"full dropout must be a number in [0, 1), got {self.dropout!r}.")
+
+
 @register_method("full")
 class FullFineTuning(TuningModule):
+    options_cls = FullOptions
+    frozen_backbone = False
+
     def adapt(self) -> None:
         self.backbone.requires_grad_(True)
+        if self.options.dropout:
+            self.set_dropout(float(self.options.dropout))
+
+    def set_dropout(self, rate: float) -> None:
+        backbone = self.backbone
+        mlps = [block.mlp for block in backbone.blocks]
+        if not all(isinstance(getattr(m, name, None), nn.Dropout) for m in mlps for name in ("drop1", "drop2")):
+            raise ValueError(f"full dropout={rate} sets timm Mlp's drop1/drop2; this backbone's MLPs are "
+                             f"{type(mlps[0]).__name__}. Use dropout=0 or a backbone with timm's Mlp.")
+        for mlp in mlps:
+            mlp.drop1.p = mlp.drop2.p = rate
+        backbone.pos_drop.p = rate
