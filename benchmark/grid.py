@@ -39,9 +39,10 @@ from typing import TextIO
 from benchmark.config import RunConfig
 from benchmark.store import read_result, result_path, write_summary
 from benchmark.validate import ConfigError, check_fraction, validate_config
+from methods.registry import fig3_methods
 
 PAPER_FRACTIONS = (0.1, 0.2, 0.4, 0.8, 1.0)  # the training-data ratios of Fig. 3 (Jia et al., ECCV 2022)
-PAPER_METHODS = ("full", "linear", "bias", "adapter", "vpt_shallow", "vpt_deep")
+PAPER_METHODS = tuple(fig3_methods())  # full, linear, bias, adapter, vpt_shallow, vpt_deep
 
 
 class GridInterrupted(BaseException):

@@ -27,14 +27,8 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from benchmark.store import read_summary, write_summary
+from methods.registry import color, label, table_order
 
-PAPER_ORDER = ("full", "linear", "partial_k", "mlp_k", "bias", "adapter", "lora", "vpt_shallow", "vpt_deep")
-METHOD_LABELS = {"full": "Full", "linear": "Linear", "partial_k": "Partial-k", "mlp_k": "MLP-k", "bias": "Bias",
-                 "adapter": "Adapter", "lora": "LoRA", "vpt_shallow": "VPT-shallow", "vpt_deep": "VPT-deep"}
-# VPT-deep in purple: red and green are the shading's "behind" / "ahead".
-METHOD_COLORS = {"full": "#4d4d4d", "linear": "#1f77b4", "bias": "#ff7f0e", "adapter": "#8c564b",
-                 "vpt_shallow": "#17becf", "vpt_deep": "#7b2cbf", "partial": "#bcbd22", "mlp": "#e377c2",
-                 "lora": "#9edae5"}
 FIG3_FOCUS = "vpt_deep"
 FIG3_COMPARED = ("linear", "adapter", "bias")  # one panel each, as in the paper
 FIG3_REFERENCES = ("vpt_shallow", "full")  # drawn in every panel
@@ -42,20 +36,6 @@ AHEAD_COLOR, BEHIND_COLOR = "#2ca02c", "#d62728"  # shading: VPT-deep ahead / be
 PERCENT_RANGE = (1e-3, 100.0)  # tuned-parameter % mapped to marker area on a log scale
 MARKER_AREA = (10.0, 190.0)
 FRACTION_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-
-
-def label(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
-
-
-def color(method: str) -> str:
-    return METHOD_COLORS.get(method, "#7f7f7f")
-
-
-def ordered(methods) -> list[str]:
-    """The paper's table order first, then any other method alphabetically."""
-    methods = set(methods)
-    return [m for m in PAPER_ORDER if m in methods] + sorted(methods - set(PAPER_ORDER))
 
 
 # --- loading ---------------------------------------------------------------------------------------------
@@ -183,7 +163,7 @@ def plot_fig3(curves: pd.DataFrame, title: str | None = None) -> Figure:
         format_fraction_axis(ax, fractions)
     n_tasks, n_seeds = int(curves["n_tasks"].max()), int(curves["n_seeds"].max())
     axes[0].set_ylabel(f"test top-1 (%), mean of {n_tasks} task{'s' * (n_tasks > 1)}")
-    shown = [m for m in ordered(curves["method"]) if m in (FIG3_FOCUS, *FIG3_COMPARED, *FIG3_REFERENCES)]
+    shown = [m for m in table_order(curves["method"]) if m in (FIG3_FOCUS, *FIG3_COMPARED, *FIG3_REFERENCES)]
     handles = [Line2D([], [], color=color(m), lw=2, ls="--" if m in FIG3_REFERENCES else "-", marker="o",
                       label=label(m)) for m in shown]
     handles += [Patch(color=AHEAD_COLOR, alpha=0.35, label=f"{label(FIG3_FOCUS)} ahead"),
@@ -203,7 +183,7 @@ def plot_params(curves: pd.DataFrame, title: str | None = None) -> Figure:
     ax = fig.subplots()
     fractions = sorted(curves["train_fraction"].unique())
     markers = {f: FRACTION_MARKERS[i % len(FRACTION_MARKERS)] for i, f in enumerate(fractions)}
-    for method in ordered(curves["method"]):
+    for method in table_order(curves["method"]):
         curve = curves[curves["method"] == method].sort_values("train_fraction")
         ax.plot(curve["tuned_percent"], curve["mean"], color=color(method), lw=0.8, alpha=0.5)
         for _, row in curve.iterrows():
@@ -215,7 +195,7 @@ def plot_params(curves: pd.DataFrame, title: str | None = None) -> Figure:
     ax.set_ylabel("test top-1 (%), task mean")
     ax.grid(True, which="both", alpha=0.3)
     method_handles = [Line2D([], [], color=color(m), marker="o", ls="none", label=label(m))
-                      for m in ordered(curves["method"])]
+                      for m in table_order(curves["method"])]
     fraction_handles = [Line2D([], [], color="0.3", marker=markers[f], ls="none", label=f"{100 * f:g}% data")
                         for f in fractions]
     fig.legend(handles=method_handles + fraction_handles, loc="outside right center", frameon=False)
@@ -262,7 +242,7 @@ def results_table(final: pd.DataFrame, fraction: float | None = None) -> pd.Data
     means, stds = per_task["mean"].unstack("dataset"), per_task["std"].unstack("dataset")
     tasks = sorted(means.columns)
     rows = []
-    for method in ordered(means.index):
+    for method in table_order(means.index):
         row = {"method": method, "label": label(method), "train_fraction": fraction,
                "tuned_percent": at.loc[at["method"] == method, "tuned_percent"].mean(),
                "seeds": int(per_task.loc[method, "count"].max())}
@@ -329,7 +309,7 @@ def table_markdown(table: pd.DataFrame, hparams: pd.DataFrame) -> str:
     text = [f"Test top-1 (%) at {100 * table['train_fraction'].iloc[0]:g}% of the training data, mean"
             f"{f' ± std over {seeds} seeds' if seeds > 1 else ' (1 seed)'}.", "", markdown(shown)]
     if not hparams.empty:
-        rank = {m: i for i, m in enumerate(ordered(hparams["method"]))}
+        rank = {m: i for i, m in enumerate(table_order(hparams["method"]))}
         picked = hparams.assign(rank=hparams["method"].map(rank), Method=hparams["method"].map(label),
                                 Fraction=hparams["train_fraction"].map(lambda f: f"{100 * f:g}%"),
                                 choice=[f"{lr:g} / {wd:g}"

@@ -56,6 +56,7 @@ class MlpWithAdapter(nn.Module):
 
 @register_method("adapter")
 class AdapterTuning(TuningModule):
+    label, color, paper_row, in_fig3 = "Adapter", "#8c564b", 6, True
     options_cls = AdapterOptions
 
     def adapt(self) -> None:

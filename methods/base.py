@@ -87,8 +87,13 @@ class TuningModule(L.LightningModule):
     Only the modules a method adds (the head, prompt dropout, adapters) follow `train()` / `eval()`.
     """
 
-    method_name: ClassVar[str] = ""
+    method_name: ClassVar[str] = ""  # set by @register_method
     options_cls: ClassVar[type] = NoOptions
+    # What figures and tables show, owned here and read through the registry (methods.registry.method_facts).
+    label: ClassVar[str] = ""  # e.g. "VPT-deep"; "" = the registered name
+    color: ClassVar[str] = "#7f7f7f"
+    paper_row: ClassVar[int | None] = None  # row in VPT's Table 1 (Jia et al., 2022); None: not in the paper
+    in_fig3: ClassVar[bool] = False  # one of the six protocols of the paper's Fig. 3, the default grid
     frozen_backbone: ClassVar[bool] = True  # False: the pretrained modules train, in train mode (full fine-tuning)
 
     def __init__(self, backbone: VisionTransformer, num_classes: int, optim: OptimConfig | None = None,

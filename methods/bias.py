@@ -10,6 +10,7 @@ from methods.registry import register_method
 
 @register_method("bias")
 class BiasTuning(TuningModule):
+    label, color, paper_row, in_fig3 = "Bias", "#ff7f0e", 5, True
     def adapt(self) -> None:
         for name, param in self.backbone.named_parameters():
             if name.endswith("bias"):

@@ -27,6 +27,7 @@ class FullOptions:
 
 @register_method("full")
 class FullFineTuning(TuningModule):
+    label, color, paper_row, in_fig3 = "Full", "#4d4d4d", 0, True
     options_cls = FullOptions
     frozen_backbone = False
 

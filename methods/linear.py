@@ -37,6 +37,7 @@ def no_autograd():
 
 @register_method("linear")
 class LinearProbe(TuningModule):
+    label, color, paper_row, in_fig3 = "Linear", "#1f77b4", 1, True
     trains_on_frozen_features: ClassVar[bool] = True  # a feature cache may stand in for the backbone
     inputs_are_features: bool = False
     minibatch_size: int | None = None  # set: each training batch is a whole epoch, updated in slices of this size

@@ -78,6 +78,7 @@ class LoRALinear(nn.Module):
 
 @register_method("lora")
 class LoRATuning(TuningModule):
+    label, color = "LoRA", "#9edae5"
     options_cls = LoRAOptions
 
     def adapt(self) -> None:

@@ -50,6 +50,7 @@ def mlp_head(dim: int, num_classes: int, layers: int, dropout: float) -> nn.Sequ
 
 @register_method("mlp_k")
 class MLPHeadProbe(LinearProbe):
+    label, color, paper_row, in_fig3 = "MLP-k", "#e377c2", 3, False
     options_cls = MLPOptions
 
     def adapt(self) -> None:

@@ -25,6 +25,7 @@ class PartialOptions:
 
 @register_method("partial_k")
 class PartialFineTuning(TuningModule):
+    label, color, paper_row = "Partial-k", "#bcbd22", 2
     options_cls = PartialOptions
 
     def adapt(self) -> None:

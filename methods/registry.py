@@ -42,3 +42,30 @@ def get_method_class(name: str) -> type[TuningModule]:
         known = list_methods()
         raise ValueError(f"Unknown method {name!r}.{closest_name(name, known)} Known methods: {', '.join(known)}.")
     return _METHODS[name]
+
+
+# --- each method's own facts, as figures, tables and the grid read them ------------------------------------
+def label(name: str) -> str:
+    """How figures and tables name a method; an unregistered name (e.g. an old result's) as it is."""
+    return (_METHODS[name].label or name) if name in _METHODS else name
+
+
+def color(name: str) -> str:
+    return _METHODS[name].color if name in _METHODS else "#7f7f7f"
+
+
+def table_order(names) -> list[str]:
+    """VPT Table 1's row order first, then the other registered methods in registration order, then unknown names
+    alphabetically."""
+    registered = list(_METHODS)
+
+    def key(name: str):
+        row = _METHODS[name].paper_row if name in _METHODS else None
+        return (row is None, row or 0, registered.index(name) if name in _METHODS else len(registered), name)
+
+    return sorted(set(names), key=key)
+
+
+def fig3_methods() -> list[str]:
+    """The six protocols of the paper's Fig. 3 (the default grid), in Table 1's order."""
+    return table_order(name for name, cls in _METHODS.items() if cls.in_fig3)

@@ -152,8 +152,11 @@ class VisualPromptTuning(TuningModule):
 @register_method("vpt_shallow")
 class VPTShallow(VisualPromptTuning):
     deep = False
+    label, color, paper_row, in_fig3 = "VPT-shallow", "#17becf", 7, True
 
 
 @register_method("vpt_deep")
 class VPTDeep(VisualPromptTuning):
     deep = True
+    # purple: the report's red and green shade where VPT-deep is behind / ahead
+    label, color, paper_row, in_fig3 = "VPT-deep", "#7b2cbf", 8, True
