@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
 from benchmark.config import EMBEDDED_BACKBONE, REPO_ROOT
+from benchmark.core.cli import add_method_options, add_switch, merged_method_options
 from benchmark.store import atomic_write_text
 
 RESULT_MARK = "PERF_RESULT "
@@ -439,12 +440,6 @@ def cache_speedups(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 # --- CLI ----------------------------------------------------------------------------------------------
-def method_option(text: str) -> tuple[str, object]:
-    from benchmark.run import method_option as parse
-
-    return parse(text)
-
-
 def parser() -> argparse.ArgumentParser:
     from methods import list_methods
 
@@ -460,15 +455,14 @@ def parser() -> argparse.ArgumentParser:
                    help="run the method list (or the cache benchmark's modes) this many times, interleaved, and "
                         "report medians")
     p.add_argument("--precision", default="32", help="Lightning precision: 32, bf16-mixed, 16-mixed")
-    p.add_argument("--compile", action="store_true", help="torch.compile each model")
-    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of the backbone blocks")
-    p.add_argument("--method-arg", dest="method_options", action="append", type=method_option, default=[],
-                   metavar="KEY=VALUE", help="method option for every method that has it, e.g. prompt_length=50")
-    p.add_argument("--profile", action="store_true", help="also print each method's time by operator")
+    add_switch(p, "--compile", help="torch.compile each model")
+    add_switch(p, "--checkpointing", help="gradient checkpointing of the backbone blocks")
+    add_method_options(p, "method option for every method that has it, e.g. prompt_length=50")
+    add_switch(p, "--profile", help="also print each method's time by operator")
     p.add_argument("--out", default="results/perf.csv")
     p.add_argument("--figures", default="results/figures")
-    p.add_argument("--feature-cache-benchmark", action="store_true",
-                   help="instead: the linear probe end to end with and without the feature cache")
+    add_switch(p, "--feature-cache-benchmark",
+               help="instead: the linear probe end to end with and without the feature cache")
     p.add_argument("--epochs", type=int, default=100, help="with --feature-cache-benchmark")
     p.add_argument("--fractions", default="0.1,1.0", help="with --feature-cache-benchmark: comma-separated")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -495,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: unknown method(s) {unknown}; METHODS takes a comma-separated subset of "
                          f"{', '.join(list_methods())}.")
     args.batch_size = args.batch_size or (64 if args.backbone == EMBEDDED_BACKBONE else 8)
-    args.method_options = dict(args.method_options)
+    args.method_options = merged_method_options(args)
     os.makedirs(args.figures, exist_ok=True)
     frame = measure_all(args)
     merge_rows(Path(args.out), frame)

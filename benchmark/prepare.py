@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmark.core.cli import add_switch
 from datamodules.checks import DataError, name_some
 from datamodules.fgvc import FGVC_DATAMODULES, SPLIT_FILES
 from datamodules.files import VAL_FRACTION, carve_val
@@ -236,9 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True, choices=sorted(CONVERTERS))
     p.add_argument("--raw", required=True, help="folder of the original release")
-    p.add_argument("--out", help="DATA_ROOT to write the JSON files into (default: the release folder)")
+    p.add_argument("--out", "--data-root", help="DATA_ROOT to write the JSON files into (default: the release folder)")
     p.add_argument("--seed", type=int, default=0, help="seed of the val carve (default 0)")
-    p.add_argument("--force", action="store_true", help="overwrite existing JSON files that differ")
+    add_switch(p, "--force", help="overwrite existing JSON files that differ")
     args = p.parse_args(argv)
     try:
         prepare(args.dataset, args.raw, args.out, args.seed, args.force)

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from benchmark.config import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS
+from benchmark.core.cli import add_switch
 from benchmark.run import git_commit, versions
 from benchmark.store import atomic_write_json
 from datamodules.embedded import FMNIST_CLASSES, FMNIST_DIR, PRETRAIN_CLASSES, FashionPretrainDataModule
@@ -88,10 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--weight-decay", "--wd", type=float, default=0.05)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-augment", dest="augment", action="store_false", help="no random shifts/flips")
+    add_switch(p, "--augment", default=True, help="random shifts/flips (0: none)")
+    p.add_argument("--no-augment", dest="augment", action="store_false", help="--augment=0")
     p.add_argument("--out", type=Path, default=EMBEDDED_WEIGHTS.parent)
     args = p.parse_args(argv)
     pretrain(args.epochs, args.lr, args.weight_decay, args.batch_size, args.seed, args.out, args.augment)

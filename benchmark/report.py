@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 import warnings
 from pathlib import Path
@@ -26,8 +25,11 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
+from benchmark.config import EMBEDDED_BACKBONE
+from benchmark.core.cli import add_switch, comma_list
 from benchmark.store import read_summary, write_summary
-from methods.registry import color, label, table_order
+from datamodules import EMBEDDED_DATASETS
+from methods.registry import color, fig3_methods, label, table_order
 
 FIG3_FOCUS = "vpt_deep"
 FIG3_COMPARED = ("linear", "adapter", "bias")  # one panel each, as in the paper
@@ -360,21 +362,25 @@ def write_report(results_dir: str | Path = "results", out_dir: str | Path | None
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results-dir", default="results")
+    p.add_argument("--results-dir", "--results", default="results")
     p.add_argument("--out", help="default: <results-dir>/figures")
-    p.add_argument("--datasets", help="comma list (default: every dataset with results)")
-    p.add_argument("--methods", help="comma list (default: every method with results)")
+    p.add_argument("--datasets", type=comma_list(str), help="comma list (default: every dataset with results)")
+    p.add_argument("--methods", type=comma_list(str), help="comma list (default: every method with results)")
     p.add_argument("--backbone", help="needed when the results hold several backbones")
     p.add_argument("--fraction", type=float, help="train fraction of the table (default: the largest present)")
-    p.add_argument("--wandb", action="store_true", help="log figures and tables to a W&B report run")
+    add_switch(p, "--wandb", help="log figures and tables to a W&B report run")
+    p.add_argument("--fig3", action="store_true",
+                   help="the embedded Fig. 3: the embedded tasks, the paper's six methods, the embedded backbone")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    split = lambda text: [s for s in re.split(r"[,\s]+", text) if s] if text else None  # "a,b" or "a b"
+    if args.fig3:
+        args.datasets, args.methods = list(EMBEDDED_DATASETS), fig3_methods()
+        args.backbone = args.backbone or EMBEDDED_BACKBONE
     try:
-        written = write_report(args.results_dir, args.out, split(args.datasets), split(args.methods), args.backbone,
+        written = write_report(args.results_dir, args.out, args.datasets, args.methods, args.backbone,
                                args.fraction, args.wandb)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

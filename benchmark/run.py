@@ -25,6 +25,7 @@ import methods
 from benchmark import probe_loop
 from benchmark.callbacks import EpochProgressBar, NonFiniteLossError, StopOnNonFiniteLoss
 from benchmark.config import REPO_ROOT, RunConfig
+from benchmark.core.cli import add_method_options, add_switch, merged_method_options
 from benchmark.distributed import for_this_process, per_process_batch_size
 from benchmark.feature_cache import cached_datamodule, can_cache
 from benchmark.store import atomic_write_json, read_result, result_path
@@ -244,16 +245,6 @@ def run(cfg: RunConfig) -> dict:
     return result
 
 
-def method_option(text: str) -> tuple[str, object]:
-    """`key=value` with value parsed as YAML (so 10 -> int, 0.1 -> float, null -> None)."""
-    import yaml
-
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"method option {text!r} must look like key=value, e.g. prompt_length=10")
-    key, value = text.split("=", 1)
-    return key.strip().replace("-", "_"), yaml.safe_load(value)
-
-
 def fraction_arg(text: str) -> float:
     try:
         return check_fraction(text)
@@ -270,19 +261,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backbone", help="any timm ViT name; default: embedded ViT / vit_base_patch16_224.orig_in21k")
     p.add_argument("--weights", help="local checkpoint (.npz, .pth/.pt, .safetensors)")
-    p.add_argument("--scratch", dest="pretrained", action="store_false", help="random init instead of pretrained")
+    add_switch(p, "--pretrained", default=True, help="pretrained weights (0: random init, the no-pretraining control)")
+    p.add_argument("--scratch", dest="pretrained", action="store_false", help="random init: --pretrained=0")
     p.add_argument("--recipe", help="quick (embedded default) or paper")
     p.add_argument("--optimizer", choices=["sgd", "adamw"])
     p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--weight-decay", "--wd", type=float)
     p.add_argument("--epochs", type=int)
     p.add_argument("--warmup-epochs", type=float)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--method-arg", dest="method_options", action="append", type=method_option, default=[],
-                   metavar="KEY=VALUE", help="method option, e.g. prompt_length=10 or reduction=8 (repeatable)")
+    p.add_argument("--head-init", choices=["pytorch", "vpt"], help="default: the recipe's (paper: vpt)")
+    add_method_options(p, "method option, e.g. prompt_length=10 or reduction=8")
     p.add_argument("--data-root")
     p.add_argument("--train-on", choices=["train", "trainval"], default="train")
-    p.add_argument("--results-dir", default="results")
+    p.add_argument("--results-dir", "--results", default="results")
     p.add_argument("--tag", default="")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--accelerator", default="auto")
@@ -290,19 +282,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-nodes", type=int, default=1, help="machines of this one run (e.g. SLURM --nodes)")
     p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp (one run over several devices)")
     p.add_argument("--precision", help="Lightning precision, e.g. bf16-mixed (autocast; GPU) or 32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of the backbone blocks")
-    p.add_argument("--no-feature-cache", dest="feature_cache", action="store_false",
-                   help="linear probe: run the frozen backbone every epoch instead of caching its features")
-    p.add_argument("--wandb", action="store_true")
-    p.add_argument("--force", action="store_true", help="rerun even if a result exists")
+    add_switch(p, "--compile", help="torch.compile the model")
+    add_switch(p, "--checkpointing", help="gradient checkpointing of the backbone blocks")
+    add_switch(p, "--feature-cache", default=True,
+               help="linear probe: train on cached frozen features (0: run the backbone every epoch)")
+    p.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", help="--feature-cache=0")
+    add_switch(p, "--wandb", help="log to Weights & Biases")
+    add_switch(p, "--force", help="rerun even if a result exists")
     return p
 
 
 def config_from_args(argv: list[str] | None = None) -> RunConfig:
-    args = vars(parser().parse_args(argv))
-    args["method_options"] = dict(args["method_options"])
-    return RunConfig(**args)
+    args = parser().parse_args(argv)
+    args.method_options = merged_method_options(args)
+    del args.method_options_list
+    return RunConfig(**vars(args))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+from benchmark.core.cli import add_switch, split_list
 from datamodules import FGVC_DATASETS, fraction_indices, get_datamodule_class
 from datamodules.checks import DataError
 from datamodules.fgvc import SPLIT_FILES, fraction_file_name
@@ -28,7 +29,7 @@ PAPER_FRACTIONS = (0.1, 0.2, 0.4, 0.8)  # VPT Fig. 3: 10%, 20%, 40%, 80% of the 
 def parse_fractions(values: list[str]) -> list[float]:
     """'0.1 0.2', '0.1,0.2' or several arguments -> [0.1, 0.2]; each in (0, 1)."""
     fractions = []
-    for text in " ".join(values).replace(",", " ").split():
+    for text in split_list(" ".join(values)):
         try:
             fraction = float(text)
         except ValueError:
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", required=True)
     p.add_argument("--fractions", nargs="*", default=[], help="default: 0.1 0.2 0.4 0.8 (the paper's Fig. 3)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="replace fraction files that differ")
+    add_switch(p, "--force", help="replace fraction files that differ")
     args = p.parse_args(argv)
     try:
         fractions = parse_fractions(args.fractions) or list(PAPER_FRACTIONS)

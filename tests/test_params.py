@@ -30,7 +30,7 @@ def mlp(k: int) -> int:
 
 @pytest.fixture(scope="module")
 def vit_b_counts():
-    table = count_params("vit_base_patch16_224", C, prompt_length=50, adapter_reduction=8)
+    table = count_params("vit_base_patch16_224", C, given=[("prompt_length", 50), ("reduction", 8)])
     return table.set_index("method")
 
 
@@ -50,7 +50,8 @@ def test_extra_methods_follow_their_formulas(vit_b_counts):
 
 def test_flags_reach_their_methods():
     table = count_params("vit_base_patch16_224", C, methods=["partial_k", "lora", "mlp_k", "vpt_deep", "adapter"],
-                         partial_k=2, lora_rank=4, mlp_k=2, prompt_length=10, adapter_reduction=16)
+                         given=[("partial_k.k", 2), ("rank", 4), ("mlp_k.k", 2), ("prompt_length", 10),
+                                ("reduction", 16)])
     tuned = table.set_index("method")["tuned_params"].to_dict()
     assert tuned == {"partial_k": partial(2), "lora": lora(4), "mlp_k": mlp(2), "vpt_deep": DEPTH * 10 * D + HEAD,
                      "adapter": DEPTH * (D * 48 + 48 + 48 * D + D) + HEAD}
@@ -65,7 +66,7 @@ def test_cli_csv_lists_every_registered_method(capsys):
 
 
 def test_cli_rejects_bad_input_with_the_fix(capsys):
-    assert main(["--backbone", "vit_embedded_p7_28", "--num-classes", "10", "--partial-k", "7"]) == 2
+    assert main(["--backbone", "vit_embedded_p7_28", "--num-classes", "10", "--method-args", "partial_k.k=7"]) == 2
     assert "choose k in 1..6" in capsys.readouterr().err
     assert main(["--backbone", "resnet50", "--num-classes", "10"]) == 2
     assert "not a timm VisionTransformer" in capsys.readouterr().err

@@ -1,0 +1,88 @@
+"""The command line: make variables become flags of the same name, switches take 1/0, lists take commas or
+spaces, and method options reach the run (benchmark/core/cli.py and the Makefile)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+
+import pytest
+
+from benchmark import grid, params, report
+from benchmark.config import REPO_ROOT
+from benchmark.core.cli import add_switch, comma_list, method_options
+from benchmark.run import config_from_args
+
+
+def make_dry_run(*words: str, step: int = 0) -> list[str]:
+    """The flags `make -n <target> VAR=value ...` passes to the recipe's `step`-th Python entry point."""
+    out = subprocess.run(["make", "-n", "-s", *words], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    line = [ln for ln in out.stdout.splitlines() if "-m benchmark." in ln][step]
+    return shlex.split(line.split("||")[0])[3:]  # drop ".venv/bin/python -m benchmark.<entry>"
+
+
+def test_make_bench_variables_reach_the_run_config():
+    argv = make_dry_run("bench", "METHOD=linear", "FRACTION=0.2", "DATASET=fashion_heldout", "SEED=3", "WD=0.01",
+                        "LR=0.5", "EPOCHS=7", "RESULTS=/tmp/x", "WANDB=1", "FORCE=0", "TAG=t",
+                        "METHOD_ARGS=prompt_length=10 prompt_dropout=0")
+    cfg = config_from_args(argv)
+    assert (cfg.method, cfg.train_fraction, cfg.dataset, cfg.seed, cfg.weight_decay, cfg.lr, cfg.epochs) == \
+        ("linear", 0.2, "fashion_heldout", 3, 0.01, 0.5, 7)
+    assert (cfg.results_dir, cfg.wandb, cfg.force, cfg.tag) == ("/tmp/x", True, False, "t")
+    assert cfg.method_options == {"prompt_length": 10, "prompt_dropout": 0}
+
+
+def test_make_passes_only_what_was_given_so_python_holds_the_defaults():
+    assert make_dry_run("bench") == []
+    cfg = config_from_args([])
+    assert (cfg.method, cfg.train_fraction, cfg.dataset, cfg.seed, cfg.pretrained) == \
+        ("vpt_deep", 0.1, "digits", 0, True)
+
+
+def test_make_fig3_runs_two_jobs_unless_told_and_reports_the_embedded_figure():
+    argv = make_dry_run("fig3", "SEEDS=0,1")
+    assert argv == ["--fig3", "--seeds=0,1"]
+    assert make_dry_run("fig3", "RESULTS=/tmp/r", "JOBS=1", step=1) == ["--fig3", "--results=/tmp/r"]
+    assert make_dry_run("fig3", "JOBS=1") == ["--fig3", "--jobs=1"]
+    jobs = lambda *a: grid.default_jobs(argparse.Namespace(**dict(zip(("jobs", "fig3", "search"), a, strict=True))))
+    assert (jobs(None, True, False), jobs(None, True, True), jobs(None, False, False), jobs(3, True, True)) == \
+        (2, 1, 1, 3)
+
+
+def test_switches_take_nothing_one_or_zero():
+    p = argparse.ArgumentParser()
+    add_switch(p, "--wandb", help="")
+    add_switch(p, "--cache", default=True, help="")
+    assert [vars(p.parse_args(a)) for a in ([], ["--wandb"], ["--wandb=1", "--cache=0"], ["--wandb=false"])] == [
+        {"wandb": False, "cache": True}, {"wandb": True, "cache": True}, {"wandb": True, "cache": False},
+        {"wandb": False, "cache": True}]
+    with pytest.raises(SystemExit):
+        p.parse_args(["--wandb=maybe"])
+
+
+def test_lists_take_commas_or_spaces_and_name_a_bad_item():
+    assert comma_list(float)("0.1, 0.2 0.4,1") == [0.1, 0.2, 0.4, 1.0]
+    with pytest.raises(argparse.ArgumentTypeError, match="'0.1,x'"):
+        comma_list(float)("0.1,x")
+    assert method_options("k=2, rank=4 alpha=null") == [("k", 2), ("rank", 4), ("alpha", None)]
+
+
+def test_method_arg_after_method_args_wins():
+    cfg = config_from_args(["--method-args", "prompt_length=10 prompt_dropout=0.2", "--method-arg", "prompt_length=5"])
+    assert cfg.method_options == {"prompt_length": 5, "prompt_dropout": 0.2}
+
+
+def test_grid_and_report_fig3_defaults_come_from_the_method_registry():
+    assert grid.parser().parse_args([]).methods == ["full", "linear", "bias", "adapter", "vpt_shallow", "vpt_deep"]
+    args = report.parser().parse_args(["--fig3", "--datasets", "a,b"])
+    assert args.fig3 and args.datasets == ["a", "b"]  # main() replaces them with the embedded Fig. 3's
+
+
+def test_params_method_options_reach_every_method_with_the_option_or_the_one_named():
+    given = method_options("k=2 mlp_k.k=4 rank=16 prompt_length=7")
+    assert params.options_for("partial_k", given) == {"k": 2}
+    assert params.options_for("mlp_k", given) == {"k": 4}  # the later, named one wins for mlp_k
+    assert params.options_for("lora", given) == {"rank": 16}
+    assert params.options_for("vpt_deep", given) == {"prompt_length": 7}
+    assert params.options_for("linear", given) == {}
