@@ -281,7 +281,7 @@ def run_in_workers(runner: GridRunner, configs: list[RunConfig], jobs: int, log_
                 result, seconds = future.result()
                 runner.record(running.pop(future), result, seconds)
     except BaseException:  # GridInterrupted, or a worker that died: stop the others now, not after their runs
-        for process in list(getattr(pool, "_processes", {}).values()):
+        for process in multiprocessing.active_children():  # the pool's workers: this process has no other children
             process.terminate()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
