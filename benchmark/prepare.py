@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmark.core.cli import add_switch
+from benchmark.store import atomic_write_text
 from datamodules.checks import DataError, name_some
 from datamodules.fgvc import FGVC_DATAMODULES, SPLIT_FILES
 from datamodules.files import VAL_FRACTION, carve_val
@@ -205,9 +205,7 @@ def write_splits(release: Release, out: Path, force: bool) -> list[Path]:
                         "keep them, or pass --force (FORCE=1) to overwrite, or write elsewhere with --out (DATA_ROOT).")
     written = []
     for name, text in texts.items():
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        atomic_write_text(out / name, text)
         written.append(out / name)
     return written
 

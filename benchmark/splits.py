@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from benchmark.core.cli import add_switch, split_list
+from benchmark.store import atomic_write_text
 from datamodules import FGVC_DATASETS, fraction_indices, get_datamodule_class
 from datamodules.checks import DataError
 from datamodules.fgvc import SPLIT_FILES, fraction_file_name
@@ -63,9 +63,7 @@ def write_fraction_files(dataset: str, data_root: str | Path, fractions: list[fl
         raise DataError(f"{root} already has {', '.join(clashes)} with other contents (a published split?). Runs "
                         "read those files; pass --force (FORCE=1) to replace them with the suite's split.")
     for path, text in texts.items():
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
         print(f"{path}: {len(files[path])} images")
     return list(files)
 

@@ -5,27 +5,33 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:  # pandas is imported where a table is built: a single run (`make bench`) never needs its 0.5 s
     import pandas as pd
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temp file in the same folder + fsync + rename: readers see the old file or the new, never half."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """`write(file)` into a temp file in the same folder, fsync, then rename over `path`: readers (and a run that
+    crashed or was killed mid-write) see the old file or the new one, never half of one. The suite's one writer."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def atomic_write_json(path: str | Path, data: dict) -> None:

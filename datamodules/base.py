@@ -41,15 +41,18 @@ def fraction_indices(labels: np.ndarray, fraction: float, seed: int) -> np.ndarr
     ... inside 100%. The result depends only on the order of `labels`, which datamodules make canonical
     (sorted ids), never on file-listing order.
     """
-    labels = np.asarray(labels, dtype=np.int64)
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"train fraction must be in (0, 1], got {fraction}.")
-    kept = []
-    for class_id in np.unique(labels):
-        members = np.flatnonzero(labels == class_id)
-        order = np.random.Generator(np.random.PCG64([int(seed), int(class_id)])).permutation(members)
-        kept.append(order[: examples_to_keep(len(members), fraction)])
+    kept = [order[: examples_to_keep(len(order), fraction)] for order in class_orders(labels, seed)]
     return np.sort(np.concatenate(kept)) if kept else np.zeros(0, dtype=np.int64)
+
+
+def class_orders(labels: np.ndarray, seed: int) -> list[np.ndarray]:
+    """Per class (in class-id order), the indices of its members in an order seeded by (seed, class id): the
+    suite's one seeded per-class permutation."""
+    labels = np.asarray(labels, dtype=np.int64)
+    return [np.random.Generator(np.random.PCG64([int(seed), int(class_id)])).permutation(
+        np.flatnonzero(labels == class_id)) for class_id in np.unique(labels)]
 
 
 def seed_worker(worker_id: int) -> None:

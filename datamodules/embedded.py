@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from datamodules.base import FractionDataModule, LabelledSplit
+from datamodules.base import FractionDataModule, LabelledSplit, class_orders
 
 FMNIST_DIR = Path(os.environ.get("FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FMNIST_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot")
@@ -74,12 +74,8 @@ def to_model_input(images: np.ndarray, data_config: dict) -> torch.Tensor:
 
 def carve(labels: np.ndarray, per_class: int, seed: int = POOL_SEED) -> tuple[np.ndarray, np.ndarray]:
     """Split indices into (first `per_class` of each class, the rest) by a fixed seeded permutation."""
-    head, rest = [], []
-    for class_id in np.unique(labels):
-        members = np.random.Generator(np.random.PCG64([seed, int(class_id)])).permutation(
-            np.flatnonzero(labels == class_id))
-        head.append(members[:per_class])
-        rest.append(members[per_class:])
+    orders = class_orders(labels, seed)
+    head, rest = [order[:per_class] for order in orders], [order[per_class:] for order in orders]
     return np.sort(np.concatenate(head)), np.sort(np.concatenate(rest))
 
 

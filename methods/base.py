@@ -17,10 +17,21 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+# Accepted ranges: wide enough for every recipe of the paper (SGD base lrs up to 50, scaled by batch/256), narrow
+# enough to catch a slipped exponent; AdamW steps are ~lr per weight, so above 1 it diverges at once.
+LR_MAX = {"sgd": 1_000.0, "adamw": 1.0}
+WEIGHT_DECAY_MAX = 1.0
+EPOCHS_RANGE = (1, 10_000)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
 
 @dataclass
 class OptimConfig:
-    """How the tuned parameters are optimised; filled from a recipe (benchmark/recipes)."""
+    """How the tuned parameters are optimised; filled from a recipe (benchmark/recipes). It owns the ranges of its
+    values: benchmark.validate reports `problems()` before a run, this raises them if a caller skips that."""
 
     optimizer: str = "sgd"  # "sgd" (momentum, no Nesterov: the VPT code) or "adamw"
     lr: float = 0.01  # the actual learning rate; recipes apply the base_lr * batch / 256 rule before
@@ -30,14 +41,26 @@ class OptimConfig:
     max_epochs: int = 10
 
     def __post_init__(self):
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}.")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr}.")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}.")
-        if self.max_epochs < 1:
-            raise ValueError(f"max_epochs must be >= 1, got {self.max_epochs}.")
+        problems = optim_problems(self.optimizer, self.lr, self.weight_decay, self.warmup_epochs, self.max_epochs)
+        if problems:
+            raise ValueError(" ".join(problems))
+
+
+def optim_problems(optimizer, lr, weight_decay, warmup_epochs, max_epochs) -> list[str]:
+    """Each value out of its range, named as a run's settings name it (EPOCHS, LR, WD)."""
+    found = []
+    low, high = EPOCHS_RANGE
+    if not (isinstance(max_epochs, int) and not isinstance(max_epochs, bool) and low <= max_epochs <= high):
+        found.append(f"EPOCHS must be an integer in [{low}, {high:,}], got {max_epochs!r}.")
+    if optimizer not in LR_MAX:
+        found.append(f"optimizer must be one of {', '.join(LR_MAX)}, got {optimizer!r}.")
+    elif not (is_number(lr) and 0 < lr <= LR_MAX[optimizer]):
+        found.append(f"LR must be in (0, {LR_MAX[optimizer]:g}] for {optimizer}, got {lr!r}.")
+    if not (is_number(weight_decay) and 0 <= weight_decay <= WEIGHT_DECAY_MAX):
+        found.append(f"weight decay must be in [0, {WEIGHT_DECAY_MAX:g}], got {weight_decay!r}.")
+    if not (is_number(warmup_epochs) and warmup_epochs >= 0):
+        found.append(f"warmup_epochs must be a number >= 0, got {warmup_epochs!r}.")
+    return found
 
 
 @dataclass

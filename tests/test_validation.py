@@ -386,4 +386,4 @@ def test_make_bench_passes_bad_input_through_to_the_same_message():
     done = subprocess.run(["make", "-n", "bench", "METHOD=vpt_deeep", "FORCE=1"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=60)
     command = [line for line in done.stdout.splitlines() if "benchmark.run" in line]
-    assert command and "--method vpt_deeep" in command[0] and "--force" in command[0]
+    assert command and command[0].endswith(" -m benchmark.run --method=\"vpt_deeep\" --force=\"1\"")
