@@ -175,7 +175,7 @@ class CachedFeatureDataModule(L.LightningDataModule):
 
     With `whole_epochs`, the training loader yields each epoch as one batch (the source's shuffled order), which
     the linear probe splits into the source's minibatches itself (methods/linear.py). A multi-process run keeps
-    one batch per step: its loaders are re-sharded per process (benchmark/distributed.py).
+    one batch per step: its loaders are re-sharded per process (benchmark/core/distributed.py).
     """
 
     def __init__(self, source: FractionDataModule, features: dict[str, FeatureDataset], hits: dict[str, bool],

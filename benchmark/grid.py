@@ -36,10 +36,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
-from benchmark.config import RunConfig
 from benchmark.core.cli import add_switch, comma_list
-from benchmark.store import read_result, result_path, write_summary
-from benchmark.validate import ConfigError, check_fraction, validate_config
+from benchmark.core.config import RunConfig, check_fraction
+from benchmark.core.errors import ConfigError
+from benchmark.core.store import read_result, result_path, write_summary
+from benchmark.core.validate import validate_config
 from methods.registry import fig3_methods
 
 PAPER_FRACTIONS = (0.1, 0.2, 0.4, 0.8, 1.0)  # the training-data ratios of Fig. 3 (Jia et al., ECCV 2022)
@@ -135,8 +136,8 @@ class GridRunner:
 
     @staticmethod
     def train(cfg: RunConfig, started: float) -> dict:
+        from benchmark.core.tracking import finish_open_run
         from benchmark.run import record_failure, run
-        from benchmark.tracking import finish_open_run
 
         try:
             result = run(cfg)

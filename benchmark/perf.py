@@ -34,9 +34,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
-from benchmark.config import EMBEDDED_BACKBONE, REPO_ROOT
 from benchmark.core.cli import add_method_options, add_switch, merged_method_options
-from benchmark.store import atomic_write_text
+from benchmark.core.config import EMBEDDED_BACKBONE, REPO_ROOT
+from benchmark.core.store import atomic_write_text
 
 RESULT_MARK = "PERF_RESULT "
 KEY_COLUMNS = ["method", "method_options", "backbone", "batch_size", "img_size", "device", "precision", "compile",
@@ -361,7 +361,7 @@ def median_over_repeats(rows: pd.DataFrame) -> pd.DataFrame:
 def recipe_settings(method: str, backbone: str, given: dict) -> dict:
     """Optimizer and method options from the method's recipe (quick for the embedded backbone, paper otherwise),
     options overridden by `given` where the method has them. VPT's prompt length is its cost knob."""
-    from benchmark.config import load_recipe
+    from benchmark.core.config import load_recipe
     from methods import get_method_class
 
     accepted = {f.name for f in fields(get_method_class(method).options_cls)}

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmark.core.cli import add_switch
-from benchmark.store import atomic_write_text
+from benchmark.core.store import atomic_write_text
 from datamodules.checks import DataError, name_some
 from datamodules.fgvc import FGVC_DATAMODULES, SPLIT_FILES
 from datamodules.files import VAL_FRACTION, carve_val

@@ -25,9 +25,9 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from benchmark.config import EMBEDDED_BACKBONE
 from benchmark.core.cli import add_switch, comma_list
-from benchmark.store import read_summary, write_summary
+from benchmark.core.config import EMBEDDED_BACKBONE
+from benchmark.core.store import read_summary, write_summary
 from datamodules import EMBEDDED_DATASETS
 from methods.registry import color, fig3_methods, label, table_order
 
@@ -354,7 +354,7 @@ def write_report(results_dir: str | Path = "results", out_dir: str | Path | None
     written["table.md"] = out / "table.md"
     written["table.md"].write_text(table_markdown(table, hparams))
     if use_wandb:
-        from benchmark.tracking import log_report
+        from benchmark.core.tracking import log_report
 
         log_report([p for p in written.values() if p.suffix == ".png"], frames, str(results_dir))
     return written

@@ -24,12 +24,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 import methods
 from benchmark import probe_loop
 from benchmark.callbacks import EpochProgressBar, NonFiniteLossError, StopOnNonFiniteLoss
-from benchmark.config import REPO_ROOT, RunConfig
 from benchmark.core.cli import add_method_options, add_switch, merged_method_options
-from benchmark.distributed import for_this_process, per_process_batch_size
+from benchmark.core.config import REPO_ROOT, RunConfig, check_fraction
+from benchmark.core.distributed import for_this_process, per_process_batch_size
+from benchmark.core.errors import ConfigError
+from benchmark.core.store import atomic_write_json, read_result, result_path
+from benchmark.core.validate import planned_data_config, validate_config, validate_data
 from benchmark.feature_cache import cached_datamodule, can_cache
-from benchmark.store import atomic_write_json, read_result, result_path
-from benchmark.validate import ConfigError, check_fraction, planned_data_config, validate_config, validate_data
 from datamodules import create_datamodule
 from methods import OptimConfig, create_backbone, create_method
 
@@ -117,7 +118,7 @@ def fit_and_test(cfg: RunConfig, trainer: L.Trainer, model: L.LightningModule, l
 def loggers(cfg: RunConfig) -> list:
     found = [CSVLogger(f"{cfg.results_dir}/logs", name=cfg.run_id(), version="")]
     if cfg.wandb:
-        from benchmark.tracking import wandb_logger
+        from benchmark.core.tracking import wandb_logger
 
         found.append(wandb_logger(cfg))
     return found
@@ -215,7 +216,7 @@ def run(cfg: RunConfig) -> dict:
     started = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     # The trainer first: it knows this process's rank and device (a DDP run executes this function once per
-    # process, benchmark/distributed.py), which decide who writes files and where cached features are computed.
+    # process, benchmark/core/distributed.py), which decide who writes files and where cached features are computed.
     trainer = make_trainer(cfg)
     per_process_batch_size(cfg.batch_size, trainer.world_size)  # a global batch the processes cannot share
     model, datamodule = prepare(cfg)
@@ -239,7 +240,7 @@ def run(cfg: RunConfig) -> dict:
         print(f"{cfg.method} on {cfg.dataset} @ {cfg.train_fraction:g}: test top-1 {test_top1:.2f} "
               f"(val {val_top1:.2f}) in {result['wall_seconds']:.0f}s -> {path}")
     if cfg.wandb and trainer.is_global_zero:  # other ranks hold no W&B run (Lightning's WandbLogger is rank 0's)
-        from benchmark.tracking import log_result
+        from benchmark.core.tracking import log_result
 
         log_result(trainer.loggers, result)  # tuned/total params + test top-1, then closes the W&B run
     return result

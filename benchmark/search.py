@@ -17,10 +17,10 @@ import math
 import time
 from dataclasses import dataclass, replace
 
-from benchmark.config import RunConfig, load_recipe
+from benchmark.core.config import RunConfig, load_recipe
+from benchmark.core.errors import ConfigError
+from benchmark.core.store import atomic_write_json, result_path, write_summary
 from benchmark.grid import GridRunner, GridSpec, describe, validate_all
-from benchmark.store import atomic_write_json, result_path, write_summary
-from benchmark.validate import ConfigError
 
 # The paper's grids (App. A). The lrs are *base* lrs: the paper recipe scales them by batch/256.
 PAPER_LRS = (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05)  # linear, bias, adapter, VPT

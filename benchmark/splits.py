@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from benchmark.core.cli import add_switch, split_list
-from benchmark.store import atomic_write_text
+from benchmark.core.store import atomic_write_text
 from datamodules import FGVC_DATASETS, fraction_indices, get_datamodule_class
 from datamodules.checks import DataError
 from datamodules.fgvc import SPLIT_FILES, fraction_file_name

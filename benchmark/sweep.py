@@ -17,11 +17,11 @@ from pathlib import Path
 
 import yaml
 
+from benchmark.core.errors import ConfigError
+from benchmark.core.store import atomic_write_text
+from benchmark.core.tracking import project
 from benchmark.grid import GridSpec, base_config
 from benchmark.grid import parser as grid_parser
-from benchmark.store import atomic_write_text
-from benchmark.tracking import project
-from benchmark.validate import ConfigError
 
 HEADER = """\
 # W&B sweep of a vpt-bench grid ({n} runs), written by `{command}`.

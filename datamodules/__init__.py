@@ -30,7 +30,7 @@ def list_datasets() -> list[str]:
 
 
 def get_datamodule_class(name: str) -> type[FractionDataModule]:
-    if name not in _DATASETS:  # benchmark.validate suggests the closest name before a run gets here
+    if name not in _DATASETS:  # benchmark.core.validate suggests the closest name before a run gets here
         raise ValueError(f"Unknown dataset {name!r}. Known datasets: {', '.join(list_datasets())}.")
     return _DATASETS[name]
 

@@ -6,7 +6,7 @@ Datamodules reading images from disk (FGVC, VTAB-1k, folder) call these from `lo
     check_image_files(paths)          # every path exists and decodes; raises naming the first few bad ones
     image = load_image(path)          # in __getitem__: a decoding error names the file
 
-`benchmark.validate` also calls `check_image_files` on any split whose dataset exposes torchvision's
+`benchmark.core.validate` also calls `check_image_files` on any split whose dataset exposes torchvision's
 `samples` list of (path, label), so a datamodule built on `ImageFolder`/`DatasetFolder` is covered for free.
 Each raises `DataError`, a `ValueError`, so the run stops before training with one readable message.
 """

@@ -27,7 +27,7 @@ CARVE_SEED = 0  # fixed: the val carve must not change with the run seed, or val
 
 class ImageFiles(Dataset):
     """(image, label) pairs read from `samples` = [(path, label), ...] (torchvision's attribute name, which
-    `benchmark.validate` uses to check every file exists and decodes before training)."""
+    `benchmark.core.validate` uses to check every file exists and decodes before training)."""
 
     def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable, mode: str = "RGB"):
         self.samples = list(samples)

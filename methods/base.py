@@ -31,7 +31,7 @@ def is_number(value) -> bool:
 @dataclass
 class OptimConfig:
     """How the tuned parameters are optimised; filled from a recipe (benchmark/recipes). It owns the ranges of its
-    values: benchmark.validate reports `problems()` before a run, this raises them if a caller skips that."""
+    values: benchmark.core.validate reports `problems()` before a run, this raises them if a caller skips that."""
 
     optimizer: str = "sgd"  # "sgd" (momentum, no Nesterov: the VPT code) or "adamw"
     lr: float = 0.01  # the actual learning rate; recipes apply the base_lr * batch / 256 rule before

@@ -10,8 +10,8 @@ import subprocess
 import pytest
 
 from benchmark import grid, params, report
-from benchmark.config import REPO_ROOT
 from benchmark.core.cli import add_switch, comma_list, method_options
+from benchmark.core.config import REPO_ROOT
 from benchmark.run import config_from_args
 
 

@@ -1,4 +1,4 @@
-"""One run over several processes (benchmark/distributed.py): Lightning DDP on CPU with gloo.
+"""One run over several processes (benchmark/core/distributed.py): Lightning DDP on CPU with gloo.
 
 The fast tests check each process's loaders directly (a sampler's rank and world size need no process group);
 the slow ones start `python -m benchmark.run --devices 2 --strategy ddp` (Lightning's launcher re-runs that
@@ -15,11 +15,11 @@ from collections import Counter
 import lightning as L
 import pytest
 
-from benchmark.config import REPO_ROOT
-from benchmark.distributed import ProcessShardedData, for_this_process, per_process_batch_size
+from benchmark.core.config import REPO_ROOT
+from benchmark.core.distributed import ProcessShardedData, for_this_process, per_process_batch_size
+from benchmark.core.errors import ConfigError
 from benchmark.feature_cache import cached_datamodule
 from benchmark.run import main
-from benchmark.validate import ConfigError
 from datamodules import create_datamodule
 from methods import create_method, data_config
 from tests.conftest import make_tiny_vit

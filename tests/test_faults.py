@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmark.config import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS, REPO_ROOT, RunConfig
+from benchmark.core.config import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS, REPO_ROOT, RunConfig
+from benchmark.core.store import atomic_write_text, load_runs, read_result
 from benchmark.run import main, run
-from benchmark.store import atomic_write_text, load_runs, read_result
 from datamodules import list_datasets, register_dataset
 from datamodules.embedded import DigitsDataModule
 
@@ -163,8 +163,8 @@ def test_existing_result_with_other_settings_is_kept_and_the_difference_named(tm
     """`make bench LR=0.1` over a result made with the recipe's lr: nothing runs, and it says the settings differ."""
     from dataclasses import asdict
 
-    from benchmark.store import atomic_write_json, result_path
-    from benchmark.validate import validate_config
+    from benchmark.core.store import atomic_write_json, result_path
+    from benchmark.core.validate import validate_config
 
     earlier = validate_config(RunConfig(method="linear", train_fraction=0.1, results_dir=str(tmp_path)))
     path = result_path(tmp_path, earlier.run_id())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark.config import RunConfig
+from benchmark.core.config import RunConfig
 from benchmark.feature_cache import CachedFeatureDataModule, cached_datamodule, can_cache
 from benchmark.run import run
 from datamodules.embedded import TensorSplitsDataModule

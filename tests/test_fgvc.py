@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmark.config import RunConfig
+from benchmark.core.config import RunConfig
 from benchmark.run import run
 from datamodules import create_datamodule, fraction_indices, get_datamodule_class
 from datamodules.checks import DataError

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmark.config import RunConfig
+from benchmark.core.config import RunConfig
 from benchmark.run import run
 from datamodules import create_datamodule
 from datamodules.checks import DataError

@@ -12,10 +12,10 @@ import time
 import pandas as pd
 import pytest
 
-from benchmark.config import REPO_ROOT, RunConfig
+from benchmark.core.config import REPO_ROOT, RunConfig
+from benchmark.core.store import read_result, result_path
 from benchmark.grid import GridSpec, main, run_grid
 from benchmark.search import SearchGrid, run_search, search_tag, select
-from benchmark.store import read_result, result_path
 
 BACKBONE = "vit_embedded_p7_28"
 
@@ -166,7 +166,7 @@ def test_search_selects_on_val_and_retrains_on_trainval(tmp_path):
 
 
 def test_search_refuses_a_fixed_lr(tmp_path):
-    from benchmark.validate import ConfigError
+    from benchmark.core.errors import ConfigError
 
     spec = GridSpec(["linear"], [0.1], [0], ["digits"], RunConfig(lr=0.1, results_dir=str(tmp_path)))
     with pytest.raises(ConfigError, match="SEARCH_LRS"):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import nbformat
 from nbclient import NotebookClient
 
-from benchmark.config import REPO_ROOT
-from benchmark.store import write_summary
+from benchmark.core.config import REPO_ROOT
+from benchmark.core.store import write_summary
 from tests.test_report import write_synthetic_results
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "results.ipynb"

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import benchmark.run as run_module
-from benchmark.config import RunConfig
+from benchmark.core.config import RunConfig
+from benchmark.core.validate import planned_data_config
 from benchmark.run import main
-from benchmark.validate import planned_data_config
 from methods import create_backbone, create_method, data_config, list_methods
 from methods.base import TuningModule
 from tests.conftest import make_tiny_vit

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from benchmark import probe_loop
 from benchmark.callbacks import NonFiniteLossError
-from benchmark.config import RunConfig
+from benchmark.core.config import RunConfig
 from benchmark.feature_cache import cached_datamodule
 from benchmark.run import run
 from tests.test_feature_cache import setup_probe

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from benchmark import report
-from benchmark.store import atomic_write_json, load_runs, result_path, write_summary
+from benchmark.core.store import atomic_write_json, load_runs, result_path, write_summary
 
 METHODS = {"full": 100.0, "linear": 0.11, "bias": 0.9, "adapter": 2.5, "vpt_shallow": 0.12, "vpt_deep": 0.74}
 FRACTIONS = (0.1, 0.2, 0.4, 0.8, 1.0)

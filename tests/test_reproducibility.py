@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from benchmark.config import REPO_ROOT, RunConfig
+from benchmark.core.config import REPO_ROOT, RunConfig
 from benchmark.run import run
 from datamodules.base import FractionDataModule, LabelledSplit
 

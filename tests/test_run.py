@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from benchmark.config import RunConfig
+from benchmark.core.config import RunConfig
 from benchmark.run import main, run
 
 REQUIRED = ["method", "dataset", "backbone", "train_fraction", "seed", "n_train", "num_classes", "tuned_params",

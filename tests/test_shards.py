@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from benchmark.config import REPO_ROOT, RunConfig
+from benchmark.core.config import REPO_ROOT, RunConfig
+from benchmark.core.errors import ConfigError
+from benchmark.core.store import read_result, result_path
 from benchmark.grid import PAPER_FRACTIONS, PAPER_METHODS, GridSpec, Shard, describe, main
-from benchmark.store import read_result, result_path
-from benchmark.validate import ConfigError
 
 PAPER_GRID = GridSpec(list(PAPER_METHODS), list(PAPER_FRACTIONS), [0, 1], ["digits", "fashion_heldout"])
 SMALL_GRID = dict(methods=["linear", "bias"], fractions=[0.1, 0.2, 0.3], seeds=[0], datasets=["digits"])

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmark import tracking
-from benchmark.config import RunConfig
+from benchmark.core import tracking
+from benchmark.core.config import RunConfig
 
 BLOCK = 32 * 1024  # LevelDB log block size
 

@@ -19,16 +19,10 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
-from benchmark.config import EMBEDDED_WEIGHTS, REPO_ROOT, RunConfig
+from benchmark.core.config import EMBEDDED_WEIGHTS, REPO_ROOT, RunConfig
+from benchmark.core.errors import ConfigError, ConfigWarning
+from benchmark.core.validate import check_wandb, smallest_fraction, validate_config, validate_data
 from benchmark.run import main
-from benchmark.validate import (
-    ConfigError,
-    ConfigWarning,
-    check_wandb,
-    smallest_fraction,
-    validate_config,
-    validate_data,
-)
 from datamodules import create_datamodule, list_datasets, register_dataset
 from datamodules.base import SPLITS, FractionDataModule, LabelledSplit
 from datamodules.checks import load_image, require_files

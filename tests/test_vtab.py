@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmark.config import RunConfig
+from benchmark.core.config import RunConfig
 from benchmark.run import run
 from datamodules import VTAB_DATASETS, create_datamodule, get_datamodule_class
 from datamodules.checks import DataError

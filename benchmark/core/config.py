@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
+from benchmark.core.errors import ConfigError
 from datamodules import EMBEDDED_DATASETS
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RECIPES_DIR = REPO_ROOT / "benchmark" / "recipes"
 EMBEDDED_BACKBONE = "vit_embedded_p7_28"
 EMBEDDED_WEIGHTS = REPO_ROOT / "results" / "embedded" / "vit_embedded_p7_28.safetensors"
 PAPER_BACKBONE = "vit_base_patch16_224.orig_in21k"  # the paper's ImageNet-21k ViT-B/16 (not augreg)
 
 # Fields a recipe may set; an explicit CLI value always wins over the recipe.
 RECIPE_FIELDS = ("optimizer", "lr", "weight_decay", "epochs", "warmup_epochs", "batch_size")
+
+
+def check_fraction(value) -> float:
+    """The train fraction as a float in (0, 1]; raises ConfigError for anything else (text, NaN, 0, 1.5)."""
+    try:
+        fraction = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"FRACTION must be a number in (0, 1] (the share of the training pool), got {value!r}; "
+                          "e.g. FRACTION=0.1.") from None
+    if math.isnan(fraction) or not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"FRACTION must be in (0, 1] (the share of the training pool), got {value!r}; "
+                          "e.g. FRACTION=0.1 for 10%, FRACTION=1 for all of it.")
+    return fraction
 
 
 @dataclass
@@ -55,8 +70,6 @@ class RunConfig:
     force: bool = False
 
     def __post_init__(self):
-        from benchmark.validate import check_fraction  # here, not at the top: validate imports this module
-
         self.train_fraction = check_fraction(self.train_fraction)  # text, NaN, <= 0, > 1 rejected with the fix
 
     @property

@@ -24,7 +24,7 @@ import lightning as L
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
 
-from benchmark.validate import ConfigError
+from benchmark.core.errors import ConfigError
 
 
 def per_process_batch_size(batch_size: int, world_size: int) -> int:

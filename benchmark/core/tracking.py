@@ -15,7 +15,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmark.config import RunConfig
+from benchmark.core.config import RunConfig
 
 DEFAULT_PROJECT = "vpt-bench"
 RESULT_FIELDS = ("test_top1", "val_top1", "tuned_params", "total_params", "tuned_percent", "n_train",
@@ -36,7 +36,7 @@ def wandb_mode() -> str:
     explicit = os.environ.get("WANDB_MODE")
     if explicit:
         return explicit
-    from benchmark.validate import wandb_key_problem
+    from benchmark.core.validate import wandb_key_problem
 
     return "offline" if wandb_key_problem() else "online"
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmark.config import RunConfig, list_recipes
+from benchmark.core.config import RunConfig, check_fraction, list_recipes
+from benchmark.core.errors import ConfigError, ConfigWarning
 from datamodules import list_datasets
 from datamodules.checks import check_image_files
 from methods.base import HEAD_INITS, optim_problems
@@ -31,23 +32,6 @@ from methods.registry import closest_name
 
 BATCH_SIZE_RANGE = (1, 65_536)
 SEED_RANGE = (0, 2**32 - 1)  # numpy's PCG64 seeds the splits and takes non-negative integers
-
-
-class ConfigError(ValueError):
-    """Bad input found before training; the message names each problem and its fix."""
-
-    def __init__(self, problems: list[str] | str):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        if len(self.problems) == 1:
-            message = self.problems[0]
-        else:
-            message = f"{len(self.problems)} problems with this run's settings:\n" + "\n".join(
-                f"  - {p}" for p in self.problems)
-        super().__init__(message)
-
-
-class ConfigWarning(UserWarning):
-    """A setting the run works around (e.g. W&B falls back to offline)."""
 
 
 def unknown_name(kind: str, name: str, known: list[str], variable: str) -> str:
@@ -91,19 +75,6 @@ def check_backbone_name(name: str, uses_hub: bool) -> list[str]:
 
 
 # --- numbers -----------------------------------------------------------------------------------------
-def check_fraction(value) -> float:
-    """The train fraction as a float in (0, 1]; raises ConfigError for anything else (text, NaN, 0, 1.5)."""
-    try:
-        fraction = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"FRACTION must be a number in (0, 1] (the share of the training pool), got {value!r}; "
-                          "e.g. FRACTION=0.1.") from None
-    if math.isnan(fraction) or not 0.0 < fraction <= 1.0:
-        raise ConfigError(f"FRACTION must be in (0, 1] (the share of the training pool), got {value!r}; "
-                          "e.g. FRACTION=0.1 for 10%, FRACTION=1 for all of it.")
-    return fraction
-
-
 def is_integer(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
@@ -139,7 +110,7 @@ def check_numbers(cfg: RunConfig) -> list[str]:
 
 
 def recipe_value(cfg: RunConfig, name: str):
-    from benchmark.config import load_recipe
+    from benchmark.core.config import load_recipe
 
     try:
         return load_recipe(cfg.recipe, cfg.method)[name]
