@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from benchmark import report
+from benchmark.analysis import aggregate, outputs, plots, tables
 from benchmark.core.store import atomic_write_json, load_runs, result_path, write_summary
 
 METHODS = {"full": 100.0, "linear": 0.11, "bias": 0.9, "adapter": 2.5, "vpt_shallow": 0.12, "vpt_deep": 0.74}
@@ -72,7 +73,7 @@ def test_summary_has_one_row_per_run(results):
 
 def test_final_runs_drop_failed_search_and_prefer_selected(results):
     results_dir, _ = results
-    final = report.final_runs(load_runs(results_dir))
+    final = aggregate.final_runs(load_runs(results_dir))
     assert (final["status"] == "ok").all()
     assert not final["tag"].fillna("").astype(str).str.startswith("search_").any()
     cell = final[(final.method == "vpt_deep") & (final.dataset == "digits") & (final.train_fraction == 1.0)]
@@ -82,7 +83,7 @@ def test_final_runs_drop_failed_search_and_prefer_selected(results):
 
 def test_report_writes_figures_and_tables(results):
     results_dir, _ = results
-    written = report.write_report(results_dir)
+    written = outputs.write_report(results_dir)
     for name in ("fig3.png", "fig3.pdf", "params.png", "params.pdf", "table.md", "table.csv", "selected_hparams.csv"):
         assert written[name].is_file() and written[name].stat().st_size > 0, name
     assert written["fig3.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -106,7 +107,7 @@ def test_report_writes_figures_and_tables(results):
 
 def test_fig3_curves_average_tasks_then_seeds(results):
     results_dir, _ = results
-    curves = report.fraction_curves(report.final_runs(load_runs(results_dir)))
+    curves = aggregate.fraction_curves(aggregate.final_runs(load_runs(results_dir)))
     row = curves[(curves.method == "adapter") & (curves.train_fraction == 0.2)].iloc[0]
     per_seed = [np.mean([synthetic_top1("adapter", d, 0.2, s) for d in DATASETS]) for s in (0, 1)]
     assert row["mean"] == pytest.approx(np.mean(per_seed))
@@ -116,18 +117,18 @@ def test_fig3_curves_average_tasks_then_seeds(results):
 
 def test_fig3_panels_shading_and_marker_sizes(results):
     results_dir, _ = results
-    curves = report.fraction_curves(report.final_runs(load_runs(results_dir)))
-    fig = report.plot_fig3(curves)
+    curves = aggregate.fraction_curves(aggregate.final_runs(load_runs(results_dir)))
+    fig = plots.plot_fig3(curves)
     axes = fig.axes
     assert [ax.get_title() for ax in axes] == ["VPT-deep vs Linear", "VPT-deep vs Adapter", "VPT-deep vs Bias"]
     colors = [tuple(np.round(c.get_facecolor()[0][:3], 3)) for c in axes[1].collections if len(c.get_paths())]
     from matplotlib.colors import to_rgb
 
-    ahead, behind = (tuple(np.round(to_rgb(c), 3)) for c in (report.AHEAD_COLOR, report.BEHIND_COLOR))
+    ahead, behind = (tuple(np.round(to_rgb(c), 3)) for c in (plots.AHEAD_COLOR, plots.BEHIND_COLOR))
     assert ahead in colors and behind in colors  # VPT-deep is ahead of Adapter at 10%, behind at 100%
     for ax in axes:  # VPT-shallow and Full in every panel: 4 lines per panel
         assert len(ax.get_lines()) == 4
-    sizes = report.marker_area([0.1, 1.0, 100.0])
+    sizes = plots.marker_area([0.1, 1.0, 100.0])
     assert sizes[0] < sizes[1] < sizes[2]
     assert sizes[2] - sizes[1] == pytest.approx(2 * (sizes[1] - sizes[0]))  # linear in log10(%)
 
@@ -142,8 +143,8 @@ def test_report_refuses_mixed_backbones(results):
     other = json.loads(next((results_dir / "runs").rglob("*.json")).read_text()) | {"backbone": "vit_other"}
     atomic_write_json(results_dir / "runs" / "x" / "other.json", other)
     with pytest.raises(ValueError, match="BACKBONE="):
-        report.final_runs(load_runs(results_dir))
-    assert len(report.final_runs(load_runs(results_dir), backbone=BACKBONE)) == 120
+        aggregate.final_runs(load_runs(results_dir))
+    assert len(aggregate.final_runs(load_runs(results_dir), backbone=BACKBONE)) == 120
 
 
 def test_table_averages_vtab_groups(tmp_path):
@@ -152,11 +153,12 @@ def test_table_averages_vtab_groups(tmp_path):
               ("vpt_deep", "vtab/cifar"): 78.0, ("vpt_deep", "vtab/dtd"): 66.0, ("vpt_deep", "vtab/eurosat"): 95.0}
     for (method, dataset), top1 in scores.items():
         write_run(results, method, dataset, 1.0, 0, test_top1=top1)
-    table = report.results_table(report.final_runs(load_runs(results))).set_index("method")
+    table = aggregate.results_table(aggregate.final_runs(load_runs(results))).set_index("method")
     assert table.loc["vpt_deep", "Natural mean"] == pytest.approx(72.0)
     assert table.loc["vpt_deep", "Specialized mean"] == pytest.approx(95.0)
     assert table.loc["full", "mean"] == pytest.approx(np.mean([60, 70, 90]))
     assert table.loc["vpt_deep", "beats_full"] == 2 and table.loc["vpt_deep", "tasks_compared"] == 3
-    text = report.table_markdown(table.reset_index(), report.selected_hparams(report.final_runs(load_runs(results))))
+    hparams = aggregate.selected_hparams(aggregate.final_runs(load_runs(results)))
+    text = tables.table_markdown(table.reset_index(), hparams)
     assert "| Natural mean | Specialized mean | Mean | Tasks > Full |" in text
     assert "| VPT-deep | 0.74 | 78.00 | 66.00 | 95.00 | 72.00 | 95.00 | 79.67 | 2/3 |" in text

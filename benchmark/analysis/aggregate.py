@@ -1,0 +1,142 @@
+"""From the results store to the numbers a report shows: final runs, Fig. 3 curves, the Table-1 style table and the
+hyperparameters the selection protocol chose. Reads results only; never builds a model."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from benchmark.core.store import read_summary, write_summary
+from methods.registry import label, table_order
+
+
+def load_summary(results_dir: str | Path, refresh: bool = True) -> pd.DataFrame:
+    """results/summary.csv, rewritten from the run JSONs first when results/runs exists (and `refresh`)."""
+    runs = Path(results_dir) / "runs"
+    if refresh and runs.is_dir() and any(runs.rglob("*.json")):
+        write_summary(results_dir)
+    return read_summary(results_dir)
+
+def comma_filter(frame: pd.DataFrame, column: str, wanted: list[str] | None) -> pd.DataFrame:
+    if not wanted:
+        return frame
+    missing = sorted(set(wanted) - set(frame[column].astype(str)))
+    if missing:
+        warnings.warn(f"No finished runs for {column} {missing}; present: {sorted(frame[column].unique())}.",
+                      stacklevel=3)
+    return frame[frame[column].astype(str).isin(wanted)]
+
+def final_runs(summary: pd.DataFrame, datasets: list[str] | None = None, methods: list[str] | None = None,
+               backbone: str | None = None) -> pd.DataFrame:
+    """The runs a report shows: finished, pretrained, untagged (search points and variants left out), one
+    backbone. Where the selection protocol produced a final (train+val) run, it replaces the fixed-recipe run of
+    the same dataset, method, fraction and seed."""
+    frame = summary[summary["status"] == "ok"].copy()
+    if "pretrained" in frame:
+        frame = frame[frame["pretrained"].astype(str).str.lower() == "true"]
+    if "tag" in frame:
+        frame = frame[frame["tag"].fillna("").astype(str) == ""]
+    frame = comma_filter(comma_filter(frame, "dataset", datasets), "method", methods)
+    if backbone:
+        frame = frame[frame["backbone"] == backbone]
+    elif frame["backbone"].nunique() > 1:
+        counts = frame["backbone"].value_counts().to_dict()
+        raise ValueError(f"The results hold runs of several backbones {counts}; a figure compares one. "
+                         "Choose it with BACKBONE=<name> (--backbone).")
+    if frame.empty:
+        raise ValueError("No finished runs match (status ok, pretrained, no tag"
+                         f"{', datasets ' + ','.join(datasets) if datasets else ''}"
+                         f"{', backbone ' + backbone if backbone else ''}): run `make grid` first or widen the "
+                         "filters.")
+    frame["selected"] = frame["selected_lr"].notna() if "selected_lr" in frame else False
+    frame = frame.sort_values("selected", kind="stable")
+    return frame.drop_duplicates(["dataset", "method", "train_fraction", "seed"], keep="last").reset_index(drop=True)
+
+def fraction_curves(final: pd.DataFrame) -> pd.DataFrame:
+    """Per (method, fraction): test top-1 averaged over tasks, then mean / std over seeds; tuned-param %."""
+    per_seed = final.groupby(["method", "train_fraction", "seed"]).agg(
+        top1=("test_top1", "mean"), n_tasks=("dataset", "nunique")).reset_index()
+    curves = per_seed.groupby(["method", "train_fraction"]).agg(
+        mean=("top1", "mean"), std=("top1", "std"), n_seeds=("seed", "nunique"), n_tasks=("n_tasks", "min"),
+    ).reset_index()
+    curves["std"] = curves["std"].fillna(0.0)
+    curves["tuned_percent"] = curves["method"].map(final.groupby("method")["tuned_percent"].mean())
+    if curves["n_tasks"].nunique() > 1:
+        warnings.warn("Not every (method, fraction) has results on the same number of tasks; task averages "
+                      f"mix {sorted(curves['n_tasks'].unique())} tasks. Finish the grid for a fair figure.",
+                      stacklevel=2)
+    return curves
+
+def dataset_groups(datasets) -> dict[str, str]:
+    """A dataset's group — VTAB-1k's Natural / Specialized / Structured, which the paper averages separately — when
+    its datamodule class declares `group`, or for a VTAB task, from datamodules.vtab's task table."""
+    from datamodules import get_datamodule_class
+    from datamodules.vtab import VTAB_TASKS
+
+    groups = {}
+    for name in datasets:
+        try:
+            cls = get_datamodule_class(name)
+        except ValueError:  # a dataset registered by code this checkout lacks: no group, still reported
+            continue
+        group = getattr(cls, "group", None) or getattr(VTAB_TASKS.get(getattr(cls, "task", None)), "group", None)
+        if group:
+            groups[name] = str(group).capitalize()
+    return groups
+
+def table_fraction(final: pd.DataFrame, fraction: float | None) -> float:
+    present = sorted(final["train_fraction"].unique())
+    if fraction is None:
+        return float(present[-1])
+    match = [f for f in present if math.isclose(f, fraction)]
+    if not match:
+        raise ValueError(f"No results at train fraction {fraction:g}; present: {', '.join(f'{f:g}' for f in present)}"
+                         " (choose one with --fraction).")
+    return float(match[0])
+
+def results_table(final: pd.DataFrame, fraction: float | None = None) -> pd.DataFrame:
+    """Table-1 style: one row per method; mean test top-1 per task (and per group), tuned-param %, the mean over
+    tasks and how many tasks beat Full. `<task>_std` columns hold the std over seeds."""
+    fraction = table_fraction(final, fraction)
+    at = final[np.isclose(final["train_fraction"], fraction)]
+    per_task = at.groupby(["method", "dataset"])["test_top1"].agg(["mean", "std", "count"])
+    means, stds = per_task["mean"].unstack("dataset"), per_task["std"].unstack("dataset")
+    tasks = sorted(means.columns)
+    rows = []
+    for method in table_order(means.index):
+        row = {"method": method, "label": label(method), "train_fraction": fraction,
+               "tuned_percent": at.loc[at["method"] == method, "tuned_percent"].mean(),
+               "seeds": int(per_task.loc[method, "count"].max())}
+        row |= {task: means.loc[method, task] for task in tasks}
+        row |= {f"{task}_std": stds.loc[method, task] for task in tasks}
+        for group, members in group_members(tasks).items():
+            row[f"{group} mean"] = means.loc[method, members].mean()
+        row["mean"] = means.loc[method, tasks].mean()
+        if "full" in means.index and method != "full":
+            both = means.loc[[method, "full"], tasks].dropna(axis=1)
+            row["beats_full"] = int((both.loc[method] > both.loc["full"]).sum())
+            row["tasks_compared"] = both.shape[1]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+def group_members(tasks) -> dict[str, list[str]]:
+    groups = dataset_groups(tasks)
+    members: dict[str, list[str]] = {}
+    for task in tasks:
+        if task in groups:
+            members.setdefault(groups[task], []).append(task)
+    return members
+
+def selected_hparams(final: pd.DataFrame) -> pd.DataFrame:
+    """The lr and weight decay the selection protocol chose, per method, task and fraction (empty if none)."""
+    if "selected_lr" not in final or final["selected_lr"].isna().all():
+        return pd.DataFrame(columns=["method", "dataset", "train_fraction", "lr", "weight_decay", "val_top1"])
+    chosen = final[final["selected_lr"].notna()]
+    return (chosen.groupby(["method", "dataset", "train_fraction"])
+            .agg(lr=("selected_lr", "first"), weight_decay=("selected_weight_decay", "first"),
+                 val_top1=("selected_val_top1", "first"))
+            .reset_index())

@@ -1,0 +1,43 @@
+"""The whole report: Fig. 3, the parameter plot (PNG + PDF) and the tables (Markdown + CSV), optionally to W&B."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from benchmark.analysis.aggregate import final_runs, fraction_curves, load_summary, results_table, selected_hparams
+from benchmark.analysis.plots import plot_fig3, plot_params
+from benchmark.analysis.tables import table_markdown
+from benchmark.core.tracking import log_report
+
+
+def report_title(final: pd.DataFrame) -> str:
+    tasks = sorted(final["dataset"].unique())
+    seeds = final["seed"].nunique()
+    return (f"{final['backbone'].iloc[0]} on {', '.join(tasks)} ({seeds} seed{'s' * (seeds > 1)}): VPT-deep vs "
+            "other protocols; marker area ∝ log tuned-parameter %")
+
+def write_report(results_dir: str | Path = "results", out_dir: str | Path | None = None,
+                 datasets: list[str] | None = None, methods: list[str] | None = None, backbone: str | None = None,
+                 fraction: float | None = None, use_wandb: bool = False) -> dict[str, Path]:
+    """Fig. 3, the parameter plot (PNG + PDF) and the tables (Markdown + CSV) into `out_dir`."""
+    out = Path(out_dir or Path(results_dir) / "figures")
+    out.mkdir(parents=True, exist_ok=True)
+    final = final_runs(load_summary(results_dir), datasets, methods, backbone)
+    curves = fraction_curves(final)
+    written: dict[str, Path] = {}
+    for name, fig in (("fig3", plot_fig3(curves, report_title(final))), ("params", plot_params(curves))):
+        for suffix in ("png", "pdf"):
+            written[f"{name}.{suffix}"] = out / f"{name}.{suffix}"
+            fig.savefig(written[f"{name}.{suffix}"], dpi=150)
+    table, hparams = results_table(final, fraction), selected_hparams(final)
+    frames = {"table": table, "fig3_data": curves, "selected_hparams": hparams}
+    for name, frame in frames.items():
+        written[f"{name}.csv"] = out / f"{name}.csv"
+        frame.to_csv(written[f"{name}.csv"], index=False)
+    written["table.md"] = out / "table.md"
+    written["table.md"].write_text(table_markdown(table, hparams))
+    if use_wandb:
+        log_report([p for p in written.values() if p.suffix == ".png"], frames, str(results_dir))
+    return written
