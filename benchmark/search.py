@@ -20,7 +20,8 @@ from dataclasses import dataclass, replace
 from benchmark.core.config import RunConfig, load_recipe
 from benchmark.core.errors import ConfigError
 from benchmark.core.store import atomic_write_json, result_path, write_summary
-from benchmark.grid import GridRunner, GridSpec, describe, validate_all
+from benchmark.sweeps.runner import GridRunner
+from benchmark.sweeps.spec import GridSpec, describe, validate_all
 
 # The paper's grids (App. A). The lrs are *base* lrs: the paper recipe scales them by batch/256.
 PAPER_LRS = (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05)  # linear, bias, adapter, VPT

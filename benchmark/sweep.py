@@ -20,8 +20,9 @@ import yaml
 from benchmark.core.errors import ConfigError
 from benchmark.core.store import atomic_write_text
 from benchmark.core.tracking import project
-from benchmark.grid import GridSpec, base_config
+from benchmark.grid import base_config
 from benchmark.grid import parser as grid_parser
+from benchmark.sweeps.spec import GridSpec
 
 HEADER = """\
 # W&B sweep of a vpt-bench grid ({n} runs), written by `{command}`.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmark.grid import PAPER_METHODS
+from benchmark.sweeps.spec import PAPER_METHODS
 from methods import get_method_class, list_methods
 from methods.registry import color, fig3_methods, label, table_order
 

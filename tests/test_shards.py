@@ -1,4 +1,4 @@
-"""Grid shards (`make grid SHARD=i/n`, benchmark/grid.py::Shard): disjoint parts whose union is the grid, the
+"""Grid shards (`make grid SHARD=i/n`, benchmark/sweeps/spec.py::Shard): disjoint parts whose union is the grid, the
 same on every machine, run concurrently over one results folder, each re-runnable to fill its own gaps."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import pytest
 from benchmark.core.config import REPO_ROOT, RunConfig
 from benchmark.core.errors import ConfigError
 from benchmark.core.store import read_result, result_path
-from benchmark.grid import PAPER_FRACTIONS, PAPER_METHODS, GridSpec, Shard, describe, main
+from benchmark.grid import main
+from benchmark.sweeps.spec import PAPER_FRACTIONS, PAPER_METHODS, GridSpec, Shard, describe
 
 PAPER_GRID = GridSpec(list(PAPER_METHODS), list(PAPER_FRACTIONS), [0, 1], ["digits", "fashion_heldout"])
 SMALL_GRID = dict(methods=["linear", "bias"], fractions=[0.1, 0.2, 0.3], seeds=[0], datasets=["digits"])

@@ -1,0 +1,1 @@
+"""Many runs: grid specs and shards, the grid runner, the selection protocol's search."""

@@ -1,0 +1,90 @@
+"""What a grid is: methods x fractions x seeds x datasets over one base config, its shards, and the check of every
+run before the first trains."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import re
+from dataclasses import dataclass, field, replace
+
+from benchmark.core.config import RunConfig
+from benchmark.core.errors import ConfigError
+from benchmark.core.validate import validate_config
+from methods.registry import fig3_methods
+
+PAPER_FRACTIONS = (0.1, 0.2, 0.4, 0.8, 1.0)  # the training-data ratios of Fig. 3 (Jia et al., ECCV 2022)
+PAPER_METHODS = tuple(fig3_methods())  # full, linear, bias, adapter, vpt_shallow, vpt_deep
+
+
+def describe(cfg: RunConfig) -> str:
+    tag = f" {cfg.tag}" if cfg.tag else ""
+    on = " trainval" if cfg.train_on == "trainval" else ""
+    return f"{cfg.method} {cfg.dataset} frac={cfg.train_fraction:g} seed={cfg.seed}{on}{tag}"
+
+@dataclass
+class GridSpec:
+    """What to sweep; every other run setting comes from `base` (a RunConfig with the CLI's run options)."""
+
+    methods: list[str]
+    fractions: list[float]
+    seeds: list[int]
+    datasets: list[str]
+    base: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        examples = {"methods": "vpt_deep,linear", "fractions": "0.1,1.0", "seeds": "0,1", "datasets": "digits"}
+        for name, example in examples.items():
+            values = getattr(self, name)
+            if not values:
+                raise ConfigError(f"{name.upper()} is empty; give at least one value, e.g. {name.upper()}={example}.")
+            if len(set(values)) != len(values):
+                raise ConfigError(f"{name.upper()} lists a value twice: {values}.")
+
+    def configs(self) -> list[RunConfig]:
+        """Dataset-major order: a stopped grid leaves whole datasets finished, and the report can draw them."""
+        return [replace(self.base, dataset=d, method=m, train_fraction=f, seed=s)
+                for d, m, f, s in itertools.product(self.datasets, self.methods, self.fractions, self.seeds)]
+
+@dataclass(frozen=True)
+class Shard:
+    """Part `index` of `count` disjoint parts of a grid (`SHARD=index/count`, index counted from 0).
+
+    The grid's runs are ranked by the sha256 of their run id and dealt out in turn: the parts are disjoint, together
+    they are the whole grid, their sizes differ by at most one, and every machine and Python computes the same
+    parts (hashlib, not `hash()`, which PYTHONHASHSEED salts). Ranking by a hash instead of dealing out the grid's
+    own order spreads cheap and costly runs alike: METHODS x FRACTIONS dealt in order to 5 shards would give each
+    shard a single fraction. Each shard runs its part in the grid's order. Every shard must get the same grid.
+    """
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        if not match or not int(match[1]) < int(match[2]):
+            raise ConfigError(f"SHARD must be i/n with 0 <= i < n (part i of n, counted from 0), got {text!r}; "
+                              "e.g. SHARD=0/3, SHARD=1/3 and SHARD=2/3 together run the whole grid.")
+        return cls(int(match[1]), int(match[2]))
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def select(self, configs: list[RunConfig]) -> list[RunConfig]:
+        """This shard's runs, in the grid's order."""
+        digests = [hashlib.sha256(cfg.resolved().run_id().encode()).hexdigest() for cfg in configs]
+        ranked = sorted(range(len(configs)), key=lambda k: (digests[k], k))
+        mine = set(ranked[self.index::self.count])
+        return [cfg for k, cfg in enumerate(configs) if k in mine]
+
+def validate_all(configs: list[RunConfig]) -> None:
+    """Check every run before the first trains: one typo must not surface hours into a grid."""
+    problems: dict[str, None] = {}
+    for cfg in configs:
+        try:
+            validate_config(cfg)
+        except ConfigError as err:
+            problems.update({f"{describe(cfg)}: {p}" if len(configs) > 1 else p: None for p in err.problems})
+    if problems:
+        raise ConfigError(list(problems))
