@@ -106,7 +106,8 @@ def test_vpt_prompt_init_bound_and_dropout_defaults():
     deep = create_method("vpt_deep", make_tiny_vit(), num_classes=3)
     shallow = create_method("vpt_shallow", make_tiny_vit(), num_classes=3)
     bound = (6.0 / (3 * 8 * 8 + 32)) ** 0.5  # the VPT code's Xavier bound for the patch projection
-    assert deep.vpt_prompts.abs().max() <= bound and deep.vpt_prompts.abs().max() > 0.5 * bound
+    # 2 x 50 x 32 uniform draws: the largest misses the bound by ~bound / 3200
+    assert deep.vpt_prompts.abs().max() <= bound and deep.vpt_prompts.abs().max() > 0.99 * bound
     assert deep.prompt_dropout.p == 0.1 and shallow.prompt_dropout.p == 0.0
     assert deep.vpt_prompts.shape[1] == 50  # paper default p
 
@@ -179,7 +180,8 @@ def test_optimizer_holds_only_trainable_parameters():
     config = model.configure_optimizers()
     in_optimizer = {id(p) for group in config["optimizer"].param_groups for p in group["params"]}
     assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
-    assert config["optimizer"].param_groups[0]["lr"] > 0
+    # 10 steps, warmup round(10 * 1 / 10) = 1 step: the first multiplier is (0 + 1) / 1
+    assert [g["lr"] for g in config["optimizer"].param_groups] == pytest.approx([0.1, 0.1])
     assert config["optimizer"].defaults["fused"] is True  # one fused update kernel, not a loop over tensors
 
 
