@@ -142,6 +142,10 @@ test: install data ## Fast test suite (slow tests excluded)
 test-slow: install data ## Slow tests only
 	$(PY) -m pytest -m slow -q
 
+.PHONY: mutation
+mutation: install data ## Planted one-line bugs (tests/mutation/mutants_*.yaml) vs the fast suite: kill rate, survivors [JOBS=1]
+	$(PY) tests/mutation/run.py $(call opt,--jobs,$(JOBS))
+
 lint: install ## Ruff lint
 	$(PY) -m ruff check methods datamodules benchmark tests
 
