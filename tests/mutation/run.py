@@ -318,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"baseline: unmutated fast suite {base.status.replace('survived', 'passed')} in {base.seconds:.1f} s"
                   + ("" if base.status == "survived" else f" ({describe(base)})"), flush=True)
             if base.status != "survived":
-                print("mutation: the unmutated suite must pass first; nothing was measured", file=sys.stderr)
+                hint = " (a busy machine? raise --timeout)" if base.status == "timeout" else ""
+                print(f"mutation: the unmutated suite must pass first; nothing was measured{hint}", file=sys.stderr)
                 return 2
         outcomes = run_all(mutants, files, args.jobs, args.timeout)
     except KeyboardInterrupt:
