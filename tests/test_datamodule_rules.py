@@ -181,3 +181,16 @@ def test_fashion_heldout_pools_and_labels(tmp_path):
         "train": [2] * 6, "val": [500] * 6, "test": [2] * 6}
     raw = torch.round(pretrain.splits["train"].dataset.tensors[0][:, 0, 0, 0] * 255 / 20).long()
     assert torch.equal(raw, torch.as_tensor([0, 1, 2, 3, 8, 9])[pretrain.splits["train"].dataset.tensors[1]])
+
+
+def test_only_the_training_split_is_augmented(tmp_path):
+    """FGVC transform: val and test get resize + center crop (deterministic), train gets random crop and flip."""
+    root = tmp_path / "data"
+    for split in ("train", "val", "test"):
+        for i in range(2):
+            write_png(root / split / "ant" / f"{i}.png", 40 * i)
+    dm = create_datamodule("folder", data_config={**RGB_CONFIG, "input_size": (3, 8, 8)}, data_root=str(root))
+    dm.setup()
+    kinds = {split: [type(t).__name__ for t in data.dataset.transform.transforms] for split, data in dm.splits.items()}
+    assert kinds["train"] == ["Resize", "RandomCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    assert kinds["val"] == kinds["test"] == ["Resize", "CenterCrop", "ToTensor", "Normalize"]

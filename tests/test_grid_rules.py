@@ -216,3 +216,11 @@ def test_interrupted_then_resumed_grid_equals_the_uninterrupted_grid(tmp_path, m
 
     assert summary_rows(resumed) == summary_rows(tmp_path / "straight")
     assert [status for _, status, *_ in summary_rows(resumed)] == ["ok"] * 3
+
+
+def test_grid_order_is_dataset_major_then_method_fraction_seed():
+    configs = GridSpec(["linear", "bias"], [0.1, 1.0], [0, 1], ["digits", "fashion_heldout"]).configs()
+    assert [(c.dataset, c.method, c.train_fraction, c.seed) for c in configs[:5]] == [
+        ("digits", "linear", 0.1, 0), ("digits", "linear", 0.1, 1), ("digits", "linear", 1.0, 0),
+        ("digits", "linear", 1.0, 1), ("digits", "bias", 0.1, 0)]
+    assert [c.dataset for c in configs] == ["digits"] * 8 + ["fashion_heldout"] * 8
