@@ -275,3 +275,45 @@ def test_head_trains_on_one_thread_and_restores_the_count(tmp_path):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+# --- a file dataset (VTAB-1k's deterministic resize): the key must follow the examples, not just their count -----
+def vtab_probe(root, train_fraction: float, seed: int):
+    from datamodules import create_datamodule
+
+    torch.manual_seed(0)
+    backbone = make_tiny_vit()
+    datamodule = create_datamodule("vtab/kitti", data_config=data_config(backbone), data_root=str(root),
+                                   train_fraction=train_fraction, seed=seed, batch_size=4, eval_batch_size=8)
+    datamodule.setup()
+    optim = OptimConfig(optimizer="sgd", lr=0.5, max_epochs=1, warmup_epochs=0)
+    return create_method("linear", backbone, datamodule.num_classes, optim), datamodule
+
+
+def features_by_hand(model, dataset) -> torch.Tensor:
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    with torch.inference_mode():
+        return model.eval().frozen_features(images)
+
+
+def test_file_dataset_new_seed_or_fraction_computes_its_own_train_features(tmp_path):
+    """On image files the cache key has no input tensors to hash: a new seed keeps the same count and the same
+    (sorted) labels, so only the example ids tell the two training subsets apart. The new seed's train features
+    are computed from its own images; val and test, which do not depend on the seed, are read."""
+    from tests.test_vtab import make_vtab
+
+    root = make_vtab(tmp_path / "vtab-1k")
+    cache = tmp_path / "cache"
+    first = cached_datamodule(*vtab_probe(root, 0.5, seed=0), cache)
+    model, datamodule = vtab_probe(root, 0.5, seed=1)
+    assert datamodule.n_train == first.n_train == 8 and datamodule.train_ids != first.source.train_ids
+    assert datamodule.train_labels.tolist() == first.source.train_labels.tolist()  # same labels, other images
+    expected = features_by_hand(model, datamodule.train_set)
+    second = cached_datamodule(model, datamodule, cache)
+    assert second.hits == {"train": False, "val": True, "test": True}
+    torch.testing.assert_close(second.features["train"].tensors[0], expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(second.features["train"].tensors[0], first.features["train"].tensors[0])
+
+    assert cached_datamodule(*vtab_probe(root, 1.0, seed=1), cache).hits == {"train": False, "val": True,
+                                                                             "test": True}
+    assert all(cached_datamodule(*vtab_probe(root, 0.5, seed=1), cache).hits.values())  # the same run again

@@ -150,7 +150,10 @@ def test_missing_split_file_names_prepare(tmp_path):
 
 
 @pytest.mark.parametrize("fraction_file", [False, True])
-def test_run_end_to_end_with_a_tiny_vit(tmp_path, fraction_file):
+def test_run_end_to_end_with_a_tiny_vit(tmp_path, fraction_file, monkeypatch):
+    from tests.test_run import record_tested_model, top1_by_hand
+
+    seen = record_tested_model(monkeypatch)
     root = make_fgvc(tmp_path / "cub", "cub", (4, 1, 2))
     if fraction_file:
         train = json.loads((root / "train.json").read_text())
@@ -164,6 +167,7 @@ def test_run_end_to_end_with_a_tiny_vit(tmp_path, fraction_file):
     assert result["status"] == "ok" and result["num_classes"] == 3 and result["n_train"] == 6
     assert result["recipe"] == "paper" and result["optimizer"] == "sgd" and result["epochs"] == 1
     assert result["lr"] == pytest.approx(0.1 * 4 / 256)  # the paper's base lr scaled by batch / 256
-    assert 0.0 <= result["test_top1"] <= 100.0
+    test_top1, n_test = top1_by_hand(seen["model"], seen["datamodule"].test_dataloader())  # 2 per class
+    assert n_test == 6 and result["test_top1"] == pytest.approx(test_top1, abs=1e-4)
     split = json.loads(next((tmp_path / "results" / "splits").rglob("*.json")).read_text())
     assert split["split_source"] == ("train_0.5.json" if fraction_file else "suite")

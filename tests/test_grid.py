@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 
 import pandas as pd
 import pytest
@@ -108,24 +108,43 @@ def test_grid_cli_rejects_bad_input_before_training(tmp_path, capsys):
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
 def test_grid_stops_cleanly_on_signal_and_resumes(tmp_path, signum):
+    """The signal goes once the grid says its second run trains: after the progress line of the first run, the
+    next `trainable params` line (printed as a fit starts). Output is read line by line as it comes, never slept
+    on; stderr goes to a file, so no unread pipe can fill up and block the grid. A watchdog kills a grid that never
+    gets there, so a broken grid fails the test with its output instead of hanging it."""
     results = tmp_path / "results"
     command = [sys.executable, "-m", "benchmark.grid", "--methods", "linear,full", "--fractions", "0.1",
                "--datasets", "digits", "--epochs", "30", "--results-dir", str(results)]
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ | {"PYTHONUNBUFFERED": "1"})
-    first = run_file(results, "digits", "linear", "frac0.1_seed0")
-    second_started = results / "splits" / "digits" / BACKBONE / "full" / "frac0.1_seed0.json"
-    deadline = time.time() + 240
-    while not second_started.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, f"grid ended before the second run started: {proc.communicate()}"
-    proc.send_signal(signum)
-    stdout, stderr = proc.communicate(timeout=120)
+    stderr_path = tmp_path / "stderr.txt"
+    with open(stderr_path, "w") as stderr:
+        proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    watchdog = threading.Timer(900, proc.kill)  # generous: a loaded machine is slow, never this slow
+    watchdog.start()
+    try:
+        seen, first_recorded = [], False
+        for line in proc.stdout:
+            seen.append(line)
+            first_recorded = first_recorded or line.startswith("[grid 1/2")
+            if first_recorded and line.startswith("trainable params"):
+                break
+        assert first_recorded and seen[-1].startswith("trainable params"), \
+            "".join(seen)[-3000:] + stderr_path.read_text()[-3000:]
+        assert proc.poll() is None
+        proc.send_signal(signum)
+        proc.stdout.read()  # to the end: the grid exits
+        proc.wait()
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = stderr_path.read_text()
 
-    assert proc.returncode == 128 + signum, stderr
+    assert proc.returncode == 128 + signum, stderr[-3000:]
     assert "run the same command again to resume" in stderr
-    assert read_result(first)["status"] == "ok"  # what finished is recorded ...
-    assert not run_file(results, "digits", "full", "frac0.1_seed0").exists()  # ... the interrupted run is not
+    assert read_result(run_file(results, "digits", "linear", "frac0.1_seed0"))["status"] == "ok"  # finished: kept
+    assert not run_file(results, "digits", "full", "frac0.1_seed0").exists()  # interrupted: not recorded
     assert len(pd.read_csv(results / "summary.csv")) == 1
 
     # The next call resumes: the finished run is skipped (the 30-epoch one is left out to keep the test short).

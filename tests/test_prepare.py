@@ -213,3 +213,32 @@ def test_splits_cli_fractions_and_protection(tmp_path, capsys):
     assert splits_main(["--dataset", "vtab/dtd", "--data-root", str(root)]) == 2
     with pytest.raises(DataError, match=r"must be in \(0, 1\)"):
         parse_fractions(["1.0"])
+
+
+def test_val_carve_follows_the_sorted_ids_not_the_release_order(tmp_path):
+    """The carve draws from the train images sorted by path: a release listing the same images in another order
+    gives the same val.json. 10% of each class's 20 train images: 2 per class."""
+    fake_caltech_birds(tmp_path / "raw", train=20)
+    prepare("cub", tmp_path / "raw", tmp_path / "forward")
+    top = tmp_path / "raw" / "CUB_200_2011"
+    for name in ("images.txt", "image_class_labels.txt", "train_test_split.txt"):
+        lines = (top / name).read_text().splitlines()
+        (top / name).write_text("\n".join(reversed(lines)) + "\n")
+    prepare("cub", tmp_path / "raw", tmp_path / "reversed")
+    val = split(tmp_path / "forward", "val")
+    assert val == split(tmp_path / "reversed", "val")
+    assert sorted(val.values()) == [1, 1, 2, 2, 3, 3]
+    assert split(tmp_path / "forward", "train") == split(tmp_path / "reversed", "train")
+
+
+def test_fraction_files_follow_the_seed_and_count_per_class(tmp_path):
+    """`make splits SEED=3`: the files hold the examples a run at seed 3 would train on without them; 30 train images
+    per class minus the 3 carved to val leave 27: 0.1 -> 2.7 -> 3, 0.4 -> 10.8 -> 11 per class."""
+    root = prepare("cub", fake_caltech_birds(tmp_path, train=30))
+    write_fraction_files("cub", root, [0.1, 0.4], seed=3)
+    pool = loads("cub", root).splits["train"]
+    for fraction, per_class in ((0.1, 3), (0.4, 11)):
+        written = split(root, f"train_{fraction:g}")
+        assert set(written) == {pool.ids[i] for i in fraction_indices(pool.labels, fraction, 3)}
+        assert sorted(written.values()) == sorted([1, 2, 3] * per_class)
+    assert set(split(root, "train_0.1")) != {pool.ids[i] for i in fraction_indices(pool.labels, 0.1, 0)}

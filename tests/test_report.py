@@ -162,3 +162,86 @@ def test_table_averages_vtab_groups(tmp_path):
     text = tables.table_markdown(table.reset_index(), hparams)
     assert "| Natural mean | Specialized mean | Mean | Tasks > Full |" in text
     assert "| VPT-deep | 0.74 | 78.00 | 66.00 | 95.00 | 72.00 | 95.00 | 79.67 | 2/3 |" in text
+
+
+# --- aggregation from a hand-made summary.csv, every expected number worked out by hand -------------------------
+HAND_SUMMARY = """method,dataset,backbone,train_fraction,seed,status,pretrained,tag,train_on,tuned_percent,test_top1,\
+selected_lr,selected_weight_decay,selected_val_top1
+full,task_a,B,1.0,0,ok,True,,train,100.0,60.0,,,
+full,task_a,B,1.0,1,ok,True,,train,100.0,62.0,,,
+full,task_b,B,1.0,0,ok,True,,train,100.0,80.0,,,
+full,task_b,B,1.0,1,ok,True,,train,100.0,80.0,,,
+full,task_a,B,0.1,0,ok,True,,train,100.0,20.0,,,
+full,task_b,B,0.1,0,ok,True,,train,100.0,40.0,,,
+linear,task_a,B,1.0,0,ok,True,,train,0.5,61.0,,,
+linear,task_a,B,1.0,1,ok,True,,train,0.5,61.0,,,
+linear,task_b,B,1.0,0,ok,True,,train,0.5,85.0,,,
+linear,task_b,B,1.0,1,ok,True,,train,0.5,87.0,,,
+linear,task_b,B,1.0,1,ok,True,,trainval,0.5,89.0,0.5,0.001,88.0
+linear,task_a,B,1.0,0,ok,False,,train,0.5,5.0,,,
+linear,task_a,B,1.0,0,ok,True,search_lr1_wd0,train,0.5,99.0,,,
+linear,task_a,B,1.0,2,failed,True,,train,0.5,1.0,,,
+linear,task_a,B,0.1,0,ok,True,,train,0.5,30.0,,,
+linear,task_a,B,0.1,1,ok,True,,train,0.5,34.0,,,
+linear,task_b,B,0.1,0,ok,True,,train,0.5,50.0,,,
+linear,task_b,B,0.1,1,ok,True,,train,0.5,54.0,,,
+"""
+
+
+@pytest.fixture
+def hand_final(tmp_path):
+    (tmp_path / "summary.csv").write_text(HAND_SUMMARY)
+    return aggregate.final_runs(aggregate.load_summary(tmp_path))
+
+
+def test_final_runs_from_a_hand_made_summary(hand_final):
+    """Scratch, tagged and failed rows go; the selected (trainval) run replaces the fixed-recipe one of its cell."""
+    assert len(hand_final) == 14
+    cell = hand_final[(hand_final.method == "linear") & (hand_final.dataset == "task_b")
+                      & (hand_final.train_fraction == 1.0)].sort_values("seed")
+    assert cell["test_top1"].tolist() == [85.0, 89.0] and cell["train_on"].tolist() == ["train", "trainval"]
+
+
+def test_table_numbers_by_hand(hand_final):
+    table = aggregate.results_table(hand_final).set_index("method")
+    assert list(table.index) == ["full", "linear"] and (table["train_fraction"] == 1.0).all()  # the largest
+    # full: task_a (60, 62) -> 61 +- sqrt(2); task_b (80, 80) -> 80 +- 0; mean over tasks 70.5
+    assert table.loc["full", ["task_a", "task_b", "mean"]].tolist() == [61.0, 80.0, 70.5]
+    assert table.loc["full", "task_a_std"] == pytest.approx(2 ** 0.5) and table.loc["full", "task_b_std"] == 0.0
+    # linear: task_a (61, 61) -> 61; task_b (85, 89 selected) -> 87 +- sqrt(8); mean 74
+    assert table.loc["linear", ["task_a", "task_b", "mean"]].tolist() == [61.0, 87.0, 74.0]
+    assert table.loc["linear", "task_b_std"] == pytest.approx(8 ** 0.5)
+    # beats Full where strictly better: 87 > 80 yes, 61 = 61 no
+    assert (table.loc["linear", "beats_full"], table.loc["linear", "tasks_compared"]) == (1, 2)
+    assert table.loc["linear", "tuned_percent"] == 0.5 and table.loc["full", "seeds"] == 2
+
+    tenth = aggregate.results_table(hand_final, fraction=0.1).set_index("method")
+    assert tenth.loc["full", ["task_a", "task_b", "mean", "seeds"]].tolist() == [20.0, 40.0, 30.0, 1]
+    assert tenth.loc["linear", ["task_a", "task_b", "mean"]].tolist() == [32.0, 52.0, 42.0]
+    assert tenth.loc["linear", "beats_full"] == 2
+    with pytest.raises(ValueError, match="No results at train fraction 0.5"):
+        aggregate.results_table(hand_final, fraction=0.5)
+
+    text = tables.table_markdown(table.reset_index(), aggregate.selected_hparams(hand_final))
+    assert "Test top-1 (%) at 100% of the training data, mean ± std over 2 seeds." in text
+    assert "| Linear | 0.5 | 61.00 ± 0.00 | 87.00 ± 2.83 | 74.00 | 1/2 |" in text
+    assert "| Full | 100 | 61.00 ± 1.41 | 80.00 ± 0.00 | 70.50 | – |" in text
+    assert text.endswith("| Method | Fraction | task_b |\n|:---|---:|---:|\n| Linear | 100% | 0.5 / 0.001 |\n")
+
+
+def test_fig3_curves_by_hand(hand_final):
+    """Per seed the mean over tasks, then mean and std (ddof 1) over seeds; one seed -> std 0."""
+    curves = aggregate.fraction_curves(hand_final).set_index(["method", "train_fraction"])
+    # linear 1.0: seeds (61 + 85) / 2 = 73, (61 + 89) / 2 = 75; linear 0.1: 40, 44; full 1.0: 70, 71; full 0.1: 30
+    expected = {("linear", 1.0): (74.0, 2 ** 0.5, 2), ("linear", 0.1): (42.0, 8 ** 0.5, 2),
+                ("full", 1.0): (70.5, 0.5 ** 0.5, 2), ("full", 0.1): (30.0, 0.0, 1)}
+    for key, (mean, std, seeds) in expected.items():
+        row = curves.loc[key]
+        assert (row["mean"], row["n_seeds"], row["n_tasks"]) == (mean, seeds, 2), key
+        assert row["std"] == pytest.approx(std), key
+    assert curves.loc[("linear", 1.0), "tuned_percent"] == 0.5
+
+
+def test_marker_area_is_linear_in_log_percent_between_the_bounds():
+    # 1e-3 % -> 10, 100 % -> 190; 0.1 % is 2/5 of the way in log10: 10 + 0.4 * 180 = 82; outside: clipped
+    np.testing.assert_allclose(plots.marker_area([1e-3, 0.1, 100.0, 1e-5, 1e3]), [10.0, 82.0, 190.0, 10.0, 190.0])

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 
+import lightning as L
+import pytest
+import torch
+
 from benchmark.core.config import RunConfig
 from benchmark.run import main, run
 
@@ -12,14 +16,45 @@ REQUIRED = ["method", "dataset", "backbone", "train_fraction", "seed", "n_train"
             "peak_memory_mb", "git_commit", "status", "config"]
 
 
-def test_run_writes_valid_result_and_split(tmp_path, capsys):
+def record_tested_model(monkeypatch) -> dict:
+    """Wraps Trainer.test to keep the model and data a run tests, so a test can count its accuracy by hand."""
+    seen, real_test = {}, L.Trainer.test
+
+    def test(self, model=None, *args, **kwargs):
+        seen.update(model=model, datamodule=kwargs.get("datamodule"))
+        return real_test(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "test", test)
+    return seen
+
+
+def top1_by_hand(model, loader) -> tuple[float, int]:
+    """(100 * correct / examples, examples) of the model's argmax over every batch of `loader`."""
+    model.eval()
+    correct = total = 0
+    with torch.inference_mode():
+        for images, labels in loader:
+            correct += int((model(images).argmax(dim=1) == labels).sum())
+            total += len(labels)
+    return 100.0 * correct / total, total
+
+
+def test_run_writes_valid_result_and_split(tmp_path, capsys, monkeypatch):
+    seen = record_tested_model(monkeypatch)
     cfg = RunConfig(method="vpt_deep", dataset="digits", train_fraction=0.1, epochs=1, results_dir=str(tmp_path))
     result = run(cfg)
     path = tmp_path / "runs" / "digits" / "vit_embedded_p7_28" / "vpt_deep" / "frac0.1_seed0.json"
     stored = json.loads(path.read_text())
     assert all(key in stored for key in REQUIRED)
     assert stored == json.loads(json.dumps(result, default=str))
-    assert stored["status"] == "ok" and 0.0 <= stored["test_top1"] <= 100.0
+    assert stored["status"] == "ok"
+    # The reported accuracies are the trained model's, counted by hand over the whole test and val splits (one
+    # epoch: the last validation saw the final weights).
+    test_top1, n_test = top1_by_hand(seen["model"], seen["datamodule"].test_dataloader())
+    val_top1, n_val = top1_by_hand(seen["model"], seen["datamodule"].val_dataloader())
+    assert (n_test, n_val) == (600, 200)
+    assert stored["test_top1"] == pytest.approx(test_top1, abs=1e-4)
+    assert stored["val_top1"] == pytest.approx(val_top1, abs=1e-4)
     assert stored["n_train"] == 99 and stored["num_classes"] == 10 and stored["epochs"] == 1
     assert stored["config"]["method_options"] == {"prompt_length": 10}  # the quick recipe's p
     assert stored["tuned_params"] == 6 * 10 * 128 + 128 * 10 + 10

@@ -240,12 +240,15 @@ def test_results_dir_not_writable(tmp_path, capsys):
     assert code == 2 and "results directory" in err and "is not writable" in err and "RESULTS=" in err
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes everywhere")
-def test_results_dir_without_permission(tmp_path, capsys):
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    code = main(["--epochs", "1", "--results-dir", str(locked)])
-    assert code == 2 and "is not writable" in capsys.readouterr().err
+def test_results_dir_that_is_a_file(tmp_path, capsys):
+    """RESULTS= naming an existing regular file: no folder can be made there, whoever runs the test (root too,
+    which a permission bit would not stop)."""
+    taken = tmp_path / "results"
+    taken.write_text("a file, not a folder")
+    code = main(["--epochs", "1", "--results-dir", str(taken)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"results directory {str(taken)!r} is not writable" in err and "RESULTS=" in err
+    assert taken.read_text() == "a file, not a folder"
 
 
 def test_wandb_without_the_package_falls_back_to_csv(monkeypatch):

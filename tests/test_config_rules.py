@@ -1,0 +1,111 @@
+"""The run config's resolution rules, with expected values written out from the recipe files (benchmark/recipes/):
+the paper's lr = base lr * batch / 256, an explicit LR winning, recipe defaults per dataset family, run ids."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmark.core.config import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS, PAPER_BACKBONE, RunConfig, load_recipe
+from benchmark.search import PAPER_FULL_LRS, PAPER_LRS, PAPER_WDS, SearchGrid, final_config, point_config
+
+# The recipe YAML values, copied here by hand (paper/*.yaml: base lr, batch; quick/*.yaml: lr as given).
+PAPER = {"linear": (0.1, 1024), "vpt_deep": (0.1, 128), "full": (0.001, 128), "lora": (0.005, 128),
+         "mlp_k": (0.05, 1024)}
+QUICK_LR = {"linear": 0.5, "vpt_deep": 0.5, "full": 0.001, "adapter": 0.01}
+
+
+@pytest.mark.parametrize("method, expected_lr", [("linear", 0.1 * 1024 / 256), ("vpt_deep", 0.1 * 128 / 256),
+                                                 ("full", 0.001 * 128 / 256), ("lora", 0.005 * 128 / 256),
+                                                 ("mlp_k", 0.05 * 1024 / 256)])
+def test_paper_recipe_scales_the_base_lr_by_batch_over_256(method, expected_lr):
+    cfg = RunConfig(method=method, dataset="cub").resolved()
+    assert cfg.recipe == "paper" and cfg.batch_size == PAPER[method][1]
+    assert cfg.lr == pytest.approx(expected_lr, rel=1e-12)
+
+
+def test_a_batch_size_given_rescales_the_paper_lr_and_an_explicit_lr_wins():
+    assert RunConfig(method="linear", dataset="cub", batch_size=64).resolved().lr == pytest.approx(0.1 * 64 / 256)
+    assert RunConfig(method="vpt_deep", dataset="cub", batch_size=512).resolved().lr == pytest.approx(0.2)
+    explicit = RunConfig(method="linear", dataset="cub", batch_size=64, lr=0.3).resolved()
+    assert explicit.lr == 0.3 and explicit.batch_size == 64  # LR=<x> is the final lr, never rescaled
+    assert RunConfig(method="linear", dataset="cub", lr=0.3).resolved().lr == 0.3
+
+
+@pytest.mark.parametrize("method", sorted(QUICK_LR))
+def test_quick_recipe_uses_its_lr_as_given_at_any_batch(method):
+    assert RunConfig(method=method, dataset="digits").resolved().lr == QUICK_LR[method]
+    resolved = RunConfig(method=method, dataset="digits", batch_size=256 * 4).resolved()
+    assert resolved.lr == QUICK_LR[method] and resolved.batch_size == 1024
+
+
+def test_recipe_and_backbone_defaults_per_dataset_family():
+    embedded = RunConfig(method="vpt_deep", dataset="digits").resolved()
+    assert (embedded.recipe, embedded.backbone, embedded.weights) == ("quick", EMBEDDED_BACKBONE,
+                                                                      str(EMBEDDED_WEIGHTS))
+    assert (embedded.optimizer, embedded.weight_decay, embedded.epochs, embedded.warmup_epochs,
+            embedded.batch_size) == ("sgd", 0.0, 20, 2, 64)
+    assert embedded.method_options == {"prompt_length": 10}
+    files = RunConfig(method="vpt_deep", dataset="cub").resolved()
+    assert (files.recipe, files.backbone, files.weights) == ("paper", PAPER_BACKBONE, None)
+    assert (files.optimizer, files.weight_decay, files.epochs, files.warmup_epochs) == ("sgd", 0.0001, 100, 10)
+    assert files.method_options == {}
+    assert RunConfig(method="full", dataset="cub").resolved().warmup_epochs == 5
+    scratch = RunConfig(dataset="digits", pretrained=False, weights="x.safetensors").resolved()
+    assert scratch.weights is None and scratch.backbone == EMBEDDED_BACKBONE
+
+
+def test_explicit_values_win_over_the_recipe():
+    cfg = RunConfig(method="vpt_deep", dataset="digits", optimizer="adamw", weight_decay=0.05, epochs=3,
+                    warmup_epochs=0.5, batch_size=8, method_options={"prompt_length": 3}).resolved()
+    assert (cfg.optimizer, cfg.weight_decay, cfg.epochs, cfg.warmup_epochs, cfg.batch_size) == ("adamw", 0.05, 3,
+                                                                                                 0.5, 8)
+    assert cfg.method_options == {"prompt_length": 3} and cfg.lr == 0.5
+    assert RunConfig(method="vpt_deep", dataset="digits", recipe="paper").resolved().lr == pytest.approx(0.05)
+
+
+def test_run_id_names_every_part():
+    assert RunConfig(method="linear", dataset="digits", train_fraction=0.1, seed=3).resolved().run_id() == \
+        "digits/vit_embedded_p7_28/linear/frac0.1_seed3"
+    cfg = RunConfig(method="full", dataset="vtab/dtd", train_fraction=1.0, seed=0, train_on="trainval",
+                    pretrained=False, tag="x", backbone="a/b")
+    assert cfg.run_id() == "vtab/dtd/a-b/full/frac1_seed0_trainval_scratch_x"
+
+
+def test_unknown_lr_scaling_is_refused(tmp_path, monkeypatch):
+    import benchmark.core.config as config
+
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "default.yaml").write_text(
+        "optimizer: sgd\nlr: 0.1\nlr_scaling: batch/128\nweight_decay: 0\nepochs: 1\nwarmup_epochs: 0\n"
+        "batch_size: 8\n")
+    monkeypatch.setattr(config, "RECIPES_DIR", tmp_path)
+    with pytest.raises(ValueError, match="lr_scaling must be 'batch/256'"):
+        load_recipe("odd", "linear")
+
+
+# --- the search's grids: base lrs, scaled like the recipe's ---------------------------------------------------
+def test_search_points_scale_the_paper_base_lr_by_batch_over_256():
+    cell = RunConfig(method="vpt_deep", dataset="cub", train_fraction=0.1)
+    point = point_config(cell, 10.0, 0.001, seed=2)
+    assert point.lr == pytest.approx(10.0 * 128 / 256) and point.weight_decay == 0.001
+    assert (point.seed, point.train_on, point.tag) == (2, "train", "search_lr10_wd0.001")
+    final = final_config(cell, 10.0, 0.001, seed=4)
+    assert final.lr == pytest.approx(5.0) and (final.seed, final.train_on, final.tag) == (4, "trainval", "")
+    assert point_config(RunConfig(method="linear", dataset="cub", batch_size=512), 0.5, 0.0, 0).lr == \
+        pytest.approx(1.0)
+    quick = point_config(RunConfig(method="linear", dataset="digits"), 2.5, 0.0, 0)
+    assert quick.lr == 2.5  # the quick recipe's lrs are final lrs
+
+
+def test_search_grids_per_recipe():
+    lrs, wds = SearchGrid().values(RunConfig(method="vpt_deep", dataset="cub").resolved())
+    assert lrs == [50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05] == list(PAPER_LRS)
+    assert wds == [0.01, 0.001, 0.0001, 0.0] == list(PAPER_WDS)
+    assert SearchGrid().values(RunConfig(method="full", dataset="cub").resolved())[0] == list(PAPER_FULL_LRS) == [
+        0.001, 0.0005, 0.0001, 0.005]
+    # Any other recipe: 0.2x, 1x and 5x its own lr (quick linear: 0.5), weight decays 0.001 and 0.
+    assert SearchGrid().values(RunConfig(method="linear", dataset="digits").resolved()) == ([0.1, 0.5, 2.5],
+                                                                                         [0.001, 0.0])
+    assert SearchGrid().values(RunConfig(method="full", dataset="digits").resolved())[0] == [0.0002, 0.001, 0.005]
+    override = SearchGrid.override([0.3], [0.0])
+    assert override.values(RunConfig(method="linear", dataset="digits").resolved()) == ([0.3], [0.0])

@@ -1,0 +1,228 @@
+"""The grid's and the selection protocol's rules, on hand-built results: which runs train again (failed ones, stale
+finals), which search point wins (ties), what a final run stores, the ETA and the exit status; and one real
+grid interrupted and resumed against the same grid run straight through."""
+
+from __future__ import annotations
+
+import io
+import signal
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from benchmark.core.config import RunConfig
+from benchmark.core.store import atomic_write_json, read_result, result_path
+from benchmark.grid import main
+from benchmark.search import SearchGrid, run_search, search_tag
+from benchmark.sweeps import runner as grid_runner
+from benchmark.sweeps.runner import GridRunner, format_seconds, run_grid
+from benchmark.sweeps.spec import GridSpec
+
+BACKBONE = "vit_embedded_p7_28"
+
+
+class FakeTraining:
+    """Stands in for `GridRunner.train`: writes the result a run would, from `outcome(resolved config)`, and
+    records which runs trained. Keeps these tests to the grid's own decisions (and under a second each)."""
+
+    def __init__(self, outcome=None):
+        self.trained: list[str] = []
+        self.outcome = outcome or (lambda cfg: {"status": "ok", "val_top1": 50.0, "test_top1": 40.0})
+
+    def __call__(self, cfg: RunConfig, started: float) -> dict:
+        resolved = cfg.resolved()
+        result = {"method": resolved.method, "dataset": resolved.dataset, "train_fraction": resolved.train_fraction,
+                  "seed": resolved.seed, "lr": resolved.lr, "weight_decay": resolved.weight_decay,
+                  "train_on": resolved.train_on, "config": {"tag": resolved.tag}} | self.outcome(resolved)
+        atomic_write_json(result_path(resolved.results_dir, resolved.run_id()), result)
+        self.trained.append(resolved.run_id())
+        return result
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    training = FakeTraining()
+    monkeypatch.setattr(GridRunner, "train", staticmethod(training))
+    return training
+
+
+def run_id(name: str, method: str = "linear") -> str:
+    return f"digits/{BACKBONE}/{method}/{name}"
+
+
+def write(results, name: str, **result) -> None:
+    atomic_write_json(result_path(results, run_id(name)), result)
+
+
+# --- which runs train ----------------------------------------------------------------------------------------
+def test_grid_retrains_failed_results_and_skips_ok_ones(tmp_path, fake):
+    results = tmp_path / "results"
+    write(results, "frac0.1_seed0", status="ok", val_top1=1.0, test_top1=2.0)
+    write(results, "frac0.1_seed1", status="failed", error="RuntimeError: out of memory")
+    runner = run_grid(GridSpec(["linear"], [0.1], [0, 1, 2], ["digits"], RunConfig(results_dir=str(results))),
+                      out=io.StringIO())
+    assert fake.trained == [run_id("frac0.1_seed1"), run_id("frac0.1_seed2")]
+    assert runner.counts == {"ok": 2, "skipped": 1, "failed": 0}
+    assert read_result(result_path(results, run_id("frac0.1_seed0")))["test_top1"] == 2.0  # not rewritten
+    assert read_result(result_path(results, run_id("frac0.1_seed1")))["status"] == "ok"
+
+    forced = run_grid(GridSpec(["linear"], [0.1], [0], ["digits"], RunConfig(results_dir=str(results), force=True)),
+                      out=io.StringIO())
+    assert forced.counts["ok"] == 1 and fake.trained[-1] == run_id("frac0.1_seed0")
+
+
+def test_grid_exit_status_is_one_when_a_run_failed(tmp_path, monkeypatch, capsys):
+    training = FakeTraining(lambda cfg: {"status": "failed", "error": "E"} if cfg.seed == 1 else
+                            {"status": "ok", "val_top1": 1.0, "test_top1": 1.0})
+    monkeypatch.setattr(GridRunner, "train", staticmethod(training))
+    args = ["--methods", "linear", "--fractions", "0.1", "--datasets", "digits", "--results-dir", str(tmp_path)]
+    assert main([*args, "--seeds", "0"]) == 0
+    assert main([*args, "--seeds", "0,1"]) == 1
+    assert "2/2 runs: 0 trained ok, 1 already done, 1 failed" in capsys.readouterr().out
+    assert len(pd.read_csv(tmp_path / "summary.csv")) == 2
+
+
+def test_eta_is_the_mean_time_of_ok_runs_times_the_runs_left(tmp_path, monkeypatch):
+    """Runs of 100 s (ok), 1 s (failed), 200 s (ok), then one left: ETAs 3 x 100 s, 2 x 100 s, 1 x 150 s."""
+    clock = SimpleNamespace(now=0.0)
+    durations = {0: 100.0, 1: 1.0, 2: 200.0, 3: 50.0}
+
+    def outcome(cfg):
+        clock.now += durations[cfg.seed]
+        return {"status": "failed", "error": "E"} if cfg.seed == 1 else {"status": "ok", "val_top1": 1.0,
+                                                                            "test_top1": 1.0}
+
+    monkeypatch.setattr(GridRunner, "train", staticmethod(FakeTraining(outcome)))
+    monkeypatch.setattr(grid_runner, "time", SimpleNamespace(time=lambda: clock.now))
+    out = io.StringIO()
+    run_grid(GridSpec(["linear"], [0.1], [0, 1, 2, 3], ["digits"], RunConfig(results_dir=str(tmp_path))), out=out)
+    lines = out.getvalue().splitlines()
+    assert [line.split("]")[0] for line in lines] == ["[grid 1/4, ETA 5m00s", "[grid 2/4, ETA 3m20s",
+                                                      "[grid 3/4, ETA 2m30s", "[grid 4/4"]
+    assert lines[0].endswith("in 1m40s") and lines[2].endswith("in 3m20s")
+
+
+@pytest.mark.parametrize("seconds, text", [(0, "0m00s"), (59.4, "0m59s"), (61, "1m01s"), (3599, "59m59s"),
+                                           (3600, "1h00m"), (3725, "1h02m"), (90061, "25h01m")])
+def test_format_seconds(seconds, text):
+    assert format_seconds(seconds) == text
+
+
+# --- the selection protocol on hand-built val accuracies -------------------------------------------------------
+# lr x wd -> final-epoch val top-1. Best is 80 (to 1e-6): (0.1, 0.001), (0.5, 0.001), (0.5, 0.0) and (2.5, 0.0),
+# whose 80.0000004 is float noise. Ties go to the smaller lr, then the smaller wd: (0.1, 0.001). Choosing by wd
+# first would give (0.5, 0.0); without rounding, (2.5, 0.0).
+VAL = {(0.1, 0.001): 80.0, (0.1, 0.0): 75.0, (0.5, 0.001): 80.0, (0.5, 0.0): 80.0, (2.5, 0.001): None,
+       (2.5, 0.0): 80.0000004}
+LRS, WDS = (0.1, 0.5, 2.5), (0.001, 0.0)
+
+
+def search_outcome(val: dict):
+    def outcome(cfg):
+        if cfg.train_on == "trainval":
+            return {"status": "ok", "val_top1": 0.0, "test_top1": 60.0 + cfg.seed}
+        point = val[(float(cfg.tag.split("_lr")[1].split("_wd")[0]), float(cfg.tag.split("_wd")[1]))]
+        if point is None:
+            return {"status": "failed", "error": "NonFiniteLossError: nan"}
+        return {"status": "ok", "val_top1": point, "test_top1": 0.0}
+    return outcome
+
+
+def test_search_picks_the_best_val_with_ties_to_smaller_lr_then_wd(tmp_path, monkeypatch):
+    training = FakeTraining(search_outcome(VAL))
+    monkeypatch.setattr(GridRunner, "train", staticmethod(training))
+    results = tmp_path / "results"
+    spec = GridSpec(["linear"], [0.1], [3, 4], ["digits"], RunConfig(results_dir=str(results)))
+    runner = run_search(spec, SearchGrid(LRS, WDS))
+    assert runner.counts == {"ok": 7, "skipped": 0, "failed": 1}
+    points = [run_id(f"frac0.1_seed3_{search_tag(lr, wd)}") for lr in LRS for wd in WDS]
+    assert training.trained == points + [run_id("frac0.1_seed3_trainval"), run_id("frac0.1_seed4_trainval")]
+    for seed in (3, 4):
+        final = read_result(result_path(results, run_id(f"frac0.1_seed{seed}_trainval")))
+        assert (final["selected_lr"], final["selected_weight_decay"], final["selected_val_top1"]) == (0.1, 0.001, 80.0)
+        assert (final["lr"], final["weight_decay"], final["train_on"], final["seed"]) == (0.1, 0.001, "trainval", seed)
+        assert final["search_points"] == 6 and final["selection"]["search_seed"] == 3
+        assert [(p["lr"], p["weight_decay"], p["status"]) for p in final["selection"]["points"]] == [
+            (lr, wd, "failed" if VAL[(lr, wd)] is None else "ok") for lr in LRS for wd in WDS]
+
+    # A search point's result changes (say, it was rerun): the selection moves and the finals train again.
+    write(results, f"frac0.1_seed3_{search_tag(0.5, 0.0)}", status="ok", val_top1=90.0, test_top1=0.0, seed=3)
+    training.trained.clear()
+    again = run_search(spec, SearchGrid(LRS, WDS))
+    assert training.trained == [run_id(f"frac0.1_seed3_{search_tag(2.5, 0.001)}"),  # the failed point retried
+                                run_id("frac0.1_seed3_trainval"), run_id("frac0.1_seed4_trainval")]
+    assert again.counts["skipped"] == 5
+    final = read_result(result_path(results, run_id("frac0.1_seed4_trainval")))
+    assert (final["selected_lr"], final["selected_weight_decay"], final["lr"]) == (0.5, 0.0, 0.5)
+
+    training.trained.clear()  # unchanged points, unchanged choice: nothing trains
+    assert run_search(spec, SearchGrid(LRS, WDS)).counts == {"ok": 0, "skipped": 7, "failed": 1}
+    assert training.trained == [run_id(f"frac0.1_seed3_{search_tag(2.5, 0.001)}")]
+
+
+def test_final_runs_of_the_paper_recipe_train_at_the_scaled_selected_lr(tmp_path, monkeypatch):
+    """Paper recipe, linear (batch 1024): the search's lrs are base lrs; the final run trains at base * 1024 / 256."""
+    training = FakeTraining(search_outcome({(0.1, 0.0): 70.0, (1.0, 0.0): 71.0}))
+    monkeypatch.setattr(GridRunner, "train", staticmethod(training))
+    spec = GridSpec(["linear"], [0.1], [0], ["digits"], RunConfig(recipe="paper", results_dir=str(tmp_path)))
+    run_search(spec, SearchGrid((0.1, 1.0), (0.0,)))
+    point = read_result(result_path(tmp_path, run_id(f"frac0.1_seed0_{search_tag(1.0, 0.0)}")))
+    final = read_result(result_path(tmp_path, run_id("frac0.1_seed0_trainval")))
+    assert point["lr"] == pytest.approx(4.0) and final["lr"] == pytest.approx(4.0)
+    assert final["selected_lr"] == 1.0  # the base lr, as the grid names it
+
+
+def test_no_finished_search_point_records_the_finals_as_failed(tmp_path, monkeypatch):
+    training = FakeTraining(lambda cfg: {"status": "failed", "error": "NonFiniteLossError: nan"})
+    monkeypatch.setattr(GridRunner, "train", staticmethod(training))
+    spec = GridSpec(["linear"], [0.1], [0, 1], ["digits"], RunConfig(results_dir=str(tmp_path)))
+    runner = run_search(spec, SearchGrid((0.1, 0.5), (0.0,)))
+    assert runner.counts == {"ok": 0, "skipped": 0, "failed": 4}
+    assert training.trained == [run_id(f"frac0.1_seed0_{search_tag(lr, 0.0)}") for lr in (0.1, 0.5)]
+    for seed in (0, 1):
+        final = read_result(result_path(tmp_path, run_id(f"frac0.1_seed{seed}_trainval")))
+        assert final["status"] == "failed" and "every search point" in final["error"]
+
+
+# --- an interrupted and resumed grid equals one run straight through (real runs) -------------------------------
+def summary_rows(results) -> list[tuple]:
+    summary = pd.read_csv(results / "summary.csv")
+    summary["run"] = [p.split("/runs/")[1] for p in summary["path"]]
+    return sorted(summary[["run", "status", "test_top1", "val_top1", "n_train"]].itertuples(index=False, name=None))
+
+
+def test_interrupted_then_resumed_grid_equals_the_uninterrupted_grid(tmp_path, monkeypatch, capsys):
+    """SIGINT raised at the start of the second run (in this process, through the grid's own handler): one run
+    recorded, the second dropped; the same command then trains the other two. Same runs, statuses and accuracies
+    as the grid run in one go."""
+    args = ["--methods", "linear", "--fractions", "0.1", "--seeds", "0,1,2", "--datasets", "digits", "--epochs", "2"]
+    assert main([*args, "--results-dir", str(tmp_path / "straight")]) == 0
+
+    real_train, started = GridRunner.train, []
+
+    def interrupt_second(cfg, start):
+        started.append(cfg.resolved().run_id())
+        if len(started) == 2:
+            signal.raise_signal(signal.SIGINT)  # the handler runs before raise_signal returns
+        return real_train(cfg, start)
+
+    monkeypatch.setattr(GridRunner, "train", staticmethod(interrupt_second))
+    resumed = tmp_path / "resumed"
+    assert main([*args, "--results-dir", str(resumed)]) == 128 + signal.SIGINT
+    assert "run the same command again to resume" in capsys.readouterr().err
+    assert len(pd.read_csv(resumed / "summary.csv")) == 1 and len(list((resumed / "runs").rglob("*.json"))) == 1
+    monkeypatch.setattr(GridRunner, "train", staticmethod(real_train))
+    assert main([*args, "--results-dir", str(resumed)]) == 0
+    assert "3/3 runs: 2 trained ok, 1 already done, 0 failed" in capsys.readouterr().out
+
+    assert summary_rows(resumed) == summary_rows(tmp_path / "straight")
+    assert [status for _, status, *_ in summary_rows(resumed)] == ["ok"] * 3
+
+
+def test_grid_order_is_dataset_major_then_method_fraction_seed():
+    configs = GridSpec(["linear", "bias"], [0.1, 1.0], [0, 1], ["digits", "fashion_heldout"]).configs()
+    assert [(c.dataset, c.method, c.train_fraction, c.seed) for c in configs[:5]] == [
+        ("digits", "linear", 0.1, 0), ("digits", "linear", 0.1, 1), ("digits", "linear", 1.0, 0),
+        ("digits", "linear", 1.0, 1), ("digits", "bias", 0.1, 0)]
+    assert [c.dataset for c in configs] == ["digits"] * 8 + ["fashion_heldout"] * 8
