@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
 
 import lightning as L
@@ -57,8 +58,6 @@ def class_orders(labels: np.ndarray, seed: int) -> list[np.ndarray]:
 
 def seed_worker(worker_id: int) -> None:
     """Derive numpy/random seeds of a loader worker from torch's per-worker seed (reproducible augmentation)."""
-    import random
-
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)

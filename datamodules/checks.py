@@ -19,6 +19,8 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from PIL import Image, UnidentifiedImageError
+
 SHOWN = 5  # how many offending files a message names before counting the rest
 
 
@@ -65,8 +67,6 @@ def unreadable_reason(path: str | Path) -> str | None:
     A full decode (`load`), not just the header: a truncated JPEG has a valid header and fails only when
     its last rows are read.
     """
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as image:
             image.load()
@@ -135,8 +135,6 @@ def check_image_files(paths: Sequence[str | Path], split: str = "", workers: int
 
 def load_image(path: str | Path, mode: str = "RGB"):
     """Open and decode one image for a Dataset's __getitem__; an error names the file."""
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             return image.convert(mode)

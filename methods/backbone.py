@@ -3,8 +3,10 @@ suite's embedded architecture (registered with timm so it is created like any ot
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import numpy as np
 import timm
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer, checkpoint_filter_fn
@@ -114,10 +116,6 @@ def check_npz_layout(model: VisionTransformer, path: Path) -> str:
     checkpoint would load into a 2-block model without a word; here extra blocks are unexpected keys and absent
     ones missing keys, both named in the error.
     """
-    import re
-
-    import numpy as np
-
     try:
         arrays = np.load(path)
         names = set(arrays.files)

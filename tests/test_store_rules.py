@@ -9,7 +9,7 @@ import os
 import pandas as pd
 import pytest
 
-from benchmark import store
+from benchmark.core import store
 from benchmark.core.store import (
     atomic_write_json,
     atomic_write_text,

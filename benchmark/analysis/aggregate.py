@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 
 from benchmark.core.store import read_summary, write_summary
+from datamodules import get_datamodule_class
+from datamodules.vtab import VTAB_TASKS
 from methods.registry import label, table_order
 
 
@@ -74,9 +76,6 @@ def fraction_curves(final: pd.DataFrame) -> pd.DataFrame:
 def dataset_groups(datasets) -> dict[str, str]:
     """A dataset's group — VTAB-1k's Natural / Specialized / Structured, which the paper averages separately — when
     its datamodule class declares `group`, or for a VTAB task, from datamodules.vtab's task table."""
-    from datamodules import get_datamodule_class
-    from datamodules.vtab import VTAB_TASKS
-
     groups = {}
     for name in datasets:
         try:

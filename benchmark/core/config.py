@@ -10,6 +10,7 @@ import yaml
 
 from benchmark.core.errors import ConfigError
 from datamodules import EMBEDDED_DATASETS
+from methods.registry import closest_name
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPES_DIR = REPO_ROOT / "benchmark" / "recipes"
@@ -116,8 +117,6 @@ def list_recipes() -> list[str]:
 def load_recipe(recipe: str, method: str) -> dict:
     folder = RECIPES_DIR / recipe
     if not folder.is_dir():
-        from methods.registry import closest_name
-
         known = list_recipes()
         raise ValueError(f"Unknown recipe {recipe!r}.{closest_name(recipe, known)} Known recipes: {', '.join(known)}.")
     path = folder / f"{method}.yaml"

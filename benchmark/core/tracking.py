@@ -15,7 +15,10 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from lightning.pytorch.loggers import WandbLogger
+
 from benchmark.core.config import RunConfig
+from benchmark.core.validate import wandb_key_problem
 
 DEFAULT_PROJECT = "vpt-bench"
 RESULT_FIELDS = ("test_top1", "val_top1", "tuned_params", "total_params", "tuned_percent", "n_train",
@@ -36,8 +39,6 @@ def wandb_mode() -> str:
     explicit = os.environ.get("WANDB_MODE")
     if explicit:
         return explicit
-    from benchmark.core.validate import wandb_key_problem
-
     return "offline" if wandb_key_problem() else "online"
 
 
@@ -52,8 +53,6 @@ def run_tags(cfg: RunConfig) -> list[str]:
 
 def wandb_logger(cfg: RunConfig):
     """Lightning's WandbLogger for one run: grouped by dataset, tagged by method, the whole config logged."""
-    from lightning.pytorch.loggers import WandbLogger
-
     Path(save_dir()).mkdir(parents=True, exist_ok=True)
     return WandbLogger(project=project(), name=cfg.run_id(), group=cfg.dataset, tags=run_tags(cfg),
                        job_type="search" if cfg.tag.startswith("search_") else "train", config=asdict(cfg),
@@ -63,8 +62,6 @@ def wandb_logger(cfg: RunConfig):
 def log_result(loggers: list, result: dict) -> None:
     """Final numbers into the W&B run's summary (and the parameter counts into its config), then close it:
     the next run of a grid in this process must start a run of its own."""
-    from lightning.pytorch.loggers import WandbLogger
-
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             run = logger.experiment

@@ -14,6 +14,7 @@ File-level dataset checks (split files, image paths) live in `datamodules.checks
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import tempfile
@@ -22,11 +23,15 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
+import timm
+import torch
 
-from benchmark.core.config import RunConfig, check_fraction, list_recipes
+import methods
+from benchmark.core.config import RunConfig, check_fraction, list_recipes, load_recipe
 from benchmark.core.errors import ConfigError, ConfigWarning
 from datamodules import list_datasets
-from datamodules.checks import check_image_files
+from datamodules.checks import check_image_files, prepare_hint
+from methods import OptimConfig, create_backbone, create_method, data_config, get_method_class
 from methods.base import HEAD_INITS, optim_problems
 from methods.registry import closest_name
 
@@ -42,8 +47,6 @@ def unknown_name(kind: str, name: str, known: list[str], variable: str) -> str:
 # --- names -------------------------------------------------------------------------------------------
 def check_names(cfg: RunConfig) -> list[str]:
     """Method, dataset, recipe and backbone must be known: checked before the recipe is even read."""
-    import methods
-
     problems = []
     if cfg.method not in methods.list_methods():
         problems.append(unknown_name("method", cfg.method, methods.list_methods(), "METHOD"))
@@ -58,8 +61,6 @@ def check_names(cfg: RunConfig) -> list[str]:
 
 def check_backbone_name(name: str, uses_hub: bool) -> list[str]:
     """A timm model name, and — when its weights come from the hub — a pretrained tag timm knows."""
-    import timm
-
     architecture, _, tag = name.partition(".")
     if architecture not in timm.list_models():
         vits = timm.list_models("*vit*")
@@ -110,8 +111,6 @@ def check_numbers(cfg: RunConfig) -> list[str]:
 
 
 def recipe_value(cfg: RunConfig, name: str):
-    from benchmark.core.config import load_recipe
-
     try:
         return load_recipe(cfg.recipe, cfg.method)[name]
     except (ValueError, OSError, KeyError):
@@ -121,8 +120,6 @@ def recipe_value(cfg: RunConfig, name: str):
 # --- model -------------------------------------------------------------------------------------------
 def check_method_options(cfg: RunConfig) -> list[str]:
     """Option names the method has, and values its options dataclass accepts (prompt_length >= 1, ...)."""
-    from methods import get_method_class
-
     options_cls = get_method_class(cfg.method).options_cls
     valid = [f.name for f in fields(options_cls)]
     unknown = [k for k in cfg.method_options if k not in valid]
@@ -139,10 +136,6 @@ def check_method_options(cfg: RunConfig) -> list[str]:
 
 def meta_backbone(cfg: RunConfig):
     """The run's backbone architecture on PyTorch's `meta` device: no weights read or fetched, no memory."""
-    import torch
-
-    from methods import create_backbone
-
     # weight_init="skip": timm's initialisation runs through Python reference kernels on `meta` (0.05 s for the
     # embedded ViT, 0.1-0.3 s for ViT-B) and decides nothing about whether the model builds.
     with torch.device("meta"):
@@ -155,18 +148,12 @@ def meta_backbone(cfg: RunConfig):
 def planned_data_config(cfg: RunConfig) -> dict:
     """The backbone's data config (input size, mean, std, ...) without its weights: timm takes it from the model
     name's pretrained config, so the datamodule can be built and checked before any weights are read."""
-    from methods import data_config
-
     return data_config(meta_backbone(cfg))
 
 
 def check_model_builds(cfg: RunConfig) -> list[str]:
     """Build the backbone and the method on the `meta` device: catches a non-ViT backbone and options that do
     not fit its geometry (e.g. an adapter reduction that does not divide the width) without allocating memory."""
-    import torch
-
-    from methods import OptimConfig, create_method
-
     optim = OptimConfig(optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                         warmup_epochs=cfg.warmup_epochs, max_epochs=cfg.epochs)
     try:
@@ -204,8 +191,6 @@ def check_results_dir(cfg: RunConfig) -> list[str]:
 def check_data_root(cfg: RunConfig) -> list[str]:
     if cfg.data_root is None or Path(cfg.data_root).is_dir():
         return []
-    from datamodules.checks import prepare_hint
-
     fix = prepare_hint(cfg.dataset)
     if cfg.embedded:
         fix = "leave DATA_ROOT empty: the embedded datasets install with `make data` (Fashion-MNIST from Debian)"
@@ -237,8 +222,6 @@ def check_wandb(cfg: RunConfig) -> RunConfig:
     """W&B asked for but unusable: fall back (to offline, or to CSV only without the package) with a warning."""
     if not cfg.wandb:
         return cfg
-    import importlib.util
-
     if importlib.util.find_spec("wandb") is None:
         warnings.warn("WANDB=1 but the wandb package is not installed: logging to CSV only "
                       f"({cfg.results_dir}/logs). Install it with `pip install wandb`.", ConfigWarning, stacklevel=2)
