@@ -86,7 +86,7 @@ cli_opt = $(if $(filter command line,$(origin $(2))),$(1) "$($(2))")
 REPORT_ARGS = --results-dir $(RESULTS) $(call cli_opt,--datasets,DATASETS) $(call cli_opt,--methods,METHODS) \
 	$(call opt,--backbone,$(BACKBONE)) $(if $(filter 1,$(WANDB)),--wandb)
 
-.PHONY: help install data bench pretrain params prepare splits test test-slow lint perf perf-cache grid fig3 report sweep-config clean
+.PHONY: help install data bench pretrain params prepare splits test test-slow lint perf perf-cache perf-search grid fig3 report sweep-config clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -165,6 +165,9 @@ perf: install ## Cost per method -> results/perf.csv + figure [BACKBONE= METHODS
 
 perf-cache: install data ## Linear probe end to end, with vs without the feature cache [EPOCHS=100 FRACTIONS=0.1,1.0 REPEATS=]
 	$(PY) -m benchmark.perf --feature-cache-benchmark $(call opt,--epochs,$(EPOCHS)) $(call opt,--repeats,$(REPEATS)) $(if $(strip $(FRACTIONS)),--fractions "$(FRACTIONS)")
+
+perf-search: install data ## Linear probe: the 40-point lr x wd grid in one pass vs one run and 40 runs [FRACTIONS=0.1,1.0 REPEATS=3 EPOCHS= RECIPE=]
+	$(PY) -m benchmark.perf --linear-search $(call opt,--epochs,$(EPOCHS)) $(call opt,--recipe,$(RECIPE)) $(call opt,--repeats,$(REPEATS)) $(if $(strip $(FRACTIONS)),--fractions "$(FRACTIONS)")
 
 clean: ## Remove run outputs (keeps .venv and committed reference results)
 	rm -rf results/runs results/logs results/splits results/cache results/summary.csv
