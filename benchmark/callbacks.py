@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
 
 
 class NonFiniteLossError(RuntimeError):
@@ -53,56 +52,3 @@ class StopOnNonFiniteLoss(L.Callback):
             first = self._first_batch
             where = f"batch {batch_idx}" if batch_idx == first else f"batches {first}-{batch_idx}"
             raise non_finite_loss_error(trainer.current_epoch, where, last_loss)
-
-
-class EpochProgressBar(TQDMProgressBar):
-    """Lightning's tqdm progress bar, counting epochs instead of batches when every epoch is a single batch.
-
-    The linear probe on cached features takes each epoch as one batch (methods/linear.py), and then an epoch
-    takes a few milliseconds: the per-batch bar, redrawn and reset every epoch beside a validation bar opened
-    and closed every epoch, cost about as much as the training itself (measured: ~2 ms per epoch). In that case
-    this bar shows `Epochs 37/100` with the latest metrics, through tqdm's own rate-limited updates, and no
-    validation bars during fit. Any other run gets Lightning's bar unchanged.
-    """
-
-    counts_epochs = False
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
-        self.counts_epochs = trainer.num_training_batches == 1 and (trainer.max_epochs or 0) > 1
-        if self.counts_epochs:
-            self.train_progress_bar.reset(total=trainer.max_epochs - trainer.current_epoch)
-            self.train_progress_bar.set_description("Epochs")
-
-    def on_train_epoch_start(self, trainer: L.Trainer, *args) -> None:
-        if not self.counts_epochs:
-            super().on_train_epoch_start(trainer, *args)
-
-    def on_train_batch_end(self, *args, **kwargs) -> None:
-        if not self.counts_epochs:
-            super().on_train_batch_end(*args, **kwargs)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.counts_epochs:
-            return super().on_train_epoch_end(trainer, pl_module)
-        self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
-        self.train_progress_bar.update(1)  # tqdm redraws at most every `mininterval` seconds
-
-    def in_fit_by_epochs(self, trainer: L.Trainer) -> bool:
-        return self.counts_epochs and trainer.state.fn == "fit"
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.in_fit_by_epochs(trainer):
-            super().on_validation_start(trainer, pl_module)
-
-    def on_validation_batch_start(self, trainer: L.Trainer, *args, **kwargs) -> None:
-        if not self.in_fit_by_epochs(trainer):
-            super().on_validation_batch_start(trainer, *args, **kwargs)
-
-    def on_validation_batch_end(self, trainer: L.Trainer, *args, **kwargs) -> None:
-        if not self.in_fit_by_epochs(trainer):
-            super().on_validation_batch_end(trainer, *args, **kwargs)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.in_fit_by_epochs(trainer):
-            super().on_validation_end(trainer, pl_module)

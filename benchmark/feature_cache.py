@@ -27,7 +27,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from datamodules.base import SPLITS, FractionDataModule, LabelledSplit
 
@@ -128,7 +128,7 @@ def save_atomically(obj, path: Path) -> None:
 
 
 def load_or_compute(model: L.LightningModule, datamodule: FractionDataModule, split: str, cache_dir: Path,
-                    device: torch.device, precision: str | None, backbone: dict) -> tuple[FeatureDataset, bool]:
+                    device: torch.device, precision: str | None, backbone: dict) -> tuple[TensorDataset, bool]:
     """The split's features from the cache, computing and storing them on a miss; returns (dataset, hit)."""
     data = training_split(datamodule) if split == "train" else datamodule.splits[split]
     path = Path(cache_dir) / f"{split}-{cache_key(backbone, split_fingerprint(datamodule, split), precision)}.pt"
@@ -136,69 +136,22 @@ def load_or_compute(model: L.LightningModule, datamodule: FractionDataModule, sp
         try:
             stored = torch.load(path, map_location="cpu", weights_only=True)
             if stored["features"].shape[0] == len(data.ids):
-                return FeatureDataset(stored["features"], stored["labels"]), True
+                return TensorDataset(stored["features"], stored["labels"]), True
         except Exception:  # noqa: BLE001 — an unreadable entry (e.g. a truncated copy) is recomputed, not fatal
             pass
     features, labels = compute_features(model, data.dataset, datamodule.eval_batch_size, device, precision)
     save_atomically({"features": features, "labels": labels}, path)
-    return FeatureDataset(features, labels), False
-
-
-class FeatureDataset(TensorDataset):
-    """Cached features and labels; a whole batch is one indexing operation."""
-
-    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
-        index = torch.as_tensor(indices, dtype=torch.long)
-        return [tensor[index] for tensor in self.tensors]
-
-
-def as_batch(batch: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The collate function for FeatureDataset: its batches come out already stacked."""
-    return batch
-
-
-class WholeEpochSampler(Sampler):
-    """One batch per epoch: every index of `sampler`, in its order (for methods.linear's whole-epoch steps)."""
-
-    def __init__(self, sampler: Sampler):
-        self.sampler = sampler
-
-    def __iter__(self):
-        yield list(self.sampler)
-
-    def __len__(self) -> int:
-        return 1
+    return TensorDataset(features, labels), False
 
 
 class CachedFeatureDataModule(L.LightningDataModule):
-    """The datamodule's splits as cached features, loaded exactly as the original loads its images.
+    """The datamodule's splits as cached features, loaded with its batch sizes and its seeded shuffling."""
 
-    With `whole_epochs`, the training loader yields each epoch as one batch (the source's shuffled order), which
-    the linear probe splits into the source's minibatches itself (methods/linear.py). A multi-process run keeps
-    one batch per step: its loaders are re-sharded per process (benchmark/core/distributed.py).
-    """
-
-    def __init__(self, source: FractionDataModule, features: dict[str, FeatureDataset], hits: dict[str, bool],
-                 whole_epochs: bool = False):
+    def __init__(self, source: FractionDataModule, features: dict[str, TensorDataset], hits: dict[str, bool]):
         super().__init__()
         self.source = source
         self.features = features
         self.hits = hits
-        self.whole_epochs = whole_epochs
-        self._threads: int | None = None
-
-    def setup(self, stage: str | None = None) -> None:
-        # A step on cached features is a (B, D) x (D, C) matmul: far too small to split across threads, and every
-        # op's OpenMP hand-off then costs more than the op (milliseconds per op on a busy machine). One thread
-        # while Lightning trains or tests on these loaders; teardown restores the count.
-        if self._threads is None:
-            self._threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-
-    def teardown(self, stage: str | None = None) -> None:
-        if self._threads is not None:
-            torch.set_num_threads(self._threads)
-            self._threads = None
 
     @property
     def num_classes(self) -> int:
@@ -211,33 +164,27 @@ class CachedFeatureDataModule(L.LightningDataModule):
     def split_record(self) -> dict:
         return self.source.split_record()
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool, whole_epoch: bool = False) -> DataLoader:
-        # The source's own sampler and generator (the loader draws a worker seed from it every epoch too), so the
-        # shuffled batches match the uncached run; each batch is fetched by one tensor index instead of
-        # per-example lookups and a stack.
-        # A whole-epoch batch draws from the generator exactly as the per-minibatch loader does.
-        source = self.source._loader(self.features[split], batch_size, shuffle=shuffle)
-        batches = WholeEpochSampler(source.sampler) if whole_epoch else BatchSampler(source.sampler, batch_size,
-                                                                                     drop_last=False)
-        return DataLoader(self.features[split], batch_sampler=batches, generator=source.generator, collate_fn=as_batch)
+    def loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        # A generator seeded as the source's loaders seed theirs (datamodules/base.py): the loader draws from it
+        # as the image loader does, so the shuffled batches are the uncached run's (tests/test_feature_cache.py).
+        return DataLoader(self.features[split], batch_size=batch_size, shuffle=shuffle,
+                          generator=torch.Generator().manual_seed(self.source.seed))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.source.batch_size, shuffle=True, whole_epoch=self.whole_epochs)
+        return self.loader("train", self.source.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.source.eval_batch_size, shuffle=False)
+        return self.loader("val", self.source.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.source.eval_batch_size, shuffle=False)
+        return self.loader("test", self.source.eval_batch_size, shuffle=False)
 
 
 def cached_datamodule(model: L.LightningModule, datamodule: FractionDataModule, cache_dir: str | Path,
-                      device: torch.device | str = "cpu", precision: str | None = None,
-                      whole_epochs: bool = False) -> CachedFeatureDataModule:
+                      device: torch.device | str = "cpu", precision: str | None = None) -> CachedFeatureDataModule:
     """Switch `model` to read features and return loaders over the cached features of every split.
 
     `datamodule` must be set up; call `can_cache` first (raises ValueError when caching would change results).
-    `whole_epochs` (one process only): one training batch per epoch, updated in minibatch slices by the model.
     """
     if not can_cache(model, datamodule):
         raise ValueError(f"Features can be cached only for a method that trains on frozen features (linear) and a "
@@ -253,9 +200,8 @@ def cached_datamodule(model: L.LightningModule, datamodule: FractionDataModule, 
                   for split in SPLITS}
     finally:
         model.to(home).train(training)
-    n_train = len(loaded["train"][0])
-    model.read_features(True, minibatch_size=datamodule.batch_size if whole_epochs else None, n_train=n_train)
+    model.read_features(True)
     print("feature cache: " + ", ".join(f"{split} {'hit' if hit else 'computed'}" for split, (_, hit) in loaded.items())
           + f" ({cache_dir})")
     return CachedFeatureDataModule(datamodule, {s: d for s, (d, _) in loaded.items()},
-                                   {s: hit for s, (_, hit) in loaded.items()}, whole_epochs)
+                                   {s: hit for s, (_, hit) in loaded.items()})

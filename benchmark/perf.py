@@ -9,6 +9,7 @@ also times the data loader of the embedded default, which must outpace training.
 
     python -m benchmark.perf --backbone vit_base_patch16_224 --batch-size 8 --steps 3 --warmup 1
     python -m benchmark.perf --feature-cache-benchmark    # linear probe, 100 epochs, with vs without cache
+    python -m benchmark.perf --linear-search              # the 40-point linear grid in one pass vs one run
 
 Rows are merged into results/perf.csv (one per method x backbone x batch x image size x options) and plotted
 to results/figures/perf_<backbone>_bs<batch>.png.
@@ -451,9 +452,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--steps", type=int, default=10, help="timed steps per method (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="run the method list (or the cache benchmark's modes) this many times, interleaved, and "
-                        "report medians")
+    p.add_argument("--repeats", type=int,
+                   help="run the method list (or the cache or search benchmark's modes) this many times, "
+                        "interleaved, and report medians (default 1; --linear-search: 3)")
     p.add_argument("--precision", default="32", help="Lightning precision: 32, bf16-mixed, 16-mixed")
     add_switch(p, "--compile", help="torch.compile each model")
     add_switch(p, "--checkpointing", help="gradient checkpointing of the backbone blocks")
@@ -463,8 +464,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--figures", default="results/figures")
     add_switch(p, "--feature-cache-benchmark",
                help="instead: the linear probe end to end with and without the feature cache")
-    p.add_argument("--epochs", type=int, default=100, help="with --feature-cache-benchmark")
-    p.add_argument("--fractions", default="0.1,1.0", help="with --feature-cache-benchmark: comma-separated")
+    add_switch(p, "--linear-search",
+               help="instead: the linear probe's 40-point lr x wd grid in one pass vs one run and vs 40 runs")
+    p.add_argument("--separate-repeats", type=int, default=1,
+                   help="with --linear-search: repeats that also time the 40 separate runs")
+    p.add_argument("--recipe", help="with --linear-search: the runs' recipe (default: the embedded default's)")
+    p.add_argument("--epochs", type=int, help="with --feature-cache-benchmark (default 100) or --linear-search "
+                                              "(default: the recipe's)")
+    p.add_argument("--fractions", default="0.1,1.0",
+                   help="with --feature-cache-benchmark or --linear-search: comma-separated")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p
 
@@ -474,10 +482,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:  # one method, in this (fresh) process; the parent reads the marked line
         print(RESULT_MARK + json.dumps(measure_method(PerfConfig(**json.loads(args.worker)))), flush=True)
         return 0
+    fractions = [float(f) for f in args.fractions.replace(",", " ").split()]
+    args.repeats = args.repeats or (3 if args.linear_search else 1)
+    if args.linear_search:
+        from benchmark.perf_search import linear_search_benchmark
+
+        frame = linear_search_benchmark(fractions, Path(args.out).with_name("perf_linear_search.csv"), args.repeats,
+                                        args.epochs, args.separate_repeats, args.recipe)
+        print(markdown_table(frame[["train_fraction", "mode", "heads", "n_train", "epochs", "repeats", "seconds",
+                                    "vs_one_run", "cpu_seconds", "cpu_vs_one_run", "max_val_top1_gap"]]))
+        return 0
     if args.feature_cache_benchmark:
-        fractions = [float(f) for f in args.fractions.replace(",", " ").split()]
-        frame = feature_cache_benchmark(args.epochs, fractions, Path(args.out).with_name("perf_feature_cache.csv"),
-                                        args.repeats)
+        frame = feature_cache_benchmark(args.epochs or 100, fractions,
+                                        Path(args.out).with_name("perf_feature_cache.csv"), args.repeats)
         print(markdown_table(frame[["train_fraction", "mode", "repeats", "process_s", "run_s", "speedup_process_s",
                                     "speedup_run_s", "test_top1"]]))
         return 0

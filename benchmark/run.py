@@ -22,8 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import methods
-from benchmark import probe_loop
-from benchmark.callbacks import EpochProgressBar, NonFiniteLossError, StopOnNonFiniteLoss
+from benchmark.callbacks import NonFiniteLossError, StopOnNonFiniteLoss
 from benchmark.core.cli import add_method_options, add_switch, merged_method_options
 from benchmark.core.config import REPO_ROOT, RunConfig, check_fraction
 from benchmark.core.distributed import for_this_process, per_process_batch_size
@@ -95,20 +94,15 @@ def apply_speed_options(model: L.LightningModule, *, compile: bool, checkpointin
 
 def with_feature_cache(cfg: RunConfig, model: L.LightningModule, datamodule, trainer: L.Trainer):
     """The linear probe on a deterministic transform trains on cached features (benchmark/feature_cache.py),
-    computed on this process's device (the trainer's root device; in a DDP run each rank has its own GPU). One
-    process takes each epoch as one batch (methods/linear.py); several shard per-minibatch loaders."""
+    computed on this process's device (the trainer's root device; in a DDP run each rank has its own GPU)."""
     if not (cfg.feature_cache and can_cache(model, datamodule)):
         return datamodule
     return cached_datamodule(model, datamodule, f"{cfg.results_dir}/cache/features", trainer.strategy.root_device,
-                             cfg.precision, whole_epochs=trainer.world_size == 1)
+                             cfg.precision)
 
 
 def fit_and_test(cfg: RunConfig, trainer: L.Trainer, model: L.LightningModule, loaders) -> tuple[float, float]:
-    """(val top-1, test top-1) in %: Lightning's fit and test, or for the whole-epoch linear probe on cached
-    features the plain loop that reproduces them without Lightning's per-epoch cost (benchmark/probe_loop.py)."""
-    if probe_loop.can_train_outside_trainer(model, loaders, cfg.precision):
-        metrics = probe_loop.fit_and_test(model, loaders, cfg.epochs, trainer.loggers)
-        return metrics["val/acc"] * 100, metrics["test/acc"] * 100
+    """(val top-1, test top-1) in %: the final epoch's val accuracy, then the test accuracy."""
     trainer.fit(model, datamodule=loaders)
     # torchmetrics objects: Lightning's compute() sums their counts over all processes, so both are global.
     val_top1 = float(trainer.callback_metrics["val/acc"]) * 100
@@ -137,7 +131,7 @@ def make_trainer(cfg: RunConfig) -> L.Trainer:
                          num_nodes=cfg.num_nodes, strategy=cfg.strategy, precision=cfg.precision,
                          logger=loggers(cfg), enable_checkpointing=False, deterministic=True, num_sanity_val_steps=0,
                          log_every_n_steps=1, enable_model_summary=False,
-                         callbacks=[StopOnNonFiniteLoss(check_every_n_steps=10), EpochProgressBar()])
+                         callbacks=[StopOnNonFiniteLoss(check_every_n_steps=10)])
     except (MisconfigurationException, ValueError, RuntimeError) as err:
         precision = f" PRECISION={cfg.precision}" if cfg.precision else ""
         raise ConfigError(f"Lightning cannot run ACCELERATOR={cfg.accelerator} DEVICES={cfg.devices} NUM_NODES="

@@ -7,7 +7,8 @@ with every seed and report test top-1 mean +- std. The official code never publi
 they are stored in every final result (`selected_lr`, `selected_weight_decay`) and printed in the report's table.
 
 Search points are ordinary runs tagged `search_lr<lr>_wd<wd>` (seed = the grid's first seed, train_on=train);
-final runs have train_on=trainval. Both are resumable like any grid run.
+final runs have train_on=trainval. Both are resumable like any grid run. The linear probe's points on cached
+features train as the heads of one pass (benchmark/head_search.py), each writing the result its own run would.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from dataclasses import dataclass, replace
 from benchmark.core.config import RunConfig, load_recipe
 from benchmark.core.errors import ConfigError
 from benchmark.core.store import atomic_write_json, result_path, write_summary
+from benchmark.head_search import can_share_a_pass, train_in_one_pass
+from benchmark.run import run_record
 from benchmark.sweeps.runner import GridRunner
 from benchmark.sweeps.spec import GridSpec, describe, validate_all
 
@@ -103,18 +106,40 @@ def selection_record(points: list[tuple[float, float, dict]], choice: tuple[floa
 
 def record_unselectable(cfg: RunConfig, reason: str) -> dict:
     """A final run that cannot start because no search point finished: recorded as failed, like any run."""
-    from benchmark.run import run_record
-
     resolved = cfg.resolved()
     result = run_record(resolved, time.time()) | {"status": "failed", "error": reason}
     atomic_write_json(result_path(resolved.results_dir, resolved.run_id()), result)
     return result
 
 
-def search_cell(runner: GridRunner, cell: RunConfig, seeds: list[int], grid: SearchGrid) -> None:
+def train_points(runner: GridRunner, configs: list[RunConfig], one_pass: bool = True) -> list[dict]:
+    """Every search point's result: finished ones read back; the others trained as the heads of one pass where
+    they can share it (the linear probe on cached features: benchmark/head_search.py), else one run each."""
+    pending = {}
+    results = []
+    for k, cfg in enumerate(configs):
+        to_train, existing = runner.to_train(cfg)
+        results.append(existing)
+        if to_train is not None:
+            pending[k] = to_train
+    trained = None
+    if one_pass and pending and can_share_a_pass(configs[0].resolved()):
+        trained = train_in_one_pass(list(pending.values()), name=f"{TAG_PREFIX}one_pass")
+    for k, result in zip(pending, trained or [None] * len(pending), strict=True):
+        if result is None:
+            results[k] = runner.execute(configs[k])
+        else:
+            runner.record(configs[k], result, result["wall_seconds"])
+            results[k] = result
+    return results
+
+
+def search_cell(runner: GridRunner, cell: RunConfig, seeds: list[int], grid: SearchGrid,
+                one_pass: bool = True) -> None:
     lrs, wds = grid.values(cell.resolved())
-    points = [(lr, wd, runner.execute(point_config(cell, lr, wd, seeds[0])))
-              for lr, wd in itertools.product(lrs, wds)]
+    pairs = list(itertools.product(lrs, wds))
+    results = train_points(runner, [point_config(cell, lr, wd, seeds[0]) for lr, wd in pairs], one_pass)
+    points = [(lr, wd, result) for (lr, wd), result in zip(pairs, results, strict=True)]
     choice = select(points)
     for seed in seeds:
         if choice is None:

@@ -236,24 +236,19 @@ class TuningModule(L.LightningModule):
         """
         self.log(name, metric, prog_bar=prog_bar)
 
-    def optimizer_updates_per_batch(self) -> int:
-        """Optimizer updates per training batch: 1 in Lightning's automatic optimization."""
-        return 1
-
     def configure_optimizers(self):
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches) * self.optimizer_updates_per_batch())
-        optimizer, schedule = self.optimizer_and_schedule(total_steps)
+        # timm's factory skips frozen parameters and exempts biases/norms (and no_weight_decay()) from decay.
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        optimizer, schedule = optimizer_and_schedule(self, self.optim, total_steps, **fused_if_supported(self))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def optimizer_and_schedule(self, total_steps: int):
-        """The recipe's optimizer over the trained tensors and its per-update warmup + cosine schedule."""
-        opt = self.optim
-        # timm's factory skips frozen parameters and exempts biases/norms (and no_weight_decay()) from decay.
-        # timm's "momentum" is plain SGD with momentum; its "sgd" would be Nesterov, which the VPT code does not use.
-        optimizer = create_optimizer_v2(self, opt="momentum" if opt.optimizer == "sgd" else "adamw", lr=opt.lr,
-                                        weight_decay=opt.weight_decay, momentum=opt.momentum,
-                                        **fused_if_supported(self))
-        warmup_steps = int(round(total_steps * opt.warmup_epochs / max(1, opt.max_epochs)))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps))
-        return optimizer, schedule
+
+def optimizer_and_schedule(params, optim: OptimConfig, total_steps: int, **kwargs):
+    """`optim`'s optimizer over `params` (a module, or parameter groups that each set their own lr and weight decay)
+    and its per-update warmup + cosine schedule, which scales every group's own lr."""
+    # timm's "momentum" is plain SGD with momentum; its "sgd" would be Nesterov, which the VPT code does not use.
+    optimizer = create_optimizer_v2(params, opt="momentum" if optim.optimizer == "sgd" else "adamw", lr=optim.lr,
+                                    weight_decay=optim.weight_decay, momentum=optim.momentum, **kwargs)
+    warmup_steps = int(round(total_steps * optim.warmup_epochs / max(1, optim.max_epochs)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps))
+    return optimizer, schedule
