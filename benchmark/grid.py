@@ -7,7 +7,7 @@
 - A failing run is recorded as `status: failed` with its error and the grid goes on.
 - SIGINT / SIGTERM (Ctrl+C, SLURM preemption) stop the grid at once: the run in progress is dropped
   (result files are written atomically, so it leaves nothing half-written) and the next call redoes it.
-- `--search` runs the paper's selection protocol per (dataset, method, fraction): benchmark/search.py.
+- `--search` runs the paper's selection protocol per (dataset, method, fraction): benchmark/sweeps/search.py.
 - `--shard i/n` (SHARD=i/n) runs only the i-th of n disjoint parts of the grid, so n processes (a SLURM job
   array, several machines) share one grid and one results folder: see `Shard`.
 - `--jobs n` (JOBS=n) trains n runs at a time in n worker processes on this machine, each with cpu_count / n
@@ -25,8 +25,8 @@ from benchmark.core.cli import add_switch, comma_list
 from benchmark.core.config import RunConfig, check_fraction
 from benchmark.core.errors import ConfigError
 from benchmark.run import config_from_args
-from benchmark.search import SearchGrid, run_search
 from benchmark.sweeps.runner import GridInterrupted, run_grid, stop_on_signals
+from benchmark.sweeps.search import SearchGrid, run_search
 from benchmark.sweeps.spec import PAPER_FRACTIONS, PAPER_METHODS, GridSpec, Shard
 from datamodules import EMBEDDED_DATASETS
 

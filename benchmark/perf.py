@@ -20,225 +20,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
-import lightning as L
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, TensorDataset
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
+from benchmark.analysis.tables import markdown
 from benchmark.core.cli import add_method_options, add_switch, merged_method_options
-from benchmark.core.config import EMBEDDED_BACKBONE, REPO_ROOT
+from benchmark.core.config import EMBEDDED_BACKBONE, REPO_ROOT, load_recipe
+from benchmark.core.costs import (
+    LOADER_DATASET,
+    PerfConfig,
+    device_name,
+    loader_img_s,
+    matmul_peak_gflops,
+    measure_method,
+)
 from benchmark.core.store import atomic_write_text
+from benchmark.sweeps.search_cost import linear_search_benchmark
 
 RESULT_MARK = "PERF_RESULT "
 KEY_COLUMNS = ["method", "method_options", "backbone", "batch_size", "img_size", "device", "precision", "compile",
                "checkpointing"]
-LOADER_DATASET = "digits"  # the embedded default
-
-
-@dataclass
-class PerfConfig:
-    method: str = "full"
-    backbone: str = EMBEDDED_BACKBONE
-    batch_size: int = 64
-    img_size: int | None = None  # None: the backbone's own
-    num_classes: int = 100
-    steps: int = 10  # timed training (and evaluation) steps; the median is reported
-    warmup: int = 2  # untimed steps first (allocator, caches, compilation)
-    precision: str = "32"  # Lightning precision: 32, bf16-mixed (GPU autocast), 16-mixed
-    compile: bool = False
-    checkpointing: bool = False
-    method_options: dict = field(default_factory=dict)
-    optimizer: str = "sgd"  # the recipe's: its state (momentum; AdamW's two moments) is part of the memory
-    profile: bool = False  # print where the training steps spend their time (torch.profiler, by operator)
-
-    def __post_init__(self):
-        if self.steps < 1 or self.warmup < 0:
-            raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={self.steps}, warmup={self.warmup}.")
-        if self.batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {self.batch_size}.")
-
-
-# --- FLOPs --------------------------------------------------------------------------------------------
-def _register_cpu_attention_flops() -> None:
-    """torch's counter knows the CUDA SDPA kernels but not the CPU flash kernel timm's fused attention uses."""
-    aten = torch.ops.aten
-    try:
-        @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
-        def _cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-            return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-        @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
-        def _cpu_sdpa_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
-                               **kwargs) -> int:
-            return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-    except (AttributeError, RuntimeError):  # op absent, or a newer torch already counts it
-        pass
-
-
-_register_cpu_attention_flops()
-
-
-def training_flops(model: L.LightningModule, batch) -> int:
-    """FLOPs of one training forward + backward on `batch` (matmuls, convolutions, attention)."""
-    counter = FlopCounterMode(display=False)
-    with counter:
-        loss, _, _ = model.model_step(batch)
-        if loss.requires_grad:
-            loss.backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
-
-
-# --- the machine --------------------------------------------------------------------------------------
-def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, sizes=(1024, 2048),
-                       repeats: int = 5) -> float:
-    """Best median GFLOP/s of square dense matmuls: the practical peak the models are compared with."""
-    best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-        times = []
-        for _ in range(repeats + 1):
-            synchronize(device)
-            start = time.perf_counter()
-            torch.mm(a, b)
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-        best = max(best, 2 * n**3 / statistics.median(times[1:]) / 1e9)
-    return best
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def current_memory_mb(device: torch.device) -> float:
-    """Memory held now: CUDA allocated, or this process's resident set (Linux /proc; else the peak)."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device) / 2**20
-    try:
-        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return peak_memory_mb(device)
-    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-# --- one method, in its own process -------------------------------------------------------------------
-class StepTimer(L.Callback):
-    """Wall time of every train / test batch, from the batch-start hook to the batch-end hook."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.train, self.test = [], []
-        self._start = 0.0
-        self.inference_mode: bool | None = None  # whether evaluation ran under torch.inference_mode
-
-    def _begin(self) -> None:
-        synchronize(self.device)
-        self._start = time.perf_counter()
-
-    def _end(self, into: list) -> None:
-        synchronize(self.device)
-        into.append(time.perf_counter() - self._start)
-
-    def on_train_batch_start(self, *args, **kwargs):
-        self._begin()
-
-    def on_train_batch_end(self, *args, **kwargs):
-        self._end(self.train)
-
-    def on_test_batch_start(self, *args, **kwargs):
-        self._begin()
-
-    def on_test_batch_end(self, *args, **kwargs):
-        self._end(self.test)
-        self.inference_mode = torch.is_inference_mode_enabled()
-
-
-def build_model(cfg: PerfConfig):
-    """The method on a randomly initialised backbone: weights do not change the cost."""
-    from benchmark.run import apply_speed_options
-    from methods import OptimConfig, create_backbone, create_method
-
-    extra = {"img_size": cfg.img_size} if cfg.img_size else {}
-    backbone = create_backbone(cfg.backbone, pretrained=False, **extra)
-    optim = OptimConfig(optimizer=cfg.optimizer, lr=1e-3, max_epochs=1, warmup_epochs=0)
-    model = create_method(cfg.method, backbone, cfg.num_classes, optim, **cfg.method_options)
-    return model, apply_speed_options
-
-
-def synthetic_batches(model, cfg: PerfConfig, n_batches: int = 2) -> TensorDataset:
-    channels, height, width = model.backbone.patch_embed.proj.in_channels, *model.backbone.patch_embed.img_size
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(n_batches * cfg.batch_size, channels, height, width, generator=g)
-    return TensorDataset(images, torch.randint(0, cfg.num_classes, (len(images),), generator=g))
-
-
-def measure_method(cfg: PerfConfig) -> dict:
-    """Time one method with a Lightning Trainer on synthetic batches; returns one perf.csv row."""
-    L.seed_everything(0, verbose=False)
-    model, apply_speed_options = build_model(cfg)
-    data = synthetic_batches(model, cfg)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    model_mb = current_memory_mb(device)  # interpreter, libraries, model and batches: before any step
-    # Checkpointing before counting (its recomputation is executed work); compiling after (the counter sees eager ops).
-    apply_speed_options(model, compile=False, checkpointing=cfg.checkpointing)
-    flops = training_flops(model, [t[: cfg.batch_size].to(device) for t in data.tensors])
-    fused = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
-    apply_speed_options(model, compile=cfg.compile, checkpointing=False)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    timer = StepTimer(device)
-    steps = cfg.warmup + cfg.steps
-    order = [i % len(data) for i in range(steps * cfg.batch_size)]  # the same few batches, cycled
-    loader = DataLoader(data, batch_size=cfg.batch_size, sampler=order)
-    trainer = L.Trainer(max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, precision=cfg.precision,
-                        devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[timer])
-    if cfg.profile:
-        with torch.profiler.profile() as profiler:
-            trainer.fit(model, train_dataloaders=loader)
-        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
-    else:
-        trainer.fit(model, train_dataloaders=loader)
-    trainer.test(model, dataloaders=loader, verbose=False)
-    step = statistics.median(timer.train[cfg.warmup:])
-    eval_step = statistics.median(timer.test[cfg.warmup:])
-    train_img_s = cfg.batch_size / step
-    return {
-        "method": cfg.method, "backbone": cfg.backbone, "batch_size": cfg.batch_size,
-        "img_size": model.backbone.patch_embed.img_size[0], "device": device_name(device),
-        "precision": cfg.precision, "compile": cfg.compile, "checkpointing": cfg.checkpointing,
-        "method_options": json.dumps(cfg.method_options, sort_keys=True), "optimizer": cfg.optimizer,
-        "train_step_ms": 1000 * step, "train_img_s": train_img_s, "eval_img_s": cfg.batch_size / eval_step,
-        "peak_mem_mb": peak_memory_mb(device), "train_mem_mb": peak_memory_mb(device) - model_mb,
-        "flops_per_img": flops / cfg.batch_size,
-        "achieved_gflops": flops / cfg.batch_size * train_img_s / 1e9,
-        "tuned_params": model.tuned_params, "total_params": model.total_params,
-        "fused_attn": bool(fused) and all(fused), "eval_inference_mode": timer.inference_mode,
-        "timed_steps": len(timer.train) - cfg.warmup, "threads": torch.get_num_threads(),
-    }
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
 
 
 def run_in_own_process(cfg: PerfConfig) -> dict:
@@ -252,24 +60,6 @@ def run_in_own_process(cfg: PerfConfig) -> dict:
             return json.loads(line[len(RESULT_MARK):])
     raise RuntimeError(f"perf worker for {cfg.method!r} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
 
-
-# --- data loading -------------------------------------------------------------------------------------
-def loader_img_s(backbone: str, batch_size: int, epochs: int = 20) -> float:
-    """Images/s of the embedded default's training loader (full training pool, the run's settings)."""
-    from datamodules import create_datamodule
-    from methods import create_backbone, data_config
-
-    datamodule = create_datamodule(LOADER_DATASET, data_config=data_config(create_backbone(backbone)),
-                                   train_fraction=1.0, batch_size=batch_size)
-    datamodule.setup()
-    seen, start = 0, time.perf_counter()
-    for _ in range(epochs):
-        for images, _labels in datamodule.train_dataloader():
-            seen += len(images)
-    return seen / (time.perf_counter() - start)
-
-
-# --- the table ----------------------------------------------------------------------------------------
 def merge_rows(path: Path, rows: pd.DataFrame) -> pd.DataFrame:
     """Replace the rows of the same configuration in results/perf.csv, keep the others."""
     if path.is_file():
@@ -280,18 +70,14 @@ def merge_rows(path: Path, rows: pd.DataFrame) -> pd.DataFrame:
     atomic_write_text(path, rows.to_csv(index=False, float_format="%.6g"))
     return rows
 
-
-def markdown_table(frame: pd.DataFrame) -> str:
-    header = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns) + "\n"
-    return header + "\n".join("| " + " | ".join(format_cell(v) for v in row) + " |" for row in frame.itertuples(
-        index=False))
+def markdown_of(frame: pd.DataFrame) -> str:
+    return markdown(frame.map(format_cell))
 
 
 def format_cell(value) -> str:
     if isinstance(value, float):
         return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
     return str(value)
-
 
 def plot(rows: pd.DataFrame, path: Path) -> None:
     import matplotlib
@@ -313,7 +99,6 @@ def plot(rows: pd.DataFrame, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
 
 def measure_all(args) -> pd.DataFrame:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -349,7 +134,6 @@ def measure_all(args) -> pd.DataFrame:
     frame["measured_at"] = time.strftime("%Y-%m-%d %H:%M")
     return frame
 
-
 def median_over_repeats(rows: pd.DataFrame) -> pd.DataFrame:
     """One row per method: the median of every measured number over the repeats, the rest from the first."""
     numeric = rows.select_dtypes("float").columns  # measurements; integer settings stay as they are
@@ -358,11 +142,9 @@ def median_over_repeats(rows: pd.DataFrame) -> pd.DataFrame:
     frame[numeric] = grouped[numeric].median()
     return frame.reset_index()
 
-
 def recipe_settings(method: str, backbone: str, given: dict) -> dict:
     """Optimizer and method options from the method's recipe (quick for the embedded backbone, paper otherwise),
     options overridden by `given` where the method has them. VPT's prompt length is its cost knob."""
-    from benchmark.core.config import load_recipe
     from methods import get_method_class
 
     accepted = {f.name for f in fields(get_method_class(method).options_cls)}
@@ -373,8 +155,6 @@ def recipe_settings(method: str, backbone: str, given: dict) -> dict:
     options = {k: v for k, v in {**recipe.get("method_options", {}), **given}.items() if k in accepted}
     return {"optimizer": recipe.get("optimizer", "sgd"), "method_options": options}
 
-
-# --- linear probe: feature cache, end to end ----------------------------------------------------------
 def timed_run(argv: list[str]) -> tuple[float, dict]:
     """One `python -m benchmark.run` process, end to end (interpreter start to exit); returns (seconds, result)."""
     start = time.perf_counter()
@@ -388,13 +168,11 @@ def timed_run(argv: list[str]) -> tuple[float, dict]:
     result = json.loads(newest.read_text())
     return seconds, result
 
-
 # cold: an empty cache is filled; warm: the same run again (--force), reading it; new seed: another train subset
 # (and shuffle) of the same size, so only the train split is computed (val and test features are keyed by their
 # content and read): what most runs of a grid over seeds and fractions cost.
 CACHE_MODES = (("no cache", "uncached", ["--no-feature-cache"]), ("cache, cold", "cached", []),
                ("cache, warm", "cached", ["--force"]), ("cache, new seed", "cached", ["--force", "--seed", "1"]))
-
 
 def feature_cache_benchmark(epochs: int, fractions: list[float], out: Path, repeats: int = 1) -> pd.DataFrame:
     """The linear probe on the embedded default at each train fraction, in the CACHE_MODES: no cache, cache
@@ -424,7 +202,6 @@ def feature_cache_benchmark(epochs: int, fractions: list[float], out: Path, repe
     atomic_write_text(out, frame.to_csv(index=False, float_format="%.6g"))
     return frame
 
-
 def cache_speedups(runs: pd.DataFrame) -> pd.DataFrame:
     """Per (fraction, mode): median process_s and run_s over repeats (with the run_s range), and the speed-ups
     against the uncached median of the same fraction."""
@@ -439,8 +216,6 @@ def cache_speedups(runs: pd.DataFrame) -> pd.DataFrame:
         frame[f"speedup_{column}"] = frame["train_fraction"].map(uncached) / frame[column]
     return frame
 
-
-# --- CLI ----------------------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
     from methods import list_methods
 
@@ -476,7 +251,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p
 
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.worker:  # one method, in this (fresh) process; the parent reads the marked line
@@ -485,17 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     fractions = [float(f) for f in args.fractions.replace(",", " ").split()]
     args.repeats = args.repeats or (3 if args.linear_search else 1)
     if args.linear_search:
-        from benchmark.perf_search import linear_search_benchmark
-
         frame = linear_search_benchmark(fractions, Path(args.out).with_name("perf_linear_search.csv"), args.repeats,
                                         args.epochs, args.separate_repeats, args.recipe)
-        print(markdown_table(frame[["train_fraction", "mode", "heads", "n_train", "epochs", "repeats", "seconds",
+        print(markdown_of(frame[["train_fraction", "mode", "heads", "n_train", "epochs", "repeats", "seconds",
                                     "vs_one_run", "cpu_seconds", "cpu_vs_one_run", "max_val_top1_gap"]]))
         return 0
     if args.feature_cache_benchmark:
         frame = feature_cache_benchmark(args.epochs or 100, fractions,
                                         Path(args.out).with_name("perf_feature_cache.csv"), args.repeats)
-        print(markdown_table(frame[["train_fraction", "mode", "repeats", "process_s", "run_s", "speedup_process_s",
+        print(markdown_of(frame[["train_fraction", "mode", "repeats", "process_s", "run_s", "speedup_process_s",
                                     "speedup_run_s", "test_top1"]]))
         return 0
     from methods import list_methods
@@ -512,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     merge_rows(Path(args.out), frame)
     figure = Path(args.figures) / f"perf_{args.backbone}_bs{args.batch_size}.png"
     plot(frame, figure)
-    print(markdown_table(frame[["method", "train_img_s", "eval_img_s", "peak_mem_mb", "flops_per_img",
+    print(markdown_of(frame[["method", "train_img_s", "eval_img_s", "peak_mem_mb", "flops_per_img",
                                 "achieved_gflops", "pct_of_peak", "step_vs_full"]]))
     print(f"-> {args.out}, {figure}")
     return 0

@@ -22,8 +22,8 @@ from torchvision.transforms import v2
 
 from benchmark.core.cli import add_switch
 from benchmark.core.config import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS
+from benchmark.core.provenance import git_commit, versions
 from benchmark.core.store import atomic_write_json
-from benchmark.run import git_commit, versions
 from datamodules.embedded import FMNIST_CLASSES, FMNIST_DIR, PRETRAIN_CLASSES, FashionPretrainDataModule
 from methods import OptimConfig, create_backbone, create_method, data_config
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmark.run import apply_speed_options
+from benchmark.core.pipeline import apply_speed_options
 from methods import create_method, list_methods
 from tests.conftest import make_tiny_vit
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from benchmark.core.config import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS, PAPER_BACKBONE, RunConfig, load_recipe
-from benchmark.search import PAPER_FULL_LRS, PAPER_LRS, PAPER_WDS, SearchGrid, final_config, point_config
+from benchmark.sweeps.search import PAPER_FULL_LRS, PAPER_LRS, PAPER_WDS, SearchGrid, final_config, point_config
 
 # The recipe YAML values, copied here by hand (paper/*.yaml: base lr, batch; quick/*.yaml: lr as given).
 PAPER = {"linear": (0.1, 1024), "vpt_deep": (0.1, 128), "full": (0.001, 128), "lora": (0.005, 128),

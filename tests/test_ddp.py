@@ -18,7 +18,7 @@ import pytest
 from benchmark.core.config import REPO_ROOT
 from benchmark.core.distributed import ProcessShardedData, for_this_process, per_process_batch_size
 from benchmark.core.errors import ConfigError
-from benchmark.feature_cache import cached_datamodule
+from benchmark.core.features import cached_datamodule
 from benchmark.run import main
 from datamodules import create_datamodule
 from methods import create_method, data_config

@@ -17,8 +17,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmark.core.config import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS, REPO_ROOT, RunConfig
+from benchmark.core.pipeline import run
 from benchmark.core.store import atomic_write_text, load_runs, read_result
-from benchmark.run import main, run
+from benchmark.run import main
 from datamodules import list_datasets, register_dataset
 from datamodules.embedded import DigitsDataModule
 
@@ -120,7 +121,7 @@ class ScriptedLoss(L.LightningModule):
 
 def test_nan_check_every_n_steps_catches_inf_in_the_window():
     """A window of 4 steps is read back at once; an inf at its second step stops training at its end."""
-    from benchmark.callbacks import NonFiniteLossError, StopOnNonFiniteLoss
+    from benchmark.core.callbacks import NonFiniteLossError, StopOnNonFiniteLoss
 
     losses = [1.0, float("inf"), 2.0, 3.0] + [1.0] * 6
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,

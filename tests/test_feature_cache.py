@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from benchmark.core.config import RunConfig
-from benchmark.feature_cache import CachedFeatureDataModule, cached_datamodule, can_cache
-from benchmark.run import run
+from benchmark.core.features import CachedFeatureDataModule, cached_datamodule, can_cache
+from benchmark.core.pipeline import run
 from datamodules.embedded import TensorSplitsDataModule
 from methods import OptimConfig, create_method, data_config
 from tests.conftest import make_tiny_vit

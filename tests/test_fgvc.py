@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from benchmark.core.config import RunConfig
-from benchmark.run import run
+from benchmark.core.pipeline import run
 from datamodules import create_datamodule, fraction_indices, get_datamodule_class
 from datamodules.checks import DataError
 from datamodules.files import ImageFiles

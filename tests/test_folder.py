@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from benchmark.core.config import RunConfig
-from benchmark.run import run
+from benchmark.core.pipeline import run
 from datamodules import create_datamodule
 from datamodules.checks import DataError
 from tests.conftest import TINY_VIT

@@ -15,8 +15,8 @@ import pytest
 from benchmark.core.config import REPO_ROOT, RunConfig
 from benchmark.core.store import read_result, result_path
 from benchmark.grid import main
-from benchmark.search import SearchGrid, run_search, search_tag, select
 from benchmark.sweeps.runner import run_grid
+from benchmark.sweeps.search import SearchGrid, run_search, search_tag, select
 from benchmark.sweeps.spec import GridSpec
 
 BACKBONE = "vit_embedded_p7_28"

@@ -14,9 +14,9 @@ import pytest
 from benchmark.core.config import RunConfig
 from benchmark.core.store import atomic_write_json, read_result, result_path
 from benchmark.grid import main
-from benchmark.search import SearchGrid, run_search, search_tag
 from benchmark.sweeps import runner as grid_runner
 from benchmark.sweeps.runner import GridRunner, format_seconds, run_grid
+from benchmark.sweeps.search import SearchGrid, run_search, search_tag
 from benchmark.sweeps.spec import GridSpec
 
 BACKBONE = "vit_embedded_p7_28"
@@ -133,7 +133,8 @@ def test_search_picks_the_best_val_with_ties_to_smaller_lr_then_wd(tmp_path, mon
     training = FakeTraining(search_outcome(VAL))
     monkeypatch.setattr(GridRunner, "train", staticmethod(training))
     results = tmp_path / "results"
-    spec = GridSpec(["linear"], [0.1], [3, 4], ["digits"], RunConfig(results_dir=str(results)))
+    # feature_cache=False: every point a run of its own (through the fake), not a one-pass head search
+    spec = GridSpec(["linear"], [0.1], [3, 4], ["digits"], RunConfig(results_dir=str(results), feature_cache=False))
     runner = run_search(spec, SearchGrid(LRS, WDS))
     assert runner.counts == {"ok": 7, "skipped": 0, "failed": 1}
     points = [run_id(f"frac0.1_seed3_{search_tag(lr, wd)}") for lr in LRS for wd in WDS]
@@ -165,7 +166,8 @@ def test_final_runs_of_the_paper_recipe_train_at_the_scaled_selected_lr(tmp_path
     """Paper recipe, linear (batch 1024): the search's lrs are base lrs; the final run trains at base * 1024 / 256."""
     training = FakeTraining(search_outcome({(0.1, 0.0): 70.0, (1.0, 0.0): 71.0}))
     monkeypatch.setattr(GridRunner, "train", staticmethod(training))
-    spec = GridSpec(["linear"], [0.1], [0], ["digits"], RunConfig(recipe="paper", results_dir=str(tmp_path)))
+    spec = GridSpec(["linear"], [0.1], [0], ["digits"], RunConfig(recipe="paper", results_dir=str(tmp_path),
+                                                                        feature_cache=False))
     run_search(spec, SearchGrid((0.1, 1.0), (0.0,)))
     point = read_result(result_path(tmp_path, run_id(f"frac0.1_seed0_{search_tag(1.0, 0.0)}")))
     final = read_result(result_path(tmp_path, run_id("frac0.1_seed0_trainval")))
@@ -176,7 +178,7 @@ def test_final_runs_of_the_paper_recipe_train_at_the_scaled_selected_lr(tmp_path
 def test_no_finished_search_point_records_the_finals_as_failed(tmp_path, monkeypatch):
     training = FakeTraining(lambda cfg: {"status": "failed", "error": "NonFiniteLossError: nan"})
     monkeypatch.setattr(GridRunner, "train", staticmethod(training))
-    spec = GridSpec(["linear"], [0.1], [0, 1], ["digits"], RunConfig(results_dir=str(tmp_path)))
+    spec = GridSpec(["linear"], [0.1], [0, 1], ["digits"], RunConfig(results_dir=str(tmp_path), feature_cache=False))
     runner = run_search(spec, SearchGrid((0.1, 0.5), (0.0,)))
     assert runner.counts == {"ok": 0, "skipped": 0, "failed": 4}
     assert training.trained == [run_id(f"frac0.1_seed0_{search_tag(lr, 0.0)}") for lr in (0.1, 0.5)]

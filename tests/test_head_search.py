@@ -1,4 +1,4 @@
-"""The one-pass lr x wd search of the linear probe (benchmark/head_search.py) against separate runs of each point:
+"""The one-pass lr x wd search of the linear probe (benchmark/sweeps/heads.py) against separate runs of each point:
 same heads, same val and test accuracies, same selected point; the reference is the ordinary single run."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from benchmark.core.config import RunConfig
+from benchmark.core.features import cached_datamodule
+from benchmark.core.pipeline import run
 from benchmark.core.store import read_result, result_path
-from benchmark.feature_cache import cached_datamodule
-from benchmark.head_search import HeadGrid, can_share_a_pass, train_in_one_pass
-from benchmark.run import run
-from benchmark.search import SearchGrid, point_config, run_search, select
+from benchmark.sweeps.heads import HeadGrid, can_share_a_pass, train_in_one_pass
+from benchmark.sweeps.search import SearchGrid, point_config, run_search, select
 from benchmark.sweeps.spec import GridSpec
 from methods import OptimConfig
 from tests.test_feature_cache import setup_probe

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-import benchmark.run as run_module
+import benchmark.core.pipeline as pipeline
 from benchmark.core.config import RunConfig
 from benchmark.core.validate import planned_data_config
 from benchmark.run import main
@@ -130,7 +130,7 @@ def no_weights(monkeypatch):
         built.append(args)
         raise AssertionError("the backbone was built before the data was checked")
 
-    monkeypatch.setattr(run_module, "create_backbone", refuse)
+    monkeypatch.setattr(pipeline, "create_backbone", refuse)
     return built
 
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from benchmark import perf
-from benchmark.perf import PerfConfig, measure_method, merge_rows, training_flops
+from benchmark.core.costs import PerfConfig, matmul_peak_gflops, measure_method, training_flops
+from benchmark.perf import merge_rows
 from methods import create_method, list_methods
 from tests.conftest import TINY_VIT, make_tiny_vit
 
@@ -80,7 +81,7 @@ def test_merge_rows_replaces_same_configuration(tmp_path):
 
 
 def test_matmul_peak_is_positive():
-    assert perf.matmul_peak_gflops(torch.device("cpu"), sizes=(64,), repeats=2) > 0
+    assert matmul_peak_gflops(torch.device("cpu"), sizes=(64,), repeats=2) > 0
 
 
 def test_unknown_method_is_named():
@@ -109,7 +110,7 @@ def test_cli_writes_csv_and_figure(tmp_path):
 @pytest.mark.parametrize("method", ["linear", "vpt_deep"])
 def test_compiled_model_matches_eager(method, tiny_batch):
     """COMPILE=1 changes speed only; the linear probe's frozen pass stays gradient-free inside the graph."""
-    from benchmark.run import apply_speed_options
+    from benchmark.core.pipeline import apply_speed_options
 
     torch.manual_seed(0)
     eager = create_method(method, make_tiny_vit(), num_classes=3).eval()

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from benchmark.core.config import REPO_ROOT, RunConfig
-from benchmark.run import run
+from benchmark.core.pipeline import run
 from datamodules.base import FractionDataModule, LabelledSplit
 
 # sha256 of the digits split at fraction 0.1, seed 0 (ids and labels). Pinned so that a change of numpy's

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from benchmark.core.config import RunConfig
-from benchmark.run import main, run
+from benchmark.core.pipeline import run
+from benchmark.run import main
 
 REQUIRED = ["method", "dataset", "backbone", "train_fraction", "seed", "n_train", "num_classes", "tuned_params",
             "total_params", "val_top1", "test_top1", "epochs", "lr", "weight_decay", "batch_size", "wall_seconds",

@@ -59,7 +59,7 @@ def wandb_records(path: Path) -> list:
 
 
 def test_run_with_wandb_logs_offline_grouped_tagged_with_final_numbers(no_wandb_key):
-    from benchmark.run import run
+    from benchmark.core.pipeline import run
 
     cfg = RunConfig(method="linear", dataset="digits", epochs=2, results_dir=str(no_wandb_key / "results"),
                     wandb=True)

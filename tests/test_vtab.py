@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from benchmark.core.config import RunConfig
-from benchmark.run import run
+from benchmark.core.pipeline import run
 from datamodules import VTAB_DATASETS, create_datamodule, get_datamodule_class
 from datamodules.checks import DataError
 from datamodules.vtab import VTAB_TASKS

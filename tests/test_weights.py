@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from benchmark.core.config import RunConfig
-from benchmark.run import run
+from benchmark.core.pipeline import run
 from methods import create_backbone, data_config
 from tests.conftest import TINY_VIT, make_tiny_vit
 

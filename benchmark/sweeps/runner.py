@@ -22,6 +22,7 @@ from typing import TextIO
 import torch
 
 from benchmark.core.config import RunConfig
+from benchmark.core.pipeline import record_failure, run
 from benchmark.core.store import read_result, result_path, write_summary
 from benchmark.core.tracking import finish_open_run
 from benchmark.sweeps.spec import GridSpec, Shard, describe, validate_all
@@ -107,8 +108,6 @@ class GridRunner:
 
     @staticmethod
     def train(cfg: RunConfig, started: float) -> dict:
-        from benchmark.run import record_failure, run
-
         try:
             result = run(cfg)
         except Exception as err:  # noqa: BLE001 — e.g. a dataset missing on disk (ConfigError from prepare)

@@ -9,7 +9,7 @@ optimizer parameter groups (timm's rule: its bias without decay) with its own lr
 run's optimizer and warmup + cosine schedule (`methods.base.optimizer_and_schedule`). Each point gets the result a
 separate run would write: its final-epoch val and its test top-1 (tests/test_head_search.py compares both).
 
-`benchmark/search.py` uses it for `linear` wherever its runs would use the feature cache. mlp_k keeps one run per
+`benchmark/sweeps/search.py` uses it for `linear` wherever its runs would use the feature cache. mlp_k keeps one run per
 point: its head's dropout draws from the global RNG, so one pass could not give each head its own run's masks.
 """
 
@@ -25,13 +25,14 @@ import torch.nn.functional as F
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
-from benchmark.callbacks import non_finite_loss_error
+from benchmark.core.callbacks import non_finite_loss_error
 from benchmark.core.config import RunConfig
+from benchmark.core.features import can_cache
+from benchmark.core.pipeline import prepare, record_failure, run_record, with_feature_cache
 from benchmark.core.store import atomic_write_json, result_path
 from benchmark.core.tracking import finish_open_run
+from benchmark.core.trainer import make_trainer
 from benchmark.core.validate import validate_config
-from benchmark.feature_cache import can_cache
-from benchmark.run import make_trainer, prepare, record_failure, run_record, with_feature_cache
 from methods import OptimConfig, get_method_class
 from methods.base import fused_if_supported, optimizer_and_schedule
 

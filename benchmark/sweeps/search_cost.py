@@ -1,11 +1,12 @@
-"""What the linear probe's one-pass search costs: `make perf-search` / `python -m benchmark.perf --linear-search`.
+"""What the linear probe's one-pass search costs: `make perf LINEAR_SEARCH=1` / `python -m benchmark.perf
+--linear-search`.
 
 For one cell of the embedded default (digits, linear, each train fraction), in one process with the feature cache
 already filled (what every run of a grid or search after the first pays): one run of the recipe's epochs, the
-paper's 40-point grid (benchmark/search.py: PAPER_LRS x PAPER_WDS) trained in one pass (benchmark/head_search.py),
-and the same 40 points as 40 separate runs. Modes run in turn, `repeats` times (so a slow spell of a shared machine
-hits all of them); medians are reported, with the one pass's and the 40 runs' time per one run, in wall seconds
-and in this process's CPU seconds (steadier on a shared machine).
+paper's 40-point grid (benchmark/sweeps/search.py: PAPER_LRS x PAPER_WDS) trained in one pass
+(benchmark/sweeps/heads.py), and the same 40 points as 40 separate runs. Modes run in turn, `repeats` times (so a
+slow spell of a shared machine hits all of them); medians are reported, with the one pass's and the 40 runs' time
+per one run, in wall seconds and in this process's CPU seconds (steadier on a shared machine).
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from benchmark.config import RunConfig
-from benchmark.grid import GridRunner
-from benchmark.run import run
-from benchmark.search import PAPER_LRS, PAPER_WDS, point_config, train_points
-from benchmark.store import atomic_write_text
+from benchmark.core.config import RunConfig
+from benchmark.core.pipeline import run
+from benchmark.core.store import atomic_write_text
+from benchmark.sweeps.runner import GridRunner
+from benchmark.sweeps.search import PAPER_LRS, PAPER_WDS, point_config, train_points
 
 DATASET = "digits"
 

@@ -8,7 +8,7 @@ they are stored in every final result (`selected_lr`, `selected_weight_decay`) a
 
 Search points are ordinary runs tagged `search_lr<lr>_wd<wd>` (seed = the grid's first seed, train_on=train);
 final runs have train_on=trainval. Both are resumable like any grid run. The linear probe's points on cached
-features train as the heads of one pass (benchmark/head_search.py), each writing the result its own run would.
+features train as the heads of one pass (benchmark/sweeps/heads.py), each writing the result its own run would.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from dataclasses import dataclass, replace
 
 from benchmark.core.config import RunConfig, load_recipe
 from benchmark.core.errors import ConfigError
+from benchmark.core.pipeline import run_record
 from benchmark.core.store import atomic_write_json, result_path, write_summary
-from benchmark.head_search import can_share_a_pass, train_in_one_pass
-from benchmark.run import run_record
+from benchmark.sweeps.heads import can_share_a_pass, train_in_one_pass
 from benchmark.sweeps.runner import GridRunner
 from benchmark.sweeps.spec import GridSpec, describe, validate_all
 
@@ -114,7 +114,7 @@ def record_unselectable(cfg: RunConfig, reason: str) -> dict:
 
 def train_points(runner: GridRunner, configs: list[RunConfig], one_pass: bool = True) -> list[dict]:
     """Every search point's result: finished ones read back; the others trained as the heads of one pass where
-    they can share it (the linear probe on cached features: benchmark/head_search.py), else one run each."""
+    they can share it (the linear probe on cached features: benchmark/sweeps/heads.py), else one run each."""
     pending = {}
     results = []
     for k, cfg in enumerate(configs):

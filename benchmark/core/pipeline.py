@@ -1,0 +1,160 @@
+"""One run as a straight line: resolve and check the config, check the data, build the model, train and test,
+record the result. Bad input raises ConfigError before anything costly; a failure during training is recorded as a
+`status: failed` result."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from dataclasses import asdict
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+
+import methods
+from benchmark.core.callbacks import NonFiniteLossError
+from benchmark.core.config import RunConfig
+from benchmark.core.distributed import for_this_process, per_process_batch_size
+from benchmark.core.errors import ConfigError
+from benchmark.core.features import cached_datamodule, can_cache
+from benchmark.core.provenance import git_commit, git_dirty, peak_memory_mb, versions
+from benchmark.core.store import atomic_write_json, read_result, result_path
+from benchmark.core.tracking import log_result
+from benchmark.core.trainer import make_trainer
+from benchmark.core.validate import planned_data_config, validate_config, validate_data
+from datamodules import create_datamodule
+from methods import OptimConfig, create_backbone, create_method
+
+
+def build_datamodule(cfg: RunConfig, data_cfg: dict):
+    return create_datamodule(cfg.dataset, data_config=data_cfg, train_fraction=cfg.train_fraction, seed=cfg.seed,
+                             batch_size=cfg.batch_size, num_workers=cfg.num_workers, train_on=cfg.train_on,
+                             data_root=cfg.data_root)
+
+def build_model(cfg: RunConfig, num_classes: int) -> methods.TuningModule:
+    """The backbone with its weights (read from a file or fetched from the hub) wrapped by the method."""
+    backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights, **cfg.backbone_kwargs)
+    optim = OptimConfig(optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                        warmup_epochs=cfg.warmup_epochs, max_epochs=cfg.epochs)
+    model = create_method(cfg.method, backbone, num_classes, optim, head_init=cfg.head_init, **cfg.method_options)
+    apply_speed_options(model, compile=cfg.compile, checkpointing=cfg.checkpointing)
+    return model
+
+def apply_speed_options(model: L.LightningModule, *, compile: bool, checkpointing: bool) -> None:
+    """Gradient checkpointing of the backbone blocks (timm's flag, honoured by methods.vpt too) and
+    torch.compile of the forward in place, so Lightning's steps run the compiled graph."""
+    if checkpointing:
+        model.backbone.set_grad_checkpointing(True)
+    if compile:
+        model.compile()
+
+def with_feature_cache(cfg: RunConfig, model: L.LightningModule, datamodule, trainer: L.Trainer):
+    """The linear probe on a deterministic transform trains on cached features (benchmark/feature_cache.py),
+    computed on this process's device (the trainer's root device; in a DDP run each rank has its own GPU)."""
+    if not (cfg.feature_cache and can_cache(model, datamodule)):
+        return datamodule
+    return cached_datamodule(model, datamodule, f"{cfg.results_dir}/cache/features", trainer.strategy.root_device,
+                             cfg.precision)
+
+def fit_and_test(cfg: RunConfig, trainer: L.Trainer, model: L.LightningModule, loaders) -> tuple[float, float]:
+    """(val top-1, test top-1) in %: the final epoch's val accuracy, then the test accuracy."""
+    trainer.fit(model, datamodule=loaders)
+    # torchmetrics objects: Lightning's compute() sums their counts over all processes, so both are global.
+    val_top1 = float(trainer.callback_metrics["val/acc"]) * 100
+    return val_top1, float(trainer.test(model, datamodule=loaders, verbose=False)[0]["test/acc"]) * 100
+
+def prepare(cfg: RunConfig):
+    """Data first, then weights: DATA_ROOT, split files, labels and the fraction against the class sizes, then the
+    image files, are all checked before a backbone's weights are read or fetched. A bad dataset or weights file
+    raises ConfigError."""
+    try:
+        datamodule = build_datamodule(cfg, planned_data_config(cfg))
+        datamodule.setup()
+        validate_data(datamodule, cfg)
+        model = build_model(cfg, datamodule.num_classes)
+    except ConfigError:
+        raise
+    except (ValueError, OSError) as err:  # methods.backbone and datamodules name the file and the fix
+        raise ConfigError(str(err)) from err
+    return model, datamodule
+
+def run_record(cfg: RunConfig, started: float) -> dict:
+    """What every result holds, whatever its status: the run's identity, provenance and cost."""
+    return {"method": cfg.method, "dataset": cfg.dataset, "backbone": cfg.backbone,
+            "train_fraction": cfg.train_fraction, "seed": cfg.seed, "epochs": cfg.epochs, "lr": cfg.lr,
+            "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "optimizer": cfg.optimizer,
+            "recipe": cfg.recipe, "train_on": cfg.train_on, "pretrained": cfg.pretrained,
+            "wall_seconds": time.time() - started, "peak_memory_mb": peak_memory_mb(), "git_commit": git_commit(),
+            "git_dirty": git_dirty(), "versions": versions()}
+
+def record_failure(cfg: RunConfig, path, started: float, err: Exception) -> dict:
+    """A training failure becomes a `status: failed` result (written atomically) so a grid records it and moves on."""
+    if not isinstance(err, NonFiniteLossError):  # expected failures need no traceback; anything else does
+        traceback.print_exc()
+    result = run_record(cfg, started) | {"status": "failed", "error": f"{type(err).__name__}: {err}",
+                                         "config": asdict(cfg)}
+    if rank_zero_only.rank == 0:
+        atomic_write_json(path, result)
+    print(f"FAILED {cfg.method} on {cfg.dataset} @ {cfg.train_fraction:g}: {result['error']} -> {path}",
+          file=sys.stderr)
+    return result
+
+# Settings that change a result but not its file name (run_id holds method, dataset, fraction, seed, train_on, tag).
+RESULT_SETTINGS = ("backbone", "weights", "pretrained", "recipe", "optimizer", "lr", "weight_decay", "epochs",
+                   "warmup_epochs", "batch_size", "head_init", "method_options", "backbone_kwargs", "precision")
+
+def changed_settings(stored: dict, cfg: RunConfig) -> list[str]:
+    """'lr 0.5 -> 0.1' for each result-defining setting where a stored result's config differs from `cfg`."""
+    now = json.loads(json.dumps(asdict(cfg), default=str))  # as stored: tuples become lists
+    return [f"{name} {stored[name]!r} -> {now[name]!r}" for name in RESULT_SETTINGS
+            if name in stored and name in now and stored[name] != now[name]]
+
+def run(cfg: RunConfig) -> dict:
+    """Train and test one configuration; returns (and writes) its result.
+
+    Bad input raises ConfigError before anything trains (and writes nothing); a failure during training
+    (NaN loss, out of memory, ...) is returned and written as `status: failed` with the error.
+    """
+    cfg = validate_config(cfg)
+    path = result_path(cfg.results_dir, cfg.run_id())
+    existing = read_result(path)
+    if existing and existing.get("status") == "ok" and not cfg.force:
+        print(f"Result exists, nothing to do: {path} (test top-1 {existing['test_top1']:.2f}). Use FORCE=1 to rerun.")
+        changed = changed_settings(existing.get("config", {}), cfg)
+        if changed:  # the file name does not hold every hyperparameter: say that this result is not for them
+            print(f"Note: that result was made with other settings ({', '.join(changed)}); FORCE=1 replaces it, "
+                  "TAG=<name> (--tag) keeps both.")
+        return existing
+    if existing and existing.get("status") != "ok":
+        print(f"Rerunning {path}: the previous attempt failed ({existing.get('error', 'no reason recorded')}).")
+    started = time.time()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    # The trainer first: it knows this process's rank and device (a DDP run executes this function once per
+    # process, benchmark/core/distributed.py), which decide who writes files and where cached features are computed.
+    trainer = make_trainer(cfg)
+    per_process_batch_size(cfg.batch_size, trainer.world_size)  # a global batch the processes cannot share
+    model, datamodule = prepare(cfg)
+    if trainer.is_global_zero:
+        atomic_write_json(f"{cfg.results_dir}/splits/{cfg.run_id()}.json", datamodule.split_record())
+    datamodule = with_feature_cache(cfg, model, datamodule, trainer)
+    loaders = for_this_process(datamodule, trainer, cfg.seed)
+    try:
+        val_top1, test_top1 = fit_and_test(cfg, trainer, model, loaders)
+    except Exception as err:  # noqa: BLE001 — recorded as a failed result; KeyboardInterrupt/SystemExit pass
+        return record_failure(cfg, path, started, err)
+    result = run_record(cfg, started) | {
+        "n_train": datamodule.n_train, "num_classes": datamodule.num_classes,
+        "tuned_params": model.tuned_params, "total_params": model.total_params,
+        "tuned_percent": 100 * model.tuned_params / model.total_params,
+        "val_top1": val_top1, "test_top1": test_top1, "world_size": trainer.world_size, "status": "ok",
+        "config": asdict(cfg),
+    }
+    if trainer.is_global_zero:
+        atomic_write_json(path, result)
+        print(f"{cfg.method} on {cfg.dataset} @ {cfg.train_fraction:g}: test top-1 {test_top1:.2f} "
+              f"(val {val_top1:.2f}) in {result['wall_seconds']:.0f}s -> {path}")
+    if cfg.wandb and trainer.is_global_zero:  # other ranks hold no W&B run (Lightning's WandbLogger is rank 0's)
+        log_result(trainer.loggers, result)  # tuned/total params + test top-1, then closes the W&B run
+    return result
