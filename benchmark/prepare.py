@@ -214,7 +214,7 @@ def prepare(dataset: str, raw: str | Path, out: str | Path | None = None, seed: 
     """Convert the release of `dataset` at `raw`; returns the DATA_ROOT to pass to a run."""
     if dataset not in CONVERTERS:
         raise DataError(f"make prepare converts the FGVC datasets {', '.join(CONVERTERS)}, not {dataset!r}. "
-                        "VTAB-1k is read as the processed lists (see README); DATASET=folder needs no preparing.")
+                        "VTAB-1k is read as the processed lists (docs/datasets.md); DATASET=folder needs no preparing.")
     raw = Path(raw)
     if not raw.is_dir():
         raise DataError(f"RAW {str(raw)!r} is not a directory; pass RAW=<the folder of the original release>.")

@@ -3,7 +3,7 @@ scikit-learn's handwritten digits.
 
 Upstream: the embedded ViT is pretrained on the Fashion-MNIST classes in PRETRAIN_CLASSES.
 Downstream: tasks it never saw — the held-out Fashion-MNIST classes, and the 8x8 digits upsampled
-to the backbone's input size. The held-out set was chosen by measurement (README, "Embedded default").
+to the backbone's input size (docs/datasets.md: why these classes are held out).
 
 Images are small, so each split is decoded, resized and normalised once into a tensor; the transform
 is deterministic (no augmentation), which keeps loading far faster than training.
@@ -142,7 +142,7 @@ def load_digits_uint8() -> tuple[np.ndarray, np.ndarray]:
 
     Read from the CSV that `sklearn.datasets.load_digits` itself parses, found without importing scikit-learn:
     its import and load take 0.30 s against 0.02 s here, a third of a cached linear-probe run
-    (tests/test_embedded_data.py checks the arrays equal load_digits'). Without that file, load_digits.
+    (tests/datamodules/test_embedded.py checks the arrays equal load_digits'). Without that file, load_digits.
     """
     spec = importlib.util.find_spec("sklearn")
     path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None

@@ -15,8 +15,8 @@ Choices, each the paper's unless noted:
 Cost (VPT-deep): a block's outputs at the p prompt positions are thrown away (the "_" in eq. 4; the last block's
 are stripped), so computing their queries, attention rows, projection and MLP is wasted work: on ViT-B/16 with
 p = 50 that is a fifth of every block's matmuls. `KeyValuePromptBlock` runs a timm Block with the prompts as
-extra keys and values only, never inserted into the sequence: the same function (tests/test_perf.py compares it
-with plain blocks) at about (N + p/6) / (N + p) of the matmul cost.
+extra keys and values only, never inserted into the sequence: the same function (tests/benchmark/test_perf.py
+compares it with plain blocks) at about (N + p/6) / (N + p) of the matmul cost.
 """
 
 from __future__ import annotations

@@ -59,6 +59,9 @@ def _register_cpu_attention_flops() -> None:
     except (AttributeError, RuntimeError):  # op absent, or a newer torch already counts it
         pass
 
+_register_cpu_attention_flops()
+
+
 def training_flops(model: L.LightningModule, batch) -> int:
     """FLOPs of one training forward + backward on `batch` (matmuls, convolutions, attention)."""
     counter = FlopCounterMode(display=False)

@@ -166,7 +166,8 @@ class CachedFeatureDataModule(L.LightningDataModule):
 
     def loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         # A generator seeded as the source's loaders seed theirs (datamodules/base.py): the loader draws from it
-        # as the image loader does, so the shuffled batches are the uncached run's (tests/test_feature_cache.py).
+        # as the image loader does, so the shuffled batches are the uncached run's
+        # (tests/benchmark/core/test_features.py).
         return DataLoader(self.features[split], batch_size=batch_size, shuffle=shuffle,
                           generator=torch.Generator().manual_seed(self.source.seed))
 

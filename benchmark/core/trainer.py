@@ -23,8 +23,8 @@ def make_trainer(cfg: RunConfig) -> L.Trainer:
     STRATEGY, fp16 on CPU, ...) raise ConfigError before anything is built.
 
     deterministic=True: torch.use_deterministic_algorithms + cuBLAS workspace config, so the same seed on the
-    same machine gives bit-identical results (tests/test_reproducibility.py). The NaN check reads the loss back
-    every 10 steps, not every step, to keep GPU steps free of a host sync.
+    same machine gives bit-identical results (tests/benchmark/core/test_reproducibility.py). The NaN check reads the
+    loss back every 10 steps, not every step, to keep GPU steps free of a host sync.
     """
     try:
         return L.Trainer(max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices,

@@ -7,7 +7,7 @@ copies of the initial head; a step computes all N heads' logits from one minibat
 mean losses gives each head its own gradient (they share no parameter). Each head has its own
 optimizer parameter groups (timm's rule: its bias without decay) with its own lr and weight decay, under the single
 run's optimizer and warmup + cosine schedule (`methods.base.optimizer_and_schedule`). Each point gets the result a
-separate run would write: its final-epoch val and its test top-1 (tests/test_head_search.py compares both).
+separate run would write: its final-epoch val and its test top-1 (tests/benchmark/sweeps/test_heads.py compares both).
 
 `benchmark/sweeps/search.py` uses it for `linear` wherever its runs would use the feature cache. mlp_k keeps one run per
 point: its head's dropout draws from the global RNG, so one pass could not give each head its own run's masks.

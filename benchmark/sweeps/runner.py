@@ -156,7 +156,7 @@ def run_in_workers(runner: GridRunner, configs: list[RunConfig], jobs: int, log_
     """Train the grid's unfinished runs in `jobs` worker processes, each taking the next run when it is free.
 
     Why: a small model's step does not keep 2+ cores busy (per-op dispatch, Python, tiny matmuls), so two runs on
-    one thread each finish sooner than the same two one after another on two threads (README, "Grids").
+    one thread each finish sooner than the same two one after another on two threads.
     Costliest fractions go first, so the last runs to finish are short ones and no worker idles long at the end.
     Workers split the cores (cpu_count / jobs threads each), ignore SIGINT (the grid stops them, like a run, at
     once: results are atomic), and write their runs' output to `log_dir/grid_worker_<pid>.log`; this process

@@ -64,7 +64,8 @@ def measure_cell(fraction: float, epochs: int | None, repeats: int, separate_rep
         one_pass, separate = (by_point.get(m) for m in list(modes)[1:])
         gap = (max((abs(one_pass[p] - separate[p]) for p in separate if separate[p] is not None), default=None)
                if separate else None)
-    # The two ways of training the grid should give each point the same val top-1 (tests/test_head_search.py).
+    # The two ways of training the grid should give each point the same val top-1
+    # (tests/benchmark/sweeps/test_heads.py).
     return [row | {"max_val_top1_gap": gap} for row in rows]
 
 

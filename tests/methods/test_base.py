@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from methods import OptimConfig, create_method
-from methods.base import warmup_cosine
+from methods.base import optimizer_and_schedule, warmup_cosine
 from tests.conftest import make_tiny_vit
 
 NO_DECAY_EMBEDDINGS = {"backbone.pos_embed", "backbone.cls_token"}  # timm's ViT.no_weight_decay(), as named here
@@ -29,7 +29,7 @@ def decays(name: str) -> bool:
 
 
 def decay_groups(model) -> dict[str, float]:
-    optimizer, _ = model.optimizer_and_schedule(total_steps=10)
+    optimizer, _ = optimizer_and_schedule(model, model.optim, 10)
     names = {id(p): n for n, p in model.named_parameters()}
     seen = [(names[id(p)], group["weight_decay"]) for group in optimizer.param_groups for p in group["params"]]
     assert len(seen) == len({n for n, _ in seen})  # every tensor in one group only
@@ -72,7 +72,7 @@ def test_schedule_through_the_real_lambdalr(total_steps, warmup_epochs, max_epoc
     assert warmup == round(total_steps * warmup_epochs / max_epochs)
     optim = OptimConfig(lr=0.2, warmup_epochs=warmup_epochs, max_epochs=max_epochs)
     model = create_method("bias", make_tiny_vit(), num_classes=3, optim=optim)
-    optimizer, schedule = model.optimizer_and_schedule(total_steps)
+    optimizer, schedule = optimizer_and_schedule(model, model.optim, total_steps)
     lrs = []
     for _ in range(total_steps + 1):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -110,7 +110,7 @@ def test_sgd_is_momentum_without_nesterov_by_hand(tiny_batch):
     total, mu, wd = 4, 0.9, 0.01
     model = small_model("bias", "sgd", wd).train()
     reference = copy.deepcopy(model)
-    optimizer, schedule = model.optimizer_and_schedule(total_steps=total)
+    optimizer, schedule = optimizer_and_schedule(model, model.optim, total)
     assert isinstance(optimizer, torch.optim.SGD)
     assert optimizer.defaults["momentum"] == mu and optimizer.defaults["nesterov"] is False
     params = {n: p for n, p in reference.named_parameters() if p.requires_grad}
@@ -136,7 +136,7 @@ def test_adamw_step_by_hand(tiny_batch):
     wd = 0.1
     model = small_model("bias", "adamw", wd).train()
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    optimizer, _ = model.optimizer_and_schedule(total_steps=4)
+    optimizer, _ = optimizer_and_schedule(model, model.optim, 4)
     assert isinstance(optimizer, torch.optim.AdamW)
     optimizer.zero_grad()
     loss_on(model, tiny_batch).backward()

@@ -149,7 +149,7 @@ def test_ddp_training_matches_single_process_within_seed_noise(tmp_path):
     """The linear probe on digits with the quick recipe (40 epochs, global batch 64 = 2 x 32): DDP draws another
     data order than one process, so the two differ like two data orders do. Tolerance 5 points: over seeds 0-4,
     test top-1 was 67.70 +- 2.52 (one process) and 67.17 +- 3.08 (DDP), the paired difference -0.53 +- 1.27, at
-    most 1.67 (README, "Scaling out"); 5 points is about 4 standard deviations of that difference."""
+    most 1.67 (measured with the old 40-epoch recipe); 5 points is about 4 standard deviations of that difference."""
     single, ddp, out = run_both(tmp_path, "--method", "linear", "--epochs", "40")  # the measured setting
     check_one_complete_ddp_result(tmp_path, single, ddp, out, "linear")
     assert ddp["test_top1"] == pytest.approx(single["test_top1"], abs=5)

@@ -143,8 +143,8 @@ def test_repo_files_leave_out_the_venv_and_include_the_harness():
 
 def test_first_failure_is_read_from_pytests_short_summary():
     output = ("....F\n=========================== short test summary info ============================\n"
-              "FAILED tests/test_methods.py::test_vpt_init_bound[grey] - AssertionError: 0.1 != 0.2\n"
+              "FAILED tests/methods/test_methods.py::test_vpt_init_bound[grey] - AssertionError: 0.1 != 0.2\n"
               "!!!!!!!!!!!!!!!!!!!!!!!!!! stopping after 1 failures !!!!!!!!!!!!!!!!!!!!!!!!!!!\n")
-    assert harness.first_failure(output) == "tests/test_methods.py::test_vpt_init_bound[grey]"
+    assert harness.first_failure(output) == "tests/methods/test_methods.py::test_vpt_init_bound[grey]"
     assert harness.first_failure("ERROR tests/test_x.py - ImportError\n") == "tests/test_x.py"
     assert harness.first_failure("5 passed in 1.2s\n") == ""

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from methods import create_method
 from tests.conftest import make_tiny_vit
-from tests.test_methods_vpt import embed
+from tests.methods.test_vpt import embed
 
 
 def reference_adapter_logits(model, images: torch.Tensor) -> torch.Tensor:

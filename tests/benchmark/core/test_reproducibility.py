@@ -39,7 +39,7 @@ def split_digest() -> str:
     return hashlib.sha256(json.dumps([record["ids"], record["labels"]]).encode()).hexdigest()
 
 
-SPLIT_DIGEST = "from tests.test_reproducibility import split_digest\nprint(split_digest())\n"
+SPLIT_DIGEST = "from tests.benchmark.core.test_reproducibility import split_digest\nprint(split_digest())\n"
 
 
 def test_split_sha256_is_pinned():

@@ -125,7 +125,7 @@ def test_sweep_refuses_search(tmp_path, capsys):
 
 def test_report_with_wandb_logs_figures_and_tables_offline(no_wandb_key):
     from benchmark.analysis.outputs import write_report
-    from tests.test_report import write_synthetic_results
+    from tests.benchmark.analysis.test_report import write_synthetic_results
 
     write_synthetic_results(no_wandb_key / "results")
     write_report(no_wandb_key / "results", use_wandb=True)

@@ -20,9 +20,9 @@ from benchmark.sweeps.heads import HeadGrid, can_share_a_pass, train_in_one_pass
 from benchmark.sweeps.search import SearchGrid, point_config, run_search, select
 from benchmark.sweeps.spec import GridSpec
 from methods import OptimConfig
-from tests.test_feature_cache import setup_probe
+from tests.benchmark.core.test_features import setup_probe
 
-LRS, WDS = (0.05, 0.5, 2.0), (0.05, 0.0)  # 0.05: enough decay that a decayed bias would show in the weights
+LRS, WDS = (0.05, 0.5, 1.0), (0.05, 0.0)  # 0.05: enough decay that a decayed bias would show in the weights
 EPOCHS = 4
 
 

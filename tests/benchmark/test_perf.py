@@ -1,6 +1,6 @@
 """benchmark.perf measures what it says: FLOPs including fused attention, a full row per method with evaluation
 under inference mode, rows merged by configuration, bad input named. No speed thresholds here: the targets are
-benchmarks (README, "Performance")."""
+benchmarks (docs/performance.md)."""
 
 from __future__ import annotations
 

@@ -242,7 +242,7 @@ def test_file_dataset_new_seed_or_fraction_computes_its_own_train_features(tmp_p
     """On image files the cache key has no input tensors to hash: a new seed keeps the same count and the same
     (sorted) labels, so only the example ids tell the two training subsets apart. The new seed's train features
     are computed from its own images; val and test, which do not depend on the seed, are read."""
-    from tests.test_vtab import make_vtab
+    from tests.datamodules.test_vtab import make_vtab
 
     root = make_vtab(tmp_path / "vtab-1k")
     cache = tmp_path / "cache"

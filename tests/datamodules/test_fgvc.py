@@ -151,7 +151,7 @@ def test_missing_split_file_names_prepare(tmp_path):
 
 @pytest.mark.parametrize("fraction_file", [False, True])
 def test_run_end_to_end_with_a_tiny_vit(tmp_path, fraction_file, monkeypatch):
-    from tests.test_run import record_tested_model, top1_by_hand
+    from tests.benchmark.core.test_pipeline import record_tested_model, top1_by_hand
 
     seen = record_tested_model(monkeypatch)
     root = make_fgvc(tmp_path / "cub", "cub", (4, 1, 2))
