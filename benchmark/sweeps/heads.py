@@ -74,8 +74,8 @@ class HeadGrid(L.LightningModule):
         features, labels = batch
         losses = self.head_losses(self(features), labels)
         self.step_losses.append(losses.detach())
-        # A separate run stops at its first non-finite loss; here that head gets zero gradient (nan_to_num's)
-        # and is recorded as failed (`failure`), while the others train on.
+        # A separate run stops at its first non-finite loss; here that head is recorded as failed (`failure`) and
+        # the others train on: the sum stays finite for the run's NaN callback, the failed head gets zero gradient.
         return losses.nan_to_num(0.0, 0.0, 0.0).sum()
 
     def count_correct(self, batch) -> None:
@@ -139,8 +139,11 @@ def train_in_one_pass(configs: list[RunConfig], name: str) -> list[dict] | None:
 
     A failure that stops the pass (a missing dataset, out of memory) is recorded for every point, as their runs would.
     """
-    configs = [cfg.resolved() for cfg in configs]
+    cell = [replace(cfg, lr=None, weight_decay=None, tag="", force=False) for cfg in configs]
+    if any(other != cell[0] for other in cell):
+        raise ValueError("A pass trains the points of one cell: configs may differ in lr, weight decay and tag only.")
     first = validate_config(configs[0])  # the others differ in lr and wd, which the search checked at its extremes
+    configs = [replace(first, lr=cfg.lr, weight_decay=cfg.weight_decay, tag=cfg.tag) for cfg in configs]
     one_pass = replace(first, tag=name, devices="1", num_nodes=1, strategy="auto")
     started = time.time()
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import itertools
 import math
+import re
 from dataclasses import replace
 
 import lightning as L
@@ -144,6 +145,25 @@ def test_search_in_one_pass_writes_what_separate_runs_write(tmp_path):
     assert final["train_on"] == "trainval" and final["status"] == "ok"
 
 
+def test_a_non_finite_loss_in_the_pass_fails_each_point_as_its_run_would(tmp_path):
+    """A NaN training image (tests/test_faults.py): every head's loss is NaN from the batch holding it. The pass goes
+    on (its returned loss stays finite for the run's NaN callback), each point is recorded failed with the batch where
+    its loss turned, the search finds nothing to select and records the cell's final run as failed."""
+    from benchmark.config import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS
+    from tests.test_faults import NAN_DIGITS
+
+    base = RunConfig(backbone=EMBEDDED_BACKBONE, weights=str(EMBEDDED_WEIGHTS), recipe="quick", epochs=1,
+                     results_dir=str(tmp_path))
+    runner = run_search(GridSpec(["linear"], [1.0], [0], [NAN_DIGITS], base), SearchGrid((0.1, 0.5), (0.0,)))
+    assert runner.counts == {"ok": 0, "skipped": 0, "failed": 3}
+    points = [read_result(p) for p in sorted((tmp_path / "runs").rglob("*_search_lr*.json"))]
+    assert len(points) == 2 and all(p["status"] == "failed" and p["one_pass"]["heads"] == 2 for p in points)
+    assert all(re.match(r"NonFiniteLossError: non-finite training loss in epoch 0, batch \d+ ", p["error"])
+               for p in points)
+    [final] = (tmp_path / "runs").rglob("*_trainval.json")
+    assert read_result(final)["status"] == "failed"
+
+
 def test_a_pass_only_where_the_runs_would_train_a_linear_head_on_cached_features(tmp_path):
     cell = RunConfig(method="mlp_k", dataset="digits", train_fraction=0.1, epochs=1, results_dir=str(tmp_path))
     configs = [point_config(cell, lr, 0.0, seed=0) for lr in (0.1, 0.5)]
@@ -152,3 +172,14 @@ def test_a_pass_only_where_the_runs_would_train_a_linear_head_on_cached_features
     assert not can_share_a_pass(RunConfig(method="linear", feature_cache=False))
     assert not can_share_a_pass(RunConfig(method="vpt_deep"))
     assert not list((tmp_path / "runs").rglob("*.json"))  # nothing recorded: their own runs will be
+
+
+def test_search_benchmark_times_one_run_and_the_pass(tmp_path):
+    """`make perf-search` in small: every mode timed, the ratio to one run computed (no threshold: a benchmark)."""
+    from benchmark.perf_search import linear_search_benchmark
+
+    out = tmp_path / "perf_linear_search.csv"
+    frame = linear_search_benchmark([0.1], out, repeats=1, epochs=1, separate_repeats=0)
+    assert list(frame["mode"]) == ["one run", "one pass, 40 heads"] and list(frame["heads"]) == [1, 40]
+    assert frame["vs_one_run"].iloc[0] == 1.0 and (frame["seconds"] > 0).all() and (frame["failed"] == 0).all()
+    assert out.is_file()
