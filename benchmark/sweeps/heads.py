@@ -148,7 +148,7 @@ def train_in_one_pass(configs: list[RunConfig], name: str) -> list[dict] | None:
     started = time.time()
     try:
         L.seed_everything(first.seed, workers=True, verbose=False)
-        # As benchmark.run: the trainer, then the model (the same seed gives every point the same initial head).
+        # As benchmark.core.pipeline: the trainer, then the model (the same seed gives every point the same initial head).
         trainer = make_trainer(one_pass)
         model, datamodule = prepare(first)
         if not (can_cache(model, datamodule) and isinstance(model.backbone.head, nn.Linear)):
@@ -159,7 +159,7 @@ def train_in_one_pass(configs: list[RunConfig], name: str) -> list[dict] | None:
         grid = HeadGrid(model.backbone.head, [(cfg.lr, cfg.weight_decay) for cfg in configs], model.optim)
         trainer.fit(grid, datamodule=cached)
         trainer.test(grid, datamodule=cached, verbose=False)
-    except Exception as err:  # noqa: BLE001 — recorded for every point, as benchmark.run records a failed run
+    except Exception as err:  # noqa: BLE001 — recorded for every point, as benchmark.core.pipeline records a failed run
         finish_open_run(failed=True)
         return [record_failure(cfg, result_path(cfg.results_dir, cfg.run_id()), started, err) for cfg in configs]
     finish_open_run(failed=False)

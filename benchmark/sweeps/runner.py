@@ -29,7 +29,7 @@ from benchmark.sweeps.spec import GridSpec, Shard, describe, validate_all
 
 
 class GridInterrupted(BaseException):
-    """Raised from the SIGINT/SIGTERM handler. A BaseException, so neither `benchmark.run` (which records
+    """Raised from the SIGINT/SIGTERM handler. A BaseException, so neither `benchmark.core.pipeline` (which records
     `Exception`s as failed runs) nor Lightning (which re-raises non-KeyboardInterrupt errors after its
     teardown, instead of calling sys.exit as it does for KeyboardInterrupt) swallows it."""
 

@@ -149,8 +149,8 @@ def test_a_non_finite_loss_in_the_pass_fails_each_point_as_its_run_would(tmp_pat
     """A NaN training image (tests/test_faults.py): every head's loss is NaN from the batch holding it. The pass goes
     on (its returned loss stays finite for the run's NaN callback), each point is recorded failed with the batch where
     its loss turned, the search finds nothing to select and records the cell's final run as failed."""
-    from benchmark.config import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS
-    from tests.test_faults import NAN_DIGITS
+    from benchmark.core.config import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS
+    from tests.benchmark.core.test_faults import NAN_DIGITS
 
     base = RunConfig(backbone=EMBEDDED_BACKBONE, weights=str(EMBEDDED_WEIGHTS), recipe="quick", epochs=1,
                      results_dir=str(tmp_path))
@@ -176,7 +176,7 @@ def test_a_pass_only_where_the_runs_would_train_a_linear_head_on_cached_features
 
 def test_search_benchmark_times_one_run_and_the_pass(tmp_path):
     """`make perf-search` in small: every mode timed, the ratio to one run computed (no threshold: a benchmark)."""
-    from benchmark.perf_search import linear_search_benchmark
+    from benchmark.sweeps.search_cost import linear_search_benchmark
 
     out = tmp_path / "perf_linear_search.csv"
     frame = linear_search_benchmark([0.1], out, repeats=1, epochs=1, separate_repeats=0)
