@@ -148,7 +148,7 @@ def train_in_one_pass(configs: list[RunConfig], name: str) -> list[dict] | None:
     started = time.time()
     try:
         L.seed_everything(first.seed, workers=True, verbose=False)
-        # As benchmark.core.pipeline: the trainer, then the model (the same seed gives every point the same initial head).
+        # As a single run: the trainer, then the model (the same seed gives every point the same initial head).
         trainer = make_trainer(one_pass)
         model, datamodule = prepare(first)
         if not (can_cache(model, datamodule) and isinstance(model.backbone.head, nn.Linear)):
