@@ -21,7 +21,7 @@ import numpy as np
 
 from datamodules.base import LabelledSplit
 from datamodules.checks import DataError, name_some, prepare_hint, require_files
-from datamodules.files import ImageFilesDataModule, fgvc_transform, remap_classes
+from datamodules.files import ImageFilesDataModule, remap_classes
 
 SPLIT_FILES = {"train": "train.json", "val": "val.json", "test": "test.json"}
 
@@ -69,13 +69,6 @@ class FGVCDataModule(ImageFilesDataModule):
                           f"{self.paper_num_classes}; results will not be comparable to the paper's. Check DATA_ROOT "
                           f"or {prepare_hint(self.name)}.", stacklevel=2)
         return classes
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def transform(self, train: bool):
-        return fgvc_transform(self.data_config, train)
 
     def list_split(self, split: str) -> tuple[list[str], np.ndarray, list[str]]:
         annotation = self.annotation(SPLIT_FILES[split])

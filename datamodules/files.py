@@ -107,7 +107,12 @@ class ImageFilesDataModule(FractionDataModule):
         raise NotImplementedError
 
     def transform(self, train: bool) -> Callable:
-        raise NotImplementedError
+        """VPT's FGVC transform (augmented for training); VTAB-1k overrides it with a plain resize."""
+        return fgvc_transform(self.data_config, train)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)  # the family's sorted class list; VTAB-1k's comes from its task table instead
 
     @property
     def image_mode(self) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from datamodules.checks import DataError, require_root
-from datamodules.files import ImageFilesDataModule, carve_val, fgvc_transform
+from datamodules.files import ImageFilesDataModule, carve_val
 
 Listing = tuple[list[str], np.ndarray, list[str]]  # (paths, labels, ids)
 
@@ -43,13 +43,6 @@ class FolderDataModule(ImageFilesDataModule):
         except FileNotFoundError as err:
             raise DataError(f"{self.root / 'train'} has no class folders: {err}") from err
         return classes
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def transform(self, train: bool):
-        return fgvc_transform(self.data_config, train)
 
     def scan(self, split: str) -> Listing:
         """Every image of <root>/<split>/<class>/, classes numbered as in train/."""
