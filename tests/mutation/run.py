@@ -310,6 +310,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m.id:32s} {m.file:32s} {m.rule}")
         return 0
     files = repo_files()
+    ignored = [f"{m.id!r} ({m.file})" for m in mutants if m.file not in set(files)]
+    if ignored:  # a gitignored file is not copied, so the mutant could not be planted
+        print(f"mutation: invalid mutants, nothing ran:\nmutants of files git ignores: {', '.join(ignored)}",
+              file=sys.stderr)
+        return 2
     print(f"mutation: {len(mutants)} mutants from {', '.join(p.name for p in paths)}, {args.jobs} at a time, "
           f"timeout {args.timeout:.0f} s each", flush=True)
     try:
