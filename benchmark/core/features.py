@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from benchmark.core.store import atomic_write
 from datamodules.base import SPLITS, FractionDataModule, LabelledSplit
 
 CACHE_VERSION = 1  # bump when what is stored (or how it is computed) changes
@@ -117,18 +116,6 @@ def compute_features(model: L.LightningModule, dataset: Dataset, batch_size: int
     return torch.cat(features), torch.cat(labels)
 
 
-def save_atomically(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def load_or_compute(model: L.LightningModule, datamodule: FractionDataModule, split: str, cache_dir: Path,
                     device: torch.device, precision: str | None, backbone: dict) -> tuple[TensorDataset, bool]:
     """The split's features from the cache, computing and storing them on a miss; returns (dataset, hit)."""
@@ -142,7 +129,7 @@ def load_or_compute(model: L.LightningModule, datamodule: FractionDataModule, sp
         except Exception:  # noqa: BLE001 — an unreadable entry (e.g. a truncated copy) is recomputed, not fatal
             pass
     features, labels = compute_features(model, data.dataset, datamodule.eval_batch_size, device, precision)
-    save_atomically({"features": features, "labels": labels}, path)
+    atomic_write(path, lambda f: torch.save({"features": features, "labels": labels}, f))
     return TensorDataset(features, labels), False
 
 
