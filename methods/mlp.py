@@ -7,9 +7,10 @@ then Linear(D, num_classes); hidden weights Kaiming-normal (fan_out). Two change
 - the norm is a LayerNorm where the VPT code has BatchNorm1d. BatchNorm fails on a training batch of one (the
   loaders keep the last partial batch, and small data fractions make small batches) and is noisy on few-shot
   batches; LayerNorm has the same 2·D parameters, so the counts equal the VPT code's.
-- the last layer keeps PyTorch's default init, the linear probe's head. The VPT code's Kaiming-normal
-  (fan_out) there gives logits of std ~ sqrt(2·D / C). Measured on digits (10 classes, the suite's first
-  1-epoch embedded weights, SGD lr 0.1): first-epoch loss 9.2 instead of 2.4, test top-1 27.7% instead of 43.8%.
+- the last layer's init is the run's `head_init`, as for the linear probe's head: the paper recipe's "vpt" is the
+  VPT code's Kaiming-normal (fan_out), which gives logits of std ~ sqrt(2·D / C); the quick recipe's "pytorch"
+  keeps nn.Linear's. Measured on digits (10 classes, the suite's first 1-epoch embedded weights, SGD lr 0.1), the
+  VPT init gave first-epoch loss 9.2 instead of 2.4 and test top-1 27.7% instead of 43.8%.
 k counts every linear layer, as the paper's "MLP with k layers"; the VPT code's MODEL.MLP_NUM counts the hidden
 ones (MLP_NUM = k - 1). k = 1 is the linear probe's head.
 

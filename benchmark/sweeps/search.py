@@ -27,8 +27,8 @@ from benchmark.sweeps.runner import GridRunner
 from benchmark.sweeps.spec import GridSpec, describe, validate_all
 
 # The paper's grids (App. A). The lrs are *base* lrs: the paper recipe scales them by batch/256.
-PAPER_LRS = (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05)  # linear, bias, adapter, VPT
-PAPER_FULL_LRS = (0.001, 0.0005, 0.0001, 0.005)  # full fine-tuning
+PAPER_LRS = (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05)  # SGD: linear, MLP-k, VPT
+PAPER_FULL_LRS = (0.001, 0.0005, 0.0001, 0.005)  # AdamW: full fine-tuning, and the recipes that train with AdamW
 PAPER_WDS = (0.01, 0.001, 0.0001, 0.0)
 # Any other recipe (the CPU "quick" one): 3 lrs around the recipe's own lr x 2 weight decays = 6 runs per cell
 # instead of the paper's 40, and it follows the recipe when its lr is retuned. The factor 5 spans the range
@@ -52,7 +52,7 @@ class SearchGrid:
     def values(self, cfg: RunConfig) -> tuple[list[float], list[float]]:
         """(lrs, weight decays) for a resolved config, lrs as the recipe states them (base lrs for `paper`)."""
         if cfg.recipe == "paper":
-            lrs, wds = (PAPER_FULL_LRS if cfg.method == "full" else PAPER_LRS), PAPER_WDS
+            lrs, wds = (PAPER_FULL_LRS if cfg.optimizer == "adamw" else PAPER_LRS), PAPER_WDS
         else:
             recipe_lr = load_recipe(cfg.recipe, cfg.method)["lr"]
             lrs, wds = tuple(float(f"{recipe_lr * f:.3g}") for f in RELATIVE_LR_FACTORS), RELATIVE_WDS

@@ -103,6 +103,11 @@ def test_search_grids_per_recipe():
     assert wds == [0.01, 0.001, 0.0001, 0.0] == list(PAPER_WDS)
     assert SearchGrid().values(RunConfig(method="full", dataset="cub").resolved())[0] == list(PAPER_FULL_LRS) == [
         0.001, 0.0005, 0.0001, 0.005]
+    # The paper recipe's AdamW methods search the AdamW grid (the SGD grid's 50 x batch/256 is no AdamW lr).
+    for method in ("bias", "adapter", "partial_k", "lora"):
+        assert SearchGrid().values(RunConfig(method=method, dataset="cub").resolved())[0] == [0.001, 0.0005, 0.0001,
+                                                                                             0.005]
+    assert SearchGrid().values(RunConfig(method="mlp_k", dataset="cub").resolved())[0] == list(PAPER_LRS)
     # Any other recipe: 0.2x, 1x and 5x its own lr (quick linear: 0.5), weight decays 0.001 and 0.
     assert SearchGrid().values(RunConfig(method="linear", dataset="digits").resolved()) == ([0.1, 0.5, 2.5],
                                                                                          [0.001, 0.0])
