@@ -29,18 +29,6 @@ class LinearProbe(TuningModule):
     trains_on_frozen_features: ClassVar[bool] = True  # a feature cache may stand in for the backbone
     inputs_are_features: bool = False
 
-    def train(self, mode: bool = True):
-        # The frozen backbone (head included: it has no dropout of its own) stays in eval mode, so dropout and
-        # drop-path never touch the features; skipping it here also spares Lightning's twice-per-epoch mode
-        # switches a walk over every backbone module, which is most of an epoch on cached features.
-        self.training = mode
-        for child in self.children():
-            if child is not self.backbone:
-                child.train(mode)
-        if self.backbone.training:
-            self.backbone.eval()
-        return self
-
     def read_features(self, enabled: bool = True) -> None:
         """Take cached pre-logit features (B, D) as input instead of images (B, C, H, W)."""
         self.inputs_are_features = enabled

@@ -57,8 +57,3 @@ class MLPHeadProbe(LinearProbe):
     def adapt(self) -> None:
         backbone = self.backbone
         backbone.head = mlp_head(backbone.num_features, self.num_classes, self.options.k, self.options.dropout)
-
-    def train(self, mode: bool = True):
-        super().train(mode)  # the backbone goes to eval, and with it the head it holds
-        self.backbone.head.train(mode)  # the head's dropout is part of what trains
-        return self
