@@ -16,7 +16,7 @@ Any change gives a new key, so a stale entry is never read. Datamodules opt in b
 The cached loaders keep the datamodule's batch size, shuffling generator and seed, so the head sees the
 same batches in the same order as without the cache, and its accuracy is the same. The head trains on them with
 the ordinary Trainer; the linear search trains a whole lr x wd grid of heads on them in one pass
-(benchmark/head_search.py).
+(benchmark/sweeps/heads.py).
 """
 
 from __future__ import annotations

@@ -87,6 +87,28 @@ def test_one_pass_heads_equal_separate_runs_and_select_the_same_point(tmp_path, 
     assert select(as_results(grid.val_acc))[:2] == select(as_results([separate[p]["val"] for p in points]))[:2]
 
 
+@pytest.mark.parametrize("batch", [8, 7])
+def test_a_step_gives_each_head_its_single_runs_logits_and_gradients_bit_for_bit(batch):
+    """What keeps every point's training that of its own run even where rounding would compound (large lrs): the
+    reference is each head alone through F.linear and mean cross-entropy, as a single run computes it."""
+    torch.manual_seed(batch)
+    heads = [torch.nn.Linear(32, 3) for _ in range(6)]
+    for k, head in enumerate(heads):
+        with torch.no_grad():
+            head.weight.mul_(10.0 ** k)  # weights from small to large, as the lrs of a grid leave them
+    grid = HeadGrid(heads[0], [(0.1, 0.0)] * len(heads), OptimConfig())
+    for mine, head in zip(grid.heads, heads, strict=True):
+        mine.load_state_dict(head.state_dict())
+    features, labels = torch.randn(batch, 32), torch.randint(0, 3, (batch,))
+    logits = grid(features)
+    grid.head_losses(logits, labels).sum().backward()
+    for n, (mine, head) in enumerate(zip(grid.heads, heads, strict=True)):
+        alone = torch.nn.functional.linear(features, head.weight, head.bias)
+        torch.nn.functional.cross_entropy(alone, labels).backward()
+        assert torch.equal(logits[:, n].detach(), alone.detach())
+        assert torch.equal(mine.weight.grad, head.weight.grad) and torch.equal(mine.bias.grad, head.bias.grad)
+
+
 def test_each_head_has_its_own_groups_with_biases_undecayed(tmp_path):
     grid, fit = one_pass(tmp_path, "sgd")
     groups = fit.optimizers[0].param_groups
