@@ -118,6 +118,9 @@ class TuningModule(L.LightningModule):
     paper_row: ClassVar[int | None] = None  # row in VPT's Table 1 (Jia et al., 2022); None: not in the paper
     in_fig3: ClassVar[bool] = False  # one of the six protocols of the paper's Fig. 3, the default grid
     frozen_backbone: ClassVar[bool] = True  # False: the pretrained modules train, in train mode (full fine-tuning)
+    # True where the method's paper starts from the pretrained function (zero-init branches, unit scales): its
+    # features equal the plain backbone's before any step (tests/methods/test_zoo_contract.py checks every method).
+    identity_at_init: ClassVar[bool] = True
 
     def __init__(self, backbone: VisionTransformer, num_classes: int, optim: OptimConfig | None = None,
                  options: Any = None, *, head_init: str = "pytorch"):

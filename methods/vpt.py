@@ -96,6 +96,7 @@ class KeyValuePromptBlock(Block):
 class VisualPromptTuning(TuningModule):
     options_cls = VPTOptions
     deep: ClassVar[bool] = False
+    identity_at_init = False  # the prompts change every token the head reads from the first step
 
     def adapt(self) -> None:
         backbone = self.backbone
