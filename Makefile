@@ -14,7 +14,7 @@ TORCH_PINS = $(shell grep -oE '"torch(vision)?==[^"]+"' pyproject.toml | tr -d '
 flag = --$(shell echo '$(1)' | tr 'A-Z_' 'a-z-')="$($(1))"
 ARGS = $(strip $(foreach v,$(filter-out PYTHON_SYS,$(.VARIABLES)),$(if $(filter command line,$(origin $(v))),$(call flag,$(v)))))
 
-.PHONY: help install data bench grid fig3 report sweep-config params perf pretrain prepare splits test test-slow \
+.PHONY: help install data bench grid fig3 zoo report sweep-config params perf pretrain prepare splits test test-slow \
 	mutation lint format clean
 
 help: ## Show the targets and the methods
@@ -43,6 +43,10 @@ grid: install data ## A resumable grid: make grid METHODS=a,b FRACTIONS=0.1,1 SE
 fig3: install data ## The embedded Fig. 3 (6 methods x 5 fractions x 2 tasks), then its report
 	$(PY) -m benchmark.grid --fig3 $(ARGS) || [ $$? -eq 1 ]  # 1: some runs failed; the report draws the rest
 	$(PY) -m benchmark.report --fig3 $(filter --results=% --wandb=%,$(ARGS))
+
+zoo: install data ## Every method on the embedded tasks at 100% of the data, then the report with the zoo figure
+	$(PY) -m benchmark.grid --zoo $(ARGS) || [ $$? -eq 1 ]
+	$(PY) -m benchmark.report --zoo $(filter --results=% --wandb=%,$(ARGS))
 
 report: install ## Fig. 3, parameter plot and tables from the results -> results/figures [DATASETS= METHODS= WANDB=1]
 	$(PY) -m benchmark.report $(ARGS)

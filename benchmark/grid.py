@@ -27,7 +27,7 @@ from benchmark.core.errors import ConfigError
 from benchmark.run import config_from_args
 from benchmark.sweeps.runner import GridInterrupted, run_grid, stop_on_signals
 from benchmark.sweeps.search import SearchGrid, run_search
-from benchmark.sweeps.spec import PAPER_FRACTIONS, PAPER_METHODS, GridSpec, Shard
+from benchmark.sweeps.spec import PAPER_FRACTIONS, PAPER_METHODS, ZOO_FRACTIONS, GridSpec, Shard
 from datamodules import EMBEDDED_DATASETS
 
 
@@ -63,21 +63,30 @@ def shard_arg(text: str) -> Shard:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 def default_jobs(args: argparse.Namespace) -> int:
-    """JOBS= as given; else 2 for the embedded Fig. 3 (its small model trains faster as 2 x 1 thread than 1 x 2
-    threads), 1 otherwise and for a search (whose final runs wait for their cell's search)."""
+    """JOBS= as given; else 2 for the embedded Fig. 3 and zoo (their small model trains faster as 2 x 1 thread than
+    1 x 2 threads), 1 otherwise and for a search (whose final runs wait for their cell's search)."""
     if args.jobs is not None:
         return args.jobs
-    return 2 if args.fig3 and not args.search else 1
+    return 2 if (args.fig3 or args.zoo) and not args.search else 1
 
-def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 every run ok, 1 some failed (recorded), 2 bad input (nothing ran), 128+signal if stopped."""
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """The grid's own options (with JOBS= resolved) and the run options it passes through."""
     p = parser()  # --shard is the grid command's own: a W&B sweep (benchmark.sweep) shares the rest, not this
     p.add_argument("--shard", type=shard_arg, help="i/n: run only part i of n disjoint parts of the grid (i from 0)")
     p.add_argument("--jobs", type=int, help="runs trained at a time, in worker processes (default 1; --fig3: 2)")
     p.add_argument("--fig3", action="store_true", help="the embedded Fig. 3: the defaults above, two runs at a time "
                    "(the small model trains faster as 2 x 1 thread than 1 x 2 threads; a search runs one at a time)")
+    p.add_argument("--zoo", action="store_true", help="the embedded zoo: every registered method at 100%% of the "
+                   "training data (METHODS= and FRACTIONS= still override), two runs at a time")
+    if "--zoo" in (sys.argv[1:] if argv is None else argv):
+        p.set_defaults(methods=methods.list_methods(), fractions=list(ZOO_FRACTIONS))
     args, run_args = p.parse_known_args(argv)
     args.jobs = default_jobs(args)
+    return args, run_args
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 every run ok, 1 some failed (recorded), 2 bad input (nothing ran), 128+signal if stopped."""
+    args, run_args = parse_args(argv)
     try:
         spec = GridSpec(args.methods, args.fractions, args.seeds, args.datasets, base_config(run_args))
         with stop_on_signals():

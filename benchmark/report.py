@@ -1,4 +1,4 @@
-"""The report: Fig. 3, the parameter plot and a Table-1 style table, drawn from the results alone.
+"""The report: Fig. 3, the parameter plot, the zoo figure and a Table-1 style table, drawn from the results alone.
 
     python -m benchmark.report [--results-dir results] [--out results/figures] [--datasets a,b] [--backbone X]
                                [--fraction 1.0] [--wandb]
@@ -33,6 +33,8 @@ def parser() -> argparse.ArgumentParser:
     add_switch(p, "--wandb", help="log figures and tables to a W&B report run")
     p.add_argument("--fig3", action="store_true",
                    help="the embedded Fig. 3: the embedded tasks, the paper's six methods, the embedded backbone")
+    p.add_argument("--zoo", action="store_true",
+                   help="the embedded zoo: the embedded tasks, every method with results, the embedded backbone")
     return p
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.fig3:
         args.datasets, args.methods = list(EMBEDDED_DATASETS), fig3_methods()
         args.backbone = args.backbone or EMBEDDED_BACKBONE
+    if args.zoo:
+        args.datasets, args.backbone = list(EMBEDDED_DATASETS), args.backbone or EMBEDDED_BACKBONE
     try:
         written = write_report(args.results_dir, args.out, args.datasets, args.methods, args.backbone,
                                args.fraction, args.wandb)

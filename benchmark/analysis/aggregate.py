@@ -139,3 +139,18 @@ def selected_hparams(final: pd.DataFrame) -> pd.DataFrame:
             .agg(lr=("selected_lr", "first"), weight_decay=("selected_weight_decay", "first"),
                  val_top1=("selected_val_top1", "first"))
             .reset_index())
+
+
+def zoo_points(final: pd.DataFrame, fraction: float | None = None) -> pd.DataFrame:
+    """Per (task, method) at one train fraction (default: the largest present): test top-1 mean and std over seeds
+    and the tuned-parameter %, the points of the zoo figure."""
+    fraction = table_fraction(final, fraction)
+    at = final[np.isclose(final["train_fraction"], fraction)]
+    points = at.groupby(["dataset", "method"]).agg(
+        mean=("test_top1", "mean"), std=("test_top1", "std"), n_seeds=("seed", "nunique"),
+        tuned_percent=("tuned_percent", "mean")).reset_index()
+    points["std"] = points["std"].fillna(0.0)
+    points["train_fraction"] = fraction
+    order = {m: i for i, m in enumerate(table_order(points["method"]))}
+    return points.sort_values(["dataset", "method"], key=lambda c: c.map(order) if c.name == "method" else c,
+                              ignore_index=True)

@@ -1,4 +1,5 @@
-"""The whole report: Fig. 3, the parameter plot (PNG + PDF) and the tables (Markdown + CSV), optionally to W&B."""
+"""The whole report: Fig. 3, the parameter plot, the zoo figure (PNG + PDF) and the tables (Markdown + CSV),
+optionally to W&B."""
 
 from __future__ import annotations
 
@@ -6,8 +7,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmark.analysis.aggregate import final_runs, fraction_curves, load_summary, results_table, selected_hparams
-from benchmark.analysis.plots import plot_fig3, plot_params
+from benchmark.analysis.aggregate import (
+    final_runs,
+    fraction_curves,
+    load_summary,
+    results_table,
+    selected_hparams,
+    zoo_points,
+)
+from benchmark.analysis.plots import plot_fig3, plot_params, plot_zoo
 from benchmark.analysis.tables import table_markdown
 from benchmark.core.tracking import log_report
 
@@ -21,18 +29,20 @@ def report_title(final: pd.DataFrame) -> str:
 def write_report(results_dir: str | Path = "results", out_dir: str | Path | None = None,
                  datasets: list[str] | None = None, methods: list[str] | None = None, backbone: str | None = None,
                  fraction: float | None = None, use_wandb: bool = False) -> dict[str, Path]:
-    """Fig. 3, the parameter plot (PNG + PDF) and the tables (Markdown + CSV) into `out_dir`."""
+    """Fig. 3, the parameter plot, the zoo figure (PNG + PDF) and the tables (Markdown + CSV) into `out_dir`."""
     out = Path(out_dir or Path(results_dir) / "figures")
     out.mkdir(parents=True, exist_ok=True)
     final = final_runs(load_summary(results_dir), datasets, methods, backbone)
-    curves = fraction_curves(final)
+    curves, zoo = fraction_curves(final), zoo_points(final, fraction)
     written: dict[str, Path] = {}
-    for name, fig in (("fig3", plot_fig3(curves, report_title(final))), ("params", plot_params(curves))):
+    figures = (("fig3", plot_fig3(curves, report_title(final))), ("params", plot_params(curves)),
+               ("zoo", plot_zoo(zoo)))
+    for name, fig in figures:
         for suffix in ("png", "pdf"):
             written[f"{name}.{suffix}"] = out / f"{name}.{suffix}"
             fig.savefig(written[f"{name}.{suffix}"], dpi=150)
     table, hparams = results_table(final, fraction), selected_hparams(final)
-    frames = {"table": table, "fig3_data": curves, "selected_hparams": hparams}
+    frames = {"table": table, "fig3_data": curves, "zoo_data": zoo, "selected_hparams": hparams}
     for name, frame in frames.items():
         written[f"{name}.csv"] = out / f"{name}.csv"
         frame.to_csv(written[f"{name}.csv"], index=False)

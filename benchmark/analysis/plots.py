@@ -117,3 +117,28 @@ def plot_params(curves: pd.DataFrame, title: str | None = None) -> Figure:
     fig.legend(handles=method_handles + fraction_handles, loc="outside right center", frameon=False)
     ax.set_title(title or "Accuracy against tuned parameters")
     return fig
+
+
+def plot_zoo(points: pd.DataFrame, title: str | None = None) -> Figure:
+    """Every method at one training-data fraction: test top-1 against tuned-parameter % (log x), one panel per task,
+    each point labelled with its method (the PETL surveys' accuracy-vs-parameters view)."""
+    tasks = sorted(points["dataset"].unique())
+    fig = Figure(figsize=(6.5 * len(tasks), 5.5), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(tasks), sharey=False))
+    for ax, task in zip(axes, tasks, strict=True):
+        for _, row in points[points["dataset"] == task].iterrows():
+            ax.errorbar(row["tuned_percent"], row["mean"], yerr=row["std"] if row["n_seeds"] > 1 else None,
+                        marker="o", ms=7, color=color(row["method"]), capsize=2, ls="none")
+            ax.annotate(label(row["method"]), (row["tuned_percent"], row["mean"]), textcoords="offset points",
+                        xytext=(4, 3), fontsize=7, color=color(row["method"]))
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
+        ax.set_xlabel("tuned parameters (% of the model)")
+        ax.set_title(task)
+        ax.grid(True, which="both", alpha=0.3)
+    n_seeds = int(points["n_seeds"].max())
+    axes[0].set_ylabel(f"test top-1 (%){f', mean ± std of {n_seeds} seeds' if n_seeds > 1 else ''}")
+    fraction = float(points["train_fraction"].iloc[0])
+    fig.suptitle(title or f"Every method at {100 * fraction:g}% of the training data: accuracy against tuned "
+                 "parameters")
+    return fig

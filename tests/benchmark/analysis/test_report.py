@@ -84,7 +84,8 @@ def test_final_runs_drop_failed_search_and_prefer_selected(results):
 def test_report_writes_figures_and_tables(results):
     results_dir, _ = results
     written = outputs.write_report(results_dir)
-    for name in ("fig3.png", "fig3.pdf", "params.png", "params.pdf", "table.md", "table.csv", "selected_hparams.csv"):
+    for name in ("fig3.png", "fig3.pdf", "params.png", "params.pdf", "zoo.png", "zoo.pdf", "table.md", "table.csv",
+                 "zoo_data.csv", "selected_hparams.csv"):
         assert written[name].is_file() and written[name].stat().st_size > 0, name
     assert written["fig3.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -245,3 +246,30 @@ def test_fig3_curves_by_hand(hand_final):
 def test_marker_area_is_linear_in_log_percent_between_the_bounds():
     # 1e-3 % -> 10, 100 % -> 190; 0.1 % is 2/5 of the way in log10: 10 + 0.4 * 180 = 82; outside: clipped
     np.testing.assert_allclose(plots.marker_area([1e-3, 0.1, 100.0, 1e-5, 1e3]), [10.0, 82.0, 190.0, 10.0, 190.0])
+
+
+def test_zoo_points_by_hand(hand_final):
+    """One point per (task, method) at the fraction asked (default the largest): mean and std (ddof 1) over seeds."""
+    points = aggregate.zoo_points(hand_final).set_index(["dataset", "method"])
+    # task_b linear at 100%: seeds 85 and 89 (the selected trainval run) -> 87 +- sqrt(8); full task_a 60, 62
+    expected = {("task_a", "full"): (61.0, 2 ** 0.5, 100.0), ("task_b", "full"): (80.0, 0.0, 100.0),
+                ("task_a", "linear"): (61.0, 0.0, 0.5), ("task_b", "linear"): (87.0, 8 ** 0.5, 0.5)}
+    assert sorted(points.index) == sorted(expected)
+    for key, (mean, std, percent) in expected.items():
+        assert points.loc[key, "mean"] == mean and points.loc[key, "tuned_percent"] == percent, key
+        assert points.loc[key, "std"] == pytest.approx(std), key
+    assert (points["train_fraction"] == 1.0).all() and (points["n_seeds"] == 2).all()
+    tenth = aggregate.zoo_points(hand_final, fraction=0.1).set_index(["dataset", "method"])
+    assert tenth.loc[("task_a", "linear"), "mean"] == 32.0 and tenth.loc[("task_b", "full"), "n_seeds"] == 1
+    assert list(aggregate.zoo_points(hand_final)["method"]) == ["full", "linear", "full", "linear"]  # Table 1 order
+
+
+def test_zoo_figure_one_panel_per_task_every_method_labelled(hand_final):
+    fig = plots.plot_zoo(aggregate.zoo_points(hand_final))
+    assert [ax.get_title() for ax in fig.axes] == ["task_a", "task_b"]
+    for ax in fig.axes:
+        assert ax.get_xscale() == "log"
+    positions = {ax.get_title(): {t.get_text(): tuple(t.xy) for t in ax.texts} for ax in fig.axes}
+    # each label at (tuned %, mean top-1) of its point: task_a full 61, linear 61; task_b full 80, linear 87
+    assert positions == {"task_a": {"Full": (100.0, 61.0), "Linear": (0.5, 61.0)},
+                         "task_b": {"Full": (100.0, 80.0), "Linear": (0.5, 87.0)}}

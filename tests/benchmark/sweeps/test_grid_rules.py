@@ -228,3 +228,17 @@ def test_grid_order_is_dataset_major_then_method_fraction_seed():
         ("digits", "linear", 0.1, 0), ("digits", "linear", 0.1, 1), ("digits", "linear", 1.0, 0),
         ("digits", "linear", 1.0, 1), ("digits", "bias", 0.1, 0)]
     assert [c.dataset for c in configs] == ["digits"] * 8 + ["fashion_heldout"] * 8
+
+
+def test_zoo_grid_is_every_method_at_all_the_data_two_at_a_time():
+    from benchmark.grid import parse_args
+    from methods import list_methods
+
+    args, _ = parse_args(["--zoo"])
+    assert args.methods == list_methods() and args.fractions == [1.0] and args.jobs == 2
+    assert args.datasets == ["digits", "fashion_heldout"] and args.seeds == [0]
+    args, _ = parse_args(["--zoo", "--methods", "linear,ssf", "--fractions", "0.1"])  # the grid's own still win
+    assert (args.methods, args.fractions) == (["linear", "ssf"], [0.1])
+    args, _ = parse_args([])
+    assert args.methods == ["full", "linear", "bias", "adapter", "vpt_shallow", "vpt_deep"] and args.jobs == 1
+    assert parse_args(["--zoo", "--search"])[0].jobs == 1  # a search runs one at a time

@@ -1,0 +1,55 @@
+"""The contract every registered method keeps, checked for each one on a tiny ViT with its default options:
+
+- where its paper says it starts from the pretrained function (`identity_at_init`), its logits before any step equal
+  the plain backbone's with the same head;
+- after a few optimizer steps every tuned tensor has moved and every other tensor (and buffer) is bit-identical;
+- the new head always trains, and `tuned_params` counts exactly the tensors that train.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from methods import create_method, get_method_class, list_methods
+from tests.conftest import make_tiny_vit
+
+
+def build(method: str):
+    torch.manual_seed(0)
+    backbone = make_tiny_vit()
+    plain = copy.deepcopy(backbone)
+    return create_method(method, backbone, num_classes=3), plain
+
+
+@pytest.mark.parametrize("method", [m for m in list_methods() if get_method_class(m).identity_at_init])
+def test_starts_as_the_pretrained_function(method, tiny_batch):
+    model, plain = build(method)
+    head = model.backbone.get_classifier()
+    plain.reset_classifier(3)
+    plain.head = copy.deepcopy(head)  # the same new head on the untouched backbone
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tiny_batch[0]), plain(tiny_batch[0]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_every_tuned_tensor_moves_and_nothing_else_does(method, tiny_batch):
+    model, _ = build(method)
+    tuned = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("backbone.head") for n in tuned), "every protocol trains a new head"
+    assert model.tuned_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    before = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):  # zero-init branches: an up-projection moves at step 1, the layer feeding it from step 2
+        optimizer.zero_grad()
+        loss, _, _ = model.model_step(tiny_batch)
+        loss.backward()
+        optimizer.step()
+    after = dict([*model.named_parameters(), *model.named_buffers()])
+    moved = {n for n, t in after.items() if n in before and not torch.equal(t.detach(), before[n])}
+    assert moved == tuned, (f"tuned but never moved: {sorted(tuned - moved)}; "
+                            f"moved but not tuned: {sorted(moved - tuned)}")
