@@ -1,0 +1,57 @@
+"""Every registered method, one epoch through `benchmark.core.pipeline.run` (the path of `make bench`): on the
+embedded default (its pretrained backbone, the digits task) and on a tiny random-init ViT over each image-file
+dataset family (FGVC JSON, VTAB-1k lists, a class-folder tree), each from a fixture written here."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmark.core.config import EMBEDDED_BACKBONE, RunConfig
+from benchmark.core.pipeline import run
+from datamodules import create_datamodule
+from methods import create_backbone, data_config, list_methods
+from tests.conftest import TINY_VIT
+from tests.datamodules.test_fgvc import make_fgvc
+from tests.datamodules.test_folder import make_folder
+from tests.datamodules.test_vtab import make_vtab
+
+pytestmark = pytest.mark.filterwarnings("ignore:DATASET=.*train.json has 3 classes:UserWarning")
+
+
+def check(result: dict, n_test: int) -> None:
+    assert result["status"] == "ok", result.get("error")
+    assert 0 < result["tuned_params"] < result["total_params"] or result["method"] == "full"
+    # top-1 is a count of right answers over the test split: a multiple of 100 / n_test
+    hits = result["test_top1"] * n_test / 100
+    assert abs(hits - round(hits)) < 1e-3 and 0 <= round(hits) <= n_test
+
+
+@pytest.fixture(scope="module")
+def digits_test_size():
+    dm = create_datamodule("digits", data_config=data_config(create_backbone(EMBEDDED_BACKBONE)), train_fraction=0.1)
+    dm.setup()
+    return len(dm.splits["test"].labels)
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_on_the_embedded_default(method, digits_test_size, tmp_path):
+    cfg = RunConfig(method=method, dataset="digits", train_fraction=0.1, epochs=1, results_dir=str(tmp_path))
+    check(run(cfg), digits_test_size)
+
+
+@pytest.fixture(scope="module")
+def family_roots(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    # test images: cub 3 per class x 3 classes, vtab 2 x 4, folder 2 x 3
+    return {"cub": make_fgvc(root / "cub", "cub"), "vtab/kitti": make_vtab(root / "vtab-1k"),
+            "folder": make_folder(root / "folder", {"train": 4, "val": 1, "test": 2})}
+
+
+@pytest.mark.parametrize("family", ["cub", pytest.param("vtab/kitti", marks=pytest.mark.slow),
+                                    pytest.param("folder", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("method", list_methods())
+def test_on_each_dataset_family_with_a_tiny_vit(method, family, family_roots, tmp_path):
+    cfg = RunConfig(method=method, dataset=family, data_root=str(family_roots[family]), train_fraction=1.0,
+                    backbone="vit_tiny_patch16_224", pretrained=False, backbone_kwargs=TINY_VIT, epochs=1,
+                    warmup_epochs=0, batch_size=4, results_dir=str(tmp_path / "results"))
+    check(run(cfg), {"cub": 9, "vtab/kitti": 8, "folder": 6}[family])
