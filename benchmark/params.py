@@ -4,9 +4,10 @@
         [--method-args "prompt_length=10 partial_k.k=2 lora.rank=4"] [--methods a,b] [--csv]
 
 A method option `key=value` applies to every method that has the option; `method.key=value` to that method only
-(both partial_k and mlp_k have a `k`). Models are built on PyTorch's meta device from the architecture alone
-(pretrained=False, no weights, no memory for values), so a ViT-B count takes about a second per method and needs no
-download.
+(both partial_k and mlp_k have a `k`). By default every method that supports the backbone's family is counted;
+`--support-matrix` prints which methods support which family. Models are built on PyTorch's meta device from the
+architecture alone (pretrained=False, no weights, no memory for values), so a ViT-B count takes about a second per
+method and needs no download.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 
 from benchmark.core.cli import add_switch, comma_list, method_options
 from methods import create_backbone, create_method, get_method_class, list_methods
-from methods.registry import label
+from methods.backbone import FAMILIES, backbone_family
+from methods.registry import label, methods_for_family, support_matrix
 
 
 def options_for(method: str, given: list[tuple[str, object]]) -> dict:
@@ -36,9 +38,15 @@ def options_for(method: str, given: list[tuple[str, object]]) -> dict:
 
 def count_params(backbone: str, num_classes: int, methods: list[str] | None = None,
                  given: list[tuple[str, object]] = ()) -> pd.DataFrame:
-    """One row per method: method, tuned_params, total_params, tuned_percent."""
+    """One row per method: method, tuned_params, total_params, tuned_percent. By default every method that supports
+    the backbone's family; methods named explicitly must support it."""
+    with torch.device("meta"):
+        family = backbone_family(create_backbone(backbone, pretrained=False))
+    chosen = methods or methods_for_family(family)
+    if not chosen:
+        raise ValueError(f"No registered method supports {family} backbones yet (see --support-matrix).")
     rows = []
-    for method in methods or list_methods():
+    for method in chosen:
         with torch.device("meta"):
             model = create_method(method, create_backbone(backbone, pretrained=False), num_classes,
                                   **options_for(method, given))
@@ -48,6 +56,14 @@ def count_params(backbone: str, num_classes: int, methods: list[str] | None = No
     return pd.DataFrame(rows)
 
 
+def support_markdown() -> str:
+    """The methods x backbone-families table of docs/backbones.md, from each method's class fact `families`."""
+    header = "| Method | " + " | ".join(FAMILIES) + " |\n|:---|" + ":---:|" * len(FAMILIES) + "\n"
+    rows = [f"| `{m}` ({label(m)}) | " + " | ".join("✓" if f in families else "–" for f in FAMILIES) + " |"
+            for m, families in support_matrix().items()]
+    return header + "\n".join(rows) + "\n"
+
+
 def readable(table: pd.DataFrame) -> str:
     return table.to_string(index=False, formatters={"tuned_params": "{:,d}".format, "total_params": "{:,d}".format,
                                                     "tuned_percent": "{:.4f}".format})
@@ -55,13 +71,16 @@ def readable(table: pd.DataFrame) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", default="vit_base_patch16_224", help="any timm ViT name")
+    p.add_argument("--backbone", default="vit_base_patch16_224",
+                   help="a timm model of a supported family (ViT, Swin, ResNet, ConvNeXt)")
     p.add_argument("--num-classes", type=int, default=200, help="classes of the new head (CUB-200: 200)")
     p.add_argument("--methods", type=comma_list(str), help="comma list (default: every registered method)")
     p.add_argument("--method-args", type=method_options, default=[], metavar='"K=V M.K=V ..."',
                    help="method options: key=value for every method with that option, method.key=value for one")
     add_switch(p, "--csv", help="print CSV instead of a table")
     p.add_argument("--list-methods", action="store_true", help="list the registered methods and exit")
+    p.add_argument("--support-matrix", action="store_true",
+                   help="print the methods x backbone-families table (Markdown) and exit")
     return p
 
 
@@ -69,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.list_methods:
         print("Methods (METHOD=): " + ", ".join(f"{m} ({label(m)})" for m in list_methods()))
+        return 0
+    if args.support_matrix:
+        print(support_markdown(), end="")
         return 0
     if args.num_classes < 1:
         print(f"error: --num-classes must be >= 1, got {args.num_classes}.", file=sys.stderr)

@@ -1,15 +1,18 @@
-"""Backbone creation: any timm VisionTransformer by name, optionally with local weights, plus the
-suite's embedded architecture (registered with timm so it is created like any other ViT)."""
+"""Backbone creation: a timm model of a supported family (plain ViTs, Swin, ResNet/ConvNeXt) by name, optionally
+with local weights, plus the suite's embedded architecture (registered with timm so it is created like any other
+ViT)."""
 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 import timm
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer, checkpoint_filter_fn
+from torch import nn
 
 from methods.registry import closest_name
 
@@ -35,18 +38,43 @@ def vit_embedded_p7_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
     return _create_vision_transformer("vit_embedded_p7_28", pretrained=pretrained, **dict(args, **kwargs))
 
 
+# The backbone families a method can declare (TuningModule.families), with what each covers.
+FAMILIES = {
+    "vit": "plain ViTs: timm VisionTransformer (vit_*, deit_*, the embedded vit_embedded_p7_28)",
+    "swin": "Swin Transformers: timm SwinTransformer (swin_*)",
+    "convnet": "ConvNets: timm ResNet and ConvNeXt (resnet*, convnext*)",
+}
+
+
+def backbone_family(model) -> str | None:
+    """The family of a built timm model ("vit", "swin", "convnet"), or None when the suite has no methods for it."""
+    from timm.models.convnext import ConvNeXt
+    from timm.models.resnet import ResNet
+    from timm.models.swin_transformer import SwinTransformer
+
+    if isinstance(model, VisionTransformer):
+        return "vit"
+    if isinstance(model, SwinTransformer):
+        return "swin"
+    if isinstance(model, (ResNet, ConvNeXt)):
+        return "convnet"
+    return None
+
+
 def is_vit_name(name: str) -> bool:
     return name.split(".")[0] in timm.list_models() and "vit" in name.split(".")[0]
 
 
 def create_backbone(name: str, *, pretrained: bool = False, weights: str | Path | None = None,
-                    **kwargs) -> VisionTransformer:
-    """A timm ViT by name; `weights` loads a local file (.npz, .pth/.pt, .safetensors) instead of the hub."""
+                    **kwargs) -> nn.Module:
+    """A timm model of a supported family by name; `weights` loads a local file (.npz, .pth/.pt, .safetensors)
+    instead of the hub."""
     architecture = name.split(".")[0]
     if architecture not in timm.list_models():
         vits = timm.list_models("*vit*")
-        raise ValueError(f"Unknown backbone {name!r}.{closest_name(architecture, vits)} Use a timm ViT name "
-                         f"(`timm.list_models('*vit*')` lists {len(vits)}), e.g. vit_base_patch16_224.orig_in21k.")
+        raise ValueError(f"Unknown backbone {name!r}.{closest_name(architecture, timm.list_models())} Use a timm "
+                         f"ViT, Swin, ResNet or ConvNeXt name (`timm.list_models('*vit*')` lists {len(vits)} ViTs), "
+                         "e.g. vit_base_patch16_224.orig_in21k.")
     from_hub = pretrained and weights is None
     try:
         model = timm.create_model(name, pretrained=from_hub, **kwargs)
@@ -56,28 +84,28 @@ def create_backbone(name: str, *, pretrained: bool = False, weights: str | Path 
         raise OSError(f"Pretrained weights of {name!r} could not be fetched from the Hugging Face hub ({err}). "
                       "Fetch them once where the hub is reachable (timm caches them; HF_HUB_OFFLINE=1 then uses the "
                       "cache), or pass local WEIGHTS=<.npz, .pth/.pt or .safetensors file>.") from err
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f"Backbone {name!r} is a {type(model).__name__}, not a timm VisionTransformer; "
-                         "the tuning methods need a plain ViT (vit_*, deit_*, ...).")
+    if backbone_family(model) is None:
+        raise ValueError(f"Backbone {name!r} is a timm {type(model).__name__}, which no tuning method supports; "
+                         f"the backbone families are: {'; '.join(FAMILIES.values())}.")
     if weights is not None:
         load_weights(model, weights)
     return model
 
 
-def load_weights(model: VisionTransformer, path: str | Path) -> None:
+def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a local checkpoint into `model`; the classifier head is skipped (every method trains a new one)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"WEIGHTS file {str(path)!r} does not exist; pass the path of a .npz, .pth/.pt "
                                 "or .safetensors checkpoint.")
-    if path.suffix == ".npz":  # the original Google/JAX checkpoints (e.g. ViT-B_16.npz): timm's own converter
+    if path.suffix == ".npz" and isinstance(model, VisionTransformer):  # Google/JAX ViT checkpoints: timm's converter
         geometry = check_npz_layout(model, path)
         try:
             model.load_pretrained(str(path))
         except (KeyError, RuntimeError, ValueError) as err:  # a missing array or a wrong shape
             raise ValueError(f"WEIGHTS {str(path)!r} do not match backbone {type(model).__name__} "
-                             f"(embed_dim={model.embed_dim}, depth={len(model.blocks)}; the checkpoint has "
-                             f"{geometry}): {type(err).__name__}: {str(err)[:300]}") from err
+                             f"({geometry_of(model)}; the checkpoint has {geometry}): {type(err).__name__}: "
+                             f"{str(err)[:300]}") from err
         return
     try:
         state = timm.models.load_state_dict(str(path), device="cpu")
@@ -85,25 +113,46 @@ def load_weights(model: VisionTransformer, path: str | Path) -> None:
         raise ValueError(f"WEIGHTS file {str(path)!r} is not a readable checkpoint "
                          f"({type(err).__name__}: {err}); pass a .npz, .pth/.pt or .safetensors file holding a "
                          "ViT state dict (e.g. saved by timm or torch.save(model.state_dict())).") from err
-    state = checkpoint_filter_fn(state, model)  # timm's key/shape conversions (e.g. position-embedding resize)
-    head = {k for k in model.state_dict() if k.startswith("head.")}
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    state = timm_filter(model)(state, model)  # timm's key/shape conversions (e.g. position-embedding resize)
+    prefix = classifier_prefix(model)
+    head = {k for k in model.state_dict() if k.startswith(prefix)}
+    state = {k: v for k, v in state.items() if not k.startswith(prefix)}
     own = model.state_dict()
     wrong_shape = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in state.items()
                    if k in own and tuple(v.shape) != tuple(own[k].shape)]
     if wrong_shape:  # load_state_dict would raise a RuntimeError listing every tensor; name a few instead
         raise ValueError(f"WEIGHTS {str(path)!r} do not match backbone {type(model).__name__} "
-                         f"(embed_dim={model.embed_dim}, depth={len(model.blocks)}): {len(wrong_shape)} tensors have "
+                         f"({geometry_of(model)}): {len(wrong_shape)} tensors have "
                          f"another shape (checkpoint != model), e.g. {wrong_shape[:4]}. Pick the BACKBONE these "
                          "weights were trained with.")
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if k not in head]
     if missing or result.unexpected_keys:
         raise ValueError(f"WEIGHTS {str(path)!r} do not match backbone {type(model).__name__} "
-                         f"(embed_dim={model.embed_dim}, depth={len(model.blocks)}): "
-                         f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+                         f"({geometry_of(model)}): missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
                          f"unexpected keys {result.unexpected_keys[:8]}"
                          f"{' ...' if len(result.unexpected_keys) > 8 else ''}.")
+
+
+def timm_filter(model: nn.Module):
+    """The `checkpoint_filter_fn` of the timm module defining `model`'s class (ViT, Swin, ConvNeXt ... each have
+    their own key/shape conversions), or the identity where that module has none."""
+    own = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if isinstance(model, VisionTransformer):
+        return checkpoint_filter_fn
+    return own or (lambda state, _model: state)
+
+
+def classifier_prefix(model: nn.Module) -> str:
+    """State-dict prefix of the classifier timm names in the model's config ("head." for a ViT, "head.fc." for Swin
+    and ConvNeXt, "fc." for ResNet): the head a checkpoint brings is never loaded."""
+    return f"{getattr(model, 'pretrained_cfg', {}).get('classifier', 'head')}."
+
+
+def geometry_of(model: nn.Module) -> str:
+    if isinstance(model, VisionTransformer):
+        return f"embed_dim={model.embed_dim}, depth={len(model.blocks)}"
+    return f"num_features={model.num_features}"
 
 
 NPZ_PREFIXES = ("", "opt/target/", "params/", "params/img/")  # the layouts timm's npz loader reads
@@ -139,19 +188,19 @@ def check_npz_layout(model: VisionTransformer, path: Path) -> str:
     unexpected = [f"{prefix}Transformer/encoderblock_{i}/..." for i in sorted(blocks) if i >= depth]
     if missing or unexpected:
         raise ValueError(f"WEIGHTS {str(path)!r} do not match backbone {type(model).__name__} "
-                         f"(embed_dim={model.embed_dim}, depth={depth}; the checkpoint has {geometry}): "
+                         f"({geometry_of(model)}; the checkpoint has {geometry}): "
                          f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
                          f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}. "
                          "Pick the BACKBONE these weights were trained with.")
     return geometry
 
 
-def data_config(model: VisionTransformer) -> dict:
+def data_config(model: nn.Module) -> dict:
     """timm's data config (input_size, mean, std, interpolation, crop_pct) as plain values for a datamodule."""
     config = timm.data.resolve_model_data_config(model)
     # timm takes input_size from the pretrained config; a model built with another img_size / in_chans
     # (e.g. create_backbone("vit_tiny_patch16_224", img_size=32)) takes the size it was built for.
-    if getattr(model.patch_embed, "img_size", None):
+    if getattr(getattr(model, "patch_embed", None), "img_size", None):
         config["input_size"] = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
     return {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.items()}
 

@@ -12,7 +12,6 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
@@ -101,8 +100,26 @@ def init_head(layer: nn.Linear, head_init: str) -> None:
         nn.init.constant_(layer.bias, VPT_HEAD_BIAS)
 
 
+class UnsupportedBackbone(ValueError):
+    """A method asked to wrap a backbone family it is not defined for."""
+
+
+def check_family(cls: type[TuningModule], backbone: nn.Module) -> None:
+    from methods.backbone import backbone_family  # methods.backbone imports the registry, as this module does
+    from methods.registry import methods_for_family
+
+    family = backbone_family(backbone)
+    if family not in cls.families:
+        others = methods_for_family(family) if family else []
+        raise UnsupportedBackbone(
+            f"Method {cls.method_name!r} does not support {family or 'this'} backbones (a timm "
+            f"{type(backbone).__name__}); it supports: {', '.join(cls.families)}."
+            + (f" Methods for {family}: {', '.join(others)}." if others else ""))
+
+
 class TuningModule(L.LightningModule):
-    """A timm VisionTransformer with a new head; subclasses choose what trains.
+    """A timm backbone (a plain ViT unless the method declares other `families`) with a new head; subclasses
+    choose what trains.
 
     Train/eval mode: a method that freezes the backbone (every method but `full`) keeps every pretrained backbone
     module in eval mode while training, so dropout or drop-path of a backbone built with them never act on it — the
@@ -121,12 +138,14 @@ class TuningModule(L.LightningModule):
     # True where the method's paper starts from the pretrained function (zero-init branches, unit scales): its
     # features equal the plain backbone's before any step (tests/methods/test_zoo_contract.py checks every method).
     identity_at_init: ClassVar[bool] = True
+    # The backbone families (methods.backbone.FAMILIES) the method is defined for; any other is refused before a
+    # model is built (benchmark.core.validate builds on the meta device) with the families it supports named.
+    families: ClassVar[tuple[str, ...]] = ("vit",)
 
-    def __init__(self, backbone: VisionTransformer, num_classes: int, optim: OptimConfig | None = None,
+    def __init__(self, backbone: nn.Module, num_classes: int, optim: OptimConfig | None = None,
                  options: Any = None, *, head_init: str = "pytorch"):
         super().__init__()
-        if not isinstance(backbone, VisionTransformer):
-            raise TypeError(f"Methods wrap a timm VisionTransformer, got {type(backbone).__name__}.")
+        check_family(type(self), backbone)
         self.backbone = backbone
         pretrained = list(backbone.modules())  # before the new head and whatever the method adds
         self.backbone.reset_classifier(num_classes)
@@ -146,7 +165,7 @@ class TuningModule(L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
     @classmethod
-    def from_options(cls, backbone: VisionTransformer, num_classes: int, optim: OptimConfig | None = None, *,
+    def from_options(cls, backbone: nn.Module, num_classes: int, optim: OptimConfig | None = None, *,
                      head_init: str = "pytorch", **options) -> TuningModule:
         valid = {f.name for f in fields(cls.options_cls)}
         unknown = set(options) - valid

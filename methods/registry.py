@@ -66,6 +66,16 @@ def table_order(names) -> list[str]:
     return sorted(set(names), key=key)
 
 
+def methods_for_family(family: str) -> list[str]:
+    """The registered methods defined for a backbone family (their class fact `families`), in registration order."""
+    return [name for name, cls in _METHODS.items() if family in cls.families]
+
+
+def support_matrix() -> dict[str, tuple[str, ...]]:
+    """Method -> the backbone families it supports, in Table 1's order: what docs/backbones.md shows."""
+    return {name: _METHODS[name].families for name in table_order(_METHODS)}
+
+
 def fig3_methods() -> list[str]:
     """The six protocols of the paper's Fig. 3 (the default grid), in Table 1's order."""
     return table_order(name for name, cls in _METHODS.items() if cls.in_fig3)

@@ -8,11 +8,23 @@ import torch
 from methods import create_backbone
 
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+# One tiny random-init timm model per backbone family (methods.backbone.FAMILIES), all on 32 px RGB images.
+TINY_BACKBONES = {
+    "vit": ("vit_tiny_patch16_224", TINY_VIT),
+    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, embed_dim=24, depths=(2, 2), num_heads=(1, 2),
+                                                  window_size=4)),  # 8x8 then 4x4 tokens, 4x4 windows
+    "convnet": ("convnext_atto", dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64))),
+}
 
 
 def make_tiny_vit(**overrides):
     """A 2-block, width-32 ViT on 32 px RGB images (16 patches + CLS): a real timm VisionTransformer."""
     return create_backbone("vit_tiny_patch16_224", pretrained=False, **{**TINY_VIT, **overrides})
+
+
+def make_tiny(family: str, **overrides):
+    name, kwargs = TINY_BACKBONES[family]
+    return create_backbone(name, pretrained=False, **{**kwargs, **overrides})
 
 
 @pytest.fixture

@@ -68,5 +68,30 @@ def test_cli_csv_lists_every_registered_method(capsys):
 def test_cli_rejects_bad_input_with_the_fix(capsys):
     assert main(["--backbone", "vit_embedded_p7_28", "--num-classes", "10", "--method-args", "partial_k.k=7"]) == 2
     assert "choose k in 1..6" in capsys.readouterr().err
-    assert main(["--backbone", "resnet50", "--num-classes", "10"]) == 2
-    assert "not a timm VisionTransformer" in capsys.readouterr().err
+    assert main(["--backbone", "efficientnet_b0", "--num-classes", "10"]) == 2
+    assert "timm EfficientNet, which no tuning method supports" in capsys.readouterr().err
+
+
+def test_docs_support_matrix_is_the_codes(capsys):
+    from benchmark.core.config import REPO_ROOT
+    from benchmark.params import support_markdown
+
+    text = (REPO_ROOT / "docs" / "backbones.md").read_text()
+    shown = text.split("<!-- support-matrix:start -->\n")[1].split("<!-- support-matrix:end -->")[0]
+    assert shown == support_markdown(), "regenerate it: python -m benchmark.params --support-matrix"
+    assert main(["--support-matrix"]) == 0 and capsys.readouterr().out == shown
+    lines = shown.splitlines()
+    assert lines[0] == "| Method | vit | swin | convnet |" and len(lines) == 2 + len(list_methods())
+    assert "| `full` (Full) | ✓ |" in shown
+
+
+def test_params_of_a_backbone_family_without_methods_says_so(capsys):
+    from methods.registry import methods_for_family
+
+    if methods_for_family("convnet"):  # once ConvNet methods exist, the default counts exactly those
+        assert main(["--backbone", "resnet18", "--num-classes", "10", "--csv"]) == 0
+        counted = [line.split(",")[0] for line in capsys.readouterr().out.splitlines()[1:]]
+        assert counted == methods_for_family("convnet")
+    else:
+        assert main(["--backbone", "resnet18", "--num-classes", "10"]) == 2
+        assert "No registered method supports convnet backbones yet" in capsys.readouterr().err

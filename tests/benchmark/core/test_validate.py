@@ -119,9 +119,11 @@ def test_every_problem_is_reported_at_once(tmp_path, capsys):
     assert "2 problems" in err and "'linear'" in err and "'digits'" in err
 
 
-def test_non_vit_backbone_is_rejected(tmp_path, capsys):
-    err = bench(tmp_path, capsys, "--backbone", "resnet18", "--scratch")
-    assert "not a timm VisionTransformer" in err
+def test_backbone_family_a_method_does_not_support_is_rejected(tmp_path, capsys):
+    err = bench(tmp_path, capsys, "--backbone", "efficientnet_b0", "--scratch")
+    assert "timm EfficientNet, which no tuning method supports; the backbone families are: plain ViTs" in err
+    err = bench(tmp_path, capsys, "--backbone", "resnet18", "--scratch", "--method", "vpt_deep")
+    assert "Method 'vpt_deep' does not support convnet backbones (a timm ResNet); it supports: vit." in err
 
 
 # --- fraction ------------------------------------------------------------------------------------------------
