@@ -45,9 +45,11 @@ def test_make_fig3_runs_two_jobs_unless_told_and_reports_the_embedded_figure():
     assert argv == ["--fig3", "--seeds=0,1"]
     assert make_dry_run("fig3", "RESULTS=/tmp/r", "JOBS=1", step=1) == ["--fig3", "--results=/tmp/r"]
     assert make_dry_run("fig3", "JOBS=1") == ["--fig3", "--jobs=1"]
-    jobs = lambda *a: grid.default_jobs(argparse.Namespace(**dict(zip(("jobs", "fig3", "search"), a, strict=True))))
+    jobs = lambda *a: grid.default_jobs(argparse.Namespace(zoo=False, **dict(zip(("jobs", "fig3", "search"), a,
+                                                                                 strict=True))))
     assert (jobs(None, True, False), jobs(None, True, True), jobs(None, False, False), jobs(3, True, True)) == \
         (2, 1, 1, 3)
+    assert make_dry_run("zoo", "SEEDS=0,1") == ["--zoo", "--seeds=0,1"]
 
 
 def test_switches_take_nothing_one_or_zero():
