@@ -248,6 +248,11 @@ def test_fourierft_delta_is_the_scaled_real_inverse_dft_of_a_sparse_spectrum():
     check(layer, X @ (layer.base_layer.weight + 3.0 * delta).T + layer.base_layer.bias)
 
 
+def test_fourierft_may_learn_every_entry_of_the_smallest_weight():
+    model = tuner("fourierft", n_frequency=32 * 32)  # proj's 1,024 entries: the largest n allowed
+    assert model.peft_layers()["blocks.0.attn.proj"].fourierft_spectrum["default"].numel() == 1024
+
+
 def test_fourierft_spectrum_starts_standard_normal():
     spectra = torch.cat([p.detach() for n, p in tuner("fourierft").named_parameters() if "spectrum" in n])
     assert spectra.numel() == 4 * 1000 and spectra.std().item() == pytest.approx(1.0, abs=0.05)
