@@ -228,6 +228,12 @@ def test_boft_rotates_the_input_by_cayley_blocks_and_scales_the_output():
     check(layer, ((X @ rotation) @ w.T) * s.flatten() + b)
 
 
+def test_boft_block_size_sets_the_rotation_blocks():
+    layers = tuner("boft", block_size=8).peft_layers()
+    assert layers["blocks.0.attn.qkv"].boft_R["default"].shape == (1, 32 // 8, 8, 8)
+    assert layers["blocks.0.mlp.fc2"].boft_R["default"].shape == (1, 128 // 8, 8, 8)
+
+
 def test_boft_starts_with_identity_rotations_and_unit_scales():
     layer = tuner("boft").peft_layers()["blocks.1.mlp.fc2"]
     assert layer.boft_R["default"].abs().sum() == 0 and torch.equal(layer.boft_s["default"], torch.ones(32, 1))
