@@ -325,6 +325,7 @@ def test_peft_lora_computes_our_lora_bit_for_bit_but_renames_its_tensors(tiny_ba
     ("boft", {"block_size": 0}, "BOFT block_size must be a positive integer"),
     ("boft", {"block_size": 3}, r"BOFT block_size 3 does not divide the adapted input widths \[32, 128\]; "
                                 r"choose one of \[1, 2, 4, 8, 16, 32\]"),
+    ("boft", {"block_size": 64}, r"BOFT block_size 64 does not divide the adapted input widths \[32, 128\]"),
     ("fourierft", {"n_frequency": 0}, "FourierFT n_frequency must be a positive integer"),
     ("fourierft", {"n_frequency": 1025}, "at most the smallest adapted weight's 1,024 entries, got 1025"),
     ("fourierft", {"scaling": "big"}, "FourierFT scaling must be a positive number"),
