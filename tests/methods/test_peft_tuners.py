@@ -318,7 +318,7 @@ def test_peft_lora_computes_our_lora_bit_for_bit_but_renames_its_tensors(tiny_ba
     ("dora", {"alpha": -1.0}, "DoRA alpha must be a positive number"),
     ("ia3", {"rank": 8}, "has no option"),
     ("loha", {"rank": 2.5}, "LoHa rank must be a positive integer"),
-    ("loha", {"alpha": float("nan")}, "LoHa alpha must be a positive number"),
+    ("loha", {"alpha": float("inf")}, "LoHa alpha must be a positive number"),
     ("lokr", {"rank": True}, "LoKr rank must be a positive integer"),
     ("vera", {"rank": 0}, "VeRA rank must be a positive integer"),
     ("vera", {"d_initial": 0}, "VeRA d_initial must be a positive number"),
