@@ -8,7 +8,7 @@ from methods.registry import color, fig3_methods, label, table_order
 
 # VPT (Jia et al., ECCV 2022) Table 1, top to bottom (Sidetune is not implemented here).
 TABLE_1_ROWS = ["full", "linear", "partial_k", "mlp_k", "bias", "adapter", "vpt_shallow", "vpt_deep"]
-ADAPTER_FAMILY = ["adaptformer", "houlsby"]  # issue 16's adapter family, in registration order
+ADAPTER_FAMILY = ["adaptformer", "houlsby", "convpass", "repadapter"]  # issue 16, in registration order
 FIG3 = ["full", "linear", "bias", "adapter", "vpt_shallow", "vpt_deep"]  # the paper's Fig. 3 legend
 
 
@@ -25,7 +25,8 @@ def test_every_method_has_its_own_label_and_colour():
     labels = {m: label(m) for m in list_methods()}
     assert labels == {"full": "Full", "linear": "Linear", "partial_k": "Partial-k", "mlp_k": "MLP-k", "bias": "Bias",
                       "adapter": "Adapter", "vpt_shallow": "VPT-shallow", "vpt_deep": "VPT-deep", "lora": "LoRA",
-                      "adaptformer": "AdaptFormer", "houlsby": "Houlsby"}
+                      "adaptformer": "AdaptFormer", "houlsby": "Houlsby", "convpass": "Convpass",
+                      "repadapter": "RepAdapter"}
     colours = [color(m) for m in list_methods()]
     assert len(set(colours)) == len(colours) and "#7f7f7f" not in colours  # the fallback grey is for unknown names
     assert color("partial_k") == get_method_class("partial_k").color != color("no_such_method") == "#7f7f7f"
