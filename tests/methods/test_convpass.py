@@ -117,6 +117,8 @@ def test_init_is_the_official_codes():
     conv = torch.cat([b.adapter_conv.weight.detach().flatten() for b in model.bypasses()])
     bound = math.sqrt(6 / (8 * 9 + 8 * 9))
     assert conv.abs().max() <= bound and conv.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+    model.train()  # the bypasses' dropout follows train(); the pretrained modules stay in eval
+    assert all(b.dropout.training for b in model.bypasses()) and not model.backbone.blocks[0].attn.training
 
 
 def test_refuses_what_it_cannot_run():
