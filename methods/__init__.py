@@ -3,6 +3,7 @@
 # Import order is registration order: the paper's table order.
 from methods import full, linear, bias, adapter, vpt  # noqa: F401, I001
 from methods import partial, mlp, lora  # noqa: F401, I001 — beyond the paper's six, after them
+from methods import adaptformer, houlsby, convpass, repadapter  # noqa: F401, I001
 from methods import peft_tuners  # noqa: F401, I001 — peft's tuners, after the hand-written ones
 from methods.backbone import create_backbone, data_config, load_weights
 from methods.base import OptimConfig, TuningModule

@@ -1,0 +1,144 @@
+"""Convpass (Jie & Deng, 2022, https://arxiv.org/abs/2207.07039): convolutional bypasses beside attention and MLP.
+
+Follows the official code (github.com/JieShibo/PETL-ViT, convpass/vtab/convpass.py, `forward_block` and `Convpass`):
+
+    h = norm1(x);  x = x + attn(h) + s * bypass_attn(h)
+    h = norm2(x);  x = x + mlp(h)  + s * bypass_mlp(h)
+    bypass(h) = up(dropout(act(conv3x3(act(down(h))))))      act = QuickGELU, z * sigmoid(1.702 z)
+
+- `down` Linear(D -> 8) and `up` Linear(8 -> D) per token; the 3x3 conv (8 -> 8, padding 1, with bias) runs over the
+  patch tokens laid out on the patch grid. The CLS token goes through the same conv as a 1x1 image of its own, so with
+  padding only the kernel's centre tap reaches it — the code's handling, which this file extends to every prefix
+  token (CLS and register tokens, `num_prefix_tokens`), each its own 1x1 image.
+- init, the code's: `down` Xavier-uniform, zero bias; `up` zero (weight and bias), so the block starts as the
+  pretrained one; the conv's kernel zero with the identity at its centre tap (`xavier_init=False`, the Convpass
+  class's default) or Xavier-uniform (`xavier_init=True`), zero bias.
+- scale s: an option, default 1 (`set_Convpass(..., s=1)`); the code's VTAB configs pick s per task from
+  {0.01, 0.1, 1, 10, 100} and xavier_init per task (configs/convpass/*.yaml).
+- dropout 0.1 before `up`: the code's, fixed. The bypasses' outputs go through the block's drop-path as in the code
+  (identities on a frozen backbone), not its layer scale (the code's timm 0.4 blocks have none).
+- a fixed patch grid: backbones built with dynamic_img_size (or without a grid) are refused, and so is an input
+  whose token count is not prefix + grid_h * grid_w.
+
+On ViT-B/16 (D = 768, 12 blocks) with 200 classes: 12 * 2 * ((768*8 + 8) + (8*8*9 + 8) + (8*768 + 768))
++ (768*200 + 200) = 481,352 tuned parameters. Blocks keep their state-dict keys; the bypasses add
+`blocks.i.adapter_attn.*` and `blocks.i.adapter_mlp.*` (the code's names).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from methods.base import TuningModule, is_number
+from methods.registry import register_method
+
+BYPASS_DROPOUT = 0.1  # the code's Convpass: nn.Dropout(0.1) before `up`
+
+
+@dataclass
+class ConvpassOptions:
+    dim: int = field(default=8, metadata={"help": "bypass width: down D -> dim, 3x3 conv dim -> dim, up dim -> D (8)"})
+    scale: float = field(default=1.0, metadata={
+        "help": "scale s of each bypass's output (code default 1; its VTAB configs pick one of 0.01-100 per task)"})
+    xavier_init: bool = field(default=False, metadata={
+        "help": "Xavier-uniform conv kernel instead of the identity at the centre tap (the code's option, off)"})
+
+    def __post_init__(self):
+        if not isinstance(self.dim, int) or isinstance(self.dim, bool) or self.dim < 1:
+            raise ValueError(f"convpass dim must be an integer >= 1, got {self.dim!r}.")
+        if not (is_number(self.scale) and self.scale > 0):
+            raise ValueError(f"convpass scale must be a number > 0, got {self.scale!r}.")
+        if not isinstance(self.xavier_init, bool):
+            raise ValueError(f"convpass xavier_init must be true or false, got {self.xavier_init!r}.")
+
+
+class QuickGELU(nn.Module):
+    """The code's activation (CLIP's GELU approximation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Convpass(nn.Module):
+    """down, QuickGELU, 3x3 conv over the patch grid (each prefix token a 1x1 image), QuickGELU, dropout, up."""
+
+    def __init__(self, embed_dim: int, dim: int, grid: tuple[int, int], num_prefix_tokens: int, xavier_init: bool):
+        super().__init__()
+        self.grid, self.num_prefix_tokens = grid, num_prefix_tokens
+        self.adapter_down = nn.Linear(embed_dim, dim)
+        self.adapter_conv = nn.Conv2d(dim, dim, 3, 1, 1)
+        self.adapter_up = nn.Linear(dim, embed_dim)
+        self.act = QuickGELU()
+        self.dropout = nn.Dropout(BYPASS_DROPOUT)
+        with torch.no_grad():
+            if xavier_init:
+                nn.init.xavier_uniform_(self.adapter_conv.weight)
+            else:  # out channel c reads in channel c at the centre tap: the conv starts as the identity
+                nn.init.zeros_(self.adapter_conv.weight)
+                self.adapter_conv.weight[:, :, 1, 1] += torch.eye(dim)
+            nn.init.zeros_(self.adapter_conv.bias)
+            nn.init.xavier_uniform_(self.adapter_down.weight)
+            nn.init.zeros_(self.adapter_down.bias)
+            nn.init.zeros_(self.adapter_up.weight)
+            nn.init.zeros_(self.adapter_up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        (grid_h, grid_w), prefix = self.grid, self.num_prefix_tokens
+        if tokens != prefix + grid_h * grid_w:
+            raise ValueError(f"convpass expects {prefix} prefix tokens + a {grid_h}x{grid_w} patch grid "
+                             f"({prefix + grid_h * grid_w} tokens), got {tokens}; it needs the backbone's fixed grid.")
+        z = self.act(self.adapter_down(x))  # (B, N, d)
+        d = z.shape[-1]
+        patches = z[:, prefix:].reshape(batch, grid_h, grid_w, d).permute(0, 3, 1, 2)  # (B, d, H, W)
+        patches = self.adapter_conv(patches).permute(0, 2, 3, 1).reshape(batch, grid_h * grid_w, d)
+        if prefix:  # each prefix token a 1x1 image: with padding 1 only the centre tap reaches it
+            singles = z[:, :prefix].reshape(batch * prefix, d, 1, 1)
+            patches = torch.cat([self.adapter_conv(singles).reshape(batch, prefix, d), patches], dim=1)
+        return self.adapter_up(self.dropout(self.act(patches)))
+
+
+class ConvpassBlock(Block):
+    """A timm Block with a Convpass beside its attention and one beside its MLP, each reading the sublayer's input."""
+
+    adapter_attn: Convpass
+    adapter_mlp: Convpass
+    s: float
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.drop_path1(self.ls1(self.attn(h, attn_mask=attn_mask, is_causal=is_causal)))
+        x = x + self.drop_path1(self.adapter_attn(h) * self.s)
+        h = self.norm2(x)
+        return x + self.drop_path2(self.ls2(self.mlp(h))) + self.drop_path2(self.adapter_mlp(h) * self.s)
+
+
+@register_method("convpass")
+class ConvpassTuning(TuningModule):
+    label, color = "Convpass", "#ff9896"
+    options_cls = ConvpassOptions
+
+    def adapt(self) -> None:
+        backbone, options = self.backbone, self.options
+        grid = getattr(backbone.patch_embed, "grid_size", None)
+        if grid is None or getattr(backbone, "dynamic_img_size", False):
+            raise ValueError("convpass needs a fixed patch grid (its 3x3 conv runs over it); this backbone has "
+                             f"{'dynamic_img_size=True' if grid is not None else 'no patch_embed.grid_size'}.")
+        grid = (int(grid[0]), int(grid[1]))
+        for i, block in enumerate(backbone.blocks):
+            if type(block) is not Block:  # the forward above mirrors timm's plain pre-norm Block only
+                raise ValueError(f"convpass needs timm's plain Block; blocks[{i}] is {type(block).__name__}.")
+            device = next(block.parameters()).device
+            for name in ("adapter_attn", "adapter_mlp"):
+                bypass = Convpass(backbone.embed_dim, options.dim, grid, backbone.num_prefix_tokens,
+                                  options.xavier_init)
+                setattr(block, name, bypass.to(device))
+            block.s = float(options.scale)
+            block.__class__ = ConvpassBlock  # same parameters and state-dict keys, plus the two bypasses
+
+    def bypasses(self) -> list[Convpass]:
+        return [b for block in self.backbone.blocks for b in (block.adapter_attn, block.adapter_mlp)]

@@ -1,0 +1,225 @@
+"""RepAdapter (Luo et al., 2023, https://arxiv.org/abs/2302.08106): a linear adapter before attention and before the
+MLP, re-parameterised into the following linear layer for evaluation.
+
+Follows the official code (github.com/luogen1996/RepAdapter, repadapter.py: `RepAdapter`, `forward_vit_block_adapter`
+and `set_RepWeight` for method "repblock", train.py's default):
+
+    x = x + attn(A1(norm1(x))),   x = x + mlp(A2(norm2(x))),   A(h) = h + s * up(dropout(down(h)))
+
+- placement, the code's "repblock" (its default): one adapter on the input of attention (so of `qkv`) and one on the
+  input of the MLP (so of `fc1`); "repattn" (attention only) is not offered here.
+- no activation: `down` Linear(D -> 8) and a group-wise `up` (8 -> D in 2 groups: output group g reads only hidden
+  group g, the code's Conv1d(8, D, 1, groups=2)), both with bias; dropout 0.1 between them (the code's, fixed).
+- init, the code's: `down` Xavier-uniform, zero bias; `up` zero (weight and bias), so the block starts as the
+  pretrained one.
+- scale s: an option, default 1 (the RepAdapter class's default); the code's VTAB configs pick s per task from
+  {0.1, 0.5, 1, 5, 10} (configs/repblock/*.yaml).
+- re-parameterisation: A is affine, A(h) = (I + s U W) h + s (U a + b) with W, a = down and U, b = up (dense block-
+  diagonal), so the next linear layer y = M A(h) + c folds it as M' = M + s (M U) W, c' = c + s M (U a + b): exact
+  in evaluation, where dropout is off. The code copies M', c' into the pretrained weights in place; here they are a
+  separate copy held while evaluating (`merge_for_eval`, as methods/lora.py), so the pretrained weights stay
+  bit-identical and training resumes unmerged.
+
+On ViT-B/16 (D = 768, 12 blocks) with 200 classes: 12 * 2 * ((768*8 + 8) + (768*8/2 + 768)) + (768*200 + 200)
+= 393,608 tuned parameters (the paper's 0.22M counts the adapters' weights only: 24 * (768*8 + 768*4) = 221,184).
+Blocks keep their state-dict keys (the folded layers keep `weight` / `bias` under their names); the adapters add
+`blocks.i.adapter_attn.*` and `blocks.i.adapter_mlp.*` (the code's names).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from methods.base import TuningModule, is_number
+from methods.registry import register_method
+
+ADAPTER_DROPOUT = 0.1  # the code's RepAdapter: nn.Dropout(0.1) between its two projections
+
+
+def positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+@dataclass
+class RepAdapterOptions:
+    hidden_dim: int = field(default=8, metadata={"help": "adapter width: down D -> hidden_dim (the code's dim: 8)"})
+    groups: int = field(default=2, metadata={"help": "groups of the up projection (the code's 2); divides both widths"})
+    scale: float = field(default=1.0, metadata={
+        "help": "scale s of the adapter's update (code default 1; its VTAB configs pick one of 0.1-10 per task)"})
+    merge_for_eval: bool = field(default=True, metadata={
+        "help": "evaluate with the adapters folded into copies of qkv / fc1 (same outputs, faster); weights unchanged"})
+
+    def __post_init__(self):
+        if not positive_int(self.hidden_dim):
+            raise ValueError(f"repadapter hidden_dim must be an integer >= 1, got {self.hidden_dim!r}.")
+        if not positive_int(self.groups) or self.hidden_dim % self.groups:
+            raise ValueError(f"repadapter groups must be an integer >= 1 dividing hidden_dim={self.hidden_dim}, "
+                             f"got {self.groups!r}.")
+        if not (is_number(self.scale) and self.scale > 0):
+            raise ValueError(f"repadapter scale must be a number > 0, got {self.scale!r}.")
+        if not isinstance(self.merge_for_eval, bool):
+            raise ValueError(f"repadapter merge_for_eval must be true or false, got {self.merge_for_eval!r}.")
+
+
+class GroupedLinear(nn.Module):
+    """hidden -> out in `groups` blocks: output block g reads hidden block g only (a 1x1 grouped convolution)."""
+
+    def __init__(self, hidden: int, out: int, groups: int):
+        super().__init__()
+        self.groups = groups
+        self.weight = nn.Parameter(torch.zeros(out, hidden // groups))  # (out, hidden / groups), Conv1d's layout
+        self.bias = nn.Parameter(torch.zeros(out))
+
+    def dense_weight(self) -> torch.Tensor:
+        """(out, hidden) block-diagonal matrix."""
+        return torch.block_diag(*self.weight.chunk(self.groups, dim=0))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.dense_weight(), self.bias)
+
+
+class RepAdapter(nn.Module):
+    """h + s * up(dropout(down(h))): affine, so it folds into the linear layer that reads it."""
+
+    def __init__(self, dim: int, hidden: int, groups: int, scale: float):
+        super().__init__()
+        self.scale = scale
+        self.down = nn.Linear(dim, hidden)
+        self.up = GroupedLinear(hidden, dim, groups)
+        self.dropout = nn.Dropout(ADAPTER_DROPOUT)
+        nn.init.xavier_uniform_(self.down.weight)
+        nn.init.zeros_(self.down.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.scale * self.up(self.dropout(self.down(h)))
+
+    def fold_into(self, layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of `layer` applied after this adapter, as one linear layer (dropout off)."""
+        up = self.up.dense_weight()  # (D, hidden)
+        weight = layer.weight + self.scale * (layer.weight @ up) @ self.down.weight
+        shift = self.scale * (up @ self.down.bias + self.up.bias)  # (D,)
+        bias = layer.weight @ shift + (layer.bias if layer.bias is not None else 0)
+        return weight, bias
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:g}"
+
+
+class FoldableLinear(nn.Module):
+    """A frozen nn.Linear that can run with a folded (weight, bias) copy instead of its own. Keeps the wrapped
+    layer's `weight` and `bias` parameters under their names, so state-dict keys are unchanged."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # the same Parameter objects: frozen, never written to
+        self.bias = base.bias
+        self.folded: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.folded if self.folded is not None else (self.weight, self.bias)
+        return F.linear(x, weight, bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, folded={self.folded is not None}"
+
+
+class RepAdapterBlock(Block):
+    """A timm Block with a RepAdapter on the input of attention and one on the input of the MLP; once merged, the
+    adapters live in the folded copies of `attn.qkv` and `mlp.fc1` and are skipped."""
+
+    adapter_attn: RepAdapter
+    adapter_mlp: RepAdapter
+
+    @property
+    def merged(self) -> bool:
+        return self.attn.qkv.folded is not None
+
+    def merge(self) -> None:
+        with torch.no_grad():
+            self.attn.qkv.folded = self.adapter_attn.fold_into(self.attn.qkv)
+            self.mlp.fc1.folded = self.adapter_mlp.fold_into(self.mlp.fc1)
+
+    def unmerge(self) -> None:
+        self.attn.qkv.folded = self.mlp.fc1.folded = None
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        merged = self.merged
+        h = self.norm1(x)
+        h = h if merged else self.adapter_attn(h)
+        x = x + self.drop_path1(self.ls1(self.attn(h, attn_mask=attn_mask, is_causal=is_causal)))
+        h = self.norm2(x)
+        h = h if merged else self.adapter_mlp(h)
+        return x + self.drop_path2(self.ls2(self.mlp(h)))
+
+
+@register_method("repadapter")
+class RepAdapterTuning(TuningModule):
+    label, color = "RepAdapter", "#f7b6d2"
+    options_cls = RepAdapterOptions
+
+    def adapt(self) -> None:
+        backbone, options = self.backbone, self.options
+        dim = backbone.embed_dim
+        if dim % options.groups:
+            raise ValueError(f"repadapter groups={options.groups} must divide the embedding width {dim}.")
+        for i, block in enumerate(backbone.blocks):
+            if type(block) is not Block:  # the forward above mirrors timm's plain pre-norm Block only
+                raise ValueError(f"repadapter needs timm's plain Block; blocks[{i}] is {type(block).__name__}.")
+            qkv, fc1 = block.attn.qkv, getattr(block.mlp, "fc1", None)
+            if type(qkv) is not nn.Linear or type(fc1) is not nn.Linear:
+                raise ValueError(f"repadapter folds into nn.Linear attn.qkv and mlp.fc1; blocks[{i}] has "
+                                 f"{type(qkv).__name__} / {type(fc1).__name__}.")
+            device = qkv.weight.device
+            for name in ("adapter_attn", "adapter_mlp"):
+                adapter = RepAdapter(dim, options.hidden_dim, options.groups, float(options.scale))
+                setattr(block, name, adapter.to(device))
+            block.attn.qkv, block.mlp.fc1 = FoldableLinear(qkv), FoldableLinear(fc1)
+            block.__class__ = RepAdapterBlock  # same parameters and state-dict keys, plus the two adapters
+
+    def adapters(self) -> list[RepAdapter]:
+        return [a for block in self.backbone.blocks for a in (block.adapter_attn, block.adapter_mlp)]
+
+    def merge_adapters(self) -> None:
+        """Fold every adapter into a copy of the layer after it; valid until `unmerge_adapters` or `train()`."""
+        for block in self.backbone.blocks:
+            block.merge()
+
+    def unmerge_adapters(self) -> None:
+        for block in self.backbone.blocks:
+            block.unmerge()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:  # the adapters are about to change (and dropout acts): a folded copy would be wrong
+            self.unmerge_adapters()
+        return self
+
+    def _merge_if_enabled(self) -> None:
+        if self.options.merge_for_eval:
+            self.merge_adapters()
+
+    # Lightning puts the module in eval mode before these hooks and back in train mode (unmerging) after fit's
+    # validation; the *_end hooks free the folded copies once evaluation is done (methods/lora.py does the same).
+    def on_validation_start(self) -> None:
+        self._merge_if_enabled()
+
+    def on_test_start(self) -> None:
+        self._merge_if_enabled()
+
+    def on_predict_start(self) -> None:
+        self._merge_if_enabled()
+
+    def on_validation_end(self) -> None:
+        self.unmerge_adapters()
+
+    def on_test_end(self) -> None:
+        self.unmerge_adapters()
+
+    def on_predict_end(self) -> None:
+        self.unmerge_adapters()
