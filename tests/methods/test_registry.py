@@ -9,10 +9,12 @@ from methods.registry import color, fig3_methods, label, table_order
 # VPT (Jia et al., ECCV 2022) Table 1, top to bottom (Sidetune is not implemented here).
 TABLE_1_ROWS = ["full", "linear", "partial_k", "mlp_k", "bias", "adapter", "vpt_shallow", "vpt_deep"]
 FIG3 = ["full", "linear", "bias", "adapter", "vpt_shallow", "vpt_deep"]  # the paper's Fig. 3 legend
+# issue 16's scale/shift and factor methods, registered after lora (methods/__init__.py), with their labels
+SCALES = {"ln_tune": "LN-tune", "ssf": "SSF"}
 
 
 def test_table_order_is_the_papers_rows_then_the_rest_then_unknown_names():
-    assert table_order(list_methods()) == TABLE_1_ROWS + ["lora"]
+    assert table_order(list_methods()) == TABLE_1_ROWS + ["lora", *SCALES]
     assert table_order(["old_method", "vpt_deep", "a_method", "full"]) == ["full", "vpt_deep", "a_method", "old_method"]
 
 
@@ -23,7 +25,7 @@ def test_fig3_methods_are_the_papers_six_and_the_grids_default():
 def test_every_method_has_its_own_label_and_colour():
     labels = {m: label(m) for m in list_methods()}
     assert labels == {"full": "Full", "linear": "Linear", "partial_k": "Partial-k", "mlp_k": "MLP-k", "bias": "Bias",
-                      "adapter": "Adapter", "vpt_shallow": "VPT-shallow", "vpt_deep": "VPT-deep", "lora": "LoRA"}
+                      "adapter": "Adapter", "vpt_shallow": "VPT-shallow", "vpt_deep": "VPT-deep", "lora": "LoRA"} | SCALES
     colours = [color(m) for m in list_methods()]
     assert len(set(colours)) == len(colours) and "#7f7f7f" not in colours  # the fallback grey is for unknown names
     assert color("partial_k") == get_method_class("partial_k").color != color("no_such_method") == "#7f7f7f"
