@@ -2,9 +2,10 @@
 
 The LN baseline of PETL_Vision (Mai et al., ICLR'25, https://arxiv.org/abs/2409.16434; github:OSU-MLB/PETL_Vision,
 experiment/build_model.py trains every parameter whose name contains "norm") and of V-PETL Bench (Xin et al.,
-NeurIPS'24 Datasets & Benchmarks; github:synbol/Parameter-Efficient-Transfer-Learning-Benchmark, "LNTUNE"). Ours selects by type (every nn.LayerNorm, timm's included)
-instead of by name, which picks the same tensors on a timm ViT (norm1, norm2 of every block, the final norm, and
-fc_norm / qk-norms where a backbone has them). Nothing is added, so it starts as the pretrained function.
+NeurIPS'24 Datasets & Benchmarks; github:synbol/Parameter-Efficient-Transfer-Learning-Benchmark, "LNTUNE").
+Ours selects by type (every nn.LayerNorm, timm's included) instead of by name, which picks the same
+tensors on a timm ViT (norm1, norm2 of every block, the final norm, and fc_norm / qk-norms where a backbone has
+them). Nothing is added, so it starts as the pretrained function.
 """
 
 from torch import nn

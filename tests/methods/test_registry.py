@@ -25,7 +25,8 @@ def test_fig3_methods_are_the_papers_six_and_the_grids_default():
 def test_every_method_has_its_own_label_and_colour():
     labels = {m: label(m) for m in list_methods()}
     assert labels == {"full": "Full", "linear": "Linear", "partial_k": "Partial-k", "mlp_k": "MLP-k", "bias": "Bias",
-                      "adapter": "Adapter", "vpt_shallow": "VPT-shallow", "vpt_deep": "VPT-deep", "lora": "LoRA"} | SCALES
+                      "adapter": "Adapter", "vpt_shallow": "VPT-shallow", "vpt_deep": "VPT-deep", "lora": "LoRA",
+                      **SCALES}
     colours = [color(m) for m in list_methods()]
     assert len(set(colours)) == len(colours) and "#7f7f7f" not in colours  # the fallback grey is for unknown names
     assert color("partial_k") == get_method_class("partial_k").color != color("no_such_method") == "#7f7f7f"
