@@ -10,7 +10,7 @@ from methods.registry import color, fig3_methods, label, table_order
 TABLE_1_ROWS = ["full", "linear", "partial_k", "mlp_k", "bias", "adapter", "vpt_shallow", "vpt_deep"]
 FIG3 = ["full", "linear", "bias", "adapter", "vpt_shallow", "vpt_deep"]  # the paper's Fig. 3 legend
 # issue 16's scale/shift and factor methods, registered after lora (methods/__init__.py), with their labels
-SCALES = {"ln_tune": "LN-tune", "ssf": "SSF"}
+SCALES = {"ln_tune": "LN-tune", "ssf": "SSF", "difffit": "DiffFit", "fact_tt": "FacT-TT", "fact_tk": "FacT-TK"}
 
 
 def test_table_order_is_the_papers_rows_then_the_rest_then_unknown_names():
