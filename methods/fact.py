@@ -159,16 +159,16 @@ class FacTTuning(TuningModule):
         device = backbone.patch_embed.proj.weight.device
         backbone.fact = FacTFactors(width, opts.dim, depth, self.tucker, device)  # new parameters: trainable
         for i, block in enumerate(backbone.blocks):
-            first = SITES_PER_BLOCK * i if self.tucker else None  # P's columns: q k v o, then fc1 x4, fc2 x4
+            first = SITES_PER_BLOCK * i  # P's columns of block i: q k v o, then fc1 x4, fc2 x4 (Tucker only)
 
-            def wrap(layer, site, offset):
+            def wrap(layer, site, column):
                 return FacTLinear(layer, site, backbone.fact, opts.dim, float(opts.scale), float(opts.dropout),
-                                  None if first is None else first + offset)
+                                  column if self.tucker else None)
 
-            block.attn.qkv = wrap(block.attn.qkv, "qkv", 0)
-            block.attn.proj = wrap(block.attn.proj, "proj", 3)
-            block.mlp.fc1 = wrap(block.mlp.fc1, "fc1", 4)
-            block.mlp.fc2 = wrap(block.mlp.fc2, "fc2", 8)
+            block.attn.qkv = wrap(block.attn.qkv, "qkv", first)
+            block.attn.proj = wrap(block.attn.proj, "proj", first + 3)
+            block.mlp.fc1 = wrap(block.mlp.fc1, "fc1", first + 4)
+            block.mlp.fc2 = wrap(block.mlp.fc2, "fc2", first + 8)
 
     def fact_layers(self) -> list[FacTLinear]:
         return [m for m in self.modules() if isinstance(m, FacTLinear)]

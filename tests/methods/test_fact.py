@@ -197,3 +197,32 @@ def test_bad_options_name_the_problem(method, options, message):
 def test_an_mlp_ratio_other_than_4_is_refused():
     with pytest.raises(ValueError, match=r"fc1 \(D -> 4D\)"):
         create_method("fact_tt", make_tiny_vit(mlp_ratio=2.0), num_classes=3)
+
+
+def test_dropout_is_on_the_cores_output_before_v():
+    """The code's V(dp(core(U x))): replaying the same random stream, every site's update equals one written out
+    with F.dropout on the core's output (q, k, v in that order for qkv)."""
+    torch.manual_seed(0)
+    model = create_method("fact_tt", make_tiny_vit(), num_classes=3, dim=4, dropout=0.5).train()
+    fact = model.backbone.fact
+    with torch.no_grad():
+        fact.v.weight.normal_(std=0.5)
+    attn, mlp = model.backbone.blocks[0].attn, model.backbone.blocks[0].mlp
+    x, hidden = torch.randn(2, 5, 32), torch.randn(2, 5, 128)
+
+    def drop(t):
+        return F.dropout(t, 0.5, training=True)
+
+    cases = [
+        (attn.qkv, x, lambda: torch.cat([fact.v(drop(core(fact.u(x)))) for core in (attn.qkv.fact_q, attn.qkv.fact_k,
+                                                                                   attn.qkv.fact_v)], dim=-1)),
+        (attn.proj, x, lambda: fact.v(drop(attn.proj.fact_o(fact.u(x))))),
+        (mlp.fc1, x, lambda: fact.v(drop(mlp.fc1.fact_t(fact.u(x))).reshape(2, 5, 4, 4)).reshape(2, 5, 128)),
+        (mlp.fc2, hidden, lambda: fact.v(drop(mlp.fc2.fact_t(fact.u(hidden.reshape(2, 5, 4, 32)).reshape(2, 5, 16))))),
+    ]
+    with torch.no_grad():
+        for layer, inputs, reference in cases:
+            torch.manual_seed(5)
+            got = layer.delta(inputs)
+            torch.manual_seed(5)
+            torch.testing.assert_close(got, reference(), rtol=0, atol=1e-6, msg=layer.site)
