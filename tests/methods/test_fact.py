@@ -226,3 +226,13 @@ def test_dropout_is_on_the_cores_output_before_v():
             got = layer.delta(inputs)
             torch.manual_seed(5)
             torch.testing.assert_close(got, reference(), rtol=0, atol=1e-6, msg=layer.site)
+
+
+def test_defaults_are_the_chosen_official_configs():
+    """TT: d = 8, s = 1 (configs/tt/cifar.yaml, PETL_Vision's default_vtab); TK: d = 32, s = 10 (configs/tk: the most
+    common rank, and its most common scale); dropout 0.1 (the code's nn.Dropout(0.1))."""
+    tt = create_method("fact_tt", make_tiny_vit(), num_classes=3)
+    tk = create_method("fact_tk", make_tiny_vit(), num_classes=3)
+    assert (tt.options.dim, tt.options.scale, tt.options.dropout) == (8, 1.0, 0.1)
+    assert (tk.options.dim, tk.options.scale, tk.options.dropout) == (32, 10.0, 0.1)
+    assert {layer.scale for layer in tt.fact_layers()} == {1.0} and {layer.scale for layer in tk.fact_layers()} == {10.0}
