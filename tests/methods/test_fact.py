@@ -235,4 +235,5 @@ def test_defaults_are_the_chosen_official_configs():
     tk = create_method("fact_tk", make_tiny_vit(), num_classes=3)
     assert (tt.options.dim, tt.options.scale, tt.options.dropout) == (8, 1.0, 0.1)
     assert (tk.options.dim, tk.options.scale, tk.options.dropout) == (32, 10.0, 0.1)
-    assert {layer.scale for layer in tt.fact_layers()} == {1.0} and {layer.scale for layer in tk.fact_layers()} == {10.0}
+    assert {layer.scale for layer in tt.fact_layers()} == {1.0}
+    assert {layer.scale for layer in tk.fact_layers()} == {10.0}
