@@ -11,10 +11,12 @@ TABLE_1_ROWS = ["full", "linear", "partial_k", "mlp_k", "bias", "adapter", "vpt_
 ADAPTER_FAMILY = ["adaptformer", "houlsby", "convpass", "repadapter"]  # issue 16, in registration order
 PEFT = ["dora", "ia3", "loha", "lokr", "vera", "boft", "fourierft"]  # methods/peft_tuners.py, registration order
 FIG3 = ["full", "linear", "bias", "adapter", "vpt_shallow", "vpt_deep"]  # the paper's Fig. 3 legend
+# issue 16's scale/shift and factor methods, registered after lora (methods/__init__.py), with their labels
+SCALES = {"ln_tune": "LN-tune", "ssf": "SSF", "difffit": "DiffFit", "fact_tt": "FacT-TT", "fact_tk": "FacT-TK"}
 
 
 def test_table_order_is_the_papers_rows_then_the_rest_then_unknown_names():
-    assert table_order(list_methods()) == TABLE_1_ROWS + ["lora", *ADAPTER_FAMILY, *PEFT]
+    assert table_order(list_methods()) == TABLE_1_ROWS + ["lora", *ADAPTER_FAMILY, *SCALES, *PEFT]
     assert table_order(["old_method", "vpt_deep", "a_method", "full"]) == ["full", "vpt_deep", "a_method", "old_method"]
 
 
@@ -27,7 +29,7 @@ def test_every_method_has_its_own_label_and_colour():
     assert labels == {"full": "Full", "linear": "Linear", "partial_k": "Partial-k", "mlp_k": "MLP-k", "bias": "Bias",
                       "adapter": "Adapter", "vpt_shallow": "VPT-shallow", "vpt_deep": "VPT-deep", "lora": "LoRA",
                       "adaptformer": "AdaptFormer", "houlsby": "Houlsby", "convpass": "Convpass",
-                      "repadapter": "RepAdapter",
+                      "repadapter": "RepAdapter", **SCALES,
                       "dora": "DoRA", "ia3": "IA3", "loha": "LoHa", "lokr": "LoKr", "vera": "VeRA", "boft": "BOFT",
                       "fourierft": "FourierFT"}
     colours = [color(m) for m in list_methods()]

@@ -1,0 +1,178 @@
+"""SSF: Scaling & Shifting your Features (Lian et al., NeurIPS'22, https://arxiv.org/abs/2210.08823).
+
+A per-channel affine map y = gamma * x + beta follows every operation the official code
+(github:dongzelian/SSF, models/vision_transformer.py, `ssf_ada`) follows with one: the patch embedding's
+projection, and in every block norm1, attn.qkv, attn.proj, norm2, mlp.fc1 and mlp.fc2, then the final norm (and
+the patch embedding's norm where a backbone has one, as that code does). Only gamma, beta and the new head train
+(the code's TUNE filter: `ssf_scale*`, `ssf_shift*`, head). For ViT-B/16: 2 * (D + 12 * 11 * D + D) = 205,824.
+
+Initialisation, the official `init_ssf_scale_shift`: gamma ~ N(1, 0.02), beta ~ N(0, 0.02), per channel. So SSF
+does NOT start exactly as the pretrained function (every feature is perturbed by ~2% before any step):
+`identity_at_init = False`. `init_std=0` (ours, not the code's) gives the exact identity start.
+
+Re-parameterisation (the paper's, for inference): each gamma, beta folds into the layer before it,
+W' = diag(gamma) W, b' = gamma * b + beta (for a LayerNorm: its weight and bias alike; for the patch convolution
+per output channel). `merge_for_eval` evaluates with such folded copies: separate tensors, never written into the
+pretrained W and b, which stay bit-identical (the discipline of methods/lora.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.base import TuningModule
+from methods.registry import register_method
+
+
+@dataclass
+class SSFOptions:
+    init_std: float = field(default=0.02, metadata={
+        "help": "std of the init gamma ~ N(1, s), beta ~ N(0, s) (official code: 0.02; 0 starts exactly as the "
+                "pretrained function)"})
+    merge_for_eval: bool = field(default=True, metadata={
+        "help": "evaluate with gamma, beta folded into copies of the preceding weights (same outputs, faster); the "
+                "pretrained weights themselves are never changed"})
+
+    def __post_init__(self):
+        if not (isinstance(self.init_std, (int, float)) and not isinstance(self.init_std, bool)
+                and math.isfinite(self.init_std) and 0 <= self.init_std <= 1):
+            raise ValueError(f"SSF init_std must be a number in [0, 1] (official: 0.02), got {self.init_std!r}.")
+        if not isinstance(self.merge_for_eval, bool):
+            raise ValueError(f"merge_for_eval must be true or false, got {self.merge_for_eval!r}.")
+
+
+class ScaleShift(nn.Module):
+    """A frozen Linear, LayerNorm or Conv2d followed by a trainable per-channel gamma * y + beta (on the last dim;
+    on dim 1 for the convolution's NCHW output). It holds the wrapped layer's `weight` and `bias` Parameters under
+    their own names, so the backbone's state-dict keys are unchanged (SSF adds `ssf_scale`, `ssf_shift`)."""
+
+    def __init__(self, base: nn.Module, init_std: float):
+        super().__init__()
+        if isinstance(base, nn.Linear):
+            self.kind, channels = "linear", base.out_features
+        elif isinstance(base, nn.LayerNorm):
+            self.kind, channels = "layernorm", base.normalized_shape[-1]
+            if len(base.normalized_shape) != 1:
+                raise ValueError(f"SSF folds into a LayerNorm over one dim, got shape {base.normalized_shape}.")
+            self.normalized_shape, self.eps = tuple(base.normalized_shape), base.eps
+        elif isinstance(base, nn.Conv2d):
+            if base.padding_mode != "zeros":
+                raise ValueError(f"SSF wraps zero-padded convolutions, got padding_mode={base.padding_mode!r}.")
+            self.kind, channels = "conv", base.out_channels
+            self.conv_args = dict(stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups)
+        else:
+            raise ValueError(f"SSF scales the output of a Linear, LayerNorm or Conv2d, got {type(base).__name__}.")
+        if base.weight is None:
+            raise ValueError(f"SSF folds into the {type(base).__name__}'s weight; this one has none.")
+        self.weight = base.weight  # the same Parameter objects: frozen, never written to
+        self.bias = base.bias
+        device = base.weight.device
+        self.ssf_scale = nn.Parameter(torch.ones(channels, device=device))
+        self.ssf_shift = nn.Parameter(torch.zeros(channels, device=device))
+        nn.init.normal_(self.ssf_scale, mean=1.0, std=init_std)  # official init_ssf_scale_shift
+        nn.init.normal_(self.ssf_shift, mean=0.0, std=init_std)
+        self.merged: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def layer(self, x: torch.Tensor, weight, bias) -> torch.Tensor:
+        if self.kind == "linear":
+            return F.linear(x, weight, bias)
+        if self.kind == "layernorm":
+            return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+        return F.conv2d(x, weight, bias, **self.conv_args)
+
+    def channel_view(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(-1, 1, 1) if self.kind == "conv" else t  # NCHW: channels on dim 1
+
+    def merge(self) -> None:
+        """gamma * (W x + b) + beta = (diag(gamma) W) x + (gamma * b + beta), in copies of W and b."""
+        with torch.no_grad():
+            scale = self.ssf_scale.to(self.weight.dtype)
+            shift = self.ssf_shift.to(self.weight.dtype)
+            weight = self.weight * (scale.view(-1, *[1] * (self.weight.dim() - 1)))  # row o of W times gamma_o
+            bias = shift if self.bias is None else self.bias * scale + shift
+            self.merged = (weight, bias)
+
+    def unmerge(self) -> None:
+        self.merged = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged is not None:
+            return self.layer(x, *self.merged)
+        y = self.layer(x, self.weight, self.bias)
+        return y * self.channel_view(self.ssf_scale) + self.channel_view(self.ssf_shift)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, channels={self.ssf_scale.numel()}, merged={self.merged is not None}"
+
+
+def ssf_sites(backbone) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute) of every layer SSF follows, in forward order (the official code's placement)."""
+    sites = [(backbone.patch_embed, "proj")]
+    if isinstance(backbone.patch_embed.norm, nn.LayerNorm):  # the code's PatchEmbed ssf_2, only with a norm
+        sites.append((backbone.patch_embed, "norm"))
+    for block in backbone.blocks:
+        sites += [(block, "norm1"), (block.attn, "qkv"), (block.attn, "proj"), (block, "norm2"), (block.mlp, "fc1"),
+                  (block.mlp, "fc2")]
+    sites.append((backbone, "norm"))
+    return sites
+
+
+@register_method("ssf")
+class SSFTuning(TuningModule):
+    label, color = "SSF", "#2ca02c"
+    options_cls = SSFOptions
+    identity_at_init = False  # gamma ~ N(1, 0.02), beta ~ N(0, 0.02): near, not at, the pretrained function
+
+    def adapt(self) -> None:
+        for parent, name in ssf_sites(self.backbone):
+            base = getattr(parent, name)
+            if isinstance(base, nn.Identity):
+                raise ValueError(f"SSF follows {type(parent).__name__}.{name}, which this backbone leaves as "
+                                 f"Identity (e.g. a mean-pooled ViT with fc_norm); SSF needs the final LayerNorm.")
+            setattr(parent, name, ScaleShift(base, float(self.options.init_std)))  # ssf_* are trainable
+
+    def ssf_layers(self) -> list[ScaleShift]:
+        return [m for m in self.modules() if isinstance(m, ScaleShift)]
+
+    def merge_ssf(self) -> None:
+        """Fold every gamma, beta into copies of the weights; valid until the next `unmerge_ssf` or `train()`."""
+        for layer in self.ssf_layers():
+            layer.merge()
+
+    def unmerge_ssf(self) -> None:
+        for layer in self.ssf_layers():
+            layer.unmerge()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:  # gamma and beta are about to change: folded copies would go stale
+            self.unmerge_ssf()
+        return self
+
+    def _merge_if_enabled(self) -> None:
+        if self.options.merge_for_eval:
+            self.merge_ssf()
+
+    # As methods/lora.py: Lightning is in eval mode for these hooks; the *_end hooks free the folded copies.
+    def on_validation_start(self) -> None:
+        self._merge_if_enabled()
+
+    def on_test_start(self) -> None:
+        self._merge_if_enabled()
+
+    def on_predict_start(self) -> None:
+        self._merge_if_enabled()
+
+    def on_validation_end(self) -> None:
+        self.unmerge_ssf()
+
+    def on_test_end(self) -> None:
+        self.unmerge_ssf()
+
+    def on_predict_end(self) -> None:
+        self.unmerge_ssf()
