@@ -6,8 +6,8 @@ from benchmark.sweeps.spec import PAPER_METHODS
 from methods import get_method_class, list_methods
 from methods.registry import color, fig3_methods, label, table_order
 
-# VPT (Jia et al., ECCV 2022) Table 1, top to bottom (Sidetune is not implemented here).
-TABLE_1_ROWS = ["full", "linear", "partial_k", "mlp_k", "bias", "adapter", "vpt_shallow", "vpt_deep"]
+# VPT (Jia et al., ECCV 2022) Table 1, top to bottom.
+TABLE_1_ROWS = ["full", "linear", "partial_k", "mlp_k", "sidetune", "bias", "adapter", "vpt_shallow", "vpt_deep"]
 FIG3 = ["full", "linear", "bias", "adapter", "vpt_shallow", "vpt_deep"]  # the paper's Fig. 3 legend
 
 
@@ -23,7 +23,8 @@ def test_fig3_methods_are_the_papers_six_and_the_grids_default():
 def test_every_method_has_its_own_label_and_colour():
     labels = {m: label(m) for m in list_methods()}
     assert labels == {"full": "Full", "linear": "Linear", "partial_k": "Partial-k", "mlp_k": "MLP-k", "bias": "Bias",
-                      "adapter": "Adapter", "vpt_shallow": "VPT-shallow", "vpt_deep": "VPT-deep", "lora": "LoRA"}
+                      "adapter": "Adapter", "vpt_shallow": "VPT-shallow", "vpt_deep": "VPT-deep", "lora": "LoRA",
+                      "sidetune": "Sidetune"}
     colours = [color(m) for m in list_methods()]
     assert len(set(colours)) == len(colours) and "#7f7f7f" not in colours  # the fallback grey is for unknown names
     assert color("partial_k") == get_method_class("partial_k").color != color("no_such_method") == "#7f7f7f"
