@@ -3,7 +3,7 @@
 # Import order is registration order: the paper's table order.
 from methods import full, linear, bias, adapter, vpt  # noqa: F401, I001
 from methods import partial, mlp, lora  # noqa: F401, I001 — beyond the paper's six, after them
-from methods import sidetune  # noqa: F401, I001 — the zoo (issue 16)
+from methods import sidetune, vqt  # noqa: F401, I001 — the zoo (issue 16)
 from methods.backbone import create_backbone, data_config, load_weights
 from methods.base import OptimConfig, TuningModule
 from methods.registry import get_method_class, list_methods, register_method

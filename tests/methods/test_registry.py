@@ -12,7 +12,7 @@ FIG3 = ["full", "linear", "bias", "adapter", "vpt_shallow", "vpt_deep"]  # the p
 
 
 def test_table_order_is_the_papers_rows_then_the_rest_then_unknown_names():
-    assert table_order(list_methods()) == TABLE_1_ROWS + ["lora"]
+    assert table_order(list_methods()) == TABLE_1_ROWS + ["lora", "vqt"]
     assert table_order(["old_method", "vpt_deep", "a_method", "full"]) == ["full", "vpt_deep", "a_method", "old_method"]
 
 
@@ -24,7 +24,7 @@ def test_every_method_has_its_own_label_and_colour():
     labels = {m: label(m) for m in list_methods()}
     assert labels == {"full": "Full", "linear": "Linear", "partial_k": "Partial-k", "mlp_k": "MLP-k", "bias": "Bias",
                       "adapter": "Adapter", "vpt_shallow": "VPT-shallow", "vpt_deep": "VPT-deep", "lora": "LoRA",
-                      "sidetune": "Sidetune"}
+                      "sidetune": "Sidetune", "vqt": "VQT"}
     colours = [color(m) for m in list_methods()]
     assert len(set(colours)) == len(colours) and "#7f7f7f" not in colours  # the fallback grey is for unknown names
     assert color("partial_k") == get_method_class("partial_k").color != color("no_such_method") == "#7f7f7f"
