@@ -37,8 +37,10 @@ def test_class_facts_and_defaults():
     assert (cls.label, cls.color, cls.paper_row, cls.identity_at_init) == ("VQT", "#393b79", None, True)
     model = create_method("vqt", make_tiny_vit(), num_classes=3)
     assert model.vqt_queries.shape == (2, 1, 32) and model.query_dropout.p == 0.1
+    torch.manual_seed(0)
+    many = create_method("vqt", make_tiny_vit(), num_classes=3, num_queries=50).vqt_queries  # 3,200 draws
     bound = math.sqrt(6 / (3 * 8 * 8 + 32))  # the official (VPT) init bound: in_chans · patch² + D
-    assert model.vqt_queries.abs().max() <= bound and model.vqt_queries.abs().max() > 0.5 * bound
+    assert 0.99 * bound < many.abs().max() <= bound and abs(many.mean()) < 0.05 * bound
     assert model.backbone.head.in_features == 32 * (1 + 2 * 1)
 
 
