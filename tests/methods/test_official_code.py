@@ -20,7 +20,8 @@ from tests.conftest import make_tiny_vit
 FROZEN_BACKBONE_METHODS = [m for m in list_methods() if m != "full"]
 DROPPY = dict(drop_rate=0.3, proj_drop_rate=0.3, attn_drop_rate=0.3, pos_drop_rate=0.3, drop_path_rate=0.3)
 OPTIONS = {"vpt_shallow": {"prompt_length": 3, "prompt_dropout": 0.0},
-           "vpt_deep": {"prompt_length": 3, "prompt_dropout": 0.0}, "mlp_k": {"dropout": 0.0}}
+           "vpt_deep": {"prompt_length": 3, "prompt_dropout": 0.0}, "mlp_k": {"dropout": 0.0},
+           "vqt": {"query_dropout": 0.0}}
 
 
 def droppy_model(method: str, **options) -> TuningModule:
