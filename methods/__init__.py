@@ -5,6 +5,7 @@ from methods import full, linear, bias, adapter, vpt  # noqa: F401, I001
 from methods import partial, mlp, lora  # noqa: F401, I001 — beyond the paper's six, after them
 from methods import adaptformer, houlsby, convpass, repadapter  # noqa: F401, I001
 from methods import ln_tune, ssf, difffit, fact  # noqa: F401, I001 — issue 16's scale/shift and factor methods
+from methods import sidetune, vqt  # noqa: F401, I001 — the zoo (issue 16)
 from methods import peft_tuners  # noqa: F401, I001 — peft's tuners, after the hand-written ones
 from methods.backbone import create_backbone, data_config, load_weights
 from methods.base import OptimConfig, TuningModule

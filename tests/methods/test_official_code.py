@@ -21,7 +21,8 @@ FROZEN_BACKBONE_METHODS = [m for m in list_methods() if m != "full"]
 DROPPY = dict(drop_rate=0.3, proj_drop_rate=0.3, attn_drop_rate=0.3, pos_drop_rate=0.3, drop_path_rate=0.3)
 OPTIONS = {"vpt_shallow": {"prompt_length": 3, "prompt_dropout": 0.0},
            "vpt_deep": {"prompt_length": 3, "prompt_dropout": 0.0}, "mlp_k": {"dropout": 0.0},
-           "fact_tt": {"dropout": 0.0}, "fact_tk": {"dropout": 0.0}}  # FacT's own dropout is on its added update
+           "fact_tt": {"dropout": 0.0}, "fact_tk": {"dropout": 0.0},  # FacT's own dropout is on its added update
+           "vqt": {"query_dropout": 0.0}}
 
 
 def droppy_model(method: str, **options) -> TuningModule:

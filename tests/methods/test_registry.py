@@ -6,8 +6,8 @@ from benchmark.sweeps.spec import PAPER_METHODS
 from methods import get_method_class, list_methods
 from methods.registry import color, fig3_methods, label, table_order
 
-# VPT (Jia et al., ECCV 2022) Table 1, top to bottom (Sidetune is not implemented here).
-TABLE_1_ROWS = ["full", "linear", "partial_k", "mlp_k", "bias", "adapter", "vpt_shallow", "vpt_deep"]
+# VPT (Jia et al., ECCV 2022) Table 1, top to bottom.
+TABLE_1_ROWS = ["full", "linear", "partial_k", "mlp_k", "sidetune", "bias", "adapter", "vpt_shallow", "vpt_deep"]
 ADAPTER_FAMILY = ["adaptformer", "houlsby", "convpass", "repadapter"]  # issue 16, in registration order
 PEFT = ["dora", "ia3", "loha", "lokr", "vera", "boft", "fourierft"]  # methods/peft_tuners.py, registration order
 FIG3 = ["full", "linear", "bias", "adapter", "vpt_shallow", "vpt_deep"]  # the paper's Fig. 3 legend
@@ -16,7 +16,7 @@ SCALES = {"ln_tune": "LN-tune", "ssf": "SSF", "difffit": "DiffFit", "fact_tt": "
 
 
 def test_table_order_is_the_papers_rows_then_the_rest_then_unknown_names():
-    assert table_order(list_methods()) == TABLE_1_ROWS + ["lora", *ADAPTER_FAMILY, *SCALES, *PEFT]
+    assert table_order(list_methods()) == TABLE_1_ROWS + ["lora", *ADAPTER_FAMILY, *SCALES, "vqt", *PEFT]
     assert table_order(["old_method", "vpt_deep", "a_method", "full"]) == ["full", "vpt_deep", "a_method", "old_method"]
 
 
@@ -29,7 +29,7 @@ def test_every_method_has_its_own_label_and_colour():
     assert labels == {"full": "Full", "linear": "Linear", "partial_k": "Partial-k", "mlp_k": "MLP-k", "bias": "Bias",
                       "adapter": "Adapter", "vpt_shallow": "VPT-shallow", "vpt_deep": "VPT-deep", "lora": "LoRA",
                       "adaptformer": "AdaptFormer", "houlsby": "Houlsby", "convpass": "Convpass",
-                      "repadapter": "RepAdapter", **SCALES,
+                      "repadapter": "RepAdapter", **SCALES, "sidetune": "Sidetune", "vqt": "VQT",
                       "dora": "DoRA", "ia3": "IA3", "loha": "LoHa", "lokr": "LoKr", "vera": "VeRA", "boft": "BOFT",
                       "fourierft": "FourierFT"}
     colours = [color(m) for m in list_methods()]
