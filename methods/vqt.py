@@ -91,8 +91,10 @@ def query_rows(block: Block, queries: torch.Tensor, tokens: torch.Tensor) -> tor
 class VisualQueryTuning(TuningModule):
     label, color = "VQT", "#393b79"
     options_cls = VQTOptions
-    # identity_at_init stays True: the queries never enter the token sequence, so the backbone's features are the
-    # plain backbone's at every step; only the (new, wider) head reads the query outputs beside them.
+    # The queries never enter the token sequence, so the backbone's features stay the plain backbone's at every
+    # step (tests/methods/test_vqt.py); but the wider head reads the query outputs beside them, so the logits are
+    # not a plain head's on the pretrained features: not identity at init in the contract's sense.
+    identity_at_init = False
     trains_on_frozen_features: ClassVar[bool] = False  # the queries read every block: no feature cache
 
     def adapt(self) -> None:
