@@ -34,7 +34,7 @@ def test_vit_b_count_follows_the_official_feature_width():
 
 def test_class_facts_and_defaults():
     cls = get_method_class("vqt")
-    assert (cls.label, cls.color, cls.paper_row, cls.identity_at_init) == ("VQT", "#393b79", None, True)
+    assert (cls.label, cls.color, cls.paper_row, cls.identity_at_init) == ("VQT", "#393b79", None, False)
     model = create_method("vqt", make_tiny_vit(), num_classes=3)
     assert model.vqt_queries.shape == (2, 1, 32) and model.query_dropout.p == 0.1
     torch.manual_seed(0)
