@@ -9,13 +9,14 @@ prepended to every window with zero bias and mask entries, their outputs average
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from methods import create_method
+from methods import create_backbone, create_method
 from tests.conftest import make_tiny
 
 # Tiny Swins: the conftest one (8x8 then 4x4 tokens, 4x4 windows: shifted windows in stage 0 only), three stages
@@ -141,3 +142,179 @@ def test_swin_vpt_equals_the_official_forward_written_out(deep, swin):
         torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
         if deep:  # the comparison tells deep from shallow
             assert not torch.allclose(reference_logits(model, images[0], False), expected[0], atol=1e-3)
+
+
+def test_swin_prompt_init_is_uniform_within_the_stage0_bound():
+    torch.manual_seed(0)
+    model = create_method("vpt_deep", make_tiny("swin"), num_classes=3, prompt_length=100)
+    bound = math.sqrt(6.0 / (3 * 4 * 4 + 24))  # the official `val`: patch 4, stage-0 width 24, for every stage
+    assert [tuple(t.shape) for t in model.vpt_prompts] == [(2, 100, 24), (2, 100, 48)]
+    for tensor in model.vpt_prompts:
+        values = tensor.detach().flatten()
+        assert values.abs().max() <= bound and values.max() > 0.98 * bound and values.min() < -0.98 * bound
+        assert values.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+
+
+def test_swin_prompt_dropout_masks_each_image_in_training_only():
+    torch.manual_seed(0)
+    model = create_method("vpt_shallow", make_tiny("swin"), num_classes=3, prompt_dropout=0.5)
+    image = torch.randn(1, 3, 32, 32).expand(2, -1, -1, -1)  # the same image twice
+    model.train()
+    logits = model(image)
+    assert not torch.allclose(logits[0], logits[1])  # a mask per image
+    model.eval()
+    logits = model(image)
+    torch.testing.assert_close(logits[0], logits[1])
+
+
+def test_swin_vpt_honours_gradient_checkpointing(monkeypatch):
+    import methods.swin_prompts
+
+    calls = []
+    checkpoint = methods.swin_prompts.checkpoint
+    monkeypatch.setattr(methods.swin_prompts, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    model = build("vpt_deep").train()  # frozen modules in eval mode: the tiny Swin's drop-path stays off
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    expected = model(images)
+    expected.sum().backward()
+    grads = [t.grad.clone() for t in model.vpt_prompts]
+    model.zero_grad()
+    model.backbone.set_grad_checkpointing(True)
+    logits = model(images)
+    logits.sum().backward()
+    torch.testing.assert_close(logits, expected)
+    assert len(calls) == 4  # every block of both stages
+    for grad, tensor in zip(grads, model.vpt_prompts, strict=True):
+        torch.testing.assert_close(tensor.grad, grad)
+
+
+# --- Swin-B (swin_base_patch4_window7_224, 200 classes): tuned parameters as the official code counts them -----
+# (every tensor with requires_grad, the new head included: its log_model_info "Gradient Parameters")
+WIDTHS, DEPTHS, HEADS, TABLE = (128, 256, 512, 1024), (2, 2, 18, 2), (4, 8, 16, 32), (2 * 7 - 1) ** 2
+HEAD = 1024 * 200 + 200
+
+
+def block_params(width: int, heads: int) -> int:
+    """norm1 2C, qkv 3C^2 + 3C, proj C^2 + C, relative-position table 169 h, norm2 2C, fc1 4C^2 + 4C, fc2 4C^2 + C."""
+    return 12 * width ** 2 + 13 * width + TABLE * heads
+
+
+def swin_b_total() -> int:
+    embed = 3 * 4 * 4 * 128 + 128 + 2 * 128  # patch projection and its norm
+    blocks = sum(d * block_params(c, h) for c, d, h in zip(WIDTHS, DEPTHS, HEADS, strict=True))
+    merges = sum(2 * 4 * c + 4 * c * 2 * c for c in WIDTHS[:-1])  # norm(4C) and reduction 4C -> 2C, no bias
+    return embed + blocks + merges + 2 * 1024 + HEAD
+
+
+SWIN_B_COUNTS = {
+    "linear": HEAD,
+    "full": swin_b_total(),
+    "vpt_shallow": 50 * 128 + HEAD,
+    # the official prompt_embeddings (1, 50, 128) + deep_prompt_embeddings_0..3 (d0 - 1, d1, d2, d3 sets)
+    "vpt_deep": 50 * (1 * 128 + (2 - 1) * 128 + 2 * 256 + 18 * 512 + 2 * 1024) + HEAD,  # 601,600 + 205,000
+    "bias": (sum(d * 11 * c for c, d in zip(WIDTHS, DEPTHS, strict=True))  # qkv 3C, proj C, fc1 4C, fc2 C, 2 norms
+             + 128 + 128 + sum(4 * c for c in WIDTHS[:-1]) + 1024 + HEAD),  # patch proj + norm, merge norms, norm
+    "adapter": sum(d * (c * (c // 8) + c // 8 + (c // 8) * c + c) for c, d in zip(WIDTHS, DEPTHS, strict=True))
+    + HEAD,
+    "lora": sum(d * 8 * (c + 3 * c + c + c) for c, d in zip(WIDTHS, DEPTHS, strict=True)) + HEAD,  # qkv and proj
+    "partial_k": block_params(1024, 32) + 2 * 1024 + HEAD,  # k = 1: the last block and the final norm
+    "mlp_k": 2 * (1024 * 1024 + 1024 + 2 * 1024) + HEAD,  # k = 3: two hidden Linear + LayerNorm layers
+}
+
+
+@pytest.mark.parametrize("method", SWIN_B_COUNTS)
+def test_swin_b_tuned_parameters_follow_the_formula(method):
+    options = {"prompt_length": 50} if method.startswith("vpt") else {}
+    with torch.device("meta"):
+        model = create_method(method, create_backbone("swin_base_patch4_window7_224"), num_classes=200, **options)
+    assert model.tuned_params == SWIN_B_COUNTS[method]
+    adds = method in ("vpt_shallow", "vpt_deep", "adapter", "lora", "mlp_k")  # new tensors (mlp_k: a new head)
+    assert model.total_params == swin_b_total() + (SWIN_B_COUNTS[method] - HEAD if adds else 0)
+    if method == "vpt_deep":
+        assert model.tuned_params == 806_600  # quoted in docs/backbones.md
+
+
+def test_make_params_counts_every_swin_method(capsys):
+    from benchmark.params import main
+    from methods.registry import methods_for_family
+
+    assert main(["--backbone", "swin_base_patch4_window7_224", "--csv"]) == 0
+    rows = [line.split(",") for line in capsys.readouterr().out.strip().splitlines()[1:]]
+    assert [row[0] for row in rows] == methods_for_family("swin")
+    assert {row[0]: int(row[1]) for row in rows}["vpt_deep"] == SWIN_B_COUNTS["vpt_deep"]
+
+
+# --- the other methods' placement on a Swin ------------------------------------------------------------------
+def official_partial(name: str, k: int) -> bool:
+    """The VPT code's Swin partial-1/2/4 filters (src/models/vit_models.py, class Swin) on timm names: its stage i
+    merges at its end, timm's stage i + 1 at its start, so its `layers.2.downsample` is timm's `layers.3.downsample`."""
+    if name in ("norm.weight", "norm.bias") or name.startswith("head."):
+        return True
+    if k == 1:
+        return "layers.3.blocks.1." in name
+    if k == 2:
+        return "layers.3.blocks." in name
+    return ("layers.3.blocks." in name or "layers.2.blocks.17." in name or "layers.2.blocks.16." in name
+            or "layers.3.downsample." in name)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_swin_partial_k_is_the_official_partial(k):
+    with torch.device("meta"):
+        model = create_method("partial_k", create_backbone("swin_base_patch4_window7_224"), num_classes=200, k=k)
+    tuned = {n for n, p in model.backbone.named_parameters() if p.requires_grad}
+    assert tuned == {n for n, _ in model.backbone.named_parameters() if official_partial(n, k)}
+
+
+def test_swin_adapter_sits_after_every_blocks_mlp():
+    model = create_method("adapter", make_tiny("swin"), num_classes=3, reduction=4).eval()
+    blocks = [block for stage in model.backbone.layers for block in stage.blocks]
+    assert [a.down.out_features for a in model.adapters()] == [6, 6, 12, 12]  # width // 4 per stage
+    x = torch.randn(2, 4, 4, 48)
+    block = blocks[-1]
+    with torch.no_grad():
+        torch.nn.init.normal_(block.mlp.adapter.up.weight)
+        adapter, mlp = block.mlp.adapter, block.mlp.mlp
+        h = x + block._attn(layer_norm(block.norm1, x))  # the attention half, untouched
+        m = linear(mlp.fc2, F.gelu(linear(mlp.fc1, layer_norm(block.norm2, h))))
+        expected = h + m + linear(adapter.up, F.gelu(linear(adapter.down, m)))
+        torch.testing.assert_close(block(x), expected, rtol=0, atol=1e-5)
+
+
+def test_swin_lora_equals_the_backbone_with_merged_window_attention_weights():
+    torch.manual_seed(0)
+    backbone = make_tiny("swin")
+    plain = copy.deepcopy(backbone)
+    model = create_method("lora", backbone, num_classes=3, merge_for_eval=False).eval()
+    with torch.no_grad():
+        for layer in model.lora_layers():
+            torch.nn.init.normal_(layer.lora_B)
+    wrapped = {n.removeprefix("backbone.").rsplit(".", 1)[0] for n, _ in model.named_parameters() if "lora_A" in n}
+    assert wrapped == {f"layers.{s}.blocks.{b}.attn.{p}" for s in range(2) for b in range(2) for p in ("qkv", "proj")}
+    plain.reset_classifier(3)
+    plain.head.fc.load_state_dict(model.backbone.get_classifier().state_dict())
+    with torch.no_grad():
+        for name in wrapped:
+            layer = model.backbone.get_submodule(name)
+            plain.get_submodule(name).weight += layer.scaling * layer.lora_B @ layer.lora_A
+        images = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(model(images), plain.eval()(images), rtol=0, atol=1e-5)
+
+
+def test_swin_linear_probe_reads_the_pooled_features():
+    model = create_method("linear", make_tiny("swin"), num_classes=3).eval()
+    images = torch.randn(2, 3, 32, 32)
+    features = model.frozen_features(images).clone()
+    expected = linear(model.backbone.head.fc, model.backbone.forward_features(images).mean(dim=(1, 2)))
+    torch.testing.assert_close(model(images), expected, rtol=0, atol=1e-5)
+    model.read_features(True)
+    torch.testing.assert_close(model(features), expected, rtol=0, atol=1e-5)
+
+
+def test_swin_mlp_k_replaces_the_fc_after_the_pool():
+    model = create_method("mlp_k", make_tiny("swin"), num_classes=3, k=3).eval()
+    assert isinstance(model.backbone.head.fc, torch.nn.Sequential) and len(model.backbone.head.fc) == 9
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        pooled = model.backbone.forward_features(images).mean(dim=(1, 2))
+        torch.testing.assert_close(model(images), model.backbone.head.fc(pooled), rtol=0, atol=1e-6)
