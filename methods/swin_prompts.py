@@ -134,7 +134,7 @@ def merge_prompts(downsample: nn.Module, prompts: torch.Tensor) -> torch.Tensor:
 
 def forward_features(model, x: torch.Tensor) -> torch.Tensor:
     """The prompted Swin forward of a VisualPromptTuning `model` (its vpt_prompts from make_prompts, its
-    prompts_for dropout): the normed [prompts, tokens] as a (B, 1, p + H*W, C) map for timm's average-pool head."""
+    dropped_prompts): the normed [prompts, tokens] as a (B, 1, p + H*W, C) map for timm's average-pool head."""
     backbone = model.backbone
     x = backbone.patch_embed(x)  # (B, H, W, C0), patch norm included
     batch, prompts = x.shape[0], None
@@ -145,7 +145,8 @@ def forward_features(model, x: torch.Tensor) -> torch.Tensor:
         checkpointing = stage.grad_checkpointing and torch.is_grad_enabled()
         for block_index, block in enumerate(stage.blocks):
             if model.deep or prompts is None:  # a fresh set replaces the previous block's prompt outputs
-                prompts = model.prompts_for(model.vpt_prompts[stage_index][block_index], batch).expand(batch, -1, -1)
+                prompts = model.vpt_prompts[stage_index][block_index]  # (p, C)
+                prompts = model.dropped_prompts(prompts, batch).expand(batch, -1, -1)
             if checkpointing:
                 x, prompts = checkpoint(prompted_block, block, x, prompts, use_reentrant=False)
             else:

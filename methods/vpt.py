@@ -124,7 +124,10 @@ class VisualPromptTuning(TuningModule):
                 if KeyValuePromptBlock.supports(block):
                     block.__class__ = KeyValuePromptBlock  # same parameters and state dict, one more forward mode
 
-    def prompts_for(self, prompts: torch.Tensor, batch: int) -> torch.Tensor:
+    def prompts_for(self, layer: int, batch: int) -> torch.Tensor:
+        return self.dropped_prompts(self.vpt_prompts[layer], batch)
+
+    def dropped_prompts(self, prompts: torch.Tensor, batch: int) -> torch.Tensor:
         """One layer's prompts (p, D) as (B, p, D) with the VPT code's per-image dropout masks (it expands, then
         drops out); (1, p, D) where dropout is off (rate 0, or eval): every image then sees the same prompts, so a
         KeyValuePromptBlock projects them to keys/values once per batch instead of once per image — the same values,
@@ -148,7 +151,7 @@ class VisualPromptTuning(TuningModule):
         for layer, block in enumerate(backbone.blocks):
             kwargs = {}
             if layer == 0 or self.deep:  # deep: this layer's prompts replace the previous block's prompt outputs
-                prompts = self.prompts_for(self.vpt_prompts[layer], batch)  # (B or 1, p, D)
+                prompts = self.prompts_for(layer, batch)  # (B or 1, p, D)
                 rest = x[:, prefix + p:] if has_prompts else x[:, prefix:]
                 if isinstance(block, KeyValuePromptBlock):  # their outputs would be discarded: keys/values only
                     x = torch.cat([x[:, :prefix], rest], dim=1) if has_prompts else x
