@@ -3,7 +3,8 @@ as used for the ADAPTER baseline in VPT (Jia et al., 2022, https://arxiv.org/abs
 
 Placement (the VPT code's Pfeiffer variant): after each block's MLP, before its residual add,
     h = mlp(norm2(x));  x = x + h + up(gelu(down(h)))
-with a bottleneck of dim // reduction, both projections with bias, no extra norm.
+with a bottleneck of dim // reduction, both projections with bias, no extra norm. On a Swin (ours: the VPT code has
+no Swin adapter) every block of every stage gets one in the same place, its bottleneck from that stage's width.
 
 Initialisation: `up` is zero so every adapter starts as the identity, but `down` is Kaiming-uniform.
 The VPT code zero-initialises both projections, which makes every gradient zero forever (the output of
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from methods.backbone import transformer_blocks
 from methods.base import TuningModule
 from methods.registry import register_method
 
@@ -58,16 +60,19 @@ class MlpWithAdapter(nn.Module):
 class AdapterTuning(TuningModule):
     label, color, paper_row, in_fig3 = "Adapter", "#8c564b", 6, True
     options_cls = AdapterOptions
+    families = ("vit", "swin")
 
     def adapt(self) -> None:
-        dim = self.backbone.embed_dim
         reduction = int(self.options.reduction)
-        if dim % reduction:
-            divisors = [r for r in range(1, dim + 1) if dim % r == 0 and r <= 64]
-            raise ValueError(f"adapter reduction {reduction} does not divide the embedding width {dim}; "
-                             f"choose one of {divisors}.")
-        for block in self.backbone.blocks:
+        blocks = transformer_blocks(self.backbone)
+        for dim in sorted({block.mlp.fc1.in_features for block in blocks}):  # a Swin's width doubles per stage
+            if dim % reduction:
+                divisors = [r for r in range(1, dim + 1) if dim % r == 0 and r <= 64]
+                raise ValueError(f"adapter reduction {reduction} does not divide the embedding width {dim}; "
+                                 f"choose one of {divisors}.")
+        for block in blocks:
+            dim = block.mlp.fc1.in_features  # the block's width
             block.mlp = MlpWithAdapter(block.mlp, Adapter(dim, dim // reduction))  # new params trainable
 
     def adapters(self) -> list[Adapter]:
-        return [block.mlp.adapter for block in self.backbone.blocks]
+        return [block.mlp.adapter for block in transformer_blocks(self.backbone)]

@@ -61,6 +61,13 @@ def backbone_family(model) -> str | None:
     return None
 
 
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks in forward order: a ViT's `blocks`; a Swin's blocks of every stage, stage by stage."""
+    if backbone_family(model) == "swin":
+        return [block for stage in model.layers for block in stage.blocks]
+    return list(model.blocks)
+
+
 def is_vit_name(name: str) -> bool:
     return name.split(".")[0] in timm.list_models() and "vit" in name.split(".")[0]
 

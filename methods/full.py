@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from methods.backbone import transformer_blocks
 from methods.base import TuningModule
 from methods.registry import register_method
 
@@ -30,6 +31,7 @@ class FullFineTuning(TuningModule):
     label, color, paper_row, in_fig3 = "Full", "#4d4d4d", 0, True
     options_cls = FullOptions
     frozen_backbone = False
+    families = ("vit", "swin")
 
     def adapt(self) -> None:
         self.backbone.requires_grad_(True)
@@ -38,10 +40,11 @@ class FullFineTuning(TuningModule):
 
     def set_dropout(self, rate: float) -> None:
         backbone = self.backbone
-        mlps = [block.mlp for block in backbone.blocks]
+        mlps = [block.mlp for block in transformer_blocks(backbone)]
         if not all(isinstance(getattr(m, name, None), nn.Dropout) for m in mlps for name in ("drop1", "drop2")):
             raise ValueError(f"full dropout={rate} sets timm Mlp's drop1/drop2; this backbone's MLPs are "
                              f"{type(mlps[0]).__name__}. Use dropout=0 or a backbone with timm's Mlp.")
         for mlp in mlps:
             mlp.drop1.p = mlp.drop2.p = rate
-        backbone.pos_drop.p = rate
+        if hasattr(backbone, "pos_drop"):  # a timm Swin has no position embedding and no dropout after it
+            backbone.pos_drop.p = rate

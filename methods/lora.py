@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods.backbone import transformer_blocks
 from methods.base import TuningModule
 from methods.registry import register_method
 
@@ -80,10 +81,11 @@ class LoRALinear(nn.Module):
 class LoRATuning(TuningModule):
     label, color = "LoRA", "#9edae5"
     options_cls = LoRAOptions
+    families = ("vit", "swin")
 
     def adapt(self) -> None:
         rank, alpha = self.options.rank, float(self.options.alpha)
-        for block in self.backbone.blocks:
+        for block in transformer_blocks(self.backbone):  # a Swin's window attention has the same qkv / proj
             attn = block.attn
             if not (isinstance(attn.qkv, nn.Linear) and isinstance(attn.proj, nn.Linear)):
                 raise ValueError(f"LoRA wraps nn.Linear attention projections; this backbone's are "

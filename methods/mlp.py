@@ -53,7 +53,12 @@ def mlp_head(dim: int, num_classes: int, layers: int, dropout: float) -> nn.Sequ
 class MLPHeadProbe(LinearProbe):
     label, color, paper_row, in_fig3 = "MLP-k", "#e377c2", 3, False
     options_cls = MLPOptions
+    families = ("vit", "swin")
 
     def adapt(self) -> None:
         backbone = self.backbone
-        backbone.head = mlp_head(backbone.num_features, self.num_classes, self.options.k, self.options.dropout)
+        head = mlp_head(backbone.num_features, self.num_classes, self.options.k, self.options.dropout)
+        # in the classifier's place: a ViT's `head`, a Swin's `head.fc` (its head module pools first)
+        name = next(n for n, m in backbone.named_modules() if m is backbone.get_classifier())
+        parent, _, attribute = name.rpartition(".")
+        setattr(backbone.get_submodule(parent), attribute, head)

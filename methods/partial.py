@@ -5,10 +5,16 @@ Everything after the last k blocks trains too: the final `norm`, timm's `fc_norm
 backbones) and an attention-pooling head (`attn_pool`, MAP backbones), since each sits between the tuned
 blocks and the classifier. The frozen early blocks cost no autograd: nothing before them requires grad, so
 autograd records nothing until the first tuned block.
+
+On a Swin the k blocks are counted across stages from the end (the last block of the last stage is block 1), and
+every patch merge after the first tuned block trains with them, then the final norm: the VPT code's Swin
+partial-1 (the last block + norm), partial-2 (the last stage) and partial-4 (the last stage, the two blocks before
+it and the merge between them) are k = 1, 2, 4 on Swin-B.
 """
 
 from dataclasses import dataclass, field
 
+from methods.backbone import backbone_family, transformer_blocks
 from methods.base import TuningModule
 from methods.registry import register_method
 
@@ -27,16 +33,22 @@ class PartialOptions:
 class PartialFineTuning(TuningModule):
     label, color, paper_row = "Partial-k", "#bcbd22", 2
     options_cls = PartialOptions
+    families = ("vit", "swin")
 
     def adapt(self) -> None:
         backbone = self.backbone
-        depth = len(backbone.blocks)
+        blocks = transformer_blocks(backbone)
+        depth = len(blocks)
         if self.options.k > depth:
             raise ValueError(f"partial_k k={self.options.k} exceeds the backbone's {depth} blocks; choose k in "
                              f"1..{depth} (k={depth} tunes every block but leaves the embeddings frozen; "
                              "method 'full' tunes everything).")
-        for block in backbone.blocks[depth - self.options.k:]:
+        for block in blocks[depth - self.options.k:]:
             block.requires_grad_(True)
-        for after_blocks in (backbone.norm, backbone.fc_norm, getattr(backbone, "attn_pool", None)):
+        if backbone_family(backbone) == "swin":  # a patch merge fed by a tuned block lies between tuned blocks
+            for index, stage in enumerate(backbone.layers):
+                if self.options.k > sum(len(later.blocks) for later in backbone.layers[index:]):
+                    stage.downsample.requires_grad_(True)  # timm's Identity at stage 0: no parameters
+        for after_blocks in (backbone.norm, getattr(backbone, "fc_norm", None), getattr(backbone, "attn_pool", None)):
             if after_blocks is not None:  # nn.Identity when absent: no parameters
                 after_blocks.requires_grad_(True)

@@ -17,6 +17,9 @@ are stripped), so computing their queries, attention rows, projection and MLP is
 p = 50 that is a fifth of every block's matmuls. `KeyValuePromptBlock` runs a timm Block with the prompts as
 extra keys and values only, never inserted into the sequence: the same function (tests/benchmark/test_perf.py
 compares it with plain blocks) at about (N + p/6) / (N + p) of the matmul cost.
+
+Swin (timm `swin_*`): prompts enter every window of every block and pass the patch merges, as the official code
+does it; that machinery, and what the official code does there, is in methods/swin_prompts.py.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from methods import swin_prompts
+from methods.backbone import backbone_family
 from methods.base import TuningModule
 from methods.registry import register_method
 
@@ -97,33 +102,44 @@ class VisualPromptTuning(TuningModule):
     options_cls = VPTOptions
     deep: ClassVar[bool] = False
     identity_at_init = False  # the prompts change every token the head reads from the first step
+    families = ("vit", "swin")
 
     def adapt(self) -> None:
         backbone = self.backbone
+        self.prompt_length = self.options.prompt_length
+        dropout = self.options.prompt_dropout
+        self.prompt_dropout = nn.Dropout(dropout if dropout is not None else (0.1 if self.deep else 0.0))
+        self.swin = backbone_family(backbone) == "swin"
+        if self.swin:  # one (blocks, p, C) tensor per stage, widths doubling with the stages
+            self.vpt_prompts = swin_prompts.make_prompts(backbone, self.prompt_length, self.deep)
+            return
         depth = len(backbone.blocks) if self.deep else 1
         patch_h, patch_w = backbone.patch_embed.patch_size
         in_chans = backbone.patch_embed.proj.in_channels
         bound = math.sqrt(6.0 / float(in_chans * patch_h * patch_w + backbone.embed_dim))
-        self.prompt_length = self.options.prompt_length
         self.vpt_prompts = nn.Parameter(torch.empty(depth, self.prompt_length, backbone.embed_dim))  # (L, p, D)
         nn.init.uniform_(self.vpt_prompts, -bound, bound)
-        dropout = self.options.prompt_dropout
-        self.prompt_dropout = nn.Dropout(dropout if dropout is not None else (0.1 if self.deep else 0.0))
         if self.deep:  # every block's prompt outputs are discarded: compute the prompts as keys/values only
             for block in backbone.blocks:
                 if KeyValuePromptBlock.supports(block):
                     block.__class__ = KeyValuePromptBlock  # same parameters and state dict, one more forward mode
 
     def prompts_for(self, layer: int, batch: int) -> torch.Tensor:
-        """(B, p, D) with the VPT code's per-image dropout masks (it expands, then drops out); (1, p, D) where
-        dropout is off (rate 0, or eval): every image then sees the same prompts, so a KeyValuePromptBlock
-        projects them to keys/values once per batch instead of once per image — the same values, less work."""
-        prompts = self.vpt_prompts[layer].unsqueeze(0)  # (1, p, D)
+        return self.dropped_prompts(self.vpt_prompts[layer], batch)
+
+    def dropped_prompts(self, prompts: torch.Tensor, batch: int) -> torch.Tensor:
+        """One layer's prompts (p, D) as (B, p, D) with the VPT code's per-image dropout masks (it expands, then
+        drops out); (1, p, D) where dropout is off (rate 0, or eval): every image then sees the same prompts, so a
+        KeyValuePromptBlock projects them to keys/values once per batch instead of once per image — the same values,
+        less work."""
+        prompts = prompts.unsqueeze(0)  # (1, p, D)
         if self.prompt_dropout.p == 0.0 or not self.prompt_dropout.training:
             return prompts
         return self.prompt_dropout(prompts.expand(batch, -1, -1))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swin:
+            return swin_prompts.forward_features(self, x)  # (B, 1, p + H*W, C): prompts and tokens, normed
         backbone = self.backbone
         prefix = backbone.num_prefix_tokens  # CLS (+ registers)
         x = backbone.patch_embed(x)

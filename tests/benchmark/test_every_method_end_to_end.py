@@ -1,6 +1,7 @@
 """Every registered method, one epoch through `benchmark.core.pipeline.run` (the path of `make bench`): on the
 embedded default (its pretrained backbone, the digits task) and on a tiny random-init ViT over each image-file
-dataset family (FGVC JSON, VTAB-1k lists, a class-folder tree), each from a fixture written here."""
+dataset family (FGVC JSON, VTAB-1k lists, a class-folder tree), each from a fixture written here; every method that
+supports Swin on a tiny random-init Swin over FGVC."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from benchmark.core.config import EMBEDDED_BACKBONE, RunConfig
 from benchmark.core.pipeline import run
 from datamodules import create_datamodule
 from methods import create_backbone, data_config, list_methods
-from tests.conftest import TINY_VIT
+from methods.registry import methods_for_family
+from tests.conftest import TINY_BACKBONES, TINY_VIT
 from tests.datamodules.test_fgvc import make_fgvc
 from tests.datamodules.test_folder import make_folder
 from tests.datamodules.test_vtab import make_vtab
@@ -55,3 +57,13 @@ def test_on_each_dataset_family_with_a_tiny_vit(method, family, family_roots, tm
                     backbone="vit_tiny_patch16_224", pretrained=False, backbone_kwargs=TINY_VIT, epochs=1,
                     warmup_epochs=0, batch_size=4, results_dir=str(tmp_path / "results"))
     check(run(cfg), {"cub": 9, "vtab/kitti": 8, "folder": 6}[family])
+
+
+@pytest.mark.parametrize("method", methods_for_family("swin"))
+def test_on_fgvc_with_a_tiny_swin(method, family_roots, tmp_path):
+    name, kwargs = TINY_BACKBONES["swin"]
+    cfg = RunConfig(method=method, dataset="cub", data_root=str(family_roots["cub"]), train_fraction=1.0,
+                    backbone=name, pretrained=False, backbone_kwargs=kwargs, epochs=1, warmup_epochs=0,
+                    batch_size=4, method_options={"prompt_length": 5} if method.startswith("vpt") else {},
+                    results_dir=str(tmp_path / "results"))
+    check(run(cfg), 9)

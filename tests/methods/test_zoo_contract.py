@@ -1,4 +1,5 @@
-"""The contract every registered method keeps, checked for each one on a tiny ViT with its default options:
+"""The contract every registered method keeps, checked for each one with its default options on a tiny backbone of
+every family it supports (tests/conftest.py make_tiny; convnets where a method declares them):
 
 - where its paper says it starts from the pretrained function (`identity_at_init`), its logits before any step equal
   the plain backbone's with the same head;
@@ -14,30 +15,39 @@ import pytest
 import torch
 
 from methods import create_method, get_method_class, list_methods
-from tests.conftest import make_tiny_vit
+from tests.conftest import make_tiny
+
+PAIRS = [(method, family) for method in list_methods() for family in get_method_class(method).families]
 
 
-def build(method: str):
+def build(method: str, family: str = "vit"):
     torch.manual_seed(0)
-    backbone = make_tiny_vit()
+    backbone = make_tiny(family)
     plain = copy.deepcopy(backbone)
     return create_method(method, backbone, num_classes=3), plain
 
 
-@pytest.mark.parametrize("method", [m for m in list_methods() if get_method_class(m).identity_at_init])
-def test_starts_as_the_pretrained_function(method, tiny_batch):
-    model, plain = build(method)
+def put_classifier(backbone, classifier) -> None:
+    """`classifier` where timm's get_classifier() sits: a ViT's `head`, a Swin's `head.fc` (after its pool)."""
+    name = next(n for n, m in backbone.named_modules() if m is backbone.get_classifier())
+    parent, _, attribute = name.rpartition(".")
+    setattr(backbone.get_submodule(parent), attribute, classifier)
+
+
+@pytest.mark.parametrize(("method", "family"), [(m, f) for m, f in PAIRS if get_method_class(m).identity_at_init])
+def test_starts_as_the_pretrained_function(method, family, tiny_batch):
+    model, plain = build(method, family)
     head = model.backbone.get_classifier()
     plain.reset_classifier(3)
-    plain.head = copy.deepcopy(head)  # the same new head on the untouched backbone
+    put_classifier(plain, copy.deepcopy(head))  # the same new head on the untouched backbone
     model.eval(), plain.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(tiny_batch[0]), plain(tiny_batch[0]), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", list_methods())
-def test_every_tuned_tensor_moves_and_nothing_else_does(method, tiny_batch):
-    model, _ = build(method)
+@pytest.mark.parametrize(("method", "family"), PAIRS)
+def test_every_tuned_tensor_moves_and_nothing_else_does(method, family, tiny_batch):
+    model, _ = build(method, family)
     tuned = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(n.startswith("backbone.head") for n in tuned), "every protocol trains a new head"
     assert model.tuned_params == sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -123,7 +123,7 @@ def test_backbone_family_a_method_does_not_support_is_rejected(tmp_path, capsys)
     err = bench(tmp_path, capsys, "--backbone", "efficientnet_b0", "--scratch")
     assert "timm EfficientNet, which no tuning method supports; the backbone families are: plain ViTs" in err
     err = bench(tmp_path, capsys, "--backbone", "resnet18", "--scratch", "--method", "vpt_deep")
-    assert "Method 'vpt_deep' does not support convnet backbones (a timm ResNet); it supports: vit." in err
+    assert "Method 'vpt_deep' does not support convnet backbones (a timm ResNet); it supports: vit, swin." in err
 
 
 # --- fraction ------------------------------------------------------------------------------------------------
