@@ -34,6 +34,7 @@ from datamodules.checks import check_image_files, prepare_hint
 from methods import OptimConfig, create_backbone, create_method, data_config, get_method_class
 from methods.base import HEAD_INITS, optim_problems
 from methods.registry import closest_name
+from methods.ssl_vits import not_on_hub
 
 BATCH_SIZE_RANGE = (1, 65_536)
 SEED_RANGE = (0, 2**32 - 1)  # numpy's PCG64 seeds the splits and takes non-negative integers
@@ -167,6 +168,8 @@ def check_model_builds(cfg: RunConfig) -> list[str]:
 
 def check_weights(cfg: RunConfig) -> list[str]:
     """WEIGHTS must exist; whether they are a checkpoint that fits is checked when they load (methods.backbone)."""
+    if cfg.weights is None and cfg.pretrained and (why := not_on_hub(cfg.backbone)):
+        return [why]  # MoCo v3: only a local checkpoint has its weights
     if cfg.weights is None or Path(cfg.weights).is_file():
         return []
     return [f"WEIGHTS file {cfg.weights!r} does not exist; pass the path of a .npz, .pth/.pt or .safetensors "
