@@ -134,14 +134,14 @@ def read_moco_state(path: Path) -> dict:
 
 
 def checkpoint_state(model: nn.Module, state: dict) -> dict:
-    """A checkpoint's state dict (after timm's filter) as `model` takes it. MAE with the average pool: the
-    pretraining's final `norm` is dropped and `fc_norm` starts at its init (MAE fine-tuning, the VPT code); its
-    decoder and mask token (in MAE's visualisation checkpoints) are dropped."""
-    if pretraining(model) == "mae" and isinstance(model.norm, nn.Identity) and not isinstance(model.fc_norm,
-                                                                                               nn.Identity):
-        state = {k: v for k, v in state.items()
-                 if not (k.startswith(("norm.", "decoder", "mask_token")))}
+    """A checkpoint's state dict (after timm's filter) as `model` takes it. MAE: the decoder and mask token (in
+    MAE's visualisation checkpoints) are dropped; with the average pool, so is the pretraining's final `norm`, and
+    `fc_norm` starts at its init (MAE's fine-tuning, the VPT code)."""
+    if pretraining(model) != "mae":
+        return state
+    state = {k: v for k, v in state.items() if not k.startswith(("decoder", "mask_token"))}
+    if isinstance(model.norm, nn.Identity) and not isinstance(model.fc_norm, nn.Identity):
+        state = {k: v for k, v in state.items() if not k.startswith("norm.")}
         for key, value in model.fc_norm.state_dict().items():
             state.setdefault(f"fc_norm.{key}", value.detach().clone())
     return state
-
