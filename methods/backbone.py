@@ -41,8 +41,7 @@ def vit_embedded_p7_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
 
 # The backbone families a method can declare (TuningModule.families), with what each covers.
 FAMILIES = {
-    "vit": "plain ViTs: timm VisionTransformer (vit_*, deit_*, MAE, MoCo v3, DINOv2, CLIP, the embedded "
-           "vit_embedded_p7_28)",
+    "vit": "plain ViTs: timm VisionTransformer (vit_*, deit_*, the embedded vit_embedded_p7_28)",
     "swin": "Swin Transformers: timm SwinTransformer (swin_*)",
     "convnet": "ConvNets: timm ResNet and ConvNeXt (resnet*, convnext*)",
 }
