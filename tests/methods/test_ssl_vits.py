@@ -94,7 +94,7 @@ def test_the_head_reads_what_the_checkpoint_was_trained_for(kind):
 def test_each_checkpoint_normalises_with_its_own_mean_and_std_in_the_datamodule(kind, tmp_path):
     name, kwargs, *_, (mean, std) = GEOMETRIES[kind]
     backbone_kwargs = {"img_size": 224} if "dinov2" in kind else {}
-    cfg = RunConfig(backbone=name, dataset="fgvc/cub", data_root=str(tmp_path), backbone_kwargs=backbone_kwargs)
+    cfg = RunConfig(backbone=name, dataset="cub", data_root=str(tmp_path), backbone_kwargs=backbone_kwargs)
     planned = planned_data_config(cfg.resolved())  # what the pipeline hands the datamodule
     assert planned["mean"] == pytest.approx(mean) and planned["std"] == pytest.approx(std)
     assert planned["input_size"] == (3, 224, 224)  # DINOv2: timm's 518 px config, built for 224 px
@@ -177,7 +177,7 @@ def test_a_file_that_is_not_mocov3_is_refused_in_one_line(tmp_path):
 def test_mocov3_needs_a_local_file():
     with pytest.raises(ValueError, match="MoCo v3 weights are not on the timm hub; pass .*WEIGHTS="):
         create_backbone("vit_base_patch16_224.mocov3", pretrained=True)
-    cfg = RunConfig(backbone="vit_base_patch16_224.mocov3", dataset="fgvc/cub").resolved()
+    cfg = RunConfig(backbone="vit_base_patch16_224.mocov3", dataset="cub").resolved()
     assert any("not on the timm hub" in problem for problem in check_weights(cfg))  # refused before anything runs
 
 
