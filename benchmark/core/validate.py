@@ -68,6 +68,8 @@ def check_backbone_name(name: str, uses_hub: bool) -> list[str]:
         return [f"Unknown backbone {name!r}.{closest_name(architecture, vits)} Use a timm ViT name "
                 f"(`timm.list_models('*vit*')` lists {len(vits)}), e.g. vit_base_patch16_224.orig_in21k "
                 "(set BACKBONE=<name>)."]
+    if uses_hub and (why := not_on_hub(name)):
+        return [why]  # MoCo v3 (a tag of ours, methods/ssl_vits.py): only a local checkpoint has its weights
     if tag and uses_hub:
         tagged = timm.list_pretrained(f"{architecture}.*")
         if name not in tagged:
@@ -168,8 +170,6 @@ def check_model_builds(cfg: RunConfig) -> list[str]:
 
 def check_weights(cfg: RunConfig) -> list[str]:
     """WEIGHTS must exist; whether they are a checkpoint that fits is checked when they load (methods.backbone)."""
-    if cfg.weights is None and cfg.pretrained and (why := not_on_hub(cfg.backbone)):
-        return [why]  # MoCo v3: only a local checkpoint has its weights
     if cfg.weights is None or Path(cfg.weights).is_file():
         return []
     return [f"WEIGHTS file {cfg.weights!r} does not exist; pass the path of a .npz, .pth/.pt or .safetensors "

@@ -17,7 +17,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from benchmark.core.config import RunConfig
-from benchmark.core.validate import check_weights, planned_data_config
+from benchmark.core.validate import check_backbone_name, planned_data_config
 from benchmark.run import config_from_args
 from datamodules.files import fgvc_transform
 from methods import create_backbone, create_method, data_config, get_method_class, list_methods
@@ -177,8 +177,9 @@ def test_a_file_that_is_not_mocov3_is_refused_in_one_line(tmp_path):
 def test_mocov3_needs_a_local_file():
     with pytest.raises(ValueError, match="MoCo v3 weights are not on the timm hub; pass .*WEIGHTS="):
         create_backbone("vit_base_patch16_224.mocov3", pretrained=True)
-    cfg = RunConfig(backbone="vit_base_patch16_224.mocov3", dataset="cub").resolved()
-    assert any("not on the timm hub" in problem for problem in check_weights(cfg))  # refused before anything runs
+    assert check_backbone_name("vit_base_patch16_224.mocov3", uses_hub=False) == []  # WEIGHTS given
+    problems = check_backbone_name("vit_base_patch16_224.mocov3", uses_hub=True)  # refused before anything runs
+    assert len(problems) == 1 and "MoCo v3 weights are not on the timm hub" in problems[0]
 
 
 def test_mocov3_vit_small_has_mocos_twelve_heads():
@@ -325,3 +326,15 @@ def test_every_vit_method_trains_a_step_on_each_geometry(method, kind):
     loss.backward()
     tuned = [p for p in model.parameters() if p.requires_grad]
     assert tuned and all(p.grad is not None for p in tuned)
+
+
+def test_a_mocov3_file_runs_through_the_pipeline_and_no_file_exits_2(tmp_path, capsys):
+    from benchmark.run import main
+
+    path, _ = moco_checkpoint(tmp_path)
+    tiny = "img_size=32 patch_size=8 embed_dim=32 depth=2 num_heads=2"
+    common = ["--method", "vpt_deep", "--dataset", "digits", "--backbone", "vit_base_patch16_224.mocov3",
+              "--backbone-args", tiny, "--epochs", "1", "--results-dir", str(tmp_path / "results")]
+    assert main([*common, "--weights", str(path)]) == 0
+    assert main(common) == 2  # pretrained without WEIGHTS: refused before anything is built
+    assert "MoCo v3 weights are not on the timm hub" in capsys.readouterr().err
