@@ -9,7 +9,7 @@ import argparse
 import sys
 
 import methods
-from benchmark.core.cli import add_method_options, add_switch, merged_method_options
+from benchmark.core.cli import add_method_options, add_switch, merged_method_options, method_options
 from benchmark.core.config import RunConfig, check_fraction
 from benchmark.core.errors import ConfigError
 from benchmark.core.pipeline import run
@@ -20,6 +20,15 @@ def fraction_arg(text: str) -> float:
         return check_fraction(text)
     except ConfigError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+def backbone_kwargs(text: str) -> dict:
+    """BACKBONE_ARGS: "k=v k=v" as create_model keyword arguments (values parsed as YAML, like METHOD_ARGS)."""
+    try:
+        return dict(method_options(text))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"backbone arguments {text!r} must look like key=value pairs, "
+                                         "e.g. img_size=224") from None
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,6 +50,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--head-init", choices=["pytorch", "vpt"], help="default: the recipe's (paper: vpt)")
     add_method_options(p, "method option, e.g. prompt_length=10 or reduction=8")
+    p.add_argument("--backbone-args", dest="backbone_kwargs", type=backbone_kwargs, default={}, metavar='"K=V ..."',
+                   help='timm create_model arguments of the backbone (BACKBONE_ARGS=), e.g. "img_size=224" for DINOv2')
     p.add_argument("--data-root")
     p.add_argument("--train-on", choices=["train", "trainval"], default="train")
     p.add_argument("--results-dir", "--results", default="results")

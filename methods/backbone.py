@@ -14,6 +14,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer, checkpoint_filter_fn
 from torch import nn
 
+from methods import ssl_vits
 from methods.registry import closest_name
 
 # Fashion-MNIST statistics: the embedded backbone is pretrained on it, so its data config normalises with them.
@@ -83,8 +84,17 @@ def create_backbone(name: str, *, pretrained: bool = False, weights: str | Path 
                          f"ViT, Swin, ResNet or ConvNeXt name (`timm.list_models('*vit*')` lists {len(vits)} ViTs), "
                          "e.g. vit_base_patch16_224.orig_in21k.")
     from_hub = pretrained and weights is None
+    if from_hub and (why := ssl_vits.not_on_hub(name)):
+        raise ValueError(why)
+    # MAE's average pool + fc_norm, MoCo's tag as its timm architecture and data config (methods/ssl_vits.py)
+    timm_name, kwargs = ssl_vits.creation_args(name, kwargs)
+    own_filter = from_hub and ssl_vits.pretraining(name) == "mae"  # the hub's MAE norm is not the avg pool's fc_norm
     try:
-        model = timm.create_model(name, pretrained=from_hub, **kwargs)
+        model = timm.create_model(timm_name, pretrained=from_hub and not own_filter, **kwargs)
+        if own_filter:
+            timm.models.load_pretrained(model, num_classes=model.num_classes,
+                                        in_chans=model.patch_embed.proj.in_channels,
+                                        filter_fn=lambda s, m: ssl_vits.checkpoint_state(m, checkpoint_filter_fn(s, m)))
     except OSError as err:  # huggingface_hub's errors (offline, no cached copy, HTTP) are OSErrors
         if not from_hub:
             raise
@@ -94,6 +104,7 @@ def create_backbone(name: str, *, pretrained: bool = False, weights: str | Path 
     if backbone_family(model) is None:
         raise ValueError(f"Backbone {name!r} is a timm {type(model).__name__}, which no tuning method supports; "
                          f"the backbone families are: {'; '.join(FAMILIES.values())}.")
+    ssl_vits.after_creation(model)
     if weights is not None:
         load_weights(model, weights)
     return model
@@ -114,13 +125,26 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
                              f"({geometry_of(model)}; the checkpoint has {geometry}): {type(err).__name__}: "
                              f"{str(err)[:300]}") from err
         return
+    if ssl_vits.pretraining(model) == "mocov3":  # its own nesting and prefixes, with a MoCo-specific error
+        state = ssl_vits.read_moco_state(path)
+    else:
+        state = read_state(path)
+    state = timm_filter(model)(state, model)  # timm's key/shape conversions (e.g. position-embedding resize)
+    state = ssl_vits.checkpoint_state(model, state)  # MAE: fc_norm for the average pool instead of norm
+    load_state(model, path, state)
+
+
+def read_state(path: Path) -> dict:
     try:
-        state = timm.models.load_state_dict(str(path), device="cpu")
+        return timm.models.load_state_dict(str(path), device="cpu")
     except Exception as err:  # noqa: BLE001 — any decoding failure means "not a checkpoint"
         raise ValueError(f"WEIGHTS file {str(path)!r} is not a readable checkpoint "
                          f"({type(err).__name__}: {err}); pass a .npz, .pth/.pt or .safetensors file holding a "
                          "ViT state dict (e.g. saved by timm or torch.save(model.state_dict())).") from err
-    state = timm_filter(model)(state, model)  # timm's key/shape conversions (e.g. position-embedding resize)
+
+
+def load_state(model: nn.Module, path: Path, state: dict) -> None:
+    """Load a converted state dict, the classifier skipped; a shape or key mismatch is a ValueError naming them."""
     prefix = classifier_prefix(model)
     head = {k for k in model.state_dict() if k.startswith(prefix)}
     state = {k: v for k, v in state.items() if not k.startswith(prefix)}

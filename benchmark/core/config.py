@@ -107,6 +107,8 @@ class RunConfig:
         if self.tag:
             name += f"_{self.tag}"
         backbone = (self.backbone or "default").replace("/", "-")
+        # a backbone built with other arguments (e.g. DINOv2 at img_size=224) is another backbone
+        backbone += "".join(f"+{key}={value}" for key, value in sorted(self.backbone_kwargs.items())).replace("/", "-")
         return f"{self.dataset}/{backbone}/{self.method}/{name}"
 
 

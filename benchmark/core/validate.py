@@ -34,6 +34,7 @@ from datamodules.checks import check_image_files, prepare_hint
 from methods import OptimConfig, create_backbone, create_method, data_config, get_method_class
 from methods.base import HEAD_INITS, optim_problems
 from methods.registry import closest_name
+from methods.ssl_vits import not_on_hub
 
 BATCH_SIZE_RANGE = (1, 65_536)
 SEED_RANGE = (0, 2**32 - 1)  # numpy's PCG64 seeds the splits and takes non-negative integers
@@ -67,6 +68,8 @@ def check_backbone_name(name: str, uses_hub: bool) -> list[str]:
         return [f"Unknown backbone {name!r}.{closest_name(architecture, vits)} Use a timm ViT name "
                 f"(`timm.list_models('*vit*')` lists {len(vits)}), e.g. vit_base_patch16_224.orig_in21k "
                 "(set BACKBONE=<name>)."]
+    if uses_hub and (why := not_on_hub(name)):
+        return [why]  # MoCo v3 (a tag of ours, methods/ssl_vits.py): only a local checkpoint has its weights
     if tag and uses_hub:
         tagged = timm.list_pretrained(f"{architecture}.*")
         if name not in tagged:
