@@ -1,7 +1,9 @@
 """Bias tuning, BitFit (Ben Zaken et al., 2022, https://arxiv.org/abs/2106.10199).
 
 Every bias term of the backbone trains — attention qkv/proj, MLP fc1/fc2, patch embedding and the
-LayerNorm biases (the paper's BIAS row counts those too) — plus the new head.
+LayerNorm biases (the paper's BIAS row counts those too) — plus the new head. On a ConvNet the same rule (the VPT
+code's "tinytl-bias" on ResNet/ConvNeXt: every parameter named bias): ResNet's BatchNorm biases (its convs have
+none), ConvNeXt's conv, LayerNorm and MLP biases.
 """
 
 from methods.base import TuningModule
@@ -11,6 +13,8 @@ from methods.registry import register_method
 @register_method("bias")
 class BiasTuning(TuningModule):
     label, color, paper_row, in_fig3 = "Bias", "#ff7f0e", 5, True
+    families = ("vit", "convnet")  # ConvNets: norm biases, and conv biases where they have them (ConvNeXt)
+
     def adapt(self) -> None:
         for name, param in self.backbone.named_parameters():
             if name.endswith("bias"):

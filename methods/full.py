@@ -30,6 +30,7 @@ class FullFineTuning(TuningModule):
     label, color, paper_row, in_fig3 = "Full", "#4d4d4d", 0, True
     options_cls = FullOptions
     frozen_backbone = False
+    families = ("vit", "convnet")
 
     def adapt(self) -> None:
         self.backbone.requires_grad_(True)
@@ -38,7 +39,10 @@ class FullFineTuning(TuningModule):
 
     def set_dropout(self, rate: float) -> None:
         backbone = self.backbone
-        mlps = [block.mlp for block in backbone.blocks]
+        mlps = [block.mlp for block in getattr(backbone, "blocks", [])]
+        if not mlps:
+            raise ValueError(f"full dropout={rate} sets the MLP dropouts of a ViT's blocks; a "
+                             f"{type(backbone).__name__} has none. Use dropout=0.")
         if not all(isinstance(getattr(m, name, None), nn.Dropout) for m in mlps for name in ("drop1", "drop2")):
             raise ValueError(f"full dropout={rate} sets timm Mlp's drop1/drop2; this backbone's MLPs are "
                              f"{type(mlps[0]).__name__}. Use dropout=0 or a backbone with timm's Mlp.")

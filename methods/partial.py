@@ -5,17 +5,25 @@ Everything after the last k blocks trains too: the final `norm`, timm's `fc_norm
 backbones) and an attention-pooling head (`attn_pool`, MAP backbones), since each sits between the tuned
 blocks and the classifier. The frozen early blocks cost no autograd: nothing before them requires grad, so
 autograd records nothing until the first tuned block.
+
+On a ConvNet k counts stages, as the VPT code's ResNet "partial-k" does (src/models/resnet.py: partial-1 tunes
+layer4, partial-2 layer3-4, partial-3 layer2-4, each with its downsampling): timm ResNet's `layer1..layer4`,
+ConvNeXt's `stages` (a timm stage holds its downsampling layer, the VPT code's `downsample_layers[i]`) plus the
+head norm that follows them (the VPT code's ConvNeXt `tune_norm`). Its ConvNeXt defines only "partial-0", the last
+block; stages are ours, the same unit for both ConvNets.
 """
 
 from dataclasses import dataclass, field
 
+from methods.backbone import backbone_family
 from methods.base import TuningModule
 from methods.registry import register_method
 
 
 @dataclass
 class PartialOptions:
-    k: int = field(default=1, metadata={"help": "how many of the last blocks train (paper: Partial-1)"})
+    k: int = field(default=1, metadata={
+        "help": "how many of the last blocks (ViT) or stages (ConvNet) train (paper: Partial-1)"})
 
     def __post_init__(self):
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
@@ -27,16 +35,25 @@ class PartialOptions:
 class PartialFineTuning(TuningModule):
     label, color, paper_row = "Partial-k", "#bcbd22", 2
     options_cls = PartialOptions
+    families = ("vit", "convnet")
 
     def adapt(self) -> None:
         backbone = self.backbone
-        depth = len(backbone.blocks)
+        convnet = backbone_family(backbone) == "convnet"
+        if convnet:  # stages; ResNet has nothing with parameters between layer4 and fc
+            units, unit = getattr(backbone, "stages", None), "stages"
+            units = list(units) if units is not None else [getattr(backbone, f"layer{i}") for i in range(1, 5)]
+            after = [getattr(backbone, "norm_pre", None), getattr(getattr(backbone, "head", None), "norm", None)]
+        else:
+            units, unit = list(backbone.blocks), "blocks"
+            after = [backbone.norm, backbone.fc_norm, getattr(backbone, "attn_pool", None)]
+        depth = len(units)
         if self.options.k > depth:
-            raise ValueError(f"partial_k k={self.options.k} exceeds the backbone's {depth} blocks; choose k in "
-                             f"1..{depth} (k={depth} tunes every block but leaves the embeddings frozen; "
-                             "method 'full' tunes everything).")
-        for block in backbone.blocks[depth - self.options.k:]:
+            raise ValueError(f"partial_k k={self.options.k} exceeds the backbone's {depth} {unit}; choose k in "
+                             f"1..{depth} (k={depth} tunes every {unit[:-1]} but leaves the "
+                             f"{'stem' if convnet else 'embeddings'} frozen; method 'full' tunes everything).")
+        for block in units[depth - self.options.k:]:
             block.requires_grad_(True)
-        for after_blocks in (backbone.norm, backbone.fc_norm, getattr(backbone, "attn_pool", None)):
+        for after_blocks in after:
             if after_blocks is not None:  # nn.Identity when absent: no parameters
                 after_blocks.requires_grad_(True)

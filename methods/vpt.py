@@ -17,6 +17,11 @@ are stripped), so computing their queries, attention rows, projection and MLP is
 p = 50 that is a fifth of every block's matmuls. `KeyValuePromptBlock` runs a timm Block with the prompts as
 extra keys and values only, never inserted into the sequence: the same function (tests/benchmark/test_perf.py
 compares it with plain blocks) at about (N + p/6) / (N + p) of the matmul cost.
+
+On a ConvNet (timm ResNet / ConvNeXt, the "convnet" family) VPT-shallow is the official code's pixel-space prompt
+(methods/pixel_prompts.py): `location="pad"` (default there) learns p-pixel bands around the image, `"below"` p
+extra input channels; p defaults to 5 pixels (the official config's NUM_TOKENS). VPT-deep needs tokens: it
+supports ViTs only.
 """
 
 from __future__ import annotations
@@ -32,21 +37,33 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from methods import pixel_prompts
+from methods.backbone import backbone_family, data_config
 from methods.base import TuningModule
 from methods.registry import register_method
+
+TOKEN_PROMPTS = 50  # p on a ViT when prompt_length is not given
+LOCATIONS = ("prepend", *pixel_prompts.LOCATIONS)
 
 
 @dataclass
 class VPTOptions:
-    prompt_length: int = field(default=50, metadata={"help": "prompt tokens per layer, p (paper searches 1..200)"})
+    prompt_length: int | None = field(default=None, metadata={
+        "help": "p: prompt tokens per layer on a ViT (paper searches 1..200; None = 50), pixels (pad) or channels "
+                "(below) on a ConvNet (None = 5, the VPT code's default)"})
     prompt_dropout: float | None = field(
         default=None, metadata={"help": "dropout on prompt tokens; None = 0.1 for deep, 0.0 for shallow"})
+    location: str | None = field(default=None, metadata={
+        "help": "where prompts go: prepend (tokens, ViT), pad or below (pixels, ConvNet); None = the family's"})
 
     def __post_init__(self):
-        if int(self.prompt_length) != self.prompt_length or self.prompt_length < 1:
-            raise ValueError(f"prompt_length must be a positive integer (the paper uses 1-200), "
-                             f"got {self.prompt_length}.")
-        self.prompt_length = int(self.prompt_length)
+        if self.prompt_length is not None:
+            if int(self.prompt_length) != self.prompt_length or self.prompt_length < 1:
+                raise ValueError(f"prompt_length must be a positive integer (the paper uses 1-200), "
+                                 f"got {self.prompt_length}.")
+            self.prompt_length = int(self.prompt_length)
+        if self.location is not None and self.location not in LOCATIONS:
+            raise ValueError(f"VPT location must be one of {', '.join(LOCATIONS)}, got {self.location!r}.")
         if self.prompt_dropout is not None and not 0.0 <= self.prompt_dropout < 1.0:
             raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}.")
 
@@ -100,11 +117,18 @@ class VisualPromptTuning(TuningModule):
 
     def adapt(self) -> None:
         backbone = self.backbone
+        self.pixel_prompt = None
+        if backbone_family(backbone) == "convnet":  # only VPT-shallow declares ConvNets
+            self.adapt_pixels()
+            return
+        if self.options.location not in (None, "prepend"):
+            raise ValueError(f"VPT location {self.options.location!r} is for ConvNets; on a ViT prompts are "
+                             "prepended tokens (location=prepend).")
         depth = len(backbone.blocks) if self.deep else 1
         patch_h, patch_w = backbone.patch_embed.patch_size
         in_chans = backbone.patch_embed.proj.in_channels
         bound = math.sqrt(6.0 / float(in_chans * patch_h * patch_w + backbone.embed_dim))
-        self.prompt_length = self.options.prompt_length
+        self.prompt_length = self.options.prompt_length or TOKEN_PROMPTS
         self.vpt_prompts = nn.Parameter(torch.empty(depth, self.prompt_length, backbone.embed_dim))  # (L, p, D)
         nn.init.uniform_(self.vpt_prompts, -bound, bound)
         dropout = self.options.prompt_dropout
@@ -113,6 +137,18 @@ class VisualPromptTuning(TuningModule):
             for block in backbone.blocks:
                 if KeyValuePromptBlock.supports(block):
                     block.__class__ = KeyValuePromptBlock  # same parameters and state dict, one more forward mode
+
+    def adapt_pixels(self) -> None:
+        """The official pixel-space prompt (methods/pixel_prompts.py) in front of the frozen ConvNet."""
+        location = self.options.location or "pad"
+        if location == "prepend":
+            raise ValueError("VPT on a ConvNet has no tokens to prepend prompts to; use location=pad or below.")
+        if self.options.prompt_dropout:  # the official pixel prompts have no dropout
+            raise ValueError(f"prompt_dropout is for token prompts; a ConvNet's pixel prompt has none, got "
+                             f"{self.options.prompt_dropout}.")
+        self.prompt_length = self.options.prompt_length or pixel_prompts.DEFAULT_PIXELS
+        self.pixel_prompt = pixel_prompts.pixel_prompt(self.backbone, location, self.prompt_length,
+                                                       data_config(self.backbone))
 
     def prompts_for(self, layer: int, batch: int) -> torch.Tensor:
         """(B, p, D) with the VPT code's per-image dropout masks (it expands, then drops out); (1, p, D) where
@@ -125,6 +161,8 @@ class VisualPromptTuning(TuningModule):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         backbone = self.backbone
+        if self.pixel_prompt is not None:
+            return backbone.forward_features(self.pixel_prompt(x))  # (B, C, H, W)
         prefix = backbone.num_prefix_tokens  # CLS (+ registers)
         x = backbone.patch_embed(x)
         x = backbone._pos_embed(x)  # timm's own CLS/register concat + position embedding: (B, prefix+N, D)
@@ -153,6 +191,7 @@ class VisualPromptTuning(TuningModule):
 @register_method("vpt_shallow")
 class VPTShallow(VisualPromptTuning):
     deep = False
+    families = ("vit", "convnet")  # on a ConvNet: the official pad (or below) pixel prompt
     label, color, paper_row, in_fig3 = "VPT-shallow", "#17becf", 7, True
 
 
