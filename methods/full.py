@@ -4,12 +4,15 @@
 fine-tuning ('end2end') trains with: in each MLP after the activation and after fc2, and after the position
 embedding; its attention dropout is 0. Here it sets the same timm modules (`mlp.drop1`, `mlp.drop2`, `pos_drop`) and
 leaves `attn.proj_drop` alone, which timm's `proj_drop_rate` would also set. The paper recipe uses 0.1.
+On a ConvNet it does nothing: the VPT code fine-tunes its ResNets (torchvision) and ConvNeXts without dropout, and
+the paper recipe's 0.1 is the ViT config's.
 """
 
 from dataclasses import dataclass, field
 
 from torch import nn
 
+from methods.backbone import backbone_family
 from methods.base import TuningModule
 from methods.registry import register_method
 
@@ -17,8 +20,8 @@ from methods.registry import register_method
 @dataclass
 class FullOptions:
     dropout: float = field(default=0.0, metadata={
-        "help": "dropout in every MLP (after the activation and after fc2) and after the position embedding "
-                "(VPT code: 0.1)"})
+        "help": "dropout in every ViT MLP (after the activation and after fc2) and after the position embedding "
+                "(VPT code: 0.1); none on ConvNets, as the VPT code's"})
 
     def __post_init__(self):
         if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
@@ -34,15 +37,12 @@ class FullFineTuning(TuningModule):
 
     def adapt(self) -> None:
         self.backbone.requires_grad_(True)
-        if self.options.dropout:
+        if self.options.dropout and backbone_family(self.backbone) == "vit":
             self.set_dropout(float(self.options.dropout))
 
     def set_dropout(self, rate: float) -> None:
         backbone = self.backbone
-        mlps = [block.mlp for block in getattr(backbone, "blocks", [])]
-        if not mlps:
-            raise ValueError(f"full dropout={rate} sets the MLP dropouts of a ViT's blocks; a "
-                             f"{type(backbone).__name__} has none. Use dropout=0.")
+        mlps = [block.mlp for block in backbone.blocks]
         if not all(isinstance(getattr(m, name, None), nn.Dropout) for m in mlps for name in ("drop1", "drop2")):
             raise ValueError(f"full dropout={rate} sets timm Mlp's drop1/drop2; this backbone's MLPs are "
                              f"{type(mlps[0]).__name__}. Use dropout=0 or a backbone with timm's Mlp.")

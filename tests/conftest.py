@@ -20,7 +20,9 @@ TINY_BACKBONES = {
 # config (input_size) comes from timm's pretrained-config overlay, a create_model kwarg (backbone_kwargs of a run).
 TINY_CONVNETS = {
     "convnext": TINY_BACKBONES["convnet"],
-    "resnet": ("resnet18", dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8,
+    # zero_init_last=False: timm zeroes each block's last BatchNorm scale, which leaves every residual branch dead
+    # in a random-init stand-in for a pretrained ResNet (nothing before it would get a gradient under bias tuning)
+    "resnet": ("resnet18", dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), zero_init_last=False,
                                 pretrained_cfg_overlay=CONV_32PX)),
 }
 

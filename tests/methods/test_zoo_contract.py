@@ -1,4 +1,5 @@
-"""The contract every registered method keeps, checked for each one on a tiny ViT with its default options:
+"""The contract every registered method keeps, checked for each one on a tiny ViT with its default options (and on
+the tiny ResNet and ConvNeXt for the methods that declare the convnet family):
 
 - where its paper says it starts from the pretrained function (`identity_at_init`), its logits before any step equal
   the plain backbone's with the same head;
@@ -14,32 +15,39 @@ import pytest
 import torch
 
 from methods import create_method, get_method_class, list_methods
-from tests.conftest import make_tiny_vit
+from tests.conftest import TINY_CONVNETS, make_tiny_convnet, make_tiny_vit
+
+BATCHNORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+# (method, backbone) pairs: every method on the tiny ViT, the convnet ones on each tiny ConvNet as well
+PAIRS = [(m, "vit") for m in list_methods()] + [(m, kind) for kind in TINY_CONVNETS for m in list_methods()
+                                                if "convnet" in get_method_class(m).families]
 
 
-def build(method: str):
+def build(method: str, kind: str = "vit"):
     torch.manual_seed(0)
-    backbone = make_tiny_vit()
+    backbone = make_tiny_vit() if kind == "vit" else make_tiny_convnet(kind)
     plain = copy.deepcopy(backbone)
     return create_method(method, backbone, num_classes=3), plain
 
 
-@pytest.mark.parametrize("method", [m for m in list_methods() if get_method_class(m).identity_at_init])
-def test_starts_as_the_pretrained_function(method, tiny_batch):
-    model, plain = build(method)
+@pytest.mark.parametrize(("method", "kind"), [(m, k) for m, k in PAIRS if get_method_class(m).identity_at_init])
+def test_starts_as_the_pretrained_function(method, kind, tiny_batch):
+    model, plain = build(method, kind)
     head = model.backbone.get_classifier()
     plain.reset_classifier(3)
-    plain.head = copy.deepcopy(head)  # the same new head on the untouched backbone
+    # the same new head on the untouched backbone, where timm names its classifier (ViT head, ResNet fc, ...)
+    plain.set_submodule(plain.pretrained_cfg["classifier"], copy.deepcopy(head))
     model.eval(), plain.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(tiny_batch[0]), plain(tiny_batch[0]), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", list_methods())
-def test_every_tuned_tensor_moves_and_nothing_else_does(method, tiny_batch):
-    model, _ = build(method)
+@pytest.mark.parametrize(("method", "kind"), PAIRS)
+def test_every_tuned_tensor_moves_and_nothing_else_does(method, kind, tiny_batch):
+    model, _ = build(method, kind)
     tuned = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert any(n.startswith("backbone.head") for n in tuned), "every protocol trains a new head"
+    head = f"backbone.{model.backbone.pretrained_cfg['classifier']}"
+    assert any(n.startswith(head) for n in tuned), "every protocol trains a new head"
     assert model.tuned_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
     before = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -51,5 +59,9 @@ def test_every_tuned_tensor_moves_and_nothing_else_does(method, tiny_batch):
         optimizer.step()
     after = dict([*model.named_parameters(), *model.named_buffers()])
     moved = {n for n, t in after.items() if n in before and not torch.equal(t.detach(), before[n])}
+    if not model.frozen_backbone:  # full fine-tuning trains in train mode: BatchNorm statistics update (ResNet)
+        statistics = {n for n, _ in model.named_buffers() if n.rsplit(".", 1)[-1] in BATCHNORM_STATISTICS}
+        assert kind != "resnet" or statistics <= moved
+        moved -= statistics
     assert moved == tuned, (f"tuned but never moved: {sorted(tuned - moved)}; "
                             f"moved but not tuned: {sorted(moved - tuned)}")
