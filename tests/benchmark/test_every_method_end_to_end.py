@@ -6,12 +6,11 @@ of the convnet family on a tiny ResNet and ConvNeXt over FGVC, from a local weig
 from __future__ import annotations
 
 import pytest
+import torch
 
 from benchmark.core.config import EMBEDDED_BACKBONE, RunConfig
 from benchmark.core.pipeline import run
 from datamodules import create_datamodule
-import torch
-
 from methods import create_backbone, data_config, list_methods
 from methods.registry import methods_for_family
 from tests.conftest import TINY_CONVNETS, TINY_VIT, make_tiny_convnet
