@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from benchmark.core.features import backbone_fingerprint
+from benchmark.params import main as main_params
 from benchmark.run import main
 from methods import create_method
 from tests.conftest import make_tiny_convnet
@@ -108,3 +109,13 @@ def test_methods_needing_tokens_refuse_a_convnet_with_exit_status_2(method, tmp_
     assert f"Method {method!r} does not support convnet backbones (a timm ResNet); it supports: vit" in err
     assert "vpt_shallow" in err  # the methods that do support it are named
     assert not any(tmp_path.iterdir())
+
+
+def test_params_cli_counts_every_convnet_method_on_resnet50(capsys):
+    from methods.registry import methods_for_family
+
+    assert main_params(["--backbone", "resnet50", "--num-classes", "200", "--csv"]) == 0  # make params BACKBONE=
+    rows = [line.split(",") for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [row[0] for row in rows] == methods_for_family("convnet")
+    tuned = {row[0]: int(row[1]) for row in rows}
+    assert tuned["linear"] == 2048 * 200 + 200 and tuned["full"] == int(rows[0][2])

@@ -144,6 +144,9 @@ def test_below_adds_normalised_channels_and_extends_the_first_conv(kind):
     backbone = make_tiny_convnet(kind)
     name = backbone.pretrained_cfg["first_conv"]
     old = backbone.get_submodule(name)
+    if old.bias is not None:  # timm initialises ConvNeXt's stem bias to 0; a pretrained one is not
+        with torch.no_grad():
+            old.bias.normal_()
     old_weight, old_bias = old.weight.detach().clone(), None if old.bias is None else old.bias.detach().clone()
     model = create_method("vpt_shallow", backbone, num_classes=3, prompt_length=p, location="below").eval()
     conv = model.backbone.get_submodule(name)
