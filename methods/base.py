@@ -210,7 +210,9 @@ class TuningModule(L.LightningModule):
         return f"trainable params: {tuned:,d} || all params: {total:,d} || trainable%: {100 * tuned / total:.4f}"
 
     def no_weight_decay(self) -> set[str]:
-        return {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
+        # timm's ResNet and ConvNeXt define none: every weight there decays (biases and norms never do)
+        exempt = getattr(self.backbone, "no_weight_decay", set)()
+        return {f"backbone.{name}" for name in exempt}
 
     # --- Lightning -------------------------------------------------------------------------------
     def on_fit_start(self) -> None:

@@ -4,13 +4,15 @@
 fine-tuning ('end2end') trains with: in each MLP after the activation and after fc2, and after the position
 embedding; its attention dropout is 0. Here it sets the same timm modules (`mlp.drop1`, `mlp.drop2`, `pos_drop`) and
 leaves `attn.proj_drop` alone, which timm's `proj_drop_rate` would also set. The paper recipe uses 0.1.
+On a ConvNet it does nothing: the VPT code fine-tunes its ResNets (torchvision) and ConvNeXts without dropout, and
+the paper recipe's 0.1 is the ViT config's.
 """
 
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from methods.backbone import transformer_blocks
+from methods.backbone import backbone_family, transformer_blocks
 from methods.base import TuningModule
 from methods.registry import register_method
 
@@ -18,8 +20,8 @@ from methods.registry import register_method
 @dataclass
 class FullOptions:
     dropout: float = field(default=0.0, metadata={
-        "help": "dropout in every MLP (after the activation and after fc2) and after the position embedding "
-                "(VPT code: 0.1)"})
+        "help": "dropout in every ViT MLP (after the activation and after fc2) and after the position embedding "
+                "(VPT code: 0.1); none on ConvNets, as the VPT code's"})
 
     def __post_init__(self):
         if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
@@ -31,11 +33,11 @@ class FullFineTuning(TuningModule):
     label, color, paper_row, in_fig3 = "Full", "#4d4d4d", 0, True
     options_cls = FullOptions
     frozen_backbone = False
-    families = ("vit", "swin")
+    families = ("vit", "swin", "convnet")
 
     def adapt(self) -> None:
         self.backbone.requires_grad_(True)
-        if self.options.dropout:
+        if self.options.dropout and backbone_family(self.backbone) in ("vit", "swin"):  # transformer MLPs only
             self.set_dropout(float(self.options.dropout))
 
     def set_dropout(self, rate: float) -> None:

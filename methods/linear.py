@@ -26,9 +26,9 @@ def no_autograd():
 @register_method("linear")
 class LinearProbe(TuningModule):
     label, color, paper_row, in_fig3 = "Linear", "#1f77b4", 1, True
+    families = ("vit", "swin", "convnet")
     trains_on_frozen_features: ClassVar[bool] = True  # a feature cache may stand in for the backbone
     inputs_are_features: bool = False
-    families = ("vit", "swin")
 
     def read_features(self, enabled: bool = True) -> None:
         """Take cached pre-logit features (B, D) as input instead of images (B, C, H, W)."""
@@ -51,4 +51,4 @@ class LinearProbe(TuningModule):
         elif x.ndim != 2 or x.shape[1] != self.backbone.num_features:
             raise ValueError(f"With read_features(True) the linear probe takes (batch, {self.backbone.num_features}) "
                              f"features, got shape {tuple(x.shape)}; pass images after read_features(False).")
-        return self.backbone.get_classifier()(x)  # (B, C): a ViT's head, a Swin's head.fc (after its pool)
+        return self.backbone.get_classifier()(x)  # (B, C): ViT head, Swin/ConvNeXt head.fc, ResNet fc (after pooling)

@@ -14,6 +14,9 @@ then Linear(D, num_classes); hidden weights Kaiming-normal (fan_out). Two change
 k counts every linear layer, as the paper's "MLP with k layers"; the VPT code's MODEL.MLP_NUM counts the hidden
 ones (MLP_NUM = k - 1). k = 1 is the linear probe's head.
 
+On a ConvNet the MLP replaces the classifier after the pooling (ResNet's `fc`, ConvNeXt's `head.fc`, after its
+head norm), with the pooled width as D (the VPT code's ResNet/ConvNeXt heads: MLP_NUM hidden layers of out_dim).
+
 The backbone is the linear probe's: eval mode, `torch.inference_mode`, and the same cached pre-logit
 features may stand in for it (benchmark/feature_cache.py).
 """
@@ -53,12 +56,14 @@ def mlp_head(dim: int, num_classes: int, layers: int, dropout: float) -> nn.Sequ
 class MLPHeadProbe(LinearProbe):
     label, color, paper_row, in_fig3 = "MLP-k", "#e377c2", 3, False
     options_cls = MLPOptions
-    families = ("vit", "swin")
+    families = ("vit", "swin", "convnet")
 
     def adapt(self) -> None:
         backbone = self.backbone
-        head = mlp_head(backbone.num_features, self.num_classes, self.options.k, self.options.dropout)
-        # in the classifier's place: a ViT's `head`, a Swin's `head.fc` (its head module pools first)
+        dim = backbone.get_classifier().in_features  # what the pooling (and ConvNeXt's head norm) hands on
+        head = mlp_head(dim, self.num_classes, self.options.k, self.options.dropout)
+        # in the classifier's place: a ViT's `head`, a Swin's or ConvNeXt's `head.fc` (their head module pools
+        # first), a ResNet's `fc`
         name = next(n for n, m in backbone.named_modules() if m is backbone.get_classifier())
         parent, _, attribute = name.rpartition(".")
         setattr(backbone.get_submodule(parent), attribute, head)

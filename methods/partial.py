@@ -10,6 +10,12 @@ On a Swin the k blocks are counted across stages from the end (the last block of
 every patch merge after the first tuned block trains with them, then the final norm: the VPT code's Swin
 partial-1 (the last block + norm), partial-2 (the last stage) and partial-4 (the last stage, the two blocks before
 it and the merge between them) are k = 1, 2, 4 on Swin-B.
+
+On a ConvNet k counts stages, as the VPT code's ResNet "partial-k" does (src/models/resnet.py: partial-1 tunes
+layer4, partial-2 layer3-4, partial-3 layer2-4, each with its downsampling): timm ResNet's `layer1..layer4`,
+ConvNeXt's `stages` (a timm stage holds its downsampling layer, the VPT code's `downsample_layers[i]`) plus the
+head norm that follows them (the VPT code's ConvNeXt `tune_norm`). Its ConvNeXt defines only "partial-0", the last
+block; stages are ours, the same unit for both ConvNets.
 """
 
 from dataclasses import dataclass, field
@@ -21,7 +27,8 @@ from methods.registry import register_method
 
 @dataclass
 class PartialOptions:
-    k: int = field(default=1, metadata={"help": "how many of the last blocks train (paper: Partial-1)"})
+    k: int = field(default=1, metadata={
+        "help": "how many of the last blocks (ViT) or stages (ConvNet) train (paper: Partial-1)"})
 
     def __post_init__(self):
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
@@ -33,22 +40,30 @@ class PartialOptions:
 class PartialFineTuning(TuningModule):
     label, color, paper_row = "Partial-k", "#bcbd22", 2
     options_cls = PartialOptions
-    families = ("vit", "swin")
+    families = ("vit", "swin", "convnet")
 
     def adapt(self) -> None:
         backbone = self.backbone
-        blocks = transformer_blocks(backbone)
-        depth = len(blocks)
+        family = backbone_family(backbone)
+        convnet = family == "convnet"
+        if convnet:  # stages; ResNet has nothing with parameters between layer4 and fc
+            units, unit = getattr(backbone, "stages", None), "stages"
+            units = list(units) if units is not None else [getattr(backbone, f"layer{i}") for i in range(1, 5)]
+            after = [getattr(backbone, "norm_pre", None), getattr(getattr(backbone, "head", None), "norm", None)]
+        else:
+            units, unit = transformer_blocks(backbone), "blocks"
+            after = [backbone.norm, getattr(backbone, "fc_norm", None), getattr(backbone, "attn_pool", None)]
+        depth = len(units)
         if self.options.k > depth:
-            raise ValueError(f"partial_k k={self.options.k} exceeds the backbone's {depth} blocks; choose k in "
-                             f"1..{depth} (k={depth} tunes every block but leaves the embeddings frozen; "
-                             "method 'full' tunes everything).")
-        for block in blocks[depth - self.options.k:]:
+            raise ValueError(f"partial_k k={self.options.k} exceeds the backbone's {depth} {unit}; choose k in "
+                             f"1..{depth} (k={depth} tunes every {unit[:-1]} but leaves the "
+                             f"{'stem' if convnet else 'embeddings'} frozen; method 'full' tunes everything).")
+        for block in units[depth - self.options.k:]:
             block.requires_grad_(True)
-        if backbone_family(backbone) == "swin":  # a patch merge fed by a tuned block lies between tuned blocks
+        if family == "swin":  # a patch merge fed by a tuned block lies between tuned blocks
             for index, stage in enumerate(backbone.layers):
                 if self.options.k > sum(len(later.blocks) for later in backbone.layers[index:]):
                     stage.downsample.requires_grad_(True)  # timm's Identity at stage 0: no parameters
-        for after_blocks in (backbone.norm, getattr(backbone, "fc_norm", None), getattr(backbone, "attn_pool", None)):
+        for after_blocks in after:
             if after_blocks is not None:  # nn.Identity when absent: no parameters
                 after_blocks.requires_grad_(True)

@@ -20,6 +20,10 @@ compares it with plain blocks) at about (N + p/6) / (N + p) of the matmul cost.
 
 Swin (timm `swin_*`): prompts enter every window of every block and pass the patch merges, as the official code
 does it; that machinery, and what the official code does there, is in methods/swin_prompts.py.
+On a ConvNet (timm ResNet / ConvNeXt, the "convnet" family) VPT-shallow is the official code's pixel-space prompt
+(methods/pixel_prompts.py): `location="pad"` (default there) learns p-pixel bands around the image, `"below"` p
+extra input channels; p defaults to 5 pixels (the official config's NUM_TOKENS). VPT-deep needs tokens: it
+supports ViTs and Swins only.
 """
 
 from __future__ import annotations
@@ -35,23 +39,33 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from methods import swin_prompts
-from methods.backbone import backbone_family
+from methods import pixel_prompts, swin_prompts
+from methods.backbone import backbone_family, data_config
 from methods.base import TuningModule
 from methods.registry import register_method
+
+TOKEN_PROMPTS = 50  # p on a ViT when prompt_length is not given
+LOCATIONS = ("prepend", *pixel_prompts.LOCATIONS)
 
 
 @dataclass
 class VPTOptions:
-    prompt_length: int = field(default=50, metadata={"help": "prompt tokens per layer, p (paper searches 1..200)"})
+    prompt_length: int | None = field(default=None, metadata={
+        "help": "p: prompt tokens per layer on a ViT (paper searches 1..200; None = 50), pixels (pad) or channels "
+                "(below) on a ConvNet (None = 5, the VPT code's default)"})
     prompt_dropout: float | None = field(
         default=None, metadata={"help": "dropout on prompt tokens; None = 0.1 for deep, 0.0 for shallow"})
+    location: str | None = field(default=None, metadata={
+        "help": "where prompts go: prepend (tokens, ViT), pad or below (pixels, ConvNet); None = the family's"})
 
     def __post_init__(self):
-        if int(self.prompt_length) != self.prompt_length or self.prompt_length < 1:
-            raise ValueError(f"prompt_length must be a positive integer (the paper uses 1-200), "
-                             f"got {self.prompt_length}.")
-        self.prompt_length = int(self.prompt_length)
+        if self.prompt_length is not None:
+            if int(self.prompt_length) != self.prompt_length or self.prompt_length < 1:
+                raise ValueError(f"prompt_length must be a positive integer (the paper uses 1-200), "
+                                 f"got {self.prompt_length}.")
+            self.prompt_length = int(self.prompt_length)
+        if self.location is not None and self.location not in LOCATIONS:
+            raise ValueError(f"VPT location must be one of {', '.join(LOCATIONS)}, got {self.location!r}.")
         if self.prompt_dropout is not None and not 0.0 <= self.prompt_dropout < 1.0:
             raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}.")
 
@@ -106,10 +120,18 @@ class VisualPromptTuning(TuningModule):
 
     def adapt(self) -> None:
         backbone = self.backbone
-        self.prompt_length = self.options.prompt_length
+        self.pixel_prompt = None
+        family = backbone_family(backbone)
+        self.swin = family == "swin"
+        if family == "convnet":  # only VPT-shallow declares ConvNets
+            self.adapt_pixels()
+            return
+        if self.options.location not in (None, "prepend"):
+            raise ValueError(f"VPT location {self.options.location!r} is for ConvNets; on a ViT or Swin prompts are "
+                             "prepended tokens (location=prepend).")
+        self.prompt_length = self.options.prompt_length or TOKEN_PROMPTS
         dropout = self.options.prompt_dropout
         self.prompt_dropout = nn.Dropout(dropout if dropout is not None else (0.1 if self.deep else 0.0))
-        self.swin = backbone_family(backbone) == "swin"
         if self.swin:  # one (blocks, p, C) tensor per stage, widths doubling with the stages
             self.vpt_prompts = swin_prompts.make_prompts(backbone, self.prompt_length, self.deep)
             return
@@ -123,6 +145,18 @@ class VisualPromptTuning(TuningModule):
             for block in backbone.blocks:
                 if KeyValuePromptBlock.supports(block):
                     block.__class__ = KeyValuePromptBlock  # same parameters and state dict, one more forward mode
+
+    def adapt_pixels(self) -> None:
+        """The official pixel-space prompt (methods/pixel_prompts.py) in front of the frozen ConvNet."""
+        location = self.options.location or "pad"
+        if location == "prepend":
+            raise ValueError("VPT on a ConvNet has no tokens to prepend prompts to; use location=pad or below.")
+        if self.options.prompt_dropout:  # the official pixel prompts have no dropout
+            raise ValueError(f"prompt_dropout is for token prompts; a ConvNet's pixel prompt has none, got "
+                             f"{self.options.prompt_dropout}.")
+        self.prompt_length = self.options.prompt_length or pixel_prompts.DEFAULT_PIXELS
+        self.pixel_prompt = pixel_prompts.pixel_prompt(self.backbone, location, self.prompt_length,
+                                                       data_config(self.backbone))
 
     def prompts_for(self, layer: int, batch: int) -> torch.Tensor:
         return self.dropped_prompts(self.vpt_prompts[layer], batch)
@@ -141,6 +175,8 @@ class VisualPromptTuning(TuningModule):
         if self.swin:
             return swin_prompts.forward_features(self, x)  # (B, 1, p + H*W, C): prompts and tokens, normed
         backbone = self.backbone
+        if self.pixel_prompt is not None:
+            return backbone.forward_features(self.pixel_prompt(x))  # (B, C, H, W)
         prefix = backbone.num_prefix_tokens  # CLS (+ registers)
         x = backbone.patch_embed(x)
         x = backbone._pos_embed(x)  # timm's own CLS/register concat + position embedding: (B, prefix+N, D)
@@ -169,6 +205,7 @@ class VisualPromptTuning(TuningModule):
 @register_method("vpt_shallow")
 class VPTShallow(VisualPromptTuning):
     deep = False
+    families = ("vit", "swin", "convnet")  # on a ConvNet: the official pad (or below) pixel prompt
     label, color, paper_row, in_fig3 = "VPT-shallow", "#17becf", 7, True
 
 

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from benchmark.core.store import atomic_write
 from datamodules.base import SPLITS, FractionDataModule, LabelledSplit
+from methods.backbone import classifier_prefix
 
 CACHE_VERSION = 1  # bump when what is stored (or how it is computed) changes
 
@@ -54,11 +55,15 @@ def tensor_digest(tensors) -> str:
 def backbone_fingerprint(model: L.LightningModule) -> dict:
     """What the frozen features depend on, as plain values: architecture, structure, weights."""
     backbone = model.backbone
-    frozen = {name: p for name, p in backbone.state_dict().items() if not name.startswith("head.")}
+    # everything but the classifier timm names ("head" on a ViT, as before; "fc" on a ResNet; "head.fc" on a
+    # ConvNeXt, whose frozen head norm and the pooling before it are part of the features)
+    head = classifier_prefix(backbone)
+    frozen = {name: p for name, p in backbone.state_dict().items() if not name.startswith(head)}
     structure = "\n".join(f"{name}: {type(module).__name__}({module.extra_repr()})"
-                          for name, module in backbone.named_modules() if not name.startswith("head"))
+                          for name, module in backbone.named_modules() if not name.startswith(head[:-1]))
     return {"architecture": (getattr(backbone, "pretrained_cfg", None) or {}).get("architecture"),
-            "global_pool": backbone.global_pool, "structure": hashlib.sha256(structure.encode()).hexdigest(),
+            "global_pool": getattr(backbone, "global_pool", None),  # a ConvNeXt pools in its head
+            "structure": hashlib.sha256(structure.encode()).hexdigest(),
             "weights": tensor_digest(frozen[k] for k in sorted(frozen))}
 
 

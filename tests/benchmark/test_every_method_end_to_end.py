@@ -1,18 +1,20 @@
 """Every registered method, one epoch through `benchmark.core.pipeline.run` (the path of `make bench`): on the
 embedded default (its pretrained backbone, the digits task) and on a tiny random-init ViT over each image-file
 dataset family (FGVC JSON, VTAB-1k lists, a class-folder tree), each from a fixture written here; every method that
-supports Swin on a tiny random-init Swin over FGVC."""
+supports Swin on a tiny random-init Swin over FGVC; and every method of the convnet family on a tiny ResNet and
+ConvNeXt over FGVC, from a local weights file."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from benchmark.core.config import EMBEDDED_BACKBONE, RunConfig
 from benchmark.core.pipeline import run
 from datamodules import create_datamodule
 from methods import create_backbone, data_config, list_methods
 from methods.registry import methods_for_family
-from tests.conftest import TINY_BACKBONES, TINY_VIT
+from tests.conftest import TINY_BACKBONES, TINY_CONVNETS, TINY_VIT, make_tiny_convnet
 from tests.datamodules.test_fgvc import make_fgvc
 from tests.datamodules.test_folder import make_folder
 from tests.datamodules.test_vtab import make_vtab
@@ -67,3 +69,31 @@ def test_on_fgvc_with_a_tiny_swin(method, family_roots, tmp_path):
                     batch_size=4, method_options={"prompt_length": 5} if method.startswith("vpt") else {},
                     results_dir=str(tmp_path / "results"))
     check(run(cfg), 9)
+
+
+@pytest.fixture(scope="module")
+def convnet_weights(tmp_path_factory):
+    """A random-init state dict of each tiny ConvNet saved as a local WEIGHTS file (no hub)."""
+    root = tmp_path_factory.mktemp("convnet-weights")
+    paths = {}
+    for kind in TINY_CONVNETS:
+        torch.manual_seed(0)
+        paths[kind] = root / f"{kind}.pth"
+        torch.save(make_tiny_convnet(kind).state_dict(), paths[kind])
+    return paths
+
+
+CONVNET_RUNS = [(m, {}) for m in methods_for_family("convnet")] + [("vpt_shallow", {"location": "below"})]
+
+
+@pytest.mark.parametrize("kind", list(TINY_CONVNETS))
+@pytest.mark.parametrize(("method", "options"), CONVNET_RUNS)
+def test_every_convnet_method_on_fgvc_with_local_weights(method, options, kind, family_roots, convnet_weights,
+                                                         tmp_path):
+    name, kwargs = TINY_CONVNETS[kind]
+    cfg = RunConfig(method=method, dataset="cub", data_root=str(family_roots["cub"]), train_fraction=1.0,
+                    backbone=name, weights=str(convnet_weights[kind]), backbone_kwargs=kwargs, epochs=1,
+                    warmup_epochs=0, batch_size=4, method_options=options, results_dir=str(tmp_path / "results"))
+    result = run(cfg)
+    check(result, 9)
+    assert result["config"]["weights"] == str(convnet_weights[kind])

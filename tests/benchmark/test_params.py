@@ -85,13 +85,12 @@ def test_docs_support_matrix_is_the_codes(capsys):
     assert "| `full` (Full) | ✓ |" in shown
 
 
-def test_params_of_a_backbone_family_without_methods_says_so(capsys):
-    from methods.registry import methods_for_family
+def test_params_counts_the_methods_of_the_backbones_family(capsys):
+    from methods import get_method_class
 
-    if methods_for_family("convnet"):  # once ConvNet methods exist, the default counts exactly those
-        assert main(["--backbone", "resnet18", "--num-classes", "10", "--csv"]) == 0
-        counted = [line.split(",")[0] for line in capsys.readouterr().out.splitlines()[1:]]
-        assert counted == methods_for_family("convnet")
-    else:
-        assert main(["--backbone", "resnet18", "--num-classes", "10"]) == 2
-        assert "No registered method supports convnet backbones yet" in capsys.readouterr().err
+    assert main(["--backbone", "resnet18", "--num-classes", "10", "--csv"]) == 0
+    counted = [line.split(",")[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert counted == [m for m in list_methods() if "convnet" in get_method_class(m).families]
+    assert "linear" in counted and "vpt_deep" not in counted
+    assert main(["--backbone", "resnet18", "--num-classes", "10", "--methods", "lora"]) == 2  # named: must support it
+    assert "does not support convnet backbones" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """The contract every registered method keeps, checked for each one with its default options on a tiny backbone of
-every family it supports (tests/conftest.py make_tiny; convnets where a method declares them):
+every family it supports (tests/conftest.py: the tiny ViT and Swin, and for the convnet family both the tiny ResNet
+and ConvNeXt):
 
 - where its paper says it starts from the pretrained function (`identity_at_init`), its logits before any step equal
   the plain backbone's with the same head;
@@ -15,41 +16,39 @@ import pytest
 import torch
 
 from methods import create_method, get_method_class, list_methods
-from tests.conftest import make_tiny
+from tests.conftest import TINY_CONVNETS, make_tiny, make_tiny_convnet
 
-PAIRS = [(method, family) for method in list_methods() for family in get_method_class(method).families]
+BATCHNORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+# (method, backbone kind) pairs: each family a method declares; "convnet" as each tiny ConvNet
+PAIRS = [(method, kind) for method in list_methods() for family in get_method_class(method).families
+         for kind in (TINY_CONVNETS if family == "convnet" else (family,))]
 
 
-def build(method: str, family: str = "vit"):
+def build(method: str, kind: str = "vit"):
     torch.manual_seed(0)
-    backbone = make_tiny(family)
+    backbone = make_tiny_convnet(kind) if kind in TINY_CONVNETS else make_tiny(kind)
     plain = copy.deepcopy(backbone)
     return create_method(method, backbone, num_classes=3), plain
 
 
-def put_classifier(backbone, classifier) -> None:
-    """`classifier` where timm's get_classifier() sits: a ViT's `head`, a Swin's `head.fc` (after its pool)."""
-    name = next(n for n, m in backbone.named_modules() if m is backbone.get_classifier())
-    parent, _, attribute = name.rpartition(".")
-    setattr(backbone.get_submodule(parent), attribute, classifier)
-
-
-@pytest.mark.parametrize(("method", "family"), [(m, f) for m, f in PAIRS if get_method_class(m).identity_at_init])
-def test_starts_as_the_pretrained_function(method, family, tiny_batch):
-    model, plain = build(method, family)
+@pytest.mark.parametrize(("method", "kind"), [(m, k) for m, k in PAIRS if get_method_class(m).identity_at_init])
+def test_starts_as_the_pretrained_function(method, kind, tiny_batch):
+    model, plain = build(method, kind)
     head = model.backbone.get_classifier()
     plain.reset_classifier(3)
-    put_classifier(plain, copy.deepcopy(head))  # the same new head on the untouched backbone
+    # the same new head on the untouched backbone, where timm names its classifier (ViT head, ResNet fc, ...)
+    plain.set_submodule(plain.pretrained_cfg["classifier"], copy.deepcopy(head))
     model.eval(), plain.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(tiny_batch[0]), plain(tiny_batch[0]), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize(("method", "family"), PAIRS)
-def test_every_tuned_tensor_moves_and_nothing_else_does(method, family, tiny_batch):
-    model, _ = build(method, family)
+@pytest.mark.parametrize(("method", "kind"), PAIRS)
+def test_every_tuned_tensor_moves_and_nothing_else_does(method, kind, tiny_batch):
+    model, _ = build(method, kind)
     tuned = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert any(n.startswith("backbone.head") for n in tuned), "every protocol trains a new head"
+    head = f"backbone.{model.backbone.pretrained_cfg['classifier']}"
+    assert any(n.startswith(head) for n in tuned), "every protocol trains a new head"
     assert model.tuned_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
     before = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -61,5 +60,9 @@ def test_every_tuned_tensor_moves_and_nothing_else_does(method, family, tiny_bat
         optimizer.step()
     after = dict([*model.named_parameters(), *model.named_buffers()])
     moved = {n for n, t in after.items() if n in before and not torch.equal(t.detach(), before[n])}
+    if not model.frozen_backbone:  # full fine-tuning trains in train mode: BatchNorm statistics update (ResNet)
+        statistics = {n for n, _ in model.named_buffers() if n.rsplit(".", 1)[-1] in BATCHNORM_STATISTICS}
+        assert kind != "resnet" or statistics <= moved
+        moved -= statistics
     assert moved == tuned, (f"tuned but never moved: {sorted(tuned - moved)}; "
                             f"moved but not tuned: {sorted(moved - tuned)}")
