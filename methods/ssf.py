@@ -118,7 +118,10 @@ def ssf_sites(backbone) -> list[tuple[nn.Module, str]]:
     for block in backbone.blocks:
         sites += [(block, "norm1"), (block.attn, "qkv"), (block.attn, "proj"), (block, "norm2"), (block.mlp, "fc1"),
                   (block.mlp, "fc2")]
-    sites.append((backbone, "norm"))
+    # after the final norm, as the SSF code; a mean-pooled ViT (MAE) has that norm as `fc_norm` after the pool
+    pooled_norm = isinstance(backbone.norm, nn.Identity) and isinstance(backbone.fc_norm, nn.LayerNorm)
+    final = "fc_norm" if pooled_norm else "norm"
+    sites.append((backbone, final))
     return sites
 
 
@@ -133,7 +136,7 @@ class SSFTuning(TuningModule):
             base = getattr(parent, name)
             if isinstance(base, nn.Identity):
                 raise ValueError(f"SSF follows {type(parent).__name__}.{name}, which this backbone leaves as "
-                                 f"Identity (e.g. a mean-pooled ViT with fc_norm); SSF needs the final LayerNorm.")
+                                 f"Identity ); SSF needs a final LayerNorm (norm, or fc_norm after a mean pool).")
             setattr(parent, name, ScaleShift(base, float(self.options.init_std)))  # ssf_* are trainable
 
     def ssf_layers(self) -> list[ScaleShift]:

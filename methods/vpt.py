@@ -127,8 +127,8 @@ class VisualPromptTuning(TuningModule):
             self.adapt_pixels()
             return
         if self.options.location not in (None, "prepend"):
-            raise ValueError(f"VPT location {self.options.location!r} is for ConvNets; on a ViT or Swin prompts are "
-                             "prepended tokens (location=prepend).")
+            raise ValueError(f"VPT location {self.options.location!r} is for ConvNets; on a ViT prompts are "
+                             "prepended tokens, as on a Swin (location=prepend).")
         self.prompt_length = self.options.prompt_length or TOKEN_PROMPTS
         dropout = self.options.prompt_dropout
         self.prompt_dropout = nn.Dropout(dropout if dropout is not None else (0.1 if self.deep else 0.0))

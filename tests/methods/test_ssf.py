@@ -237,6 +237,18 @@ def test_bad_options_name_the_problem(options, message):
         create_method("ssf", make_tiny_vit(), num_classes=3, **options)
 
 
-def test_a_mean_pooled_backbone_without_a_final_norm_is_refused():
-    with pytest.raises(ValueError, match="SSF needs the final LayerNorm"):
-        create_method("ssf", make_tiny_vit(global_pool="avg", fc_norm=True), num_classes=3)
+def test_a_mean_pooled_backbone_scales_after_its_fc_norm_and_one_without_a_final_norm_is_refused(tiny_batch):
+    model = create_method("ssf", make_tiny_vit(global_pool="avg", fc_norm=True), num_classes=3)
+    backbone = model.backbone
+    assert isinstance(backbone.norm, torch.nn.Identity) and type(backbone.fc_norm).__name__ == "ScaleShift"
+    with torch.no_grad():  # the head reads gamma * fc_norm(mean of the patch tokens) + beta
+        tokens = backbone.forward_features(tiny_batch[0])
+        pooled = tokens[:, backbone.num_prefix_tokens:].mean(1)
+        layer = backbone.fc_norm
+        expected = torch.nn.functional.layer_norm(pooled, (32,), layer.weight, layer.bias, layer.eps)
+        expected = expected * layer.ssf_scale + layer.ssf_shift
+        torch.testing.assert_close(backbone.forward_head(tokens, pre_logits=True), expected)
+    bare = make_tiny_vit(global_pool="avg", fc_norm=True)
+    bare.fc_norm = torch.nn.Identity()  # no norm after the blocks at all
+    with pytest.raises(ValueError, match="SSF needs a final LayerNorm"):
+        create_method("ssf", bare, num_classes=3)
