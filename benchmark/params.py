@@ -79,8 +79,7 @@ def parser() -> argparse.ArgumentParser:
                    help="method options: key=value for every method with that option, method.key=value for one")
     add_switch(p, "--csv", help="print CSV instead of a table")
     p.add_argument("--list-methods", action="store_true", help="list the registered methods and exit")
-    p.add_argument("--support-matrix", action="store_true",
-                   help="print the methods x backbone-families table (Markdown) and exit")
+    add_switch(p, "--support-matrix", help="print the methods x backbone-families table (Markdown) and exit")
     return p
 
 
