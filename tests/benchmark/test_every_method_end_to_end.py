@@ -51,9 +51,15 @@ def family_roots(tmp_path_factory):
             "folder": make_folder(root / "folder", {"train": 4, "val": 1, "test": 2})}
 
 
+# Every method on the embedded default above in the fast suite; on the file families the paper's six there, every
+# method in `make test-slow`.
+PAPER_SIX = ("full", "linear", "bias", "adapter", "vpt_shallow", "vpt_deep")
+
+
 @pytest.mark.parametrize("family", ["cub", pytest.param("vtab/kitti", marks=pytest.mark.slow),
                                     pytest.param("folder", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("method", list_methods())
+@pytest.mark.parametrize("method", [m if m in PAPER_SIX else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in list_methods()])
 def test_on_each_dataset_family_with_a_tiny_vit(method, family, family_roots, tmp_path):
     cfg = RunConfig(method=method, dataset=family, data_root=str(family_roots[family]), train_fraction=1.0,
                     backbone="vit_tiny_patch16_224", pretrained=False, backbone_kwargs=TINY_VIT, epochs=1,

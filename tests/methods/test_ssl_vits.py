@@ -309,8 +309,14 @@ def test_vpt_on_clip_inserts_the_prompts_after_norm_pre():
 
 
 # --- every ViT method on every geometry ------------------------------------------------------------------------
+# The methods that read or change the token sequence, pooling or norms in the fast suite; every ViT method in
+# `make test-slow` (each geometry builds a model per method: ~130 cases).
+TOKEN_SENSITIVE = ("linear", "vpt_shallow", "vpt_deep", "partial_k", "ssf", "vqt", "convpass")
+
+
 @pytest.mark.parametrize("kind", GEOMETRIES)
-@pytest.mark.parametrize("method", [m for m in list_methods() if "vit" in get_method_class(m).families])
+@pytest.mark.parametrize("method", [m if m in TOKEN_SENSITIVE else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in list_methods() if "vit" in get_method_class(m).families])
 def test_every_vit_method_trains_a_step_on_each_geometry(method, kind):
     backbone = build(kind, **({"img_size": 56} if "dinov2" in kind else {}))  # 4 x 4 patches of 14 px
     plain = copy.deepcopy(backbone)
