@@ -143,7 +143,9 @@ def build_model(cfg: PerfConfig):
     return model, apply_speed_options
 
 def synthetic_batches(model, cfg: PerfConfig, n_batches: int = 2) -> TensorDataset:
-    channels, height, width = model.backbone.patch_embed.proj.in_channels, *model.backbone.patch_embed.img_size
+    # input channels from the patch conv's weight (out, in, kh, kw): a method may wrap the conv (SSF's ScaleShift)
+    channels = model.backbone.patch_embed.proj.weight.shape[1]
+    height, width = model.backbone.patch_embed.img_size
     g = torch.Generator().manual_seed(0)
     images = torch.randn(n_batches * cfg.batch_size, channels, height, width, generator=g)
     return TensorDataset(images, torch.randint(0, cfg.num_classes, (len(images),), generator=g))

@@ -254,3 +254,14 @@ def test_vpt_deep_keeps_plain_blocks_without_fused_attention(tiny_batch):
     model = create_method("vpt_deep", backbone, num_classes=3, prompt_length=3)
     assert all(type(b) is Block for b in model.backbone.blocks)
     assert model(tiny_batch[0]).shape == (4, 3)
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_synthetic_batches_have_the_backbones_input_shape_for_every_method(method):
+    """A method may wrap the patch conv (SSF): the perf batches still take the embedded ViT's 1 x 28 x 28 input."""
+    from benchmark.core.costs import synthetic_batches
+    from methods import create_backbone
+
+    model = create_method(method, create_backbone("vit_embedded_p7_28"), 5)
+    images, labels = synthetic_batches(model, PerfConfig(method=method, batch_size=3, num_classes=5)).tensors
+    assert images.shape == (6, 1, 28, 28) and labels.shape == (6,) and int(labels.max()) < 5
