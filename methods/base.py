@@ -276,3 +276,54 @@ def optimizer_and_schedule(params, optim: OptimConfig, total_steps: int, **kwarg
     warmup_steps = int(round(total_steps * optim.warmup_epochs / max(1, optim.max_epochs)))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps))
     return optimizer, schedule
+
+
+class MergeForEvalTuning(TuningModule):
+    """A method whose trained update folds into copies of the frozen weights while it evaluates (LoRA, SSF,
+    RepAdapter): one matmul per layer instead of two, the pretrained tensors never written, and training always
+    reading the unmerged layers.
+
+    Subclasses list their layers in `mergeable_layers()` (each has `merge()` and `unmerge()`) and give their options
+    a `merge_for_eval` switch. Lightning puts the module in eval mode before the *_start hooks and back in train mode
+    (which unmerges) after fit's validation; the *_end hooks free the merged copies once evaluation is done.
+    """
+
+    def mergeable_layers(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def merge_layers(self) -> None:
+        """Fold the update into every layer's copy; valid until the next `unmerge_layers` or `train()`."""
+        for layer in self.mergeable_layers():
+            layer.merge()
+
+    def unmerge_layers(self) -> None:
+        for layer in self.mergeable_layers():
+            layer.unmerge()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:  # the tuned tensors are about to change: a merged copy would go stale
+            self.unmerge_layers()
+        return self
+
+    def merge_if_enabled(self) -> None:
+        if self.options.merge_for_eval:
+            self.merge_layers()
+
+    def on_validation_start(self) -> None:
+        self.merge_if_enabled()
+
+    def on_test_start(self) -> None:
+        self.merge_if_enabled()
+
+    def on_predict_start(self) -> None:
+        self.merge_if_enabled()
+
+    def on_validation_end(self) -> None:
+        self.unmerge_layers()
+
+    def on_test_end(self) -> None:
+        self.unmerge_layers()
+
+    def on_predict_end(self) -> None:
+        self.unmerge_layers()

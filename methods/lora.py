@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.backbone import transformer_blocks
-from methods.base import TuningModule
+from methods.base import MergeForEvalTuning
 from methods.registry import register_method
 
 
@@ -78,7 +78,7 @@ class LoRALinear(nn.Module):
 
 
 @register_method("lora")
-class LoRATuning(TuningModule):
+class LoRATuning(MergeForEvalTuning):
     label, color = "LoRA", "#9edae5"
     options_cls = LoRAOptions
     families = ("vit", "swin")
@@ -96,41 +96,4 @@ class LoRATuning(TuningModule):
     def lora_layers(self) -> list[LoRALinear]:
         return [m for m in self.modules() if isinstance(m, LoRALinear)]
 
-    def merge_lora(self) -> None:
-        """Precompute W + scaling * B A in every wrapped layer; valid until the next `unmerge_lora` or `train()`."""
-        for layer in self.lora_layers():
-            layer.merge()
-
-    def unmerge_lora(self) -> None:
-        for layer in self.lora_layers():
-            layer.unmerge()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if mode:  # A and B are about to change: a merged copy would go stale
-            self.unmerge_lora()
-        return self
-
-    def _merge_if_enabled(self) -> None:
-        if self.options.merge_for_eval:
-            self.merge_lora()
-
-    # Lightning puts the module in eval mode before these hooks and back in train mode (unmerging) after fit's
-    # validation; the *_end hooks free the merged copies once evaluation is done.
-    def on_validation_start(self) -> None:
-        self._merge_if_enabled()
-
-    def on_test_start(self) -> None:
-        self._merge_if_enabled()
-
-    def on_predict_start(self) -> None:
-        self._merge_if_enabled()
-
-    def on_validation_end(self) -> None:
-        self.unmerge_lora()
-
-    def on_test_end(self) -> None:
-        self.unmerge_lora()
-
-    def on_predict_end(self) -> None:
-        self.unmerge_lora()
+    mergeable_layers = lora_layers

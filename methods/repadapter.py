@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from methods.base import TuningModule, is_number
+from methods.base import MergeForEvalTuning, is_number
 from methods.registry import register_method
 
 ADAPTER_DROPOUT = 0.1  # the code's RepAdapter: nn.Dropout(0.1) between its two projections
@@ -159,7 +159,7 @@ class RepAdapterBlock(Block):
 
 
 @register_method("repadapter")
-class RepAdapterTuning(TuningModule):
+class RepAdapterTuning(MergeForEvalTuning):
     label, color = "RepAdapter", "#f7b6d2"
     options_cls = RepAdapterOptions
 
@@ -185,41 +185,5 @@ class RepAdapterTuning(TuningModule):
     def adapters(self) -> list[RepAdapter]:
         return [a for block in self.backbone.blocks for a in (block.adapter_attn, block.adapter_mlp)]
 
-    def merge_adapters(self) -> None:
-        """Fold every adapter into a copy of the layer after it; valid until `unmerge_adapters` or `train()`."""
-        for block in self.backbone.blocks:
-            block.merge()
-
-    def unmerge_adapters(self) -> None:
-        for block in self.backbone.blocks:
-            block.unmerge()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if mode:  # the adapters are about to change (and dropout acts): a folded copy would be wrong
-            self.unmerge_adapters()
-        return self
-
-    def _merge_if_enabled(self) -> None:
-        if self.options.merge_for_eval:
-            self.merge_adapters()
-
-    # Lightning puts the module in eval mode before these hooks and back in train mode (unmerging) after fit's
-    # validation; the *_end hooks free the folded copies once evaluation is done (methods/lora.py does the same).
-    def on_validation_start(self) -> None:
-        self._merge_if_enabled()
-
-    def on_test_start(self) -> None:
-        self._merge_if_enabled()
-
-    def on_predict_start(self) -> None:
-        self._merge_if_enabled()
-
-    def on_validation_end(self) -> None:
-        self.unmerge_adapters()
-
-    def on_test_end(self) -> None:
-        self.unmerge_adapters()
-
-    def on_predict_end(self) -> None:
-        self.unmerge_adapters()
+    def mergeable_layers(self) -> list[RepAdapterBlock]:
+        return list(self.backbone.blocks)

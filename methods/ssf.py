@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import TuningModule
+from methods.base import MergeForEvalTuning
 from methods.registry import register_method
 
 
@@ -126,7 +126,7 @@ def ssf_sites(backbone) -> list[tuple[nn.Module, str]]:
 
 
 @register_method("ssf")
-class SSFTuning(TuningModule):
+class SSFTuning(MergeForEvalTuning):
     label, color = "SSF", "#2ca02c"
     options_cls = SSFOptions
     identity_at_init = False  # gamma ~ N(1, 0.02), beta ~ N(0, 0.02): near, not at, the pretrained function
@@ -142,40 +142,4 @@ class SSFTuning(TuningModule):
     def ssf_layers(self) -> list[ScaleShift]:
         return [m for m in self.modules() if isinstance(m, ScaleShift)]
 
-    def merge_ssf(self) -> None:
-        """Fold every gamma, beta into copies of the weights; valid until the next `unmerge_ssf` or `train()`."""
-        for layer in self.ssf_layers():
-            layer.merge()
-
-    def unmerge_ssf(self) -> None:
-        for layer in self.ssf_layers():
-            layer.unmerge()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if mode:  # gamma and beta are about to change: folded copies would go stale
-            self.unmerge_ssf()
-        return self
-
-    def _merge_if_enabled(self) -> None:
-        if self.options.merge_for_eval:
-            self.merge_ssf()
-
-    # As methods/lora.py: Lightning is in eval mode for these hooks; the *_end hooks free the folded copies.
-    def on_validation_start(self) -> None:
-        self._merge_if_enabled()
-
-    def on_test_start(self) -> None:
-        self._merge_if_enabled()
-
-    def on_predict_start(self) -> None:
-        self._merge_if_enabled()
-
-    def on_validation_end(self) -> None:
-        self.unmerge_ssf()
-
-    def on_test_end(self) -> None:
-        self.unmerge_ssf()
-
-    def on_predict_end(self) -> None:
-        self.unmerge_ssf()
+    mergeable_layers = ssf_layers

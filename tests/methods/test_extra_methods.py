@@ -103,7 +103,7 @@ def test_lora_merge_for_eval_matches_unmerged_and_never_touches_base_weights(tin
     model.eval()
     with torch.no_grad():
         unmerged = model(tiny_batch[0])
-        model.merge_lora()
+        model.merge_layers()
         assert all(layer.merged_weight is not None for layer in model.lora_layers())
         merged = model(tiny_batch[0])
     assert torch.allclose(merged, unmerged, atol=1e-5)

@@ -82,10 +82,10 @@ def test_adapters_sit_before_qkv_and_fc1_and_fold_exactly(vit, options, scale, g
         expected = reference_logits(model, images, scale, groups)
         torch.testing.assert_close(model(images), expected, rtol=0, atol=1e-5)
         assert not torch.allclose(reference_logits(model, images, 0.0, groups), expected, atol=1e-3)  # they matter
-        model.merge_adapters()
+        model.merge_layers()
         assert all(block.merged for block in model.backbone.blocks)
         torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-5)
-        model.unmerge_adapters()
+        model.unmerge_layers()
         torch.testing.assert_close(model(images), expected, rtol=0, atol=1e-5)
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)  # never written
 
@@ -98,7 +98,7 @@ def test_folded_weights_by_hand():
     a, qkv = block.adapter_attn, block.attn.qkv
     dense_up = torch.zeros(32, 8)
     dense_up[:16, :4], dense_up[16:, 4:] = a.up.weight[:16], a.up.weight[16:]  # groups=2: (32 / 2) x (8 / 2) blocks
-    model.merge_adapters()
+    model.merge_layers()
     weight, bias = qkv.folded
     with torch.no_grad():
         torch.testing.assert_close(weight, qkv.weight + 0.7 * qkv.weight @ dense_up @ a.down.weight)

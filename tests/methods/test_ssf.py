@@ -134,7 +134,7 @@ def test_folded_weights_are_diag_gamma_w_and_gamma_b_plus_beta_in_copies():
     model = create_method("ssf", make_tiny_vit(), num_classes=3).eval()
     perturb(model)
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    model.merge_ssf()
+    model.merge_layers()
     qkv = model.backbone.blocks[0].attn.qkv
     weight, bias = qkv.merged
     torch.testing.assert_close(weight, qkv.ssf_scale[:, None] * qkv.weight)
