@@ -48,7 +48,8 @@ def tensor_digest(tensors) -> str:
     for tensor in tensors:
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        # reshape first: a 0-dim tensor (a BatchNorm's num_batches_tracked) has no byte view of its own
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 

@@ -1,8 +1,8 @@
 """Every registered method, one epoch through `benchmark.core.pipeline.run` (the path of `make bench`): on the
 embedded default (its pretrained backbone, the digits task) and on a tiny random-init ViT over each image-file
 dataset family (FGVC JSON, VTAB-1k lists, a class-folder tree), each from a fixture written here; every method that
-supports Swin on a tiny random-init Swin over FGVC; and every method of the convnet family on a tiny ResNet and
-ConvNeXt over FGVC, from a local weights file."""
+supports Swin on a tiny Swin, and every method of the convnet family on a tiny ResNet and ConvNeXt, each from a
+local weights file, over FGVC and over the embedded digits (grey 28 px)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from benchmark.core.pipeline import run
 from datamodules import create_datamodule
 from methods import create_backbone, data_config, list_methods
 from methods.registry import methods_for_family
-from tests.conftest import TINY_BACKBONES, TINY_CONVNETS, TINY_VIT, make_tiny_convnet
+from tests.conftest import TINY_BACKBONES, TINY_CONVNETS, TINY_VIT
 from tests.datamodules.test_fgvc import make_fgvc
 from tests.datamodules.test_folder import make_folder
 from tests.datamodules.test_vtab import make_vtab
@@ -67,26 +67,35 @@ def test_on_each_dataset_family_with_a_tiny_vit(method, family, family_roots, tm
     check(run(cfg), {"cub": 9, "vtab/kitti": 8, "folder": 6}[family])
 
 
-@pytest.mark.parametrize("method", methods_for_family("swin"))
-def test_on_fgvc_with_a_tiny_swin(method, family_roots, tmp_path):
-    name, kwargs = TINY_BACKBONES["swin"]
-    cfg = RunConfig(method=method, dataset="cub", data_root=str(family_roots["cub"]), train_fraction=1.0,
-                    backbone=name, pretrained=False, backbone_kwargs=kwargs, epochs=1, warmup_epochs=0,
-                    batch_size=4, method_options={"prompt_length": 5} if method.startswith("vpt") else {},
-                    results_dir=str(tmp_path / "results"))
-    check(run(cfg), 9)
+# The three non-ViT families' tiny stand-ins, each saved as a local WEIGHTS file (random init; no hub).
+NON_VIT = {"swin": TINY_BACKBONES["swin"], **TINY_CONVNETS}
 
 
 @pytest.fixture(scope="module")
-def convnet_weights(tmp_path_factory):
-    """A random-init state dict of each tiny ConvNet saved as a local WEIGHTS file (no hub)."""
-    root = tmp_path_factory.mktemp("convnet-weights")
+def local_weights(tmp_path_factory):
+    root = tmp_path_factory.mktemp("local-weights")
     paths = {}
-    for kind in TINY_CONVNETS:
+    for kind, (name, kwargs) in NON_VIT.items():
         torch.manual_seed(0)
         paths[kind] = root / f"{kind}.pth"
-        torch.save(make_tiny_convnet(kind).state_dict(), paths[kind])
+        torch.save(create_backbone(name, pretrained=False, **kwargs).state_dict(), paths[kind])
     return paths
+
+
+def non_vit_run(kind: str, method: str, options: dict, weights, **data) -> dict:
+    name, kwargs = NON_VIT[kind]
+    if kind == "swin" and method.startswith("vpt"):
+        options = {"prompt_length": 5, **options}
+    result = run(RunConfig(method=method, backbone=name, weights=str(weights), backbone_kwargs=kwargs, epochs=1,
+                           warmup_epochs=0, batch_size=4, method_options=options, **data))
+    assert result["config"]["weights"] == str(weights) and result["config"]["backbone"] == name
+    return result
+
+
+@pytest.mark.parametrize("method", methods_for_family("swin"))
+def test_every_swin_method_on_fgvc_with_local_weights(method, family_roots, local_weights, tmp_path):
+    check(non_vit_run("swin", method, {}, local_weights["swin"], dataset="cub", data_root=str(family_roots["cub"]),
+                      train_fraction=1.0, results_dir=str(tmp_path / "results")), 9)
 
 
 CONVNET_RUNS = [(m, {}) for m in methods_for_family("convnet")] + [("vpt_shallow", {"location": "below"})]
@@ -94,12 +103,20 @@ CONVNET_RUNS = [(m, {}) for m in methods_for_family("convnet")] + [("vpt_shallow
 
 @pytest.mark.parametrize("kind", list(TINY_CONVNETS))
 @pytest.mark.parametrize(("method", "options"), CONVNET_RUNS)
-def test_every_convnet_method_on_fgvc_with_local_weights(method, options, kind, family_roots, convnet_weights,
+def test_every_convnet_method_on_fgvc_with_local_weights(method, options, kind, family_roots, local_weights,
                                                          tmp_path):
-    name, kwargs = TINY_CONVNETS[kind]
-    cfg = RunConfig(method=method, dataset="cub", data_root=str(family_roots["cub"]), train_fraction=1.0,
-                    backbone=name, weights=str(convnet_weights[kind]), backbone_kwargs=kwargs, epochs=1,
-                    warmup_epochs=0, batch_size=4, method_options=options, results_dir=str(tmp_path / "results"))
-    result = run(cfg)
-    check(result, 9)
-    assert result["config"]["weights"] == str(convnet_weights[kind])
+    check(non_vit_run(kind, method, options, local_weights[kind], dataset="cub", data_root=str(family_roots["cub"]),
+                      train_fraction=1.0, results_dir=str(tmp_path / "results")), 9)
+
+
+# The embedded tasks are grey 28 px: each backbone's data config (3 x 32 x 32 here) decides how they are resized and
+# replicated to its channels, as the embedded ViT's own 1 x 28 x 28 does.
+EMBEDDED_RUNS = ([("swin", m, {}) for m in methods_for_family("swin")]
+                 + [(kind, m, options) for kind in TINY_CONVNETS for m, options in CONVNET_RUNS])
+
+
+@pytest.mark.parametrize(("kind", "method", "options"), EMBEDDED_RUNS)
+def test_every_non_vit_method_on_the_embedded_digits_with_local_weights(kind, method, options, digits_test_size,
+                                                                          local_weights, tmp_path):
+    check(non_vit_run(kind, method, options, local_weights[kind], dataset="digits", train_fraction=0.1,
+                      results_dir=str(tmp_path / "results")), digits_test_size)

@@ -4,6 +4,7 @@ never used where it would change results."""
 from __future__ import annotations
 
 import csv
+import hashlib
 
 import lightning as L
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from benchmark.core.config import RunConfig
-from benchmark.core.features import CachedFeatureDataModule, cached_datamodule, can_cache
+from benchmark.core.features import CachedFeatureDataModule, cached_datamodule, can_cache, tensor_digest
 from benchmark.core.pipeline import run
 from datamodules.embedded import TensorSplitsDataModule
 from methods import OptimConfig, create_method, data_config
@@ -259,3 +260,13 @@ def test_file_dataset_new_seed_or_fraction_computes_its_own_train_features(tmp_p
     assert cached_datamodule(*vtab_probe(root, 1.0, seed=1), cache).hits == {"train": False, "val": True,
                                                                              "test": True}
     assert all(cached_datamodule(*vtab_probe(root, 0.5, seed=1), cache).hits.values())  # the same run again
+
+
+def test_digest_reads_zero_dim_tensors_by_value():
+    # a ResNet's BatchNorm holds a 0-dim `num_batches_tracked`; the digest must read it (and tell values apart)
+    step = torch.tensor(7)
+    expected = hashlib.sha256()
+    expected.update(b"torch.int64()")
+    expected.update((7).to_bytes(8, "little"))
+    assert tensor_digest([step]) == expected.hexdigest()
+    assert tensor_digest([torch.tensor(8)]) != tensor_digest([step])
