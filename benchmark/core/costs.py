@@ -134,18 +134,34 @@ class StepTimer(L.Callback):
 
 def build_model(cfg: PerfConfig):
     """The method on a randomly initialised backbone: weights do not change the cost."""
-    from methods import OptimConfig, create_backbone, create_method
+    from methods import OptimConfig, create_backbone, create_method, data_config
 
-    extra = {"img_size": cfg.img_size} if cfg.img_size else {}
+    extra = {}
+    if cfg.img_size:
+        with torch.device("meta"):  # free: does the family fix its token grid when built?
+            probe = create_backbone(cfg.backbone, pretrained=False)
+        if hasattr(probe, "patch_embed"):  # a ViT or Swin is built for the image size
+            extra = {"img_size": cfg.img_size}
+        else:  # a ConvNet takes any size: its data config says which (the pixel prompts are sized by it)
+            channels = data_config(probe)["input_size"][0]
+            extra = {"pretrained_cfg_overlay": {"input_size": (channels, cfg.img_size, cfg.img_size)}}
     backbone = create_backbone(cfg.backbone, pretrained=False, **extra)
     optim = OptimConfig(optimizer=cfg.optimizer, lr=1e-3, max_epochs=1, warmup_epochs=0)
     model = create_method(cfg.method, backbone, cfg.num_classes, optim, **cfg.method_options)
     return model, apply_speed_options
 
+def input_shape(model) -> tuple[int, int, int]:
+    """(channels, height, width) of the images the method's backbone takes."""
+    from methods import data_config
+    patch_embed = getattr(model.backbone, "patch_embed", None)
+    if patch_embed is not None:  # ViT, Swin: built for one size; the channels from the patch conv's weight
+        # (out, in, kh, kw), since a method may wrap the conv (SSF's ScaleShift)
+        return (patch_embed.proj.weight.shape[1], *patch_embed.img_size)
+    return data_config(model.backbone)["input_size"]  # a ConvNet: its (overlaid) pretrained config's
+
+
 def synthetic_batches(model, cfg: PerfConfig, n_batches: int = 2) -> TensorDataset:
-    # input channels from the patch conv's weight (out, in, kh, kw): a method may wrap the conv (SSF's ScaleShift)
-    channels = model.backbone.patch_embed.proj.weight.shape[1]
-    height, width = model.backbone.patch_embed.img_size
+    channels, height, width = input_shape(model)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(n_batches * cfg.batch_size, channels, height, width, generator=g)
     return TensorDataset(images, torch.randint(0, cfg.num_classes, (len(images),), generator=g))
@@ -184,7 +200,7 @@ def measure_method(cfg: PerfConfig) -> dict:
     train_img_s = cfg.batch_size / step
     return {
         "method": cfg.method, "backbone": cfg.backbone, "batch_size": cfg.batch_size,
-        "img_size": model.backbone.patch_embed.img_size[0], "device": device_name(device),
+        "img_size": input_shape(model)[1], "device": device_name(device),
         "precision": cfg.precision, "compile": cfg.compile, "checkpointing": cfg.checkpointing,
         "method_options": json.dumps(cfg.method_options, sort_keys=True), "optimizer": cfg.optimizer,
         "train_step_ms": 1000 * step, "train_img_s": train_img_s, "eval_img_s": cfg.batch_size / eval_step,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmark import perf
-from benchmark.core.costs import PerfConfig, matmul_peak_gflops, measure_method, training_flops
+from benchmark.core.costs import PerfConfig, build_model, matmul_peak_gflops, measure_method, training_flops
 from benchmark.perf import merge_rows
 from methods import create_method, list_methods
 from tests.conftest import TINY_VIT, make_tiny_vit
@@ -265,3 +265,19 @@ def test_synthetic_batches_have_the_backbones_input_shape_for_every_method(metho
     model = create_method(method, create_backbone("vit_embedded_p7_28"), 5)
     images, labels = synthetic_batches(model, PerfConfig(method=method, batch_size=3, num_classes=5)).tensors
     assert images.shape == (6, 1, 28, 28) and labels.shape == (6,) and int(labels.max()) < 5
+
+
+@pytest.mark.parametrize(("backbone", "img_size"), [("resnet18", 32), ("convnext_atto", None)])
+def test_convnet_rows_take_the_pretrained_config_channels_and_the_asked_size(backbone, img_size):
+    # a ConvNet has no patch_embed: 3 channels from timm's pretrained config, the size asked (else its 224)
+    from benchmark.core.costs import input_shape
+
+    cfg = PerfConfig(method="vpt_shallow", backbone=backbone, img_size=img_size, batch_size=2, num_classes=5,
+                     steps=1, warmup=0, method_options={"prompt_length": 2})
+    model, _ = build_model(cfg)
+    assert input_shape(model) == (3, img_size or 224, img_size or 224)
+    if img_size:  # one measured row on the tiny size; the pad bands around the 32 px image: 3 channels x
+        # (top and bottom 2 x (32 + 2 * 2), left and right 2 x 32) x p = 2, and the 512 -> 5 head
+        row = measure_method(cfg)
+        assert row["img_size"] == 32 and row["train_img_s"] > 0 and row["flops_per_img"] > 0
+        assert row["tuned_params"] == 3 * 2 * (2 * (32 + 4) + 2 * 32) + (512 * 5 + 5)
