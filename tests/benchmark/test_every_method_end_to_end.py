@@ -14,7 +14,7 @@ from benchmark.core.pipeline import run
 from datamodules import create_datamodule
 from methods import create_backbone, data_config, list_methods
 from methods.registry import methods_for_family
-from tests.conftest import TINY_BACKBONES, TINY_CONVNETS, TINY_VIT, make_tiny_convnet
+from tests.conftest import TINY_BACKBONES, TINY_CONVNETS, TINY_METHOD_OPTIONS, TINY_VIT, make_tiny_convnet
 from tests.datamodules.test_fgvc import make_fgvc
 from tests.datamodules.test_folder import make_folder
 from tests.datamodules.test_vtab import make_vtab
@@ -72,8 +72,8 @@ def test_on_fgvc_with_a_tiny_swin(method, family_roots, tmp_path):
     name, kwargs = TINY_BACKBONES["swin"]
     cfg = RunConfig(method=method, dataset="cub", data_root=str(family_roots["cub"]), train_fraction=1.0,
                     backbone=name, pretrained=False, backbone_kwargs=kwargs, epochs=1, warmup_epochs=0,
-                    batch_size=4, method_options={"prompt_length": 5} if method.startswith("vpt") else {},
-                    results_dir=str(tmp_path / "results"))
+                    batch_size=4, method_options={"prompt_length": 5} if method.startswith("vpt") else
+                    TINY_METHOD_OPTIONS.get((method, "swin"), {}), results_dir=str(tmp_path / "results"))
     check(run(cfg), 9)
 
 
