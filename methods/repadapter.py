@@ -29,10 +29,9 @@ the layer it folds into (`FoldableLinear`), which on a ViT is the same as applyi
 On a Swin, the official code's own Swin path (`forward_swin_block_adapter`, and `set_RepWeight`, which folds Swin
 blocks as ViT blocks): the same two adapters in every block of every stage, of that block's width C (D above), on
 the input of window attention's qkv and of fc1, folded into them. Where timm pads a map that the window does not
-divide (the official code asserts divisibility and never pads), the padded zeros enter qkv through the adapter too,
-as they do the folded qkv: so the fold stays exact there (ours; the official code applies its adapter before the
-padding would be, which no single folded qkv could reproduce). Swin-B, 200 classes: sum over blocks of
-2 ((8 C + 8) + (8 C / 2 + C)) + head = 518,216.
+divide, the padded zeros enter qkv through the adapter too, as they enter the folded qkv, so the fold stays exact
+(ours: the official code never pads, it asserts divisibility; an adapter before the padding could not be folded
+exactly). Swin-B, 200 classes: sum over blocks of 2 ((8 C + 8) + (8 C / 2 + C)) + head = 518,216.
 """
 
 from __future__ import annotations
