@@ -19,6 +19,18 @@ main_image.py's tuning_config: ffn_option "parallel", ffn_adapter_layernorm_opti
 On ViT-B/16 (D = 768, 12 blocks) with 200 classes: 12 * (768*64 + 64 + 64*768 + 768) + (768*200 + 200) = 1,343,432
 tuned parameters. Blocks keep their state-dict keys; the branch adds `blocks.i.adaptmlp.{down,up}_proj.*` (the
 code's names).
+
+On a Swin (the official code has no image Swin): as V-PETL Bench's Swin AdaptFormer (github:synbol/Parameter-
+Efficient-Transfer-Learning-Benchmark, VideoActionRecognition/models/video_swin_transformer_AdaptFormer.py, `Mlp`
+with ffn_option "parallel", layernorm option "none", scalar 0.1, ffn_num 64): the AdaptMLP sits inside every
+block's MLP, of that block's width, and reads the MLP's input, norm2(x') (the paper's eq. 2, x~ = ReLU(LN(x') W_down)
+W_up):
+
+    x  = x' + mlp(norm2(x')) + s * up(dropout(relu(down(norm2(x')))))
+
+so on a Swin it is inside the block's drop-path (an identity on a frozen backbone). Its keys are
+`layers.i.blocks.j.mlp.adaptmlp.*` (V-PETL's names). Dropout 0.1 as on the ViT (ours: V-PETL passes its MLP's
+dropout rate, 0 in its runs). Swin-B, 200 classes: sum over blocks of (129 C + 64) + head = 1,758,664.
 """
 
 from __future__ import annotations
@@ -28,9 +40,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from methods.backbone import backbone_family, block_width, plain_blocks, transformer_blocks
 from methods.base import TuningModule, is_number
 from methods.registry import register_method
 
@@ -81,19 +95,36 @@ class AdaptFormerBlock(Block):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))) + self.adaptmlp(x)
 
 
+class AdaptFormerMlp(Mlp):
+    """A Swin block's timm Mlp with an AdaptMLP (`adaptmlp`) beside it, reading the same (normed) input."""
+
+    adaptmlp: AdaptMLP
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + self.adaptmlp(x)
+
+
 @register_method("adaptformer")
 class AdaptFormerTuning(TuningModule):
     label, color = "AdaptFormer", "#d62728"
     options_cls = AdaptFormerOptions
+    families = ("vit", "swin")
 
     def adapt(self) -> None:
-        dim = self.backbone.embed_dim
-        for i, block in enumerate(self.backbone.blocks):
-            if type(block) is not Block:  # the forward above mirrors timm's plain pre-norm Block only
-                raise ValueError(f"adaptformer needs timm's plain Block; blocks[{i}] is {type(block).__name__}.")
-            adaptmlp = AdaptMLP(dim, self.options.bottleneck, float(self.options.scale))
-            block.adaptmlp = adaptmlp.to(next(block.parameters()).device)
-            block.__class__ = AdaptFormerBlock  # same parameters and state-dict keys, plus `adaptmlp`
+        swin = backbone_family(self.backbone) == "swin"
+        for i, block in enumerate(plain_blocks(self.backbone, "adaptformer")):  # what the forwards above mirror
+            adaptmlp = AdaptMLP(block_width(block), self.options.bottleneck, float(self.options.scale))
+            adaptmlp = adaptmlp.to(next(block.parameters()).device)
+            if not swin:
+                block.adaptmlp = adaptmlp
+                block.__class__ = AdaptFormerBlock  # same parameters and state-dict keys, plus `adaptmlp`
+            elif type(block.mlp) is Mlp:
+                block.mlp.adaptmlp = adaptmlp
+                block.mlp.__class__ = AdaptFormerMlp  # same keys, plus `mlp.adaptmlp`
+            else:
+                raise ValueError(f"adaptformer needs timm's plain Mlp in a Swin block; blocks[{i}] has "
+                                 f"{type(block.mlp).__name__}.")
 
     def adapters(self) -> list[AdaptMLP]:
-        return [block.adaptmlp for block in self.backbone.blocks]
+        return [block.mlp.adaptmlp if isinstance(block.mlp, AdaptFormerMlp) else block.adaptmlp
+                for block in transformer_blocks(self.backbone)]

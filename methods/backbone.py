@@ -69,6 +69,25 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return list(model.blocks)
 
 
+def plain_blocks(model: nn.Module, method: str) -> list[nn.Module]:
+    """`transformer_blocks(model)`, each checked to be timm's plain block of its family (a ViT's `Block`, a Swin's
+    `SwinTransformerBlock`): the class whose forward a block-modifying method mirrors; any other is a ValueError."""
+    from timm.models.swin_transformer import SwinTransformerBlock
+    from timm.models.vision_transformer import Block
+
+    plain = SwinTransformerBlock if backbone_family(model) == "swin" else Block
+    blocks = transformer_blocks(model)
+    for i, block in enumerate(blocks):
+        if type(block) is not plain:
+            raise ValueError(f"{method} needs timm's plain {plain.__name__}; blocks[{i}] is {type(block).__name__}.")
+    return blocks
+
+
+def block_width(block: nn.Module) -> int:
+    """A transformer block's width: a ViT's embed_dim, a Swin block's stage width (what its MLP reads)."""
+    return block.mlp.fc1.in_features
+
+
 def is_vit_name(name: str) -> bool:
     return name.split(".")[0] in timm.list_models() and "vit" in name.split(".")[0]
 

@@ -23,6 +23,13 @@ Follows the official code (github.com/JieShibo/PETL-ViT, convpass/vtab/convpass.
 On ViT-B/16 (D = 768, 12 blocks) with 200 classes: 12 * 2 * ((768*8 + 8) + (8*8*9 + 8) + (8*768 + 768))
 + (768*200 + 200) = 481,352 tuned parameters. Blocks keep their state-dict keys; the bypasses add
 `blocks.i.adapter_attn.*` and `blocks.i.adapter_mlp.*` (the code's names).
+
+On a Swin, the official code's own Swin path (the same file: `Convpass_swin`, `forward_swin_block`): both bypasses
+in every block of every stage, `down` from that block's width C to dim and `up` back, the 3x3 conv over the block's
+whole H x W map (not its windows, before the cyclic shift: there are no prefix tokens), the attention bypass added
+beside the window attention and the MLP one beside the MLP, both through the block's drop-path, with the same init,
+scale, QuickGELU and dropout. Any map size works (the conv reads the map it gets). Swin-B, 200 classes: sum over
+blocks of 2 ((8 C + 8) + (8*8*9 + 8) + (8 C + C)) + head = 642,504.
 """
 
 from __future__ import annotations
@@ -30,9 +37,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from timm.models.swin_transformer import SwinTransformerBlock
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from methods.backbone import backbone_family, block_width, plain_blocks, transformer_blocks
 from methods.base import TuningModule, is_number
 from methods.registry import register_method
 
@@ -64,9 +73,11 @@ class QuickGELU(nn.Module):
 
 
 class Convpass(nn.Module):
-    """down, QuickGELU, 3x3 conv over the patch grid (each prefix token a 1x1 image), QuickGELU, dropout, up."""
+    """down, QuickGELU, 3x3 conv over the patch grid (each prefix token a 1x1 image), QuickGELU, dropout, up.
+    With `grid` None it reads a Swin block's (B, H, W, C) map and convolves over that map."""
 
-    def __init__(self, embed_dim: int, dim: int, grid: tuple[int, int], num_prefix_tokens: int, xavier_init: bool):
+    def __init__(self, embed_dim: int, dim: int, grid: tuple[int, int] | None, num_prefix_tokens: int,
+                 xavier_init: bool):
         super().__init__()
         self.grid, self.num_prefix_tokens = grid, num_prefix_tokens
         self.adapter_down = nn.Linear(embed_dim, dim)
@@ -87,6 +98,9 @@ class Convpass(nn.Module):
             nn.init.zeros_(self.adapter_up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grid is None:  # a Swin map (B, H, W, C): Convpass_swin's conv over the whole map
+            z = self.adapter_conv(self.act(self.adapter_down(x)).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            return self.adapter_up(self.dropout(self.act(z)))
         batch, tokens, _ = x.shape
         (grid_h, grid_w), prefix = self.grid, self.num_prefix_tokens
         if tokens != prefix + grid_h * grid_w:
@@ -117,12 +131,33 @@ class ConvpassBlock(Block):
         return x + self.drop_path2(self.ls2(self.mlp(h))) + self.drop_path2(self.adapter_mlp(h) * self.s)
 
 
+class ConvpassSwinBlock(SwinTransformerBlock):
+    """timm's SwinTransformerBlock with a Convpass beside its window attention and one beside its MLP, each reading
+    the sublayer's input as a (B, H, W, C) map (the official `forward_swin_block`)."""
+
+    adapter_attn: Convpass
+    adapter_mlp: Convpass
+    s: float
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, dim = x.shape
+        h = self.norm1(x)
+        x = x + self.drop_path1(self._attn(h)) + self.drop_path1(self.s * self.adapter_attn(h))
+        h = self.norm2(x)  # per token: the same as on timm's (B, H*W, C) view
+        x = x + self.drop_path2(self.mlp(h)) + self.drop_path2(self.s * self.adapter_mlp(h))
+        return x.reshape(batch, height, width, dim)
+
+
 @register_method("convpass")
 class ConvpassTuning(TuningModule):
     label, color = "Convpass", "#ff9896"
     options_cls = ConvpassOptions
+    families = ("vit", "swin")
 
     def adapt(self) -> None:
+        if backbone_family(self.backbone) == "swin":
+            self.adapt_swin()
+            return
         backbone, options = self.backbone, self.options
         grid = getattr(backbone.patch_embed, "grid_size", None)
         if grid is None or getattr(backbone, "dynamic_img_size", False):
@@ -140,5 +175,15 @@ class ConvpassTuning(TuningModule):
             block.s = float(options.scale)
             block.__class__ = ConvpassBlock  # same parameters and state-dict keys, plus the two bypasses
 
+    def adapt_swin(self) -> None:
+        options = self.options
+        for block in plain_blocks(self.backbone, "convpass"):  # ConvpassSwinBlock mirrors the plain block only
+            device = next(block.parameters()).device
+            for name in ("adapter_attn", "adapter_mlp"):
+                bypass = Convpass(block_width(block), options.dim, None, 0, options.xavier_init)  # of its width
+                setattr(block, name, bypass.to(device))
+            block.s = float(options.scale)
+            block.__class__ = ConvpassSwinBlock  # same parameters and state-dict keys, plus the two bypasses
+
     def bypasses(self) -> list[Convpass]:
-        return [b for block in self.backbone.blocks for b in (block.adapter_attn, block.adapter_mlp)]
+        return [b for block in transformer_blocks(self.backbone) for b in (block.adapter_attn, block.adapter_mlp)]

@@ -9,14 +9,23 @@ embedding; a classifier ViT has none, and PETL_Vision trains exactly the tensors
 (nn.LayerNorm) where PETL_Vision matches "norm" in the name: the same tensors on a timm ViT. The scale sits where the
 block's LayerScale (ls1 / ls2, Identity on ViT-B) is, which commutes with drop-path (a per-sample multiplier), so it
 equals PETL_Vision's gamma * drop_path(ls(branch)).
+
+On a Swin (ours: PETL_Vision and DiffFit's code have none): the same tensors, by the same rules, in every block of
+every stage, each gamma of its block's width, on the window-attention and MLP branches before their residual adds
+(a Swin block has no LayerScale: the scales are `ls1` / `ls2` of their own). The biases include the patch merges'
+norms (their reductions have none); the relative-position bias tables are not biases by name (`..._bias_table`),
+so they stay frozen, as for `bias`. Swin-B, 200 classes: sum over blocks of 15 C (9 C biases, 4 C norm values,
+2 C gammas) + 384 (patch projection bias, its norm) + 7,168 (merge norms) + 2,048 (final norm) + head = 395,080.
 """
 
 from __future__ import annotations
 
 import torch
+from timm.models.swin_transformer import SwinTransformerBlock
 from timm.models.vision_transformer import LayerScale
 from torch import nn
 
+from methods.backbone import backbone_family, block_width, plain_blocks
 from methods.base import TuningModule
 from methods.registry import register_method
 
@@ -40,9 +49,23 @@ class BranchScale(nn.Module):
         return x * self.difffit_gamma
 
 
+class DiffFitSwinBlock(SwinTransformerBlock):
+    """timm's SwinTransformerBlock with DiffFit's scales on its two branches: x + gamma1 * attn(norm1(x)), then
+    x + gamma2 * mlp(norm2(x)) (a ViT Block's ls1 / ls2 places)."""
+
+    ls1: BranchScale
+    ls2: BranchScale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, dim = x.shape
+        x = (x + self.drop_path1(self.ls1(self._attn(self.norm1(x))))).reshape(batch, -1, dim)
+        return (x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))).reshape(batch, height, width, dim)
+
+
 @register_method("difffit")
 class DiffFitTuning(TuningModule):
     label, color = "DiffFit", "#dbdb8d"
+    families = ("vit", "swin")
 
     def adapt(self) -> None:
         for name, param in self.backbone.named_parameters():
@@ -51,6 +74,12 @@ class DiffFitTuning(TuningModule):
         for module in self.backbone.modules():
             if isinstance(module, nn.LayerNorm):
                 module.requires_grad_(True)
+        if backbone_family(self.backbone) == "swin":
+            for block in plain_blocks(self.backbone, "difffit"):  # DiffFitSwinBlock mirrors the plain block only
+                dim, device = block_width(block), block.norm1.weight.device
+                block.ls1, block.ls2 = BranchScale(nn.Identity(), dim, device), BranchScale(nn.Identity(), dim, device)
+                block.__class__ = DiffFitSwinBlock
+            return
         dim = self.backbone.embed_dim
         device = self.backbone.cls_token.device if self.backbone.cls_token is not None else None
         for block in self.backbone.blocks:

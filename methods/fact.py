@@ -16,6 +16,9 @@ TT d = 8, s = 1 (cifar's config and PETL_Vision's default_vtab `fact_dim: 8, fac
 configs use rank 8, most with scale 1); TK d = 32, s = 10 (13 of the 19 TK configs use rank 32, 6 of them scale 10,
 the most common). Ours: the updates are added to the outputs of the wrapped nn.Linear layers, so timm's attention
 (fused) runs unchanged; the code replaces the Attention and Mlp forwards with the same sums.
+
+ViT only: U and V are shared by every layer of the network, so all its weights must have one width D; a Swin's width
+doubles at every stage (and neither the official code nor PETL_Vision / V-PETL Bench factorises a Swin).
 """
 
 from __future__ import annotations

@@ -25,6 +25,12 @@ On ViT-B/16 (D = 768, 12 blocks) with 200 classes: 12 * 2 * (768*64 + 64 + 64*76
 + (12 * 2 + 1) * 2 * 768 LayerNorm weights and biases + (768*200 + 200) head = 2,571,464 tuned parameters
 (2,533,064 with train_norms=False). Blocks keep their state-dict keys; the adapters add
 `blocks.i.adapter_attn.*` and `blocks.i.adapter_mlp.*`.
+
+On a Swin (ours: neither the paper, adapter-bert nor PETL_Vision has one): the same two places in every block of
+every stage, each adapter of that block's width with the same bottleneck m, the attention one on the window
+attention's output after the windows are merged back into the map (an adapter acts per token, so before or after
+the merge is the same), and with train_norms every LayerNorm, the patch-merge norms included. Swin-B, 200 classes:
+sum over blocks of 2 (129 C + 64) + 57,600 LayerNorm values + head = 3,369,928 (3,312,328 with train_norms=False).
 """
 
 from __future__ import annotations
@@ -32,10 +38,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from timm.models.swin_transformer import SwinTransformerBlock
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from methods.adapter import Adapter
+from methods.backbone import backbone_family, block_width, plain_blocks, transformer_blocks
 from methods.base import TuningModule
 from methods.registry import register_method
 
@@ -66,24 +74,38 @@ class HoulsbyBlock(Block):
         return x + self.drop_path2(self.ls2(h + self.adapter_mlp(h)))
 
 
+class HoulsbySwinBlock(SwinTransformerBlock):
+    """timm's SwinTransformerBlock with the same two adapters, on the (B, H, W, C) map and the (B, H*W, C) tokens."""
+
+    adapter_attn: Adapter
+    adapter_mlp: Adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, dim = x.shape
+        h = self._attn(self.norm1(x))  # window attention, windows merged back: (B, H, W, C)
+        x = (x + self.drop_path1(h + self.adapter_attn(h))).reshape(batch, -1, dim)
+        h = self.mlp(self.norm2(x))
+        return (x + self.drop_path2(h + self.adapter_mlp(h))).reshape(batch, height, width, dim)
+
+
 @register_method("houlsby")
 class HoulsbyTuning(TuningModule):
     label, color = "Houlsby", "#c49c94"
     options_cls = HoulsbyOptions
+    families = ("vit", "swin")
 
     def adapt(self) -> None:
-        dim, bottleneck = self.backbone.embed_dim, self.options.bottleneck
-        for i, block in enumerate(self.backbone.blocks):
-            if type(block) is not Block:  # the forward above mirrors timm's plain pre-norm Block only
-                raise ValueError(f"houlsby needs timm's plain Block; blocks[{i}] is {type(block).__name__}.")
-            device = next(block.parameters()).device
+        bottleneck = self.options.bottleneck
+        adapted = HoulsbySwinBlock if backbone_family(self.backbone) == "swin" else HoulsbyBlock
+        for block in plain_blocks(self.backbone, "houlsby"):  # the forwards above mirror timm's plain blocks only
+            dim, device = block_width(block), next(block.parameters()).device
             block.adapter_attn = Adapter(dim, bottleneck).to(device)
             block.adapter_mlp = Adapter(dim, bottleneck).to(device)
-            block.__class__ = HoulsbyBlock  # same parameters and state-dict keys, plus the two adapters
+            block.__class__ = adapted  # same parameters and state-dict keys, plus the two adapters
         if self.options.train_norms:
             for module in self.backbone.modules():
                 if isinstance(module, nn.LayerNorm):
                     module.requires_grad_(True)
 
     def adapters(self) -> list[Adapter]:
-        return [a for block in self.backbone.blocks for a in (block.adapter_attn, block.adapter_mlp)]
+        return [a for block in transformer_blocks(self.backbone) for a in (block.adapter_attn, block.adapter_mlp)]

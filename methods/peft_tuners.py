@@ -13,6 +13,13 @@ Layers (timm names; a ViT block has the fused `attn.qkv`, `attn.proj`, `mlp.fc1`
 - IA3: the fused `attn.qkv` output and the input of `mlp.fc2` (see `IA3Tuning`).
 - BOFT: all four linears of every block (see `BOFTTuning`).
 
+On a Swin (ours: peft knows nothing of timm's models, and no reference runs these tuners on a Swin) the same layers
+of every block of every stage (`layers.i.blocks.j.attn.qkv`, ...), each at its block's width C; VeRA's shared A and
+B are sized for the widest adapted layer and sliced for each (peft's). Swin-B, 200 classes (head 205,000; the sums
+run over the 24 blocks, sum of C = 12,032): DoRA 52 C per block -> 830,664; IA3 7 C -> 289,224; LoHa 96 C ->
+1,360,072; LoKr its per-shape factors -> 251,336; VeRA 4 C + 2 * 256 -> 265,416; BOFT 37 C -> 650,184; FourierFT
+2 * 1000 -> 253,000 (formulas in tests/methods/test_swin_zoo.py).
+
 Training: the backbone arrives frozen (TuningModule); peft adds its tensors trainable and freezes everything
 else it sees; the base class re-enables the new head afterwards. The wrapped `base_layer`s are the pretrained
 Linear objects themselves, so TuningModule's rule (pretrained modules stay in eval mode) covers them.
@@ -41,8 +48,8 @@ from torch import nn
 from methods.base import TuningModule
 from methods.registry import register_method
 
-ATTENTION = r"blocks\.\d+\.attn\.(qkv|proj)"
-ALL_LINEARS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
+ATTENTION = r"(layers\.\d+\.)?blocks\.\d+\.attn\.(qkv|proj)"
+ALL_LINEARS = r"(layers\.\d+\.)?blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
 
 
 def check_positive_int(method: str, name: str, value, hint: str) -> None:
@@ -58,6 +65,7 @@ def check_positive_number(method: str, name: str, value, hint: str) -> None:
 class PeftTuning(TuningModule):
     """A peft tuner injected into the backbone's linears named by `targets` (a regex over backbone module names)."""
 
+    families = ("vit", "swin")  # a Swin's blocks (layers.i.blocks.j) have the same four nn.Linear layers
     targets: ClassVar[str] = ATTENTION
     # Trained scale vectors that peft stores as (n, 1) or (1, n): timm's rule exempts 1-d tensors (norm weights)
     # from weight decay by their shape, so these are named here to get the same exemption (decay would pull a
@@ -143,11 +151,11 @@ class IA3Tuning(PeftTuning):
 
     label, color = "IA3", "#8c6d31"
     options_cls = IA3Options
-    targets = r"blocks\.\d+\.(attn\.qkv|mlp\.fc2)"
+    targets = r"(layers\.\d+\.)?blocks\.\d+\.(attn\.qkv|mlp\.fc2)"
     scale_names = ("ia3_l",)
 
     def peft_config(self) -> peft.PeftConfig:
-        return peft.IA3Config(target_modules=self.targets, feedforward_modules=r"blocks\.\d+\.mlp\.fc2")
+        return peft.IA3Config(target_modules=self.targets, feedforward_modules=r"(layers\.\d+\.)?blocks\.\d+\.mlp\.fc2")
 
 
 @dataclass

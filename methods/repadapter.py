@@ -23,7 +23,15 @@ and `set_RepWeight` for method "repblock", train.py's default):
 On ViT-B/16 (D = 768, 12 blocks) with 200 classes: 12 * 2 * ((768*8 + 8) + (768*8/2 + 768)) + (768*200 + 200)
 = 393,608 tuned parameters (the paper's 0.22M counts the adapters' weights only: 24 * (768*8 + 768*4) = 221,184).
 Blocks keep their state-dict keys (the folded layers keep `weight` / `bias` under their names); the adapters add
-`blocks.i.adapter_attn.*` and `blocks.i.adapter_mlp.*` (the code's names).
+`blocks.i.adapter_attn.*` and `blocks.i.adapter_mlp.*` (the code's names). Each adapter runs as the first step of
+the layer it folds into (`FoldableLinear`), which on a ViT is the same as applying it to norm1(x) / norm2(x).
+
+On a Swin, the official code's own Swin path (`forward_swin_block_adapter`, and `set_RepWeight`, which folds Swin
+blocks as ViT blocks): the same two adapters in every block of every stage, of that block's width C (D above), on
+the input of window attention's qkv and of fc1, folded into them. Where timm pads a map that the window does not
+divide, the padded zeros enter qkv through the adapter too, as they enter the folded qkv, so the fold stays exact
+(ours: the official code never pads, it asserts divisibility; an adapter before the padding could not be folded
+exactly). Swin-B, 200 classes: sum over blocks of 2 ((8 C + 8) + (8 C / 2 + C)) + head = 518,216.
 """
 
 from __future__ import annotations
@@ -32,9 +40,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from timm.models.swin_transformer import SwinTransformerBlock
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from methods.backbone import backbone_family, block_width, plain_blocks, transformer_blocks
 from methods.base import MergeForEvalTuning, is_number
 from methods.registry import register_method
 
@@ -111,27 +121,31 @@ class RepAdapter(nn.Module):
 
 
 class FoldableLinear(nn.Module):
-    """A frozen nn.Linear that can run with a folded (weight, bias) copy instead of its own. Keeps the wrapped
-    layer's `weight` and `bias` parameters under their names, so state-dict keys are unchanged."""
+    """A frozen nn.Linear reading its input through a RepAdapter, or, once folded, a (weight, bias) copy with the
+    adapter inside. Keeps the wrapped layer's `weight` and `bias` parameters under their names, so state-dict keys
+    are unchanged; the adapter is the block's (`adapter_attn` / `adapter_mlp`), referenced here, not registered."""
 
-    def __init__(self, base: nn.Linear):
+    def __init__(self, base: nn.Linear, adapter: RepAdapter):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight  # the same Parameter objects: frozen, never written to
         self.bias = base.bias
+        self.adapter = (adapter,)  # a tuple: not a submodule
         self.folded: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.folded if self.folded is not None else (self.weight, self.bias)
-        return F.linear(x, weight, bias)
+        if self.folded is not None:
+            return F.linear(x, *self.folded)
+        return F.linear(self.adapter[0](x), self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, folded={self.folded is not None}"
 
 
-class RepAdapterBlock(Block):
-    """A timm Block with a RepAdapter on the input of attention and one on the input of the MLP; once merged, the
-    adapters live in the folded copies of `attn.qkv` and `mlp.fc1` and are skipped."""
+class RepAdapterFolding:
+    """What a block with a RepAdapter on the input of attention and one on the input of the MLP adds to its timm
+    class: folding them into copies of `attn.qkv` and `mlp.fc1` (FoldableLinears, which skip them once folded).
+    The block's own forward is unchanged: those layers apply the adapters."""
 
     adapter_attn: RepAdapter
     adapter_mlp: RepAdapter
@@ -148,42 +162,43 @@ class RepAdapterBlock(Block):
     def unmerge(self) -> None:
         self.attn.qkv.folded = self.mlp.fc1.folded = None
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        merged = self.merged
-        h = self.norm1(x)
-        h = h if merged else self.adapter_attn(h)
-        x = x + self.drop_path1(self.ls1(self.attn(h, attn_mask=attn_mask, is_causal=is_causal)))
-        h = self.norm2(x)
-        h = h if merged else self.adapter_mlp(h)
-        return x + self.drop_path2(self.ls2(self.mlp(h)))
+
+class RepAdapterBlock(RepAdapterFolding, Block):
+    """A ViT's timm Block with its two RepAdapters."""
+
+
+class RepAdapterSwinBlock(RepAdapterFolding, SwinTransformerBlock):
+    """A Swin's timm SwinTransformerBlock with its two RepAdapters (qkv inside window attention, fc1 in the MLP)."""
 
 
 @register_method("repadapter")
 class RepAdapterTuning(MergeForEvalTuning):
     label, color = "RepAdapter", "#f7b6d2"
     options_cls = RepAdapterOptions
+    families = ("vit", "swin")
 
     def adapt(self) -> None:
-        backbone, options = self.backbone, self.options
-        dim = backbone.embed_dim
-        if dim % options.groups:
-            raise ValueError(f"repadapter groups={options.groups} must divide the embedding width {dim}.")
-        for i, block in enumerate(backbone.blocks):
-            if type(block) is not Block:  # the forward above mirrors timm's plain pre-norm Block only
-                raise ValueError(f"repadapter needs timm's plain Block; blocks[{i}] is {type(block).__name__}.")
+        options = self.options
+        blocks = plain_blocks(self.backbone, "repadapter")  # qkv reads norm1(x), fc1 norm2(x): nothing between
+        for dim in sorted({block_width(block) for block in blocks}):  # a Swin's width doubles per stage
+            if dim % options.groups:
+                raise ValueError(f"repadapter groups={options.groups} must divide the embedding width {dim}.")
+        adapted = RepAdapterSwinBlock if backbone_family(self.backbone) == "swin" else RepAdapterBlock
+        for i, block in enumerate(blocks):
             qkv, fc1 = block.attn.qkv, getattr(block.mlp, "fc1", None)
             if type(qkv) is not nn.Linear or type(fc1) is not nn.Linear:
                 raise ValueError(f"repadapter folds into nn.Linear attn.qkv and mlp.fc1; blocks[{i}] has "
                                  f"{type(qkv).__name__} / {type(fc1).__name__}.")
             device = qkv.weight.device
             for name in ("adapter_attn", "adapter_mlp"):
-                adapter = RepAdapter(dim, options.hidden_dim, options.groups, float(options.scale))
+                adapter = RepAdapter(block_width(block), options.hidden_dim, options.groups, float(options.scale))
                 setattr(block, name, adapter.to(device))
-            block.attn.qkv, block.mlp.fc1 = FoldableLinear(qkv), FoldableLinear(fc1)
-            block.__class__ = RepAdapterBlock  # same parameters and state-dict keys, plus the two adapters
+            block.attn.qkv = FoldableLinear(qkv, block.adapter_attn)
+            block.mlp.fc1 = FoldableLinear(fc1, block.adapter_mlp)
+            block.__class__ = adapted  # same parameters and state-dict keys, plus the two adapters
 
     def adapters(self) -> list[RepAdapter]:
-        return [a for block in self.backbone.blocks for a in (block.adapter_attn, block.adapter_mlp)]
+        return [a for block in transformer_blocks(self.backbone) for a in (block.adapter_attn, block.adapter_mlp)]
 
-    def mergeable_layers(self) -> list[RepAdapterBlock]:
-        return list(self.backbone.blocks)
+    def mergeable_layers(self) -> list[RepAdapterFolding]:
+        return transformer_blocks(self.backbone)

@@ -24,6 +24,8 @@ no parameters), the projection, the scalar alpha and the head; the backbone is f
 - the frozen backbone runs without autograd (nothing in it or before it trains), as the linear probe's does; but the
   side path depends on the image and trains, so no feature cache of backbone features may stand in for the input
   (`trains_on_frozen_features = False`: benchmark/core/features.py `can_cache`, benchmark/sweeps/heads.py).
+- on a Swin, the VPT code's too: its `Swin` model class inherits the ViT's `setup_side` and freezes the encoder for
+  "side", so f is the Swin's pooled final-norm feature (width 1024 on Swin-B) and the projection maps 9216 to it.
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ class Sidetune(TuningModule):
     identity_at_init = False  # the VPT code's alpha = 0 blends half backbone, half side network from the start
     # The side path reads the image and trains: cached backbone features alone cannot stand in for the input.
     trains_on_frozen_features: ClassVar[bool] = False
+    families = ("vit", "swin")
 
     def adapt(self) -> None:
         backbone = self.backbone

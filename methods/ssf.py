@@ -6,6 +6,12 @@ projection, and in every block norm1, attn.qkv, attn.proj, norm2, mlp.fc1 and ml
 the patch embedding's norm where a backbone has one, as that code does). Only gamma, beta and the new head train
 (the code's TUNE filter: `ssf_scale*`, `ssf_shift*`, head). For ViT-B/16: 2 * (D + 12 * 11 * D + D) = 205,824.
 
+On a Swin, the official code's own Swin (models/swin_transformer.py, tuning_mode "ssf"): the patch projection and
+its norm, the same six sites in every block of every stage (each of its block's width: 3C after qkv, 4C after fc1),
+each patch merge's norm (4C, before its reduction: PatchMerging's `ssf_scale_1`) and the final norm. The sites that
+sit inside window attention (qkv, proj) act per token, so timm's zero padding of a map the window does not divide
+meets the same affine map merged or not.
+
 Initialisation, the official `init_ssf_scale_shift`: gamma ~ N(1, 0.02), beta ~ N(0, 0.02), per channel. So SSF
 does NOT start exactly as the pretrained function (every feature is perturbed by ~2% before any step):
 `identity_at_init = False`. `init_std=0` (ours, not the code's) gives the exact identity start.
@@ -23,8 +29,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
+from methods.backbone import backbone_family
 from methods.base import MergeForEvalTuning
 from methods.registry import register_method
 
@@ -115,9 +123,13 @@ def ssf_sites(backbone) -> list[tuple[nn.Module, str]]:
     sites = [(backbone.patch_embed, "proj")]
     if isinstance(backbone.patch_embed.norm, nn.LayerNorm):  # the code's PatchEmbed ssf_2, only with a norm
         sites.append((backbone.patch_embed, "norm"))
-    for block in backbone.blocks:
-        sites += [(block, "norm1"), (block.attn, "qkv"), (block.attn, "proj"), (block, "norm2"), (block.mlp, "fc1"),
-                  (block.mlp, "fc2")]
+    swin = backbone_family(backbone) == "swin"
+    for stage in backbone.layers if swin else [backbone]:  # a ViT: one stage of blocks, no merge
+        if swin and isinstance(stage.downsample, PatchMerging):  # stage 0 has none (Identity)
+            sites.append((stage.downsample, "norm"))  # the official PatchMerging's ssf after its norm, over 4C
+        for block in stage.blocks:
+            sites += [(block, "norm1"), (block.attn, "qkv"), (block.attn, "proj"), (block, "norm2"), (block.mlp, "fc1"),
+                      (block.mlp, "fc2")]
     # after the final norm, as the SSF code; a mean-pooled ViT (MAE) has that norm as `fc_norm` after the pool
     pooled_norm = isinstance(backbone.norm, nn.Identity) and isinstance(backbone.fc_norm, nn.LayerNorm)
     final = "fc_norm" if pooled_norm else "norm"
@@ -130,6 +142,7 @@ class SSFTuning(MergeForEvalTuning):
     label, color = "SSF", "#2ca02c"
     options_cls = SSFOptions
     identity_at_init = False  # gamma ~ N(1, 0.02), beta ~ N(0, 0.02): near, not at, the pretrained function
+    families = ("vit", "swin")
 
     def adapt(self) -> None:
         for parent, name in ssf_sites(self.backbone):

@@ -24,6 +24,8 @@ Choices, each the official code's unless noted:
   from each block's saved input, which gives the same values and gradients as the code's joint sequence).
 - register tokens: they are original tokens, so the queries attend to them and f is pooled as the backbone pools;
   nothing else changes. Blocks other than timm's plain Block / Attention are refused.
+ViT only: each query attends to all of its block's tokens, the global sequence a Swin block never has (its attention
+runs within windows; the official code queries ViTs only, its Swin file is VPT's).
 """
 
 from __future__ import annotations

@@ -26,6 +26,10 @@ TINY_CONVNETS = {
                                 pretrained_cfg_overlay=CONV_32PX)),
 }
 
+# Method options a tiny backbone needs where a method's default does not fit it: FourierFT's 1,000 frequencies per
+# layer exceed the tiny Swin's smallest adapted weight (stage 0's attn.proj, 24 x 24 = 576 entries).
+TINY_METHOD_OPTIONS = {("fourierft", "swin"): {"n_frequency": 500}}
+
 
 def make_tiny_vit(**overrides):
     """A 2-block, width-32 ViT on 32 px RGB images (16 patches + CLS): a real timm VisionTransformer."""

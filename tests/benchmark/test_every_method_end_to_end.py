@@ -14,7 +14,7 @@ from benchmark.core.pipeline import run
 from datamodules import create_datamodule
 from methods import create_backbone, data_config, list_methods
 from methods.registry import methods_for_family
-from tests.conftest import TINY_BACKBONES, TINY_CONVNETS, TINY_VIT
+from tests.conftest import TINY_BACKBONES, TINY_CONVNETS, TINY_METHOD_OPTIONS, TINY_VIT
 from tests.datamodules.test_fgvc import make_fgvc
 from tests.datamodules.test_folder import make_folder
 from tests.datamodules.test_vtab import make_vtab
@@ -86,6 +86,7 @@ def non_vit_run(kind: str, method: str, options: dict, weights, **data) -> dict:
     name, kwargs = NON_VIT[kind]
     if kind == "swin" and method.startswith("vpt"):
         options = {"prompt_length": 5, **options}
+    options = {**TINY_METHOD_OPTIONS.get((method, "swin" if kind == "swin" else "convnet"), {}), **options}
     result = run(RunConfig(method=method, backbone=name, weights=str(weights), backbone_kwargs=kwargs, epochs=1,
                            warmup_epochs=0, batch_size=4, method_options=options, **data))
     assert result["config"]["weights"] == str(weights) and result["config"]["backbone"] == name

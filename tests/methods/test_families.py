@@ -11,7 +11,7 @@ from methods import create_method, get_method_class, list_methods
 from methods.backbone import FAMILIES, backbone_family
 from methods.base import UnsupportedBackbone
 from methods.registry import methods_for_family, support_matrix
-from tests.conftest import TINY_BACKBONES, make_tiny
+from tests.conftest import TINY_BACKBONES, TINY_METHOD_OPTIONS, make_tiny
 
 
 @pytest.mark.parametrize(("name", "family"), [
@@ -40,7 +40,7 @@ def test_methods_refuse_the_families_they_do_not_declare(family):
         assert families and set(families) <= set(FAMILIES), method
         if family in families:  # builds on every family it declares
             with torch.device("meta"):
-                create_method(method, make_tiny(family), num_classes=3)
+                create_method(method, make_tiny(family), num_classes=3, **TINY_METHOD_OPTIONS.get((method, family), {}))
             continue
         with torch.device("meta"), pytest.raises(UnsupportedBackbone) as err:
             create_method(method, make_tiny(family), num_classes=3)

@@ -54,12 +54,25 @@ def adapter(a, h: torch.Tensor, scale: float, groups: int) -> torch.Tensor:
     return h + scale * (torch.cat(parts, dim=-1) + a.up.bias)
 
 
+def attention(attn, h: torch.Tensor) -> torch.Tensor:
+    """Multi-head self-attention from qkv's and proj's own weights (the layers read through the adapters)."""
+    batch, tokens, dim = h.shape
+    qkv = F.linear(h, attn.qkv.weight, attn.qkv.bias).reshape(batch, tokens, 3, attn.num_heads, -1)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, head_dim)
+    a = ((q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])).softmax(-1) @ v
+    return F.linear(a.transpose(1, 2).reshape(batch, tokens, dim), attn.proj.weight, attn.proj.bias)
+
+
+def mlp(m, h: torch.Tensor) -> torch.Tensor:
+    return F.linear(F.gelu(F.linear(h, m.fc1.weight, m.fc1.bias)), m.fc2.weight, m.fc2.bias)
+
+
 def reference_logits(model, images: torch.Tensor, scale: float, groups: int) -> torch.Tensor:
     backbone = model.backbone
     x = embed(backbone, images)
     for block in backbone.blocks:
-        x = x + block.attn(adapter(block.adapter_attn, block.norm1(x), scale, groups))
-        x = x + block.mlp(adapter(block.adapter_mlp, block.norm2(x), scale, groups))
+        x = x + attention(block.attn, adapter(block.adapter_attn, block.norm1(x), scale, groups))
+        x = x + mlp(block.mlp, adapter(block.adapter_mlp, block.norm2(x), scale, groups))
     return backbone.head(backbone.norm(x)[:, 0])
 
 

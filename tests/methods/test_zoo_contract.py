@@ -2,6 +2,7 @@
 every family it supports (tests/conftest.py: the tiny ViT and Swin, and for the convnet family both the tiny ResNet
 and ConvNeXt):
 
+- (default options, except where one does not fit a tiny backbone: tests/conftest.py TINY_METHOD_OPTIONS)
 - where its paper says it starts from the pretrained function (`identity_at_init`), its logits before any step equal
   the plain backbone's with the same head;
 - after a few optimizer steps every tuned tensor has moved and every other tensor (and buffer) is bit-identical;
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from methods import create_method, get_method_class, list_methods
-from tests.conftest import TINY_CONVNETS, make_tiny, make_tiny_convnet
+from tests.conftest import TINY_CONVNETS, TINY_METHOD_OPTIONS, make_tiny, make_tiny_convnet
 
 BATCHNORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 # (method, backbone kind) pairs: each family a method declares; "convnet" as each tiny ConvNet
@@ -28,7 +29,7 @@ def build(method: str, kind: str = "vit"):
     torch.manual_seed(0)
     backbone = make_tiny_convnet(kind) if kind in TINY_CONVNETS else make_tiny(kind)
     plain = copy.deepcopy(backbone)
-    return create_method(method, backbone, num_classes=3), plain
+    return create_method(method, backbone, num_classes=3, **TINY_METHOD_OPTIONS.get((method, kind), {})), plain
 
 
 @pytest.mark.parametrize(("method", "kind"), [(m, k) for m, k in PAIRS if get_method_class(m).identity_at_init])

@@ -1,0 +1,370 @@
+"""The zoo's methods on a timm Swin (issue 17), against formulas and references written here.
+
+- counts: every zoo method that declares Swin, by formula per stage width C and depth d, on the tiny Swin of
+  tests/conftest.py (C = 24, 48) and on Swin-B built on the meta device (C = 128, 256, 512, 1024);
+- placement: one Swin block (shifted windows; the second stage's width; padded windows) of each block-modifying
+  method against its forward written out here, one image at a time, with a window attention of its own (roll,
+  pad, windows, relative-position bias from the coordinates, shift mask from the regions), every sublayer a
+  callable so that each method's changes enter where its paper (or the code named in its docstring) puts them;
+- re-parameterisation: SSF and RepAdapter evaluate merged exactly as unmerged on a Swin, padded windows included;
+- which tensors train (LN-tune, the peft tuners' layers) read by name as the reference code's filters would.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from methods import create_backbone, create_method
+from tests.conftest import TINY_METHOD_OPTIONS, make_tiny
+from tests.methods.test_repadapter import adapter as rep_adapter
+from tests.methods.test_sidetune import sidetune_count
+from tests.methods.test_swin import layer_norm, linear, region, swin_b_total
+
+SWIN_B = SimpleNamespace(name="swin_base_patch4_window7_224", widths=(128, 256, 512, 1024), depths=(2, 2, 18, 2),
+                         classes=200)
+TINY = SimpleNamespace(widths=(24, 48), depths=(2, 2), classes=3)
+
+
+# --- counts ------------------------------------------------------------------------------------------------------
+def per_block(g, f) -> int:
+    """Sum over every block of every stage of f(C), C the stage's width."""
+    return sum(d * f(c) for c, d in zip(g.widths, g.depths, strict=True))
+
+
+def head(g) -> int:
+    return g.widths[-1] * g.classes + g.classes
+
+
+def merges(g, f) -> int:
+    """Sum over the patch merges (between stages: input widths C of every stage but the last) of f(C)."""
+    return sum(f(c) for c in g.widths[:-1])
+
+
+def layernorms(g) -> int:
+    """patch-embedding norm, norm1 + norm2 of every block, every merge's norm over 4C, the final norm."""
+    return 2 * g.widths[0] + per_block(g, lambda c: 4 * c) + merges(g, lambda c: 8 * c) + 2 * g.widths[-1]
+
+
+def bottleneck_adapter(c: int, m: int) -> int:
+    return c * m + m + m * c + c  # down C -> m and up m -> C, both with bias
+
+
+def near_square(n: int) -> tuple[int, int]:
+    """The divisor pair (a, b), a <= b, a * b = n, with the smallest sum: LoKr's split of a width (peft's -1)."""
+    a = max(a for a in range(1, math.isqrt(n) + 1) if n % a == 0)
+    return a, n // a
+
+
+def lokr_layer(out: int, inp: int, r: int = 8) -> int:
+    """W1 (a, c) full, W2 (b, d) full when r >= max(b, d) / 2, else W2a (b, r) W2b (r, d); out = a b, in = c d."""
+    (a, b), (c, d) = near_square(out), near_square(inp)
+    return a * c + (b * d if r >= max(b, d) / 2 else r * (b + d))
+
+
+def zoo_counts(g, frequencies: int = 1000) -> dict[str, int]:
+    c0, last = g.widths[0], g.widths[-1]
+    attention_mlp = {
+        "ln_tune": layernorms(g),
+        # patch projection and its norm; per block norm1 C, qkv 3C, proj C, norm2 C, fc1 4C, fc2 C; merge norms 4C
+        "ssf": 2 * (c0 + c0) + per_block(g, lambda c: 2 * 11 * c) + merges(g, lambda c: 2 * 4 * c) + 2 * last,
+        "adaptformer": per_block(g, lambda c: bottleneck_adapter(c, 64)),
+        "houlsby": per_block(g, lambda c: 2 * bottleneck_adapter(c, 64)) + layernorms(g),
+        # down C -> 8, 3x3 conv 8 -> 8, up 8 -> C, all with bias; two bypasses per block
+        "convpass": per_block(g, lambda c: 2 * ((c * 8 + 8) + (8 * 8 * 9 + 8) + (8 * c + c))),
+        # down C -> 8 with bias, up 8 -> C in 2 groups (C * 8 / 2) with bias; two adapters per block
+        "repadapter": per_block(g, lambda c: 2 * ((c * 8 + 8) + (c * 8 // 2 + c))),
+        # biases qkv 3C, proj C, fc1 4C, fc2 C; norm1, norm2 4C; gammas 2C; patch proj bias + norm; merge norms
+        "difffit": per_block(g, lambda c: 9 * c + 4 * c + 2 * c) + 3 * c0 + merges(g, lambda c: 8 * c) + 2 * last,
+        # rank 8 on qkv (C -> 3C) and proj (C -> C), plus DoRA's magnitude per output
+        "dora": per_block(g, lambda c: 8 * (c + 3 * c) + 3 * c + 8 * (c + c) + c),
+        "ia3": per_block(g, lambda c: 3 * c + 4 * c),  # qkv's outputs, fc2's inputs
+        "loha": per_block(g, lambda c: 2 * 8 * ((3 * c + c) + (c + c))),
+        "lokr": per_block(g, lambda c: lokr_layer(3 * c, c) + lokr_layer(c, c)),
+        "vera": per_block(g, lambda c: (256 + 3 * c) + (256 + c)),  # d (r) and b (out) per layer
+        # R: (in / 4) blocks of 4 x 4 = 4 in, s: out; qkv, proj, fc1, fc2
+        "boft": per_block(g, lambda c: (4 * c + 3 * c) + (4 * c + c) + (4 * c + 4 * c) + (16 * c + c)),
+        "fourierft": per_block(g, lambda c: 2 * frequencies),
+    }
+    counts = {method: count + head(g) for method, count in attention_mlp.items()}
+    counts["sidetune"] = sidetune_count(last, g.classes)
+    return counts
+
+
+SWIN_B_COUNTS = zoo_counts(SWIN_B)
+# pretrained tensors each method trains beside what it adds (the head aside): what total_params does not grow by
+PRETRAINED_TRAINED = {"ln_tune": layernorms(SWIN_B), "houlsby": layernorms(SWIN_B),
+                      "difffit": zoo_counts(SWIN_B)["difffit"] - head(SWIN_B) - per_block(SWIN_B, lambda c: 2 * c)}
+
+
+@pytest.mark.parametrize("method", SWIN_B_COUNTS)
+def test_swin_b_tuned_parameters_follow_the_formula(method):
+    with torch.device("meta"):
+        model = create_method(method, create_backbone(SWIN_B.name), num_classes=200)
+    assert model.tuned_params == SWIN_B_COUNTS[method]
+    added = SWIN_B_COUNTS[method] - head(SWIN_B) - PRETRAINED_TRAINED.get(method, 0)
+    assert model.total_params == swin_b_total() + added
+
+
+def test_swin_b_counts_quoted_in_the_docs():
+    assert {m: SWIN_B_COUNTS[m] for m in ("adaptformer", "convpass", "repadapter", "ssf", "ln_tune")} == {
+        "adaptformer": 1_758_664, "convpass": 642_504, "repadapter": 518_216, "ssf": 479_432, "ln_tune": 262_600}
+    assert SWIN_B_COUNTS["houlsby"] == 3_369_928 and SWIN_B_COUNTS["difffit"] == 395_080
+
+
+@pytest.mark.parametrize("method", SWIN_B_COUNTS)
+def test_tiny_swin_tuned_parameters_follow_the_formula(method):
+    options = TINY_METHOD_OPTIONS.get((method, "swin"), {})
+    with torch.device("meta"):
+        model = create_method(method, make_tiny("swin"), num_classes=3, **options)
+    assert model.tuned_params == zoo_counts(TINY, **({"frequencies": 500} if options else {}))[method]
+
+
+def test_houlsby_without_norms_trains_the_adapters_only():
+    with torch.device("meta"):
+        model = create_method("houlsby", create_backbone(SWIN_B.name), num_classes=200, train_norms=False)
+    assert model.tuned_params == SWIN_B_COUNTS["houlsby"] - layernorms(SWIN_B) == 3_312_328
+
+
+# --- one Swin block written out ----------------------------------------------------------------------------------
+def window_attention(block, h: torch.Tensor, qkv, proj) -> torch.Tensor:
+    """A Swin block's (shifted) window attention on one image's normed map h (H, W, C); `qkv` and `proj` map token
+    rows. The map is rolled by -shift, zero-padded to whole windows (the padded rows enter qkv as any row), each
+    window attends over itself head by head with the relative-position bias of its coordinates and -100 between
+    different shift regions; the windows go back into the map, the padding is cut and the roll undone."""
+    height, width, dim = h.shape
+    attn, (win_h, win_w), shift = block.attn, block.window_size, block.shift_size
+    heads = attn.num_heads
+    h = torch.roll(h, shifts=(-shift[0], -shift[1]), dims=(0, 1))
+    padded = (math.ceil(height / win_h) * win_h, math.ceil(width / win_w) * win_w)
+    grid = torch.zeros(*padded, dim)
+    grid[:height, :width] = h
+    out = torch.zeros_like(grid)
+    for top in range(0, padded[0], win_h):
+        for left in range(0, padded[1], win_w):
+            coords = [(r, c) for r in range(top, top + win_h) for c in range(left, left + win_w)]
+            n = len(coords)
+            q, k, v = qkv(torch.stack([grid[r, c] for r, c in coords])).reshape(n, 3, heads, -1).unbind(1)
+            bias = torch.zeros(heads, n, n)
+            for i, (ri, ci) in enumerate(coords):
+                for j, (rj, cj) in enumerate(coords):
+                    index = (ri - rj + win_h - 1) * (2 * win_w - 1) + (ci - cj + win_w - 1)
+                    bias[:, i, j] = attn.relative_position_bias_table[index]
+                    regions_i = (region(ri, padded[0], win_h, shift[0]), region(ci, padded[1], win_w, shift[1]))
+                    regions_j = (region(rj, padded[0], win_h, shift[0]), region(cj, padded[1], win_w, shift[1]))
+                    if any(shift) and regions_i != regions_j:
+                        bias[:, i, j] -= 100.0
+            scores = torch.einsum("ihd,jhd->hij", q, k) / math.sqrt(q.shape[-1]) + bias
+            rows = torch.einsum("hij,jhd->ihd", scores.softmax(dim=-1), v).reshape(n, dim)
+            for (r, c), row in zip(coords, proj(rows), strict=True):
+                out[r, c] = row
+    return torch.roll(out[:height, :width], shifts=shift, dims=(0, 1))
+
+
+def plain_ops(block) -> SimpleNamespace:
+    """The pretrained block's sublayers (their weights alone), and branches that add nothing."""
+    attn, mlp = block.attn, block.mlp
+    return SimpleNamespace(
+        norm1=lambda t: layer_norm(block.norm1, t), qkv=lambda t: linear(attn.qkv, t),
+        proj=lambda t: linear(attn.proj, t), norm2=lambda t: layer_norm(block.norm2, t),
+        fc1=lambda t: linear(mlp.fc1, t), fc2=lambda t: linear(mlp.fc2, t),
+        attn_branch=lambda h, a: a, mlp_branch=lambda h, m: m)
+
+
+def reference_block(block, x: torch.Tensor, ops: SimpleNamespace) -> torch.Tensor:
+    """x (H, W, C) -> x + attn_branch(h, attn(h)), h = norm1(x); then x + mlp_branch(h, fc2(gelu(fc1(h)))),
+    h = norm2(x): each branch gets the sublayer's (normed) input and output."""
+    h = ops.norm1(x)
+    x = x + ops.attn_branch(h, window_attention(block, h, ops.qkv, ops.proj))
+    h = ops.norm2(x)
+    return x + ops.mlp_branch(h, ops.fc2(F.gelu(ops.fc1(h))))
+
+
+def bottleneck(a, t: torch.Tensor) -> torch.Tensor:
+    """Houlsby's (methods/adapter.py's) adapter: up(gelu(down(t)))."""
+    return linear(a.up, F.gelu(linear(a.down, t)))
+
+
+def quick_gelu(t: torch.Tensor) -> torch.Tensor:
+    return t * torch.sigmoid(1.702 * t)
+
+
+def convpass_bypass(b, h: torch.Tensor) -> torch.Tensor:
+    """Convpass_swin on one image's map h (H, W, C): down, QuickGELU, 3x3 conv over the whole map, QuickGELU, up."""
+    z = quick_gelu(linear(b.adapter_down, h)).permute(2, 0, 1)[None]  # (1, d, H, W)
+    z = F.conv2d(z, b.adapter_conv.weight, b.adapter_conv.bias, padding=1)[0].permute(1, 2, 0)
+    return linear(b.adapter_up, quick_gelu(z))
+
+
+def scaled(layer, y: torch.Tensor) -> torch.Tensor:
+    return y * layer.ssf_scale + layer.ssf_shift
+
+
+def method_ops(method: str, block) -> SimpleNamespace:
+    ops = plain_ops(block)
+    if method == "adaptformer":  # beside the MLP, reading its input norm2(x) (V-PETL Bench's Swin)
+        a = block.mlp.adaptmlp
+        ops.mlp_branch = lambda h, m: m + 0.1 * linear(a.up_proj, F.relu(linear(a.down_proj, h)))
+    elif method == "houlsby":  # after each sublayer, on its output
+        ops.attn_branch = lambda h, a: a + bottleneck(block.adapter_attn, a)
+        ops.mlp_branch = lambda h, m: m + bottleneck(block.adapter_mlp, m)
+    elif method == "convpass":  # beside each sublayer, reading its input as a map, s = 1
+        ops.attn_branch = lambda h, a: a + convpass_bypass(block.adapter_attn, h)
+        ops.mlp_branch = lambda h, m: m + convpass_bypass(block.adapter_mlp, h)
+    elif method == "ssf":  # gamma * y + beta after norm1, qkv, proj, norm2, fc1, fc2
+        attn, mlp = block.attn, block.mlp
+        ops.norm1 = lambda t: scaled(block.norm1, layer_norm(block.norm1, t))
+        ops.qkv = lambda t: scaled(attn.qkv, linear(attn.qkv, t))
+        ops.proj = lambda t: scaled(attn.proj, linear(attn.proj, t))
+        ops.norm2 = lambda t: scaled(block.norm2, layer_norm(block.norm2, t))
+        ops.fc1 = lambda t: scaled(mlp.fc1, linear(mlp.fc1, t))
+        ops.fc2 = lambda t: scaled(mlp.fc2, linear(mlp.fc2, t))
+    elif method == "difffit":  # per-channel gammas on both branches
+        ops.attn_branch = lambda h, a: block.ls1.difffit_gamma * a
+        ops.mlp_branch = lambda h, m: block.ls2.difffit_gamma * m
+    elif method == "repadapter":  # A(t) = t + s up(down(t)) on the input of qkv (padded rows too) and of fc1
+        attn, mlp = block.attn, block.mlp
+        ops.qkv = lambda t: linear(attn.qkv, rep_adapter(block.adapter_attn, t, 1.0, 2))
+        ops.fc1 = lambda t: linear(mlp.fc1, rep_adapter(block.adapter_mlp, t, 1.0, 2))
+    return ops
+
+
+BLOCK_METHODS = ["adaptformer", "houlsby", "convpass", "ssf", "difffit", "repadapter"]
+SWINS = {"tiny": {}, "padded windows": dict(window_size=3)}  # 8x8 / 4x4 maps in 4x4 windows, or in 3x3 (padded)
+
+
+def trained(method: str, **swin):
+    """The method on a tiny Swin with every tuned backbone tensor moved off its init (zero branches matter)."""
+    torch.manual_seed(0)
+    model = create_method(method, make_tiny("swin", **swin), num_classes=3)
+    with torch.no_grad():
+        for name, p in model.backbone.named_parameters():
+            if p.requires_grad and not name.startswith("head."):
+                p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("swin", SWINS.values(), ids=SWINS.keys())
+@pytest.mark.parametrize("method", BLOCK_METHODS)
+def test_swin_block_equals_the_method_written_out(method, swin):
+    model = trained(method, **swin)
+    stages = model.backbone.layers
+    for block in (stages[0].blocks[1], stages[1].blocks[0]):  # shifted windows at width 24; width 48
+        height, width = block.input_resolution
+        x = torch.randn(2, height, width, block.dim, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            expected = torch.stack([reference_block(block, image, method_ops(method, block)) for image in x])
+            plain = torch.stack([reference_block(block, image, plain_ops(block)) for image in x])
+            torch.testing.assert_close(block(x), expected, rtol=0, atol=1e-5)
+        assert (expected - plain).abs().max() > 1e-2  # the method's changes are what the comparison sees
+
+
+def test_the_plain_reference_is_timms_swin_block():
+    backbone = make_tiny("swin", window_size=3).eval()
+    for block in (backbone.layers[0].blocks[1], backbone.layers[1].blocks[1]):
+        height, width = block.input_resolution
+        x = torch.randn(2, height, width, block.dim)
+        with torch.no_grad():
+            expected = torch.stack([reference_block(block, image, plain_ops(block)) for image in x])
+            torch.testing.assert_close(block(x), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("swin", SWINS.values(), ids=SWINS.keys())
+@pytest.mark.parametrize("method", ["ssf", "repadapter"])
+def test_swin_merged_evaluation_equals_unmerged(method, swin):
+    model = trained(method, **swin)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        unmerged = model(images)
+        model.merge_layers()
+        merged = model(images)
+        model.unmerge_layers()
+        torch.testing.assert_close(model(images), unmerged, rtol=0, atol=0)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_ssf_follows_the_official_swin_sites():
+    """SSF's official Swin: patch proj + norm, six sites per block, each merge's norm (over 4C), the final norm."""
+    model = create_method("ssf", make_tiny("swin"), num_classes=3)
+    scaled_layers = {n.removeprefix("backbone.").removesuffix(".ssf_scale") for n, _ in model.named_parameters()
+                     if n.endswith("ssf_scale")}
+    block = ["norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"]
+    assert scaled_layers == {"patch_embed.proj", "patch_embed.norm", "layers.1.downsample.norm", "norm"} | {
+        f"layers.{s}.blocks.{b}.{site}" for s in range(2) for b in range(2) for site in block}
+    assert model.backbone.layers[1].downsample.norm.ssf_scale.shape == (4 * 24,)
+
+
+def test_block_methods_keep_the_backbones_keys():
+    plain = set(make_tiny("swin").state_dict())
+    for method in BLOCK_METHODS:
+        keys = set(create_method(method, make_tiny("swin"), num_classes=3).backbone.state_dict())
+        assert plain <= keys, method
+    keys = set(create_method("adaptformer", make_tiny("swin"), num_classes=3).backbone.state_dict())
+    assert "layers.1.blocks.0.mlp.adaptmlp.down_proj.weight" in keys  # V-PETL Bench's name
+
+
+def test_adapters_take_their_blocks_width():
+    widths = {"adaptformer": lambda a: a.down_proj.in_features, "houlsby": lambda a: a.down.in_features,
+              "convpass": lambda b: b.adapter_down.in_features, "repadapter": lambda a: a.down.in_features}
+    for method, width in widths.items():
+        model = create_method(method, make_tiny("swin"), num_classes=3)
+        adapters = getattr(model, "bypasses" if method == "convpass" else "adapters")()
+        per_block = 1 if method == "adaptformer" else 2
+        assert [width(a) for a in adapters] == [24] * 2 * per_block + [48] * 2 * per_block, method
+
+
+# --- which tensors train, by name --------------------------------------------------------------------------------
+def test_ln_tune_trains_what_v_petl_benchs_norm_filter_selects():
+    model = create_method("ln_tune", make_tiny("swin"), num_classes=3)
+    names = [n for n, _ in model.backbone.named_parameters()]
+    tuned = {n for n, p in model.backbone.named_parameters() if p.requires_grad}
+    assert tuned == {n for n in names if "norm" in n or "head" in n}  # train_model_lntune.py's filter
+    assert "layers.1.downsample.norm.weight" in tuned
+
+
+@pytest.mark.parametrize(("method", "layers"), [
+    ("dora", ("attn.qkv", "attn.proj")), ("loha", ("attn.qkv", "attn.proj")), ("lokr", ("attn.qkv", "attn.proj")),
+    ("vera", ("attn.qkv", "attn.proj")), ("fourierft", ("attn.qkv", "attn.proj")), ("ia3", ("attn.qkv", "mlp.fc2")),
+    ("boft", ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")),
+])
+def test_peft_tuners_adapt_the_same_layers_of_every_swin_block(method, layers):
+    model = create_method(method, make_tiny("swin"), num_classes=3, **TINY_METHOD_OPTIONS.get((method, "swin"), {}))
+    assert set(model.peft_layers()) == {f"layers.{s}.blocks.{b}.{layer}" for s in range(2) for b in range(2)
+                                        for layer in layers}
+    if method == "ia3":  # the FFN vector scales fc2's input, the attention one qkv's output
+        assert all(layer.is_feedforward == name.endswith("fc2") for name, layer in model.peft_layers().items())
+
+
+def test_sidetune_blends_the_swins_pooled_feature():
+    torch.manual_seed(0)
+    model = create_method("sidetune", make_tiny("swin"), num_classes=3, side_input_size=64).eval()
+    with torch.no_grad():
+        model.side_alpha.fill_(0.4)
+        images = torch.randn(2, 3, 32, 32)
+        pooled = model.backbone.forward_features(images).mean(dim=(1, 2))  # the final norm's map, averaged
+        alpha = torch.sigmoid(torch.tensor(0.4))
+        expected = linear(model.backbone.head.fc, alpha * pooled + (1 - alpha) * model.side_features(images))
+        torch.testing.assert_close(model(images), expected, rtol=0, atol=1e-5)
+
+
+def test_vit_only_methods_say_why_in_one_line():
+    for method in ("fact_tt", "fact_tk", "vqt"):
+        with torch.device("meta"), pytest.raises(ValueError) as err:
+            create_method(method, make_tiny("swin"), num_classes=3)
+        assert "\n" not in str(err.value) and "it supports: vit." in str(err.value)
+
+
+def test_copies_keep_repadapters_references():
+    """RepAdapter's qkv / fc1 reference their block's adapters: a deep copy (checkpoint averaging, a sweep's
+    restarts) must reference the copy's own."""
+    model = trained("repadapter")
+    clone = copy.deepcopy(model)
+    for block in (b for stage in clone.backbone.layers for b in stage.blocks):
+        assert block.attn.qkv.adapter[0] is block.adapter_attn and block.mlp.fc1.adapter[0] is block.adapter_mlp
