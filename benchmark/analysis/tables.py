@@ -35,10 +35,8 @@ def table_markdown(table: pd.DataFrame, hparams: pd.DataFrame, paper: pd.DataFra
     shown["Mean"] = table["mean"].map(number)
     shown["PPT"] = table["ppt"].map(number)
     if "beats_full" in table:
-        shown["vs Full: beats / tie / below"] = [
-            "–" if pd.isna(b) else f"{int(b)} / {int(t)} / {int(w)}" + (f" (+{int(u)} n=1)" if u else "")
-            for b, t, w, u in zip(table["beats_full"], table["ties_full"], table["below_full"],
-                                  table["untested_full"], strict=True)]
+        shown["vs Full: beats / tie / below"] = [verdict_counts(*counts) for counts in zip(
+            table["beats_full"], table["ties_full"], table["below_full"], table["untested_full"], strict=True)]
     fraction = f"{100 * table['train_fraction'].iloc[0]:g}%"
     spread = (f"mean ± half-width of the 95% confidence interval over {seeds} seeds (Student t, n − 1 degrees of "
               "freedom; a cell marked n=1 has one seed and no interval)" if seeds > 1
@@ -73,6 +71,13 @@ def interval_cell(mean, low, high, seeds: int) -> str:
     if pd.isna(low):
         return number(mean) + (" (n=1)" if seeds > 1 else "")
     return f"{number(mean)} ± {number((high - low) / 2)}"
+
+def verdict_counts(beats, ties, below, untested) -> str:
+    if pd.isna(beats):
+        return "–"
+    if beats + ties + below == 0:
+        return "n=1"  # one seed everywhere: no interval, no verdict
+    return f"{int(beats)} / {int(ties)} / {int(below)}" + (f" (+{int(untested)} n=1)" if untested else "")
 
 def difference_frame(table: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     rows = table[table["method"] != "full"]

@@ -91,7 +91,7 @@ def test_difference_below_full_and_the_counts():
     text = tables.table_markdown(aggregate.results_table(frame), pd.DataFrame())
     assert f"| Linear | 1 | 71.50 ± {T1 * 1.5:.2f} | 55.50 ± {T1 * 3.5:.2f} | 45.00 (n=1) |" in text
     assert f"| Linear | -9.50 [{-9.5 - T1 / 2:+.2f}, {-9.5 + T1 / 2:+.2f}] below |" in text
-    assert "+5.00 (n=1) |" in text
+    assert "+5.00 (n=1) |" in text and "| 0 / 1 / 1 (+1 n=1) |" in text
 
 
 def test_ppt_by_hand_on_one_row():
