@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from benchmark.analysis.stats import ONE_SEED, VERDICTS, paired_difference, ppt, seed_intervals, verdict
 from benchmark.core.store import read_summary, write_summary
 from datamodules import get_datamodule_class
 from datamodules.vtab import VTAB_TASKS
@@ -59,13 +60,13 @@ def final_runs(summary: pd.DataFrame, datasets: list[str] | None = None, methods
     return frame.drop_duplicates(["dataset", "method", "train_fraction", "seed"], keep="last").reset_index(drop=True)
 
 def fraction_curves(final: pd.DataFrame) -> pd.DataFrame:
-    """Per (method, fraction): test top-1 averaged over tasks, then mean / std over seeds; tuned-param %."""
+    """Per (method, fraction): test top-1 averaged over tasks, then mean, std and 95% t interval (ci_low, ci_high)
+    over seeds; tuned-param %."""
     per_seed = final.groupby(["method", "train_fraction", "seed"]).agg(
         top1=("test_top1", "mean"), n_tasks=("dataset", "nunique")).reset_index()
-    curves = per_seed.groupby(["method", "train_fraction"]).agg(
-        mean=("top1", "mean"), std=("top1", "std"), n_seeds=("seed", "nunique"), n_tasks=("n_tasks", "min"),
-    ).reset_index()
-    curves["std"] = curves["std"].fillna(0.0)
+    curves = seed_intervals(per_seed, ["method", "train_fraction"], "top1").rename(columns={"n": "n_seeds"})
+    curves = curves.merge(per_seed.groupby(["method", "train_fraction"])["n_tasks"].min().reset_index(),
+                          on=["method", "train_fraction"])
     curves["tuned_percent"] = curves["method"].map(final.groupby("method")["tuned_percent"].mean())
     if curves["n_tasks"].nunique() > 1:
         warnings.warn("Not every (method, fraction) has results on the same number of tasks; task averages "
@@ -99,28 +100,48 @@ def table_fraction(final: pd.DataFrame, fraction: float | None) -> float:
 
 def results_table(final: pd.DataFrame, fraction: float | None = None) -> pd.DataFrame:
     """Table-1 style: one row per method; mean test top-1 per task (and per group), tuned-param %, the mean over
-    tasks and how many tasks beat Full. `<task>_std` columns hold the std over seeds."""
+    tasks, PPT and the verdict against Full per task. Per task, `<task>_std` holds the std over seeds and
+    `<task>_ci_low` / `_ci_high` the 95% t interval of the mean; `<task>_diff` (with `_diff_low`, `_diff_high`,
+    `_diff_n`) the paired difference to Full and `<task>_vs_full` its verdict (beats / tie / below / n=1)."""
     fraction = table_fraction(final, fraction)
     at = final[np.isclose(final["train_fraction"], fraction)]
-    per_task = at.groupby(["method", "dataset"])["test_top1"].agg(["mean", "std", "count"])
-    means, stds = per_task["mean"].unstack("dataset"), per_task["std"].unstack("dataset")
+    per_task = seed_intervals(at, ["method", "dataset"]).set_index(["method", "dataset"])
+    means = per_task["mean"].unstack("dataset")
     tasks = sorted(means.columns)
     rows = []
     for method in table_order(means.index):
+        runs = at[at["method"] == method]
         row = {"method": method, "label": label(method), "train_fraction": fraction,
-               "tuned_percent": at.loc[at["method"] == method, "tuned_percent"].mean(),
-               "seeds": int(per_task.loc[method, "count"].max())}
+               "tuned_percent": runs["tuned_percent"].mean(), "seeds": int(per_task.loc[method, "n"].max())}
         row |= {task: means.loc[method, task] for task in tasks}
-        row |= {f"{task}_std": stds.loc[method, task] for task in tasks}
+        for stat in ("std", "ci_low", "ci_high"):
+            row |= {f"{task}_{stat}": per_task[stat].get((method, task), math.nan) for task in tasks}
         for group, members in group_members(tasks).items():
             row[f"{group} mean"] = means.loc[method, members].mean()
         row["mean"] = means.loc[method, tasks].mean()
+        row["ppt"] = ppt(row["mean"], runs["tuned_params"].mean()) if "tuned_params" in runs else math.nan
         if "full" in means.index and method != "full":
-            both = means.loc[[method, "full"], tasks].dropna(axis=1)
-            row["beats_full"] = int((both.loc[method] > both.loc["full"]).sum())
-            row["tasks_compared"] = both.shape[1]
+            row |= versus_full(at, method, tasks)
         rows.append(row)
     return pd.DataFrame(rows)
+
+def versus_full(at: pd.DataFrame, method: str, tasks: list[str]) -> dict:
+    """Per task, the difference to Full paired by seed (one fraction, one dataset) with its t interval and verdict;
+    counts of beats / ties / below / n=1 over the tasks both ran."""
+    by_seed = at.set_index("seed")
+    row, counts = {}, dict.fromkeys((*VERDICTS, ONE_SEED), 0)
+    for task in tasks:
+        scores = [by_seed.loc[(by_seed["method"] == m) & (by_seed["dataset"] == task), "test_top1"]
+                  for m in (method, "full")]
+        difference = paired_difference(*scores)
+        if difference.n == 0:
+            continue
+        row |= {f"{task}_diff": difference.mean, f"{task}_diff_low": difference.low,
+                f"{task}_diff_high": difference.high, f"{task}_diff_n": difference.n,
+                f"{task}_vs_full": verdict(difference)}
+        counts[verdict(difference)] += 1
+    return row | {"beats_full": counts["beats"], "ties_full": counts["tie"], "below_full": counts["below"],
+                  "untested_full": counts[ONE_SEED], "tasks_compared": sum(counts.values())}
 
 def group_members(tasks) -> dict[str, list[str]]:
     groups = dataset_groups(tasks)
@@ -142,14 +163,13 @@ def selected_hparams(final: pd.DataFrame) -> pd.DataFrame:
 
 
 def zoo_points(final: pd.DataFrame, fraction: float | None = None) -> pd.DataFrame:
-    """Per (task, method) at one train fraction (default: the largest present): test top-1 mean and std over seeds
-    and the tuned-parameter %, the points of the zoo figure."""
+    """Per (task, method) at one train fraction (default: the largest present): test top-1 mean, std and 95% t
+    interval over seeds and the tuned-parameter %, the points of the zoo figure."""
     fraction = table_fraction(final, fraction)
     at = final[np.isclose(final["train_fraction"], fraction)]
-    points = at.groupby(["dataset", "method"]).agg(
-        mean=("test_top1", "mean"), std=("test_top1", "std"), n_seeds=("seed", "nunique"),
-        tuned_percent=("tuned_percent", "mean")).reset_index()
-    points["std"] = points["std"].fillna(0.0)
+    points = seed_intervals(at, ["dataset", "method"]).rename(columns={"n": "n_seeds"})
+    points = points.merge(at.groupby(["dataset", "method"])["tuned_percent"].mean().reset_index(),
+                          on=["dataset", "method"])
     points["train_fraction"] = fraction
     order = {m: i for i, m in enumerate(table_order(points["method"]))}
     return points.sort_values(["dataset", "method"], key=lambda c: c.map(order) if c.name == "method" else c,

@@ -15,6 +15,7 @@ from benchmark.analysis.aggregate import (
     selected_hparams,
     zoo_points,
 )
+from benchmark.analysis.paper import paper_comparison, unmatched
 from benchmark.analysis.plots import plot_fig3, plot_params, plot_zoo
 from benchmark.analysis.tables import table_markdown
 from benchmark.core.tracking import log_report
@@ -41,13 +42,15 @@ def write_report(results_dir: str | Path = "results", out_dir: str | Path | None
         for suffix in ("png", "pdf"):
             written[f"{name}.{suffix}"] = out / f"{name}.{suffix}"
             fig.savefig(written[f"{name}.{suffix}"], dpi=150)
-    table, hparams = results_table(final, fraction), selected_hparams(final)
+    table, hparams, paper = results_table(final, fraction), selected_hparams(final), paper_comparison(final)
     frames = {"table": table, "fig3_data": curves, "zoo_data": zoo, "selected_hparams": hparams}
+    if not paper.empty:
+        frames["paper_comparison"] = paper
     for name, frame in frames.items():
         written[f"{name}.csv"] = out / f"{name}.csv"
         frame.to_csv(written[f"{name}.csv"], index=False)
     written["table.md"] = out / "table.md"
-    written["table.md"].write_text(table_markdown(table, hparams))
+    written["table.md"].write_text(table_markdown(table, hparams, paper, unmatched(final)))
     if use_wandb:
         log_report([p for p in written.values() if p.suffix == ".png"], frames, str(results_dir))
     return written

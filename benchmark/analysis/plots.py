@@ -34,15 +34,21 @@ def draw_method(ax, curves: pd.DataFrame, method: str, reference: bool = False) 
     curve = curves[curves["method"] == method].sort_values("train_fraction")
     if curve.empty:
         return False
-    x, y, std = curve["train_fraction"].to_numpy(), curve["mean"].to_numpy(), curve["std"].to_numpy()
+    x, y = curve["train_fraction"].to_numpy(), curve["mean"].to_numpy()
     style = dict(lw=1.2, ls="--", alpha=0.8, zorder=2) if reference else dict(lw=2.2, ls="-", zorder=3)
     ax.plot(x, y, color=color(method), **style)
     ax.scatter(x, y, s=marker_area(curve["tuned_percent"]), color=color(method), edgecolors="white",
                linewidths=0.8, zorder=style["zorder"] + 1, alpha=style.get("alpha", 1.0))
-    if (curve["n_seeds"] > 1).any():  # the +- std band over seeds
-        ax.fill_between(x, y - std, y + std, color=color(method), alpha=0.12 if reference else 0.2, lw=0,
-                        zorder=1)
+    if (curve["n_seeds"] > 1).any():  # the 95% t interval over seeds; a one-seed point has none (NaN: no band)
+        ax.fill_between(x, curve["ci_low"].to_numpy(), curve["ci_high"].to_numpy(), color=color(method),
+                        alpha=0.12 if reference else 0.2, lw=0, zorder=1)
     return True
+
+def interval_error(row) -> list[list[float]] | None:
+    """Matplotlib's yerr for a point's 95% t interval: [[below], [above]]; None for one seed (no interval)."""
+    if row["n_seeds"] < 2:
+        return None
+    return [[row["mean"] - row["ci_low"]], [row["ci_high"] - row["mean"]]]
 
 def shade_gap(ax, curves: pd.DataFrame, focus: str, other: str) -> None:
     """Fill between the two curves: one colour where `focus` is ahead, another where it is behind."""
@@ -87,7 +93,7 @@ def plot_fig3(curves: pd.DataFrame, title: str | None = None) -> Figure:
     handles += [Patch(color=AHEAD_COLOR, alpha=0.35, label=f"{label(FIG3_FOCUS)} ahead"),
                 Patch(color=BEHIND_COLOR, alpha=0.35, label=f"{label(FIG3_FOCUS)} behind")]
     if n_seeds > 1:
-        handles.append(Patch(color="0.6", alpha=0.3, label=f"± std over {n_seeds} seeds"))
+        handles.append(Patch(color="0.6", alpha=0.3, label=f"band: 95% CI over {n_seeds} seeds (Student t)"))
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
     fig.suptitle(title or "Fig. 3: VPT-deep against other protocols over training-data size "
                  "(marker area ∝ log tuned-parameter %)")
@@ -103,12 +109,13 @@ def plot_params(curves: pd.DataFrame, title: str | None = None) -> Figure:
         curve = curves[curves["method"] == method].sort_values("train_fraction")
         ax.plot(curve["tuned_percent"], curve["mean"], color=color(method), lw=0.8, alpha=0.5)
         for _, row in curve.iterrows():
-            ax.errorbar(row["tuned_percent"], row["mean"], yerr=row["std"] if row["n_seeds"] > 1 else None,
+            ax.errorbar(row["tuned_percent"], row["mean"], yerr=interval_error(row),
                         marker=markers[row["train_fraction"]], color=color(method), ms=7, capsize=2, ls="none")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
     ax.set_xlabel("tuned parameters (% of the model)")
-    ax.set_ylabel("test top-1 (%), task mean")
+    n_seeds = int(curves["n_seeds"].max())
+    ax.set_ylabel(f"test top-1 (%), task mean{f' ± 95% CI over {n_seeds} seeds' if n_seeds > 1 else ''}")
     ax.grid(True, which="both", alpha=0.3)
     method_handles = [Line2D([], [], color=color(m), marker="o", ls="none", label=label(m))
                       for m in table_order(curves["method"])]
@@ -127,8 +134,8 @@ def plot_zoo(points: pd.DataFrame, title: str | None = None) -> Figure:
     axes = np.atleast_1d(fig.subplots(1, len(tasks), sharey=False))
     for ax, task in zip(axes, tasks, strict=True):
         for _, row in points[points["dataset"] == task].iterrows():
-            ax.errorbar(row["tuned_percent"], row["mean"], yerr=row["std"] if row["n_seeds"] > 1 else None,
-                        marker="o", ms=7, color=color(row["method"]), capsize=2, ls="none")
+            ax.errorbar(row["tuned_percent"], row["mean"], yerr=interval_error(row), marker="o", ms=7,
+                        color=color(row["method"]), capsize=2, ls="none")
             ax.annotate(label(row["method"]), (row["tuned_percent"], row["mean"]), textcoords="offset points",
                         xytext=(4, 3), fontsize=7, color=color(row["method"]))
         ax.set_xscale("log")
@@ -137,7 +144,7 @@ def plot_zoo(points: pd.DataFrame, title: str | None = None) -> Figure:
         ax.set_title(task)
         ax.grid(True, which="both", alpha=0.3)
     n_seeds = int(points["n_seeds"].max())
-    axes[0].set_ylabel(f"test top-1 (%){f', mean ± std of {n_seeds} seeds' if n_seeds > 1 else ''}")
+    axes[0].set_ylabel(f"test top-1 (%){f', mean ± 95% CI over {n_seeds} seeds' if n_seeds > 1 else ''}")
     fraction = float(points["train_fraction"].iloc[0])
     fig.suptitle(title or f"Every method at {100 * fraction:g}% of the training data: accuracy against tuned "
                  "parameters")

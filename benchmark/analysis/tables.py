@@ -1,4 +1,5 @@
-"""Markdown tables: the suite's one table writer, and the Table-1 style results table."""
+"""Markdown tables: the suite's one table writer, the Table-1 style results table, the paired differences to Full
+and the paper beside us."""
 
 from __future__ import annotations
 
@@ -19,23 +20,36 @@ def markdown(frame: pd.DataFrame) -> str:
     lines.insert(1, "|" + "|".join([":---"] + ["---:"] * (len(frame.columns) - 1)) + "|")
     return "\n".join(lines)
 
-def table_markdown(table: pd.DataFrame, hparams: pd.DataFrame) -> str:
+def table_markdown(table: pd.DataFrame, hparams: pd.DataFrame, paper: pd.DataFrame | None = None,
+                   unmatched: list[str] | None = None) -> str:
     tasks = [c for c in table.columns if f"{c}_std" in table.columns]
     groups = [c for c in table.columns if c.endswith(" mean")]
+    seeds = int(table["seeds"].max())
     shown = pd.DataFrame({"Method": table["label"], "Tuned params (%)": table["tuned_percent"].map(
         lambda v: f"{v:.3g}")})
     for task in tasks:
-        shown[task] = [number(m) + (f" ± {number(s)}" if n > 1 else "")
-                       for m, s, n in zip(table[task], table[f"{task}_std"], table["seeds"], strict=True)]
+        shown[task] = [interval_cell(m, lo, hi, seeds) for m, lo, hi in
+                       zip(table[task], table[f"{task}_ci_low"], table[f"{task}_ci_high"], strict=True)]
     for group in groups:
         shown[group] = table[group].map(number)
     shown["Mean"] = table["mean"].map(number)
+    shown["PPT"] = table["ppt"].map(number)
     if "beats_full" in table:
-        shown["Tasks > Full"] = [f"{int(b)}/{int(n)}" if not pd.isna(b) else "–"
-                                 for b, n in zip(table["beats_full"], table["tasks_compared"], strict=True)]
-    seeds = int(table["seeds"].max())
-    text = [f"Test top-1 (%) at {100 * table['train_fraction'].iloc[0]:g}% of the training data, mean"
-            f"{f' ± std over {seeds} seeds' if seeds > 1 else ' (1 seed)'}.", "", markdown(shown)]
+        shown["vs Full: beats / tie / below"] = [verdict_counts(*counts) for counts in zip(
+            table["beats_full"], table["ties_full"], table["below_full"], table["untested_full"], strict=True)]
+    fraction = f"{100 * table['train_fraction'].iloc[0]:g}%"
+    spread = (f"mean ± half-width of the 95% confidence interval over {seeds} seeds (Student t, n − 1 degrees of "
+              "freedom; a cell marked n=1 has one seed and no interval)" if seeds > 1
+              else "mean of 1 seed (n=1: no confidence interval)")
+    text = [f"Test top-1 (%) at {fraction} of the training data, {spread}. PPT: V-PETL Bench's performance-parameter "
+            "trade-off, mean top-1 × exp(−log10(tuned params / 10^7 + 1)). vs Full: tasks where the 95% interval of "
+            "the difference to Full, paired by seed, lies above 0 (beats), contains 0 (tie) or lies below 0.",
+            "", markdown(shown)]
+    if "beats_full" in table:
+        text += ["", f"Difference to Full at {fraction} (points), paired by seed: mean [95% CI] and verdict.", "",
+                 markdown(difference_frame(table, tasks))]
+    if paper is not None and not paper.empty:
+        text += ["", *paper_markdown(paper, unmatched or [])]
     if not hparams.empty:
         rank = {m: i for i, m in enumerate(table_order(hparams["method"]))}
         picked = hparams.assign(rank=hparams["method"].map(rank), Method=hparams["method"].map(label),
@@ -49,3 +63,45 @@ def table_markdown(table: pd.DataFrame, hparams: pd.DataFrame) -> str:
         text += ["", "Selected by the paper's protocol (val top-1 at the last epoch; ties -> smaller lr): lr / wd.",
                  "", markdown(pivot.fillna("–"))]
     return "\n".join(text) + "\n"
+
+
+def interval_cell(mean, low, high, seeds: int) -> str:
+    if pd.isna(mean):
+        return "–"
+    if pd.isna(low):
+        return number(mean) + (" (n=1)" if seeds > 1 else "")
+    return f"{number(mean)} ± {number((high - low) / 2)}"
+
+def verdict_counts(beats, ties, below, untested) -> str:
+    if pd.isna(beats):
+        return "–"
+    if beats + ties + below == 0:
+        return "n=1"  # one seed everywhere: no interval, no verdict
+    return f"{int(beats)} / {int(ties)} / {int(below)}" + (f" (+{int(untested)} n=1)" if untested else "")
+
+def difference_frame(table: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
+    rows = table[table["method"] != "full"]
+    shown = pd.DataFrame({"Method": rows["label"]})
+    for task in tasks:
+        if f"{task}_diff" not in rows:
+            continue
+        shown[task] = [difference_cell(d, lo, hi, v) for d, lo, hi, v in zip(
+            rows[f"{task}_diff"], rows[f"{task}_diff_low"], rows[f"{task}_diff_high"], rows[f"{task}_vs_full"],
+            strict=True)]
+    return shown
+
+def difference_cell(diff, low, high, verdict) -> str:
+    if pd.isna(diff):
+        return "–"
+    return f"{diff:+.2f} (n=1)" if pd.isna(low) else f"{diff:+.2f} [{low:+.2f}, {high:+.2f}] {verdict}"
+
+def paper_markdown(paper: pd.DataFrame, unmatched: list[str]) -> list[str]:
+    shown = pd.DataFrame({"Method": paper["label"], "Task": paper["task"], "Paper": paper["paper"].map(number),
+                          "Measured": paper["measured"].map(number), "Δ": paper["delta"].map(lambda d: f"{d:+.2f}"),
+                          "Seeds": paper["seeds"].astype(int)})
+    text = ["Beside the paper: VPT (Jia et al., ECCV 2022, arXiv 2203.12119) Table 1, ViT-B/16 ImageNet-21k, 100% of "
+            "the training data, per task (sources: benchmark/analysis/vpt_paper_table1.csv); group rows are means "
+            "over their tasks, VTAB-1k the mean of the three group means; Δ = measured − paper.", "", markdown(shown)]
+    if unmatched:
+        text += ["", f"Measured without a sourced paper number: {', '.join(unmatched)}."]
+    return text

@@ -94,12 +94,14 @@ def test_report_writes_figures_and_tables(results):
     expected = np.mean([synthetic_top1("linear", "fashion_heldout", 1.0, s) for s in (0, 1)])
     assert table.loc["linear", "fashion_heldout"] == pytest.approx(expected)
     assert table.loc["linear", "fashion_heldout_std"] == pytest.approx(np.std([0, 0.5], ddof=1))
-    # VPT-deep beats Full on digits (the selected runs score 99) but not on fashion_heldout.
-    assert table.loc["vpt_deep", "beats_full"] == 1 and table.loc["vpt_deep", "tasks_compared"] == 2
-    assert table.loc["linear", "beats_full"] == 0
+    # VPT-deep beats Full on digits (the selected runs score 99; seeds 0, 1: differences 99 - 94 and 99 - 94.5,
+    # interval 4.75 +- 12.706 * 0.25 > 0) and is below it on fashion_heldout (86 - 92 on both seeds).
+    assert table.loc["vpt_deep", ["beats_full", "ties_full", "below_full", "tasks_compared"]].tolist() == [1, 0, 1, 2]
+    assert table.loc["vpt_deep", "digits_vs_full"] == "beats" and table.loc["linear", "beats_full"] == 0
 
     text = written["table.md"].read_text()
-    assert "| VPT-deep |" in text and "Tasks > Full" in text and "± " in text
+    assert "| VPT-deep |" in text and "vs Full: beats / tie / below" in text and "± " in text
+    assert "+4.75 [+1.57, +7.93] beats" in text  # 4.75 -+ 12.706 * 0.25
     assert "2.5 / 0.001" in text  # the chosen lr / wd are printed
     hparams = pd.read_csv(written["selected_hparams.csv"])
     assert hparams[["method", "dataset", "lr", "weight_decay"]].values.tolist() == [
@@ -158,11 +160,14 @@ def test_table_averages_vtab_groups(tmp_path):
     assert table.loc["vpt_deep", "Natural mean"] == pytest.approx(72.0)
     assert table.loc["vpt_deep", "Specialized mean"] == pytest.approx(95.0)
     assert table.loc["full", "mean"] == pytest.approx(np.mean([60, 70, 90]))
-    assert table.loc["vpt_deep", "beats_full"] == 2 and table.loc["vpt_deep", "tasks_compared"] == 3
+    # one seed: no interval, so no task can beat Full; all three are untested (n=1)
+    assert table.loc["vpt_deep", ["beats_full", "untested_full", "tasks_compared"]].tolist() == [0, 3, 3]
     hparams = aggregate.selected_hparams(aggregate.final_runs(load_runs(results)))
     text = tables.table_markdown(table.reset_index(), hparams)
-    assert "| Natural mean | Specialized mean | Mean | Tasks > Full |" in text
-    assert "| VPT-deep | 0.74 | 78.00 | 66.00 | 95.00 | 72.00 | 95.00 | 79.67 | 2/3 |" in text
+    assert "| Natural mean | Specialized mean | Mean | PPT | vs Full: beats / tie / below |" in text
+    # PPT: 0.7967 x exp(-log10(7400 / 1e7 + 1)) = 0.7964
+    assert "| VPT-deep | 0.74 | 78.00 | 66.00 | 95.00 | 72.00 | 95.00 | 79.67 | 0.80 | n=1 |" in text
+    assert "mean of 1 seed (n=1: no confidence interval)" in text
 
 
 # --- aggregation from a hand-made summary.csv, every expected number worked out by hand -------------------------
@@ -212,21 +217,28 @@ def test_table_numbers_by_hand(hand_final):
     # linear: task_a (61, 61) -> 61; task_b (85, 89 selected) -> 87 +- sqrt(8); mean 74
     assert table.loc["linear", ["task_a", "task_b", "mean"]].tolist() == [61.0, 87.0, 74.0]
     assert table.loc["linear", "task_b_std"] == pytest.approx(8 ** 0.5)
-    # beats Full where strictly better: 87 > 80 yes, 61 = 61 no
-    assert (table.loc["linear", "beats_full"], table.loc["linear", "tasks_compared"]) == (1, 2)
+    # paired by seed against Full: task_a differences (1, -1) -> 0 +- 12.706 * 1; task_b (5, 9) -> 7 +- 12.706 * 2:
+    # both intervals hold 0, so two ties (the means alone, 87 > 80, would have called task_b a win)
+    assert table.loc["linear", ["beats_full", "ties_full", "below_full", "tasks_compared"]].tolist() == [0, 2, 0, 2]
+    assert table.loc["linear", "task_b_diff"] == 7.0 and table.loc["linear", "task_b_diff_n"] == 2
     assert table.loc["linear", "tuned_percent"] == 0.5 and table.loc["full", "seeds"] == 2
 
     tenth = aggregate.results_table(hand_final, fraction=0.1).set_index("method")
     assert tenth.loc["full", ["task_a", "task_b", "mean", "seeds"]].tolist() == [20.0, 40.0, 30.0, 1]
     assert tenth.loc["linear", ["task_a", "task_b", "mean"]].tolist() == [32.0, 52.0, 42.0]
-    assert tenth.loc["linear", "beats_full"] == 2
+    assert tenth.loc["linear", ["beats_full", "untested_full"]].tolist() == [0, 2]  # Full has one seed at 10%
+    assert tenth.loc["linear", "task_a_vs_full"] == "n=1" and np.isnan(tenth.loc["linear", "task_a_diff_low"])
     with pytest.raises(ValueError, match="No results at train fraction 0.5"):
         aggregate.results_table(hand_final, fraction=0.5)
 
     text = tables.table_markdown(table.reset_index(), aggregate.selected_hparams(hand_final))
-    assert "Test top-1 (%) at 100% of the training data, mean ± std over 2 seeds." in text
-    assert "| Linear | 0.5 | 61.00 ± 0.00 | 87.00 ± 2.83 | 74.00 | 1/2 |" in text
-    assert "| Full | 100 | 61.00 ± 1.41 | 80.00 ± 0.00 | 70.50 | – |" in text
+    assert ("Test top-1 (%) at 100% of the training data, mean ± half-width of the 95% confidence interval over 2 "
+            "seeds (Student t") in text
+    # half-widths: 12.706 x sem, sem = std / sqrt(2): full task_a 12.706 x 1, linear task_b 12.706 x 2; no
+    # tuned_params in this summary, so no PPT
+    assert "| Linear | 0.5 | 61.00 ± 0.00 | 87.00 ± 25.41 | 74.00 | – | 0 / 2 / 0 |" in text
+    assert "| Full | 100 | 61.00 ± 12.71 | 80.00 ± 0.00 | 70.50 | – | – |" in text
+    assert "| Linear | +0.00 [-12.71, +12.71] tie | +7.00 [-18.41, +32.41] tie |" in text
     assert text.endswith("| Method | Fraction | task_b |\n|:---|---:|---:|\n| Linear | 100% | 0.5 / 0.001 |\n")
 
 
