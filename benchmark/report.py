@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(written["table.md"].read_text())
+    if "table.md" in written:
+        print(written["table.md"].read_text())
     print("Wrote " + ", ".join(str(p) for p in written.values()))
     return 0
 

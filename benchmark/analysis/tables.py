@@ -30,6 +30,8 @@ def table_markdown(table: pd.DataFrame, hparams: pd.DataFrame) -> str:
     for group in groups:
         shown[group] = table[group].map(number)
     shown["Mean"] = table["mean"].map(number)
+    for column in [c for c in table.columns if c.startswith("extra_test/")]:  # domain shift (analysis/ablations.py)
+        shown[f"{column.split('/')[1]} (extra test)"] = table[column].map(number)
     if "beats_full" in table:
         shown["Tasks > Full"] = [f"{int(b)}/{int(n)}" if not pd.isna(b) else "–"
                                  for b, n in zip(table["beats_full"], table["tasks_compared"], strict=True)]
