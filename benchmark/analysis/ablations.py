@@ -139,6 +139,8 @@ def option_curves(runs: pd.DataFrame, key: str) -> pd.DataFrame:
                                                 if pd.notna(row[OPTION_PREFIX + k])])
                        for d, (_, row) in zip(data, grid.iterrows(), strict=True)]
     grid["value"] = grid[OPTION_PREFIX + key]
+    if numeric(grid["value"]) and (grid["value"] % 1 == 0).all():  # whole numbers stored as floats beside NaNs
+        grid["value"] = grid["value"].astype(int)
     group = ["method", "variant", "value"]
     per_seed = grid.groupby([*group, "seed"], dropna=False).agg(
         top1=("test_top1", "mean"), n_tasks=("dataset", "nunique"), tuned_percent=("tuned_percent", "mean"))
