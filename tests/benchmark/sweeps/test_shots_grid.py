@@ -11,16 +11,18 @@ import pandas as pd
 import pytest
 import yaml
 
-from benchmark.analysis import outputs
+from benchmark.analysis import aggregate, outputs
+from benchmark.analysis.aggregate import load_summary
 from benchmark.core.config import RunConfig
 from benchmark.core.errors import ConfigError
 from benchmark.core.store import atomic_write_json, read_result, result_path
 from benchmark.grid import grid_spec, main, parse_args
 from benchmark.run import config_from_args
 from benchmark.run import main as run_main
-from benchmark.sweeps.runner import run_grid
+from benchmark.sweeps.runner import GridRunner, run_grid
 from benchmark.sweeps.spec import GridSpec, describe
 from tests.benchmark.core.test_cli import make_dry_run
+from tests.benchmark.sweeps.test_grid_rules import FakeTraining
 
 BACKBONE = "vit_embedded_p7_28"
 
@@ -44,7 +46,9 @@ def test_run_command_line_takes_shots_and_refuses_both_in_one_line(capsys):
     assert err.count("\n") == 0 and "SHOTS=8 and FRACTION=0.5" in err
 
 
-def test_make_grid_shots_seeds_becomes_a_shots_axis(capsys):
+def test_make_grid_shots_seeds_becomes_a_shots_axis(capsys, monkeypatch):
+    training = FakeTraining()
+    monkeypatch.setattr(GridRunner, "train", staticmethod(training))
     argv = make_dry_run("grid", "SHOTS=1,2,4,8,16", "SEEDS=0,1,2", "METHODS=linear")
     assert argv == ["--methods=linear", "--seeds=0,1,2", "--shots=1,2,4,8,16"]
     args, run_args = parse_args(argv)
@@ -54,7 +58,7 @@ def test_make_grid_shots_seeds_becomes_a_shots_axis(capsys):
     assert [(c.shots, c.seed) for c in configs[:4]] == [(1, 0), (1, 1), (1, 2), (2, 0)]
     assert {c.train_fraction for c in configs} == {0.1}  # the default, which shots leave alone
     assert main(["--shots", "1,2", "--fractions", "0.1", "--methods", "linear"]) == 2
-    assert "SHOTS= and FRACTIONS= are two ways" in capsys.readouterr().err
+    assert "SHOTS= and FRACTIONS= are two ways" in capsys.readouterr().err and training.trained == []
     with pytest.raises(SystemExit):
         parse_args(["--shots", "1,0"])
 
@@ -99,6 +103,9 @@ def test_report_draws_shots_apart_from_the_fraction_curves(tmp_path):
     for (k, seed), value in top1.items():
         write_result(results, f"shots{k}_seed{seed}", shots=k, train_fraction=None, seed=seed, test_top1=value)
     write_result(results, "frac0.1_seed0", shots=None, train_fraction=0.1, seed=0, test_top1=70.0)
+    write_result(results, "shots1_seed0_prompt_length=5", shots=1, train_fraction=None, seed=0, test_top1=0.0,
+                 options="prompt_length=5", **{"option/prompt_length": 5})  # an option grid's: not in the curve
+    assert len(aggregate.final_runs(load_summary(results))) == 1  # the fraction run alone
     written = outputs.write_report(results)
     assert written["shots.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     shots = pd.read_csv(written["shots_data.csv"]).set_index("shots")
