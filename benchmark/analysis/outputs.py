@@ -1,5 +1,5 @@
-"""The whole report: Fig. 3, the parameter plot, the zoo figure (PNG + PDF) and the tables (Markdown + CSV),
-optionally to W&B."""
+"""The whole report: Fig. 3, the parameter plot, the zoo figure, the few-shot and ablation figures (PNG + PDF) and the
+tables (Markdown + CSV), optionally to W&B."""
 
 from __future__ import annotations
 

@@ -112,7 +112,8 @@ def record_failure(cfg: RunConfig, path, started: float, err: Exception) -> dict
           file=sys.stderr)
     return result
 
-# Settings that change a result but not its file name (run_id holds method, dataset, fraction, seed, train_on, tag).
+# Settings that change a result but not its file name (run_id holds method, dataset, fraction or shots, seed,
+# options, train_on, tag).
 RESULT_SETTINGS = ("backbone", "weights", "pretrained", "recipe", "optimizer", "lr", "weight_decay", "epochs",
                    "warmup_epochs", "batch_size", "head_init", "method_options", "backbone_kwargs", "precision",
                    "extra_test")

@@ -7,7 +7,8 @@ Two entry points, called by `benchmark.run` (and usable by a grid to check all i
   geometry (built on PyTorch's `meta` device: no memory, no time), the results directory, W&B. It raises one
   `ConfigError` listing every problem found, each with its fix.
 - `validate_data(datamodule, cfg)` runs after the datamodule's `setup()`: labels in range, every class in the
-  training pool, a fraction large enough for one example per class, image files present and decodable.
+  training pool, a fraction large enough for one example per class (shots are checked by the split itself), image
+  files (extra test sets' included) present and decodable.
 
 File-level dataset checks (split files, image paths) live in `datamodules.checks` so datamodules can call them.
 """

@@ -70,9 +70,10 @@ def search_tag(lr: float, weight_decay: float) -> str:
 
 
 def point_config(cell: RunConfig, lr: float, weight_decay: float, seed: int) -> RunConfig:
+    """A search point: selected on val, so it skips the cell's extra test sets (the final runs evaluate them)."""
     resolved = cell.resolved()
     return replace(cell, seed=seed, lr=lr * lr_multiplier(resolved), weight_decay=weight_decay, train_on="train",
-                   tag=search_tag(lr, weight_decay))
+                   tag=search_tag(lr, weight_decay), extra_test={})
 
 
 def final_config(cell: RunConfig, lr: float, weight_decay: float, seed: int) -> RunConfig:

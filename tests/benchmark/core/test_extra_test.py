@@ -23,6 +23,7 @@ from benchmark.core.extra_test import ExtraTestEvaluation
 from benchmark.core.pipeline import run
 from benchmark.run import config_from_args
 from benchmark.run import main as run_main
+from benchmark.sweeps.search import final_config, point_config
 from datamodules import create_datamodule
 from datamodules.checks import DataError
 from datamodules.embedded import load_digits_uint8
@@ -183,3 +184,9 @@ def test_table_has_a_column_per_extra_set(tmp_path):
     text = tables.table_markdown(shown, pd.DataFrame())
     header, _, full, linear = text.splitlines()[2:6]
     assert header.endswith("| sketch (extra test) |") and full.endswith("| 61.00 |") and linear.endswith("| 45.00 |")
+
+
+def test_search_points_skip_the_extra_sets_and_final_runs_keep_them():
+    cell = RunConfig(method="linear", extra_test={"sketch": "/data/sketch"})
+    assert point_config(cell, 0.5, 0.0, seed=0).extra_test == {}
+    assert final_config(cell, 0.5, 0.0, seed=0).extra_test == {"sketch": "/data/sketch"}
