@@ -27,7 +27,7 @@ from benchmark.sweeps.search import final_config, point_config
 from datamodules import create_datamodule
 from datamodules.checks import DataError
 from datamodules.embedded import load_digits_uint8
-from datamodules.extra_test import restricted_argmax, scan_class_folders
+from datamodules.extra_test import ExtraTestSet, restricted_argmax, scan_class_folders
 from methods import data_config
 from tests.benchmark.core.test_cli import make_dry_run
 from tests.conftest import TINY_VIT
@@ -49,6 +49,12 @@ class FixedLogits(nn.Module):
 
     def forward(self, x):
         return x
+
+
+def test_a_sets_allowed_classes_are_the_ones_it_holds():
+    extra = ExtraTestSet("a", "/a", None, np.array([0, 2]), num_classes=4)
+    assert extra.allowed().tolist() == [True, False, True, False] and extra.restricted
+    assert not ExtraTestSet("b", "/b", None, np.arange(4), num_classes=4).restricted
 
 
 def test_evaluation_scores_each_loader_with_its_own_classes():
@@ -114,6 +120,7 @@ def test_folder_run_scores_each_extra_set_and_restricts_a_subset(tmp_path, monke
     root = make_folder(tmp_path / "data", {"train": 3, "val": 1, "test": 4})  # classes ant, mole, zebra
     shutil.copytree(root / "test", tmp_path / "same")
     shutil.copytree(root / "test", tmp_path / "sub", ignore=lambda folder, names: ["mole"] * ("mole" in names))
+    shutil.copytree(root / "test" / "mole", tmp_path / "one" / "mole")  # one class: its argmax can only be mole
     seen, real_test = {}, L.Trainer.test
 
     def test(self, model=None, *args, **kwargs):
@@ -121,7 +128,8 @@ def test_folder_run_scores_each_extra_set_and_restricts_a_subset(tmp_path, monke
         return real_test(self, model, *args, **kwargs)
 
     monkeypatch.setattr(L.Trainer, "test", test)
-    result = run(folder_run(tmp_path, {"same": str(tmp_path / "same"), "sub": str(tmp_path / "sub")}))
+    result = run(folder_run(tmp_path, {"same": str(tmp_path / "same"), "sub": str(tmp_path / "sub"),
+                                       "one": str(tmp_path / "one")}))
     assert result["status"] == "ok" and len(seen["models"]) == 2  # the test split, then both extra sets at once
     model = seen["models"][0].eval()
     # By hand, from the run's own test split (the same images): plain argmax, and the best of ant (0) and zebra (2).
@@ -141,6 +149,8 @@ def test_folder_run_scores_each_extra_set_and_restricts_a_subset(tmp_path, monke
     assert result["extra_test/sub/top1"] == pytest.approx(100 * float((restricted == labels[keep]).float().mean()),
                                                           abs=1e-4)
     assert result["extra_test"]["sub"] == {"folder": str(tmp_path / "sub"), "n": 8, "classes": 2, "restricted": True}
+    assert (logits[labels == 1].argmax(1) != 1).any()  # unrestricted, some mole image is called another class
+    assert result["extra_test/one/top1"] == 100.0  # restricted to mole, every mole image is right
     assert result["extra_test"]["same"]["restricted"] is False
 
 
