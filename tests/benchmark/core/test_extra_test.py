@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from benchmark.analysis import ablations, tables
 from benchmark.core.config import RunConfig
+from benchmark.core.distributed import each_example_once
 from benchmark.core.errors import ConfigError
 from benchmark.core.extra_test import ExtraTestEvaluation
 from benchmark.core.pipeline import run
@@ -26,7 +27,7 @@ from benchmark.run import main as run_main
 from benchmark.sweeps.search import final_config, point_config
 from datamodules import create_datamodule
 from datamodules.checks import DataError
-from datamodules.embedded import load_digits_uint8
+from datamodules.embedded import carve, load_digits_uint8
 from datamodules.extra_test import ExtraTestSet, restricted_argmax, scan_class_folders
 from methods import data_config
 from tests.benchmark.core.test_cli import make_dry_run
@@ -166,13 +167,7 @@ def test_embedded_digits_read_an_image_folder_like_their_own_test_split(tmp_path
     """The digits test images written losslessly as 8x8 PNGs, one folder per digit: the extra set is the test split
     itself, read from files through the embedded transform, so its top-1 is the test top-1 (the linear probe on
     cached features reads images again for it)."""
-    images, labels = load_digits_uint8()
-    from datamodules.embedded import carve
-
-    test, _ = carve(labels, 60)
-    for i in test:
-        (tmp_path / "digits" / str(labels[i])).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(images[i]).save(tmp_path / "digits" / str(labels[i]) / f"{i:04d}.png")
+    write_digits_test_pngs(tmp_path / "digits")
     result = run(RunConfig(method="linear", dataset="digits", epochs=1, results_dir=str(tmp_path / "results"),
                            extra_test={"png": str(tmp_path / "digits")}))
     assert result["extra_test"]["png"] == {"folder": str(tmp_path / "digits"), "n": 600, "classes": 10,
@@ -200,3 +195,34 @@ def test_search_points_skip_the_extra_sets_and_final_runs_keep_them():
     cell = RunConfig(method="linear", extra_test={"sketch": "/data/sketch"})
     assert point_config(cell, 0.5, 0.0, seed=0).extra_test == {}
     assert final_config(cell, 0.5, 0.0, seed=0).extra_test == {"sketch": "/data/sketch"}
+
+
+def test_each_process_evaluates_every_extra_example_once():
+    loader = DataLoader(TensorDataset(torch.arange(7)), batch_size=2)
+    assert each_example_once(loader, world_size=1, rank=0) is loader
+    for world_size in (2, 3):
+        shards = [each_example_once(loader, world_size, rank) for rank in range(world_size)]
+        seen = [int(x) for shard in shards for (batch,) in shard for x in batch]
+        assert sorted(seen) == list(range(7))  # disjoint, none repeated to even out the processes
+
+
+def write_digits_test_pngs(folder: Path) -> Path:
+    images, labels = load_digits_uint8()
+    test, _ = carve(labels, 60)
+    for i in test:
+        (folder / str(labels[i])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(folder / str(labels[i]) / f"{i:04d}.png")
+    return folder
+
+
+@pytest.mark.slow
+def test_ddp_extra_sets_count_every_example_once(tmp_path):
+    """Two processes vs one, vpt_deep on digits, 1 epoch at lr 1e-9 (tests/benchmark/core/test_distributed.py: both
+    evaluate the same weights); the extra set is the test split as files. Tolerance: one example of 600."""
+    from tests.benchmark.core.test_distributed import run_both
+
+    extra = write_digits_test_pngs(tmp_path / "pngs")
+    single, ddp, _ = run_both(tmp_path, "--epochs", "1", "--lr", "1e-9", "--extra-test", f"png={extra}")
+    assert ddp["world_size"] == 2 and ddp["extra_test"]["png"]["n"] == 600
+    assert ddp["extra_test/png/top1"] == pytest.approx(single["extra_test/png/top1"], abs=100 / 600 + 1e-6)
+    assert ddp["extra_test/png/top1"] == pytest.approx(ddp["test_top1"], abs=100 / 600 + 1e-6)
