@@ -31,7 +31,9 @@ LINE_STYLES = ("-", "--", ":", "-.")
 
 def finished_runs(summary: pd.DataFrame, datasets: list[str] | None = None, methods: list[str] | None = None,
                   backbone: str | None = None) -> pd.DataFrame:
-    """Finished, pretrained, untagged runs of one backbone (all of them when it is the only one), any protocol."""
+    """Finished, pretrained, untagged runs of one backbone (all of them when it is the only one), any protocol; one
+    per point (dataset, method, fraction or shots, options, seed), the selection protocol's final run where it has
+    one."""
     frame = summary[summary["status"] == "ok"].copy()
     if "pretrained" in frame:
         frame = frame[frame["pretrained"].astype(str).str.lower() == "true"]
@@ -46,7 +48,10 @@ def finished_runs(summary: pd.DataFrame, datasets: list[str] | None = None, meth
         counts = frame["backbone"].value_counts().to_dict()
         raise ValueError(f"The results hold runs of several backbones {counts}; a figure compares one. "
                          "Choose it with BACKBONE=<name> (--backbone).")
-    return frame
+    # as final_runs: a final run of the selection protocol replaces the fixed-recipe run of the same point
+    selected = frame["selected_lr"].notna() if "selected_lr" in frame else pd.Series(False, index=frame.index)
+    keys = [c for c in ("dataset", "method", "train_fraction", "shots", "options", "seed") if c in frame]
+    return frame.assign(selected=selected).sort_values("selected", kind="stable").drop_duplicates(keys, keep="last")
 
 
 def has_options(frame: pd.DataFrame) -> pd.Series:

@@ -103,13 +103,15 @@ def test_report_draws_shots_apart_from_the_fraction_curves(tmp_path):
     for (k, seed), value in top1.items():
         write_result(results, f"shots{k}_seed{seed}", shots=k, train_fraction=None, seed=seed, test_top1=value)
     write_result(results, "frac0.1_seed0", shots=None, train_fraction=0.1, seed=0, test_top1=70.0)
+    write_result(results, "shots4_seed0_trainval", shots=4, train_fraction=None, seed=0, test_top1=62.0,
+                 train_on="trainval", selected_lr=0.1)  # SEARCH=1's final run replaces the fixed-recipe one (60)
     write_result(results, "shots1_seed0_prompt_length=5", shots=1, train_fraction=None, seed=0, test_top1=0.0,
                  options="prompt_length=5", **{"option/prompt_length": 5})  # an option grid's: not in the curve
     assert len(aggregate.final_runs(load_summary(results))) == 1  # the fraction run alone
     written = outputs.write_report(results)
     assert written["shots.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     shots = pd.read_csv(written["shots_data.csv"]).set_index("shots")
-    assert shots["mean"].to_dict() == {1: 32.0, 2: 43.0, 4: 60.0}
+    assert shots["mean"].to_dict() == {1: 32.0, 2: 43.0, 4: 62.0}
     assert shots["std"].to_dict() == pytest.approx({1: 8 ** 0.5, 2: 8 ** 0.5, 4: 0.0})  # sample std of 2 seeds
     assert shots["n_seeds"].to_dict() == {1: 2, 2: 2, 4: 1}
     fig3 = pd.read_csv(written["fig3_data.csv"])  # the fraction curve holds the one fraction run only
