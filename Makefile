@@ -37,7 +37,7 @@ data: ## Fashion-MNIST from Debian (dataset-fashion-mnist) for the embedded defa
 bench: install data ## One run: make bench METHOD=vpt_deep FRACTION=0.1 [DATASET= DATA_ROOT= BACKBONE= WEIGHTS= BACKBONE_ARGS="k=v" METHOD_ARGS="k=v" ...]
 	$(PY) -m benchmark.run $(ARGS)
 
-grid: install data ## A resumable grid: make grid METHODS=a,b FRACTIONS=0.1,1 SEEDS=0,1 DATASETS= [SEARCH=1 SHARD=i/n JOBS=2]
+grid: install data ## A resumable grid: make grid METHODS=a,b FRACTIONS=0.1,1 (or SHOTS=1,2,4) SEEDS=0,1 DATASETS= [OPTIONS="k=v1,v2" SEARCH=1 SHARD=i/n JOBS=2]
 	$(PY) -m benchmark.grid $(ARGS)
 
 fig3: install data ## The embedded Fig. 3 (6 methods x 5 fractions x 2 tasks), then its report

@@ -1,7 +1,10 @@
-"""A grid of runs: methods x train fractions x seeds x datasets, resumable, one result JSON per run.
+"""A grid of runs: methods x train fractions (or shots) x method options x seeds x datasets, resumable, one result
+JSON per run.
 
     python -m benchmark.grid --methods full,linear,vpt_deep --fractions 0.1,1.0 --seeds 0,1 \\
         --datasets digits,fashion_heldout [--search] [any benchmark.run option: --epochs 5 --results-dir ...]
+    python -m benchmark.grid --methods vpt_deep,linear --shots 1,2,4,8,16 --seeds 0,1,2       # few-shot
+    python -m benchmark.grid --methods vpt_deep --options "prompt_length=1,5,10;prompt_dropout=0,0.1"  # ablation
 
 - A run whose result exists with `status: ok` is skipped, so a stopped grid resumes where it stopped.
 - A failing run is recorded as `status: failed` with its error and the grid goes on.
@@ -21,8 +24,8 @@ import argparse
 import sys
 
 import methods
-from benchmark.core.cli import add_switch, comma_list
-from benchmark.core.config import RunConfig, check_fraction
+from benchmark.core.cli import add_switch, comma_list, option_grid
+from benchmark.core.config import RunConfig, check_fraction, check_shots
 from benchmark.core.errors import ConfigError
 from benchmark.run import config_from_args
 from benchmark.sweeps.runner import GridInterrupted, run_grid, stop_on_signals
@@ -40,6 +43,11 @@ def parser() -> argparse.ArgumentParser:
                    help=f"comma list of {', '.join(methods.list_methods())} (default: the paper's six)")
     p.add_argument("--fractions", type=comma_list(check_fraction), default=list(PAPER_FRACTIONS),
                    help="comma list of train fractions in (0, 1] (default: 0.1,0.2,0.4,0.8,1.0)")
+    p.add_argument("--shots", type=comma_list(check_shots),
+                   help="comma list of training examples per class (few-shot), instead of --fractions, e.g. 1,2,4,8,16")
+    p.add_argument("--options", type=option_grid, metavar='"K=V1,V2;K2=V3"',
+                   help="method options to sweep, each point naming its runs: keys apart by ';', values by ',', e.g. "
+                   '"prompt_length=1,5,10;prompt_dropout=0,0.1" (every combination)')
     p.add_argument("--seeds", type=comma_list(int), default=[0], help="comma list of seeds (default: 0)")
     p.add_argument("--datasets", type=comma_list(str), default=list(EMBEDDED_DATASETS),
                    help="comma list of datasets (default: the embedded tasks)")
@@ -51,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
 
 def base_config(run_args: list[str]) -> RunConfig:
     """The options a grid passes through to every run, parsed by benchmark.run's own parser."""
-    for flag in ("--method", "--fraction", "--dataset", "--seed"):
+    for flag in ("--method", "--fraction", "--dataset", "--seed", "--shot"):
         if any(a == flag or a.startswith(flag + "=") for a in run_args):
             raise ConfigError(f"{flag} names one run; a grid takes {flag}s (comma list), e.g. {flag}s a,b.")
     return config_from_args(run_args)
@@ -84,11 +92,23 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     args.jobs = default_jobs(args)
     return args, run_args
 
+def grid_spec(args: argparse.Namespace, run_args: list[str], argv: list[str] | None) -> GridSpec:
+    """The grid of the parsed command line `argv` (benchmark.sweep shares it); SHOTS= with FRACTIONS= is refused."""
+    argv = sys.argv[1:] if argv is None else argv
+    if args.shots and any(a == "--fractions" or a.startswith("--fractions=") for a in argv):
+        raise ConfigError("SHOTS= and FRACTIONS= are two ways to say how much trains; give one of them (SHOTS: "
+                          "examples per class, FRACTIONS: shares of each class).")
+    base = base_config(run_args)
+    if args.options and base.options:
+        raise ConfigError("OPTIONS of a grid is its option axis: give the values there, not as --options of a run.")
+    return GridSpec(args.methods, args.fractions, args.seeds, args.datasets, base, shots=args.shots,
+                    options=args.options)
+
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 every run ok, 1 some failed (recorded), 2 bad input (nothing ran), 128+signal if stopped."""
     args, run_args = parse_args(argv)
     try:
-        spec = GridSpec(args.methods, args.fractions, args.seeds, args.datasets, base_config(run_args))
+        spec = grid_spec(args, run_args, argv)
         with stop_on_signals():
             if args.search:
                 if args.shard or args.jobs > 1:

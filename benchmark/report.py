@@ -6,7 +6,9 @@
 It reads run JSONs (refreshing results/summary.csv) — never builds a model — and writes PNG + PDF figures and
 Markdown + CSV tables. The figures follow Jia et al., "Visual Prompt Tuning", ECCV 2022
 (https://arxiv.org/abs/2203.12119): Fig. 3 compares VPT-deep with Linear, Adapter and Bias over training-data
-fractions, and Table 1 lists mean top-1 per task, tuned parameters and the number of tasks beating Full.
+fractions, and Table 1 lists mean top-1 per task, tuned parameters and the number of tasks beating Full (and a
+column per extra test set). Few-shot grids add shots.png, option grids ablation_<option>.png
+(benchmark/analysis/ablations.py).
 notebooks/results.ipynb calls the same functions on results/summary.csv.
 """
 
@@ -50,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(written["table.md"].read_text())
+    if "table.md" in written:
+        print(written["table.md"].read_text())
     print("Wrote " + ", ".join(str(p) for p in written.values()))
     return 0
 

@@ -9,8 +9,15 @@ import argparse
 import sys
 
 import methods
-from benchmark.core.cli import add_method_options, add_switch, merged_method_options, method_options
-from benchmark.core.config import RunConfig, check_fraction
+from benchmark.core.cli import (
+    add_method_options,
+    add_switch,
+    extra_test_sets,
+    merged_method_options,
+    method_options,
+    one_option_point,
+)
+from benchmark.core.config import RunConfig, check_fraction, check_shots
 from benchmark.core.errors import ConfigError
 from benchmark.core.pipeline import run
 
@@ -18,6 +25,12 @@ from benchmark.core.pipeline import run
 def fraction_arg(text: str) -> float:
     try:
         return check_fraction(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+def shots_arg(text: str) -> int:
+    try:
+        return check_shots(text)
     except ConfigError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -35,6 +48,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="vpt_deep", help=f"one of {', '.join(methods.list_methods())}")
     p.add_argument("--fraction", dest="train_fraction", type=fraction_arg, default=0.1,
                    help="share of the train pool, in (0, 1]")
+    p.add_argument("--shots", type=shots_arg, help="k training examples per class (few-shot) instead of a fraction")
     p.add_argument("--dataset", default="digits")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backbone", help="any timm ViT name; default: embedded ViT / vit_base_patch16_224.orig_in21k")
@@ -50,6 +64,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--head-init", choices=["pytorch", "vpt"], help="default: the recipe's (paper: vpt)")
     add_method_options(p, "method option, e.g. prompt_length=10 or reduction=8")
+    p.add_argument("--options", type=one_option_point, default={}, metavar='"K=V;K2=V2"',
+                   help="method options that also name the run (one point of a grid's OPTIONS), e.g. prompt_length=5")
+    p.add_argument("--extra-test", type=extra_test_sets, default={}, metavar="NAME=DIR,...",
+                   help="extra test sets evaluated after training: folders of class folders named like the training "
+                   "classes (domain shift), e.g. sketch=/data/imagenet-sketch")
     p.add_argument("--backbone-args", dest="backbone_kwargs", type=backbone_kwargs, default={}, metavar='"K=V ..."',
                    help='timm create_model arguments of the backbone (BACKBONE_ARGS=), e.g. "img_size=224" for DINOv2')
     p.add_argument("--data-root")

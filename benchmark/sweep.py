@@ -5,13 +5,15 @@
     wandb sweep results/sweep.yaml        # prints the sweep id
     wandb agent <entity>/<project>/<id>   # on every machine, in the repository with the venv active
 
-Each sweep run is one `python -m benchmark.run --wandb` with method, dataset, fraction and seed from the grid
-(W&B's `grid` search method enumerates every combination once). Results land in each machine's results/;
+Each sweep run is one `python -m benchmark.run --wandb` with method, dataset, fraction (or shots), OPTIONS' point and
+seed from the grid (W&B's `grid` search method enumerates every combination once). Results land in each machine's
+results/;
 W&B groups them by dataset and tags them by method, as for `make grid WANDB=1`.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import yaml
 from benchmark.core.errors import ConfigError
 from benchmark.core.store import atomic_write_text
 from benchmark.core.tracking import project
-from benchmark.grid import base_config
+from benchmark.grid import grid_spec
 from benchmark.grid import parser as grid_parser
 from benchmark.sweeps.spec import GridSpec
 
@@ -31,19 +33,29 @@ HEADER = """\
 """
 
 
+def option_point_text(point: dict) -> str:
+    """An option point as benchmark.run's --options reads it back (values as YAML scalars)."""
+    return ";".join(f"{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in point.items())
+
+
 def sweep_config(spec: GridSpec, run_args: list[str], project_name: str) -> dict:
-    """The sweep as a dict: a grid over method x dataset x fraction x seed; every other run option fixed."""
-    n = len(spec.methods) * len(spec.datasets) * len(spec.fractions) * len(spec.seeds)
+    """The sweep as a dict: a grid over method x dataset x fraction (or shots) x options x seed; every other run
+    option fixed."""
+    data = ({"shots": {"values": [int(k) for k in spec.shots]}} if spec.shots is not None
+            else {"fraction": {"values": [float(f) for f in spec.fractions]}})
+    options = {"options": {"values": [option_point_text(p) for p in spec.options]}} if spec.options else {}
+    n = len(spec.configs())
+    axes = f"{len(next(iter(data.values()))['values'])} {'shot counts' if spec.shots is not None else 'fractions'}"
+    axes += f" x {len(spec.options)} option points" if spec.options else ""
     return {
         "name": f"vpt-bench grid: {len(spec.methods)} methods x {len(spec.datasets)} datasets x "
-                f"{len(spec.fractions)} fractions x {len(spec.seeds)} seeds = {n} runs",
+                f"{axes} x {len(spec.seeds)} seeds = {n} runs",
         "project": project_name,
         "program": "benchmark/run.py",
         "method": "grid",
         "metric": {"name": "test_top1", "goal": "maximize"},
         "parameters": {"method": {"values": list(spec.methods)}, "dataset": {"values": list(spec.datasets)},
-                       "fraction": {"values": [float(f) for f in spec.fractions]},
-                       "seed": {"values": [int(s) for s in spec.seeds]}},
+                       **data, **options, "seed": {"values": [int(s) for s in spec.seeds]}},
         # ${args} expands to --method=... --dataset=... --fraction=... --seed=..., which benchmark.run parses.
         "command": ["${env}", "python", "-m", "benchmark.run", "--wandb", *run_args, "${args}"],
     }
@@ -60,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("SEARCH=1 cannot be a W&B sweep: its final runs depend on the search's results. Spread "
                               "it instead with `make grid SEARCH=1 DATASETS=... METHODS=...` per machine writing to "
                               "one shared RESULTS folder (every run is a file, finished ones are skipped).")
-        spec = GridSpec(args.methods, args.fractions, args.seeds, args.datasets, base_config(run_args))
+        spec = grid_spec(args, run_args, argv)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

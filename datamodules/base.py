@@ -1,4 +1,4 @@
-"""The base DataModule and the suite's one implementation of data-fraction splits."""
+"""The base DataModule and the suite's one implementation of training splits: data fractions and few-shot sets."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+
+from datamodules.checks import DataError
+from datamodules.extra_test import ExtraTestSet, scan_class_folders
 
 SPLITS = ("train", "val", "test")
 
@@ -48,6 +51,26 @@ def fraction_indices(labels: np.ndarray, fraction: float, seed: int) -> np.ndarr
     return np.sort(np.concatenate(kept)) if kept else np.zeros(0, dtype=np.int64)
 
 
+def shot_indices(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
+    """Indices of `shots` examples of every class present in `labels` (the NOAH / CoOp few-shot protocol).
+
+    The first `shots` items of each class's seeded permutation (`class_orders`, the one the fractions take
+    prefixes of): the 2-shot set holds the 1-shot set, ... up to 16 shots, and a seed gives the same set on every
+    machine. A class with fewer than `shots` examples raises ValueError (no silent smaller class).
+    """
+    if isinstance(shots, bool) or int(shots) != shots or shots < 1:
+        raise ValueError(f"shots must be a whole number >= 1 (examples per class), got {shots!r}.")
+    orders = class_orders(labels, seed)
+    short = {int(labels[order[0]]): len(order) for order in orders if len(order) < shots}
+    if short:
+        shown = ", ".join(f"class {c}: {n}" for c, n in list(short.items())[:8]) + (" ..." if len(short) > 8 else "")
+        raise ValueError(f"SHOTS={shots} needs {shots} training examples of every class, but {len(short)} class(es) "
+                         f"have fewer ({shown}); the largest SHOTS every class allows is "
+                         f"{min(len(order) for order in orders)}.")
+    kept = [order[:shots] for order in orders]
+    return np.sort(np.concatenate(kept)) if kept else np.zeros(0, dtype=np.int64)
+
+
 def class_orders(labels: np.ndarray, seed: int) -> list[np.ndarray]:
     """Per class (in class-id order), the indices of its members in an order seeded by (seed, class id): the
     suite's one seeded per-class permutation."""
@@ -66,7 +89,9 @@ def seed_worker(worker_id: int) -> None:
 class FractionDataModule(L.LightningDataModule):
     """Subclasses say how to read each split (`load_split`); this class subsamples train and builds loaders.
 
-    Only the training split is subsampled; val and test are always used whole.
+    Only the training split is subsampled (a fraction of each class, or `shots` examples of each); val and test are
+    always used whole. `extra_test` ({name: folder}) adds test sets of class folders named like the training
+    classes (`class_names`), read with the evaluation transform (`eval_image_dataset`): the domain-shift protocol.
     """
 
     name: str = ""
@@ -79,7 +104,7 @@ class FractionDataModule(L.LightningDataModule):
 
     def __init__(self, *, data_config: dict, train_fraction: float = 1.0, seed: int = 0, batch_size: int = 64,
                  eval_batch_size: int | None = None, num_workers: int = 0, train_on: str = "train",
-                 data_root: str | None = None):
+                 data_root: str | None = None, shots: int | None = None, extra_test: dict[str, str] | None = None):
         super().__init__()
         if train_on not in ("train", "trainval"):
             raise ValueError(f"train_on must be 'train' or 'trainval', got {train_on!r}.")
@@ -91,6 +116,9 @@ class FractionDataModule(L.LightningDataModule):
         self.num_workers = int(num_workers)
         self.train_on = train_on
         self.data_root = data_root
+        self.shots = None if shots is None else int(shots)
+        self.extra_test_dirs = dict(extra_test or {})
+        self.extra_tests: dict[str, ExtraTestSet] = {}
         self.splits: dict[str, LabelledSplit] = {}
         self.train_indices: np.ndarray | None = None
 
@@ -101,6 +129,15 @@ class FractionDataModule(L.LightningDataModule):
     @property
     def num_classes(self) -> int:
         raise NotImplementedError
+
+    @property
+    def class_names(self) -> list[str]:
+        """Label i's name, which an extra test set's class folder must carry; class ids as text by default."""
+        return [str(i) for i in range(self.num_classes)]
+
+    def eval_image_dataset(self, samples: list[tuple[str, int]]) -> Dataset:
+        """(image, label) pairs of image files `samples` under the evaluation transform (for extra test sets)."""
+        raise NotImplementedError(f"DATASET={self.name} cannot read image folders as extra test sets.")
 
     # --- shared ------------------------------------------------------------------------------------
     def training_pool(self) -> LabelledSplit:
@@ -121,11 +158,24 @@ class FractionDataModule(L.LightningDataModule):
         self.train_set = Subset(pool.dataset, self.train_indices.tolist())
         self.train_ids = [pool.ids[i] for i in self.train_indices]
         self.train_labels = pool.labels[self.train_indices]
+        self.extra_tests = {name: self.load_extra_test(name, folder) for name, folder in self.extra_test_dirs.items()}
 
     def select_training_indices(self, pool: LabelledSplit) -> np.ndarray:
-        """Indices into the training pool that train: the suite's split. A family overrides this only to read a
-        split that is published with the data (FGVC's `train_<p>.json`), never to split differently."""
-        return fraction_indices(pool.labels, self.train_fraction, self.seed)
+        """Indices into the training pool that train: the suite's split (`shots` per class when set, else the
+        fraction). A family overrides this only to read a split that is published with the data (FGVC's
+        `train_<p>.json`), never to split differently."""
+        if self.shots is None:
+            return fraction_indices(pool.labels, self.train_fraction, self.seed)
+        try:
+            return shot_indices(pool.labels, self.shots, self.seed)
+        except ValueError as err:
+            raise DataError(f"{self.name} ({self.train_on} pool): {err}") from None
+
+    def load_extra_test(self, name: str, folder: str) -> ExtraTestSet:
+        samples, ids, classes = scan_class_folders(folder, self.class_names, name)
+        labels = np.asarray([label for _, label in samples], dtype=np.int64)
+        return ExtraTestSet(name, str(folder), LabelledSplit(self.eval_image_dataset(samples), labels, ids), classes,
+                            self.num_classes)
 
     @property
     def n_train(self) -> int:
@@ -133,7 +183,7 @@ class FractionDataModule(L.LightningDataModule):
 
     def split_record(self) -> dict:
         """Exactly which examples trained: written beside the results so a run can be traced."""
-        return {"dataset": self.name, "train_fraction": self.train_fraction, "seed": self.seed,
+        return {"dataset": self.name, "train_fraction": self.train_fraction, "shots": self.shots, "seed": self.seed,
                 "train_on": self.train_on, "n_train": self.n_train, "ids": self.train_ids,
                 "labels": self.train_labels.tolist()}
 
@@ -151,3 +201,8 @@ class FractionDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.splits["test"].dataset, self.eval_batch_size, shuffle=False)
+
+    def extra_test_dataloaders(self) -> list[DataLoader]:
+        """One loader per extra test set, in `extra_tests` order (Lightning's multiple test dataloaders)."""
+        return [self._loader(extra.split.dataset, self.eval_batch_size, shuffle=False)
+                for extra in self.extra_tests.values()]

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from datamodules.base import FractionDataModule, LabelledSplit, class_orders
+from datamodules.files import ImageFiles
 
 FMNIST_DIR = Path(os.environ.get("FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FMNIST_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot")
@@ -79,6 +80,11 @@ def carve(labels: np.ndarray, per_class: int, seed: int = POOL_SEED) -> tuple[np
     return np.sort(np.concatenate(head)), np.sort(np.concatenate(rest))
 
 
+def grey_image_to_model_input(image, data_config: dict) -> torch.Tensor:
+    """A grey PIL image -> (C, h, w) as the in-memory splits get it (`to_model_input`): an extra test set's images."""
+    return to_model_input(np.array(image, dtype=np.uint8)[None], data_config)[0]
+
+
 class TensorSplitsDataModule(FractionDataModule):
     """A dataset held in memory as arrays: subclasses return (images uint8 (N,H,W), labels) per split."""
 
@@ -86,6 +92,9 @@ class TensorSplitsDataModule(FractionDataModule):
 
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
+
+    def eval_image_dataset(self, samples: list[tuple[str, int]]) -> ImageFiles:
+        return ImageFiles(samples, functools.partial(grey_image_to_model_input, data_config=self.data_config), "L")
 
     def load_split(self, split: str) -> LabelledSplit:
         images, labels = self.arrays(split)
@@ -102,6 +111,10 @@ class FashionHeldoutDataModule(TensorSplitsDataModule):
     @property
     def num_classes(self) -> int:
         return len(HELDOUT_CLASSES)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [FMNIST_CLASSES[c] for c in HELDOUT_CLASSES]
 
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         images, labels = load_fashion_mnist("t10k" if split == "test" else "train", self.data_root)
@@ -123,6 +136,10 @@ class FashionPretrainDataModule(TensorSplitsDataModule):
     @property
     def num_classes(self) -> int:
         return len(PRETRAIN_CLASSES)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [FMNIST_CLASSES[c] for c in PRETRAIN_CLASSES]
 
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         images, labels = load_fashion_mnist("train" if split == "train" else "t10k", self.data_root)

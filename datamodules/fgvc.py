@@ -70,6 +70,10 @@ class FGVCDataModule(ImageFilesDataModule):
                           f"or {prepare_hint(self.name)}.", stacklevel=2)
         return classes
 
+    @property
+    def class_names(self) -> list[str]:
+        return [str(c) for c in self.classes]  # the raw ids of train.json, which extra test folders are named by
+
     def list_split(self, split: str) -> tuple[list[str], np.ndarray, list[str]]:
         annotation = self.annotation(SPLIT_FILES[split])
         ids = sorted(annotation)  # canonical order: the split must not depend on the JSON's key order
@@ -84,8 +88,8 @@ class FGVCDataModule(ImageFilesDataModule):
     # --- published fraction files --------------------------------------------------------------------------
     @property
     def fraction_file(self) -> Path | None:
-        """`train_<p>.json` for this run's fraction, when it exists and applies (train_on=train, p < 1)."""
-        if self.train_fraction >= 1.0:
+        """`train_<p>.json` for this run's fraction, when it exists and applies (train_on=train, p < 1, no shots)."""
+        if self.train_fraction >= 1.0 or self.shots is not None:
             return None
         path = self.root / fraction_file_name(self.train_fraction)
         if not path.is_file():

@@ -118,6 +118,9 @@ class ImageFilesDataModule(FractionDataModule):
     def image_mode(self) -> str:
         return "L" if self.data_config["input_size"][0] == 1 else "RGB"
 
+    def eval_image_dataset(self, samples: list[tuple[str, int]]) -> ImageFiles:
+        return ImageFiles(samples, self.transform(train=False), self.image_mode)
+
     def as_split(self, paths: list[str], labels: np.ndarray, ids: list[str], train: bool) -> LabelledSplit:
         samples = list(zip(paths, labels.tolist(), strict=True))
         return LabelledSplit(ImageFiles(samples, self.transform(train), self.image_mode), labels, ids)

@@ -44,6 +44,10 @@ class FolderDataModule(ImageFilesDataModule):
             raise DataError(f"{self.root / 'train'} has no class folders: {err}") from err
         return classes
 
+    @property
+    def class_names(self) -> list[str]:
+        return self.classes
+
     def scan(self, split: str) -> Listing:
         """Every image of <root>/<split>/<class>/, classes numbered as in train/."""
         folder = self.root / split

@@ -11,6 +11,11 @@ Choices, each the paper's unless noted:
 - dropout on the prompts (the VPT code's prompt dropout; 0.1 for deep, 0.0 for shallow by default).
 - prompts are stripped after the final norm, so the head sees exactly the tokens a plain ViT has; the
   classifier reads CLS (or whatever pooling the backbone was built with).
+- `prompt_layers` (VPT-deep on a ViT; the paper's prompt-depth ablation, Sec. 4.3): the blocks, counted from 1, that
+  take a fresh prompt set; a block without one runs on the previous block's prompt outputs, and blocks before the
+  first prompted one see no prompts. `1-k` is the official code's MODEL.PROMPT.NUM_DEEP_LAYERS=k, `k-12` its
+  REVERSE_DEEP=True with NUM_DEEP_LAYERS=13-k (src/models/vit_prompt/vit_ablations.py and src/configs/config.py
+  of github.com/KMnP/vpt); shallow is `1`, deep every block. Tuned: len(layers) * p * D prompt values + the head.
 
 Cost (VPT-deep): a block's outputs at the p prompt positions are thrown away (the "_" in eq. 4; the last block's
 are stripped), so computing their queries, attention rows, projection and MLP is wasted work: on ViT-B/16 with
@@ -48,6 +53,24 @@ TOKEN_PROMPTS = 50  # p on a ViT when prompt_length is not given
 LOCATIONS = ("prepend", *pixel_prompts.LOCATIONS)
 
 
+def parse_layers(value) -> tuple[int, ...]:
+    """`prompt_layers` as sorted block numbers counted from 1: "1-6" -> 1..6, "1+3+7-9" -> 1, 3, 7, 8, 9, 4 -> (4,),
+    [1, 2] -> (1, 2). '+' joins parts (a comma would split METHOD_ARGS and OPTIONS lists)."""
+    parts = value if isinstance(value, (list, tuple)) else str(value).replace(" ", "").split("+")
+    layers: set[int] = set()
+    for part in parts:
+        text = str(part)
+        low, dash, high = text.partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            raise ValueError(f"prompt_layers must be block numbers counted from 1, as a range 1-6, parts joined by "
+                             f"'+' (1+3+7-9) or a list; got {value!r}.")
+        first, last = int(low), int(high) if dash else int(low)
+        if first < 1 or last < first:
+            raise ValueError(f"prompt_layers ranges go from a block >= 1 up (e.g. 1-6), got {text!r} in {value!r}.")
+        layers.update(range(first, last + 1))
+    return tuple(sorted(layers))
+
+
 @dataclass
 class VPTOptions:
     prompt_length: int | None = field(default=None, metadata={
@@ -57,6 +80,9 @@ class VPTOptions:
         default=None, metadata={"help": "dropout on prompt tokens; None = 0.1 for deep, 0.0 for shallow"})
     location: str | None = field(default=None, metadata={
         "help": "where prompts go: prepend (tokens, ViT), pad or below (pixels, ConvNet); None = the family's"})
+    prompt_layers: str | int | list | None = field(default=None, metadata={
+        "help": "VPT-deep on a ViT: the blocks (from 1) that take fresh prompts, e.g. 1-6, 7-12, 1+3+5; None = all "
+                "(the paper's prompt-depth ablation)"})
 
     def __post_init__(self):
         if self.prompt_length is not None:
@@ -68,6 +94,8 @@ class VPTOptions:
             raise ValueError(f"VPT location must be one of {', '.join(LOCATIONS)}, got {self.location!r}.")
         if self.prompt_dropout is not None and not 0.0 <= self.prompt_dropout < 1.0:
             raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}.")
+        if self.prompt_layers is not None:
+            parse_layers(self.prompt_layers)  # raises for a malformed value; the depth is checked with the backbone
 
 
 class KeyValuePromptBlock(Block):
@@ -129,28 +157,49 @@ class VisualPromptTuning(TuningModule):
         if self.options.location not in (None, "prepend"):
             raise ValueError(f"VPT location {self.options.location!r} is for ConvNets; on a ViT prompts are "
                              "prepended tokens, as on a Swin (location=prepend).")
+        if self.options.prompt_layers is not None and (self.swin or not self.deep):
+            raise ValueError("prompt_layers is VPT-deep's depth study on a ViT (which blocks take fresh prompts); "
+                             f"{self.method_name} on a {family} prompts {'every stage' if self.swin else 'block 1'}: "
+                             "use METHOD=vpt_deep on a ViT backbone, or drop prompt_layers.")
         self.prompt_length = self.options.prompt_length or TOKEN_PROMPTS
         dropout = self.options.prompt_dropout
         self.prompt_dropout = nn.Dropout(dropout if dropout is not None else (0.1 if self.deep else 0.0))
         if self.swin:  # one (blocks, p, C) tensor per stage, widths doubling with the stages
             self.vpt_prompts = swin_prompts.make_prompts(backbone, self.prompt_length, self.deep)
             return
-        depth = len(backbone.blocks) if self.deep else 1
+        layers = self.prompted_blocks(len(backbone.blocks))
+        self.prompt_rows = {block: row for row, block in enumerate(layers)}  # block index -> row of vpt_prompts
         patch_h, patch_w = backbone.patch_embed.patch_size
         in_chans = backbone.patch_embed.proj.in_channels
         bound = math.sqrt(6.0 / float(in_chans * patch_h * patch_w + backbone.embed_dim))
-        self.vpt_prompts = nn.Parameter(torch.empty(depth, self.prompt_length, backbone.embed_dim))  # (L, p, D)
+        self.vpt_prompts = nn.Parameter(torch.empty(len(layers), self.prompt_length, backbone.embed_dim))  # (L', p, D)
         nn.init.uniform_(self.vpt_prompts, -bound, bound)
-        if self.deep:  # every block's prompt outputs are discarded: compute the prompts as keys/values only
-            for block in backbone.blocks:
-                if KeyValuePromptBlock.supports(block):
-                    block.__class__ = KeyValuePromptBlock  # same parameters and state dict, one more forward mode
+        last = len(backbone.blocks) - 1
+        for index, block in enumerate(backbone.blocks):
+            # a block's prompt outputs are discarded where the next block takes fresh prompts (or none follows):
+            # there the prompts are computed as keys/values only
+            discarded = index in self.prompt_rows and (index + 1 in self.prompt_rows or index == last)
+            if discarded and KeyValuePromptBlock.supports(block):
+                block.__class__ = KeyValuePromptBlock  # same parameters and state dict, one more forward mode
+
+    def prompted_blocks(self, depth: int) -> list[int]:
+        """Indices (from 0) of the blocks that take a fresh prompt set: `prompt_layers`, else all (deep) or 0."""
+        if self.options.prompt_layers is None:
+            return list(range(depth)) if self.deep else [0]
+        layers = parse_layers(self.options.prompt_layers)
+        if layers[-1] > depth:
+            raise ValueError(f"prompt_layers={self.options.prompt_layers} names block {layers[-1]}, but the backbone "
+                             f"has {depth} blocks (counted from 1).")
+        return [layer - 1 for layer in layers]
 
     def adapt_pixels(self) -> None:
         """The official pixel-space prompt (methods/pixel_prompts.py) in front of the frozen ConvNet."""
         location = self.options.location or "pad"
         if location == "prepend":
             raise ValueError("VPT on a ConvNet has no tokens to prepend prompts to; use location=pad or below.")
+        if self.options.prompt_layers is not None:
+            raise ValueError("prompt_layers chooses the ViT blocks that take prompt tokens; a ConvNet's pixel prompt "
+                             "has no blocks to choose: drop prompt_layers.")
         if self.options.prompt_dropout:  # the official pixel prompts have no dropout
             raise ValueError(f"prompt_dropout is for token prompts; a ConvNet's pixel prompt has none, got "
                              f"{self.options.prompt_dropout}.")
@@ -158,8 +207,9 @@ class VisualPromptTuning(TuningModule):
         self.pixel_prompt = pixel_prompts.pixel_prompt(self.backbone, location, self.prompt_length,
                                                        data_config(self.backbone))
 
-    def prompts_for(self, layer: int, batch: int) -> torch.Tensor:
-        return self.dropped_prompts(self.vpt_prompts[layer], batch)
+    def prompts_for(self, row: int, batch: int) -> torch.Tensor:
+        """Row `row` of vpt_prompts (the row-th prompted block's set) as the block takes it."""
+        return self.dropped_prompts(self.vpt_prompts[row], batch)
 
     def dropped_prompts(self, prompts: torch.Tensor, batch: int) -> torch.Tensor:
         """One layer's prompts (p, D) as (B, p, D) with the VPT code's per-image dropout masks (it expands, then
@@ -186,8 +236,8 @@ class VisualPromptTuning(TuningModule):
         has_prompts = False  # whether x holds prompt rows, after the prefix tokens
         for layer, block in enumerate(backbone.blocks):
             kwargs = {}
-            if layer == 0 or self.deep:  # deep: this layer's prompts replace the previous block's prompt outputs
-                prompts = self.prompts_for(layer, batch)  # (B or 1, p, D)
+            if layer in self.prompt_rows:  # a fresh set replaces the previous block's prompt outputs, if any
+                prompts = self.prompts_for(self.prompt_rows[layer], batch)  # (B or 1, p, D)
                 rest = x[:, prefix + p:] if has_prompts else x[:, prefix:]
                 if isinstance(block, KeyValuePromptBlock):  # their outputs would be discarded: keys/values only
                     x = torch.cat([x[:, :prefix], rest], dim=1) if has_prompts else x

@@ -43,6 +43,9 @@ def final_runs(summary: pd.DataFrame, datasets: list[str] | None = None, methods
         frame = frame[frame["pretrained"].astype(str).str.lower() == "true"]
     if "tag" in frame:
         frame = frame[frame["tag"].fillna("").astype(str) == ""]
+    for column in ("shots", "options"):  # few-shot and option-grid runs have figures of their own (ablations.py)
+        if column in frame:
+            frame = frame[frame[column].isna() | (frame[column].astype(str) == "")]
     frame = comma_filter(comma_filter(frame, "dataset", datasets), "method", methods)
     if backbone:
         frame = frame[frame["backbone"] == backbone]

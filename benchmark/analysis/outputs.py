@@ -1,5 +1,5 @@
-"""The whole report: Fig. 3, the parameter plot, the zoo figure (PNG + PDF) and the tables (Markdown + CSV),
-optionally to W&B."""
+"""The whole report: Fig. 3, the parameter plot, the zoo figure, the few-shot and ablation figures (PNG + PDF) and the
+tables (Markdown + CSV), optionally to W&B."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmark.analysis.ablations import with_extra_test_columns, write_ablations
 from benchmark.analysis.aggregate import (
     final_runs,
     fraction_curves,
@@ -30,19 +31,29 @@ def report_title(final: pd.DataFrame) -> str:
 def write_report(results_dir: str | Path = "results", out_dir: str | Path | None = None,
                  datasets: list[str] | None = None, methods: list[str] | None = None, backbone: str | None = None,
                  fraction: float | None = None, use_wandb: bool = False) -> dict[str, Path]:
-    """Fig. 3, the parameter plot, the zoo figure (PNG + PDF) and the tables (Markdown + CSV) into `out_dir`."""
+    """Fig. 3, the parameter plot, the zoo figure (PNG + PDF) and the tables (Markdown + CSV) into `out_dir`; the
+    few-shot and ablation figures where the results hold such grids (then they alone, if nothing else)."""
     out = Path(out_dir or Path(results_dir) / "figures")
     out.mkdir(parents=True, exist_ok=True)
-    final = final_runs(load_summary(results_dir), datasets, methods, backbone)
+    summary = load_summary(results_dir)
+    written = write_ablations(summary, out, datasets, methods, backbone)  # few-shot and option-grid figures
+    try:
+        final = final_runs(summary, datasets, methods, backbone)
+    except ValueError:
+        if not written:
+            raise
+        if use_wandb:  # only few-shot / option-grid results: their figures are the report
+            log_report(list(written.values()), {}, str(results_dir))
+        return written
     curves, zoo = fraction_curves(final), zoo_points(final, fraction)
-    written: dict[str, Path] = {}
     figures = (("fig3", plot_fig3(curves, report_title(final))), ("params", plot_params(curves)),
                ("zoo", plot_zoo(zoo)))
     for name, fig in figures:
         for suffix in ("png", "pdf"):
             written[f"{name}.{suffix}"] = out / f"{name}.{suffix}"
             fig.savefig(written[f"{name}.{suffix}"], dpi=150)
-    table, hparams, paper = results_table(final, fraction), selected_hparams(final), paper_comparison(final)
+    table = with_extra_test_columns(results_table(final, fraction), final)
+    hparams, paper = selected_hparams(final), paper_comparison(final)
     frames = {"table": table, "fig3_data": curves, "zoo_data": zoo, "selected_hparams": hparams}
     if not paper.empty:
         frames["paper_comparison"] = paper

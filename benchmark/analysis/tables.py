@@ -34,6 +34,8 @@ def table_markdown(table: pd.DataFrame, hparams: pd.DataFrame, paper: pd.DataFra
         shown[group] = table[group].map(number)
     shown["Mean"] = table["mean"].map(number)
     shown["PPT"] = table["ppt"].map(number)
+    for column in [c for c in table.columns if c.startswith("extra_test/")]:  # domain shift (analysis/ablations.py)
+        shown[f"{column.split('/')[1]} (extra test)"] = table[column].map(number)
     if "beats_full" in table:
         shown["vs Full: beats / tie / below"] = [verdict_counts(*counts) for counts in zip(
             table["beats_full"], table["ties_full"], table["below_full"], table["untested_full"], strict=True)]

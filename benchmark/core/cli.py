@@ -7,6 +7,7 @@ runs `--seeds="0,1" --wandb="1"`), so lists take commas or spaces and switches t
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 
 import yaml
@@ -68,3 +69,54 @@ def add_method_options(p: argparse.ArgumentParser, help: str) -> None:
 def merged_method_options(args: argparse.Namespace) -> dict:
     """--method-args first, then each --method-arg (a later value for the same key wins)."""
     return dict(args.method_options_list + args.method_options)
+
+
+def option_grid(text: str) -> list[dict]:
+    """OPTIONS: method options to sweep, `key=v1,v2;key2=v3,v4` (keys apart by ';', values by ','; each value parsed
+    as YAML like METHOD_ARGS), as the list of their combinations, the first key varying slowest:
+    "prompt_length=1,5;prompt_dropout=0,0.1" -> [{1, 0}, {1, 0.1}, {5, 0}, {5, 0.1}] (as dicts)."""
+    axes: dict[str, list] = {}
+    for part in (p.strip() for p in text.split(";")):
+        if not part:
+            continue
+        if "=" not in part:
+            raise argparse.ArgumentTypeError(f"OPTIONS part {part!r} must look like key=v1,v2 (keys apart by ';'), "
+                                             'e.g. OPTIONS="prompt_length=1,5;prompt_dropout=0,0.1"')
+        key, _, values = part.partition("=")
+        key = key.strip().replace("-", "_")
+        parsed = [yaml.safe_load(v.strip()) for v in values.split(",") if v.strip()]
+        if key in axes:
+            raise argparse.ArgumentTypeError(f"OPTIONS names {key!r} twice; give its values once: {key}=v1,v2")
+        if not parsed:
+            raise argparse.ArgumentTypeError(f"OPTIONS {key!r} has no value; e.g. {key}=1,5")
+        if any(a == b for i, a in enumerate(parsed) for b in parsed[i + 1:]):
+            raise argparse.ArgumentTypeError(f"OPTIONS {key!r} lists a value twice: {values.strip()}")
+        axes[key] = parsed
+    if not axes:
+        raise argparse.ArgumentTypeError('OPTIONS is empty; e.g. OPTIONS="prompt_length=1,5,10"')
+    return [dict(zip(axes, point, strict=True)) for point in itertools.product(*axes.values())]
+
+
+def one_option_point(text: str) -> dict:
+    """--options of one run: OPTIONS' syntax with one value per key (the run a grid point names)."""
+    points = option_grid(text)
+    if len(points) != 1:
+        raise argparse.ArgumentTypeError(f"OPTIONS {text!r} gives {len(points)} runs; one run takes one value per "
+                                         "key (a grid takes several: make grid OPTIONS=...)")
+    return points[0]
+
+
+def extra_test_sets(text: str) -> dict[str, str]:
+    """EXTRA_TEST: `name=dir,name2=dir2` -> {name: dir} (commas only: a folder may hold spaces)."""
+    found: dict[str, str] = {}
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        name, sep, folder = item.partition("=")
+        if not sep or not name.strip() or not folder.strip():
+            raise argparse.ArgumentTypeError(f"EXTRA_TEST item {item!r} must look like name=dir, "
+                                             "e.g. EXTRA_TEST=sketch=/data/imagenet-sketch,r=/data/imagenet-r")
+        if name.strip() in found:
+            raise argparse.ArgumentTypeError(f"EXTRA_TEST names {name.strip()!r} twice; each set needs its own name")
+        found[name.strip()] = folder.strip()
+    return found

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,11 +36,53 @@ def check_fraction(value) -> float:
     return fraction
 
 
+def check_shots(value) -> int | None:
+    """SHOTS as a whole number >= 1 (training examples per class), or None; raises ConfigError for anything else."""
+    if value is None:
+        return None
+    try:
+        shots = int(value) if not isinstance(value, bool) and float(value) == int(float(value)) else None
+    except (TypeError, ValueError):
+        shots = None
+    if shots is None or shots < 1:
+        raise ConfigError(f"SHOTS must be a whole number >= 1 (training examples per class), got {value!r}; "
+                          "e.g. SHOTS=16.")
+    return shots
+
+
+NAME_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # names that become file and column names
+
+
+def check_extra_test(value) -> dict[str, str]:
+    """EXTRA_TEST as {name: folder}; names must be unique and file-name safe (they name result fields)."""
+    items = dict(value or {})
+    bad = [name for name in items if not NAME_SAFE.fullmatch(str(name))]
+    if bad:
+        raise ConfigError(f"EXTRA_TEST names {bad} must be letters, digits, '_', '-' or '.'; "
+                          "give EXTRA_TEST=name=dir,name2=dir2, e.g. EXTRA_TEST=sketch=/data/imagenet-sketch.")
+    return {str(name): str(folder) for name, folder in items.items()}
+
+
+def option_text(value) -> str:
+    """A method option's value as it appears in a run's name: 0.1 -> 0.1, 1e-05 -> 1e-05, '1-6' -> 1-6. Floats by
+    repr, which round-trips: two different values never give one name."""
+    return repr(value) if isinstance(value, float) else str(value).replace("/", "-")
+
+
+def options_label(options: dict) -> str:
+    """An option point as one text, keys sorted: "prompt_dropout=0.1;prompt_length=5" ("" for none)."""
+    return ";".join(f"{key}={option_text(value)}" for key, value in sorted(options.items()))
+
+
+DEFAULT_FRACTION = 0.1
+
+
 @dataclass
 class RunConfig:
     method: str = "vpt_deep"
     dataset: str = "digits"  # the embedded default
-    train_fraction: float = 0.1
+    train_fraction: float = DEFAULT_FRACTION
+    shots: int | None = None  # k training examples per class (few-shot) instead of a fraction of each class
     seed: int = 0
     backbone: str | None = None  # None: embedded backbone on embedded datasets, else the paper's ViT-B/16
     weights: str | None = None  # local checkpoint; None: embedded weights / timm hub weights
@@ -53,6 +96,8 @@ class RunConfig:
     batch_size: int | None = None
     head_init: str | None = None  # None: the recipe's (paper: "vpt", the VPT code's head), else "pytorch"
     method_options: dict = field(default_factory=dict)  # e.g. {"prompt_length": 10}
+    options: dict = field(default_factory=dict)  # method options that also name the run (an OPTIONS grid's point)
+    extra_test: dict = field(default_factory=dict)  # {name: folder}: test sets evaluated after training
     backbone_kwargs: dict = field(default_factory=dict)  # timm create_model kwargs, e.g. {"img_size": 384}
     data_root: str | None = None
     train_on: str = "train"  # "trainval" for the final runs of the selection protocol
@@ -72,6 +117,15 @@ class RunConfig:
 
     def __post_init__(self):
         self.train_fraction = check_fraction(self.train_fraction)  # text, NaN, <= 0, > 1 rejected with the fix
+        self.shots = check_shots(self.shots)
+        if self.shots is not None and self.train_fraction != DEFAULT_FRACTION:
+            raise ConfigError(f"SHOTS={self.shots} and FRACTION={self.train_fraction:g} both say how much trains; "
+                              "give one of them (SHOTS: examples per class, FRACTION: share of each class).")
+        self.extra_test = check_extra_test(self.extra_test)
+        twice = [k for k in self.options if k in self.method_options and self.method_options[k] != self.options[k]]
+        if twice:  # after resolved() both hold the OPTIONS value: only a real conflict is refused
+            raise ConfigError(f"Method option(s) {twice} are given by both METHOD_ARGS and OPTIONS; give each once "
+                              "(OPTIONS: the values a grid sweeps, which also name the runs).")
 
     @property
     def embedded(self) -> bool:
@@ -92,14 +146,17 @@ class RunConfig:
             if getattr(cfg, name) is None:
                 setattr(cfg, name, recipe[name])
         cfg.head_init = cfg.head_init or recipe.get("head_init", "pytorch")
-        cfg.method_options = {**recipe.get("method_options", {}), **cfg.method_options}
+        cfg.method_options = {**recipe.get("method_options", {}), **cfg.method_options, **cfg.options}
         if recipe.get("lr_scaling") == "batch/256" and self.lr is None:  # paper: lr = base_lr * batch / 256
             cfg.lr = recipe["lr"] * cfg.batch_size / 256
         return cfg
 
     def run_id(self) -> str:
         """Path of this run's result below results/runs, without suffix."""
-        name = f"frac{self.train_fraction:g}_seed{self.seed}"
+        data = f"shots{self.shots}" if self.shots is not None else f"frac{self.train_fraction:g}"
+        name = f"{data}_seed{self.seed}"
+        # an option grid's values are part of the name: two points never share a result file
+        name += "".join(f"_{key}={option_text(value)}" for key, value in sorted(self.options.items()))
         if self.train_on != "train":
             name += f"_{self.train_on}"
         if not self.pretrained:

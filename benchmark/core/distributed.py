@@ -70,16 +70,20 @@ class ProcessShardedData(L.LightningDataModule):
                                      shuffle=shuffles(loader), seed=self.seed)
         return with_sampler(loader, sampler, per_process_batch_size(loader_batch_size(loader), self.world_size))
 
-    def _each_example_once(self, loader: DataLoader) -> DataLoader:
-        sampler = UnrepeatedDistributedSampler(loader.dataset, num_replicas=self.world_size, rank=self.rank,
-                                               shuffle=False)
-        return with_sampler(loader, sampler, loader_batch_size(loader))
-
     def val_dataloader(self) -> DataLoader:
-        return self._each_example_once(self.source.val_dataloader())
+        return each_example_once(self.source.val_dataloader(), self.world_size, self.rank)
 
     def test_dataloader(self) -> DataLoader:
-        return self._each_example_once(self.source.test_dataloader())
+        return each_example_once(self.source.test_dataloader(), self.world_size, self.rank)
+
+
+def each_example_once(loader: DataLoader, world_size: int, rank: int) -> DataLoader:
+    """An evaluation loader for process `rank` of `world_size`: every world-size-th example, none repeated;
+    `loader` itself for one process."""
+    if world_size == 1:
+        return loader
+    sampler = UnrepeatedDistributedSampler(loader.dataset, num_replicas=world_size, rank=rank, shuffle=False)
+    return with_sampler(loader, sampler, loader_batch_size(loader))
 
 
 def for_this_process(datamodule: L.LightningDataModule, trainer: L.Trainer, seed: int) -> L.LightningDataModule:

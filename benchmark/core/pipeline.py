@@ -15,9 +15,10 @@ from lightning.pytorch.utilities import rank_zero_only
 
 import methods
 from benchmark.core.callbacks import NonFiniteLossError
-from benchmark.core.config import RunConfig
+from benchmark.core.config import RunConfig, option_text, options_label
 from benchmark.core.distributed import for_this_process, per_process_batch_size
 from benchmark.core.errors import ConfigError
+from benchmark.core.extra_test import evaluate_extra_tests, result_key
 from benchmark.core.features import cached_datamodule, can_cache
 from benchmark.core.provenance import git_commit, git_dirty, peak_memory_mb, versions
 from benchmark.core.store import atomic_write_json, read_result, result_path
@@ -31,7 +32,7 @@ from methods import OptimConfig, create_backbone, create_method
 def build_datamodule(cfg: RunConfig, data_cfg: dict):
     return create_datamodule(cfg.dataset, data_config=data_cfg, train_fraction=cfg.train_fraction, seed=cfg.seed,
                              batch_size=cfg.batch_size, num_workers=cfg.num_workers, train_on=cfg.train_on,
-                             data_root=cfg.data_root)
+                             data_root=cfg.data_root, shots=cfg.shots, extra_test=cfg.extra_test)
 
 def build_model(cfg: RunConfig, num_classes: int) -> methods.TuningModule:
     """The backbone with its weights (read from a file or fetched from the hub) wrapped by the method."""
@@ -66,9 +67,9 @@ def fit_and_test(cfg: RunConfig, trainer: L.Trainer, model: L.LightningModule, l
     return val_top1, float(trainer.test(model, datamodule=loaders, verbose=False)[0]["test/acc"]) * 100
 
 def prepare(cfg: RunConfig):
-    """Data first, then weights: DATA_ROOT, split files, labels and the fraction against the class sizes, then the
-    image files, are all checked before a backbone's weights are read or fetched. A bad dataset or weights file
-    raises ConfigError."""
+    """Data first, then weights: DATA_ROOT, split files, labels and the fraction (or shots) against the class sizes,
+    the extra test sets' class names, then the image files, are all checked before a backbone's weights are read or
+    fetched. A bad dataset or weights file raises ConfigError."""
     try:
         datamodule = build_datamodule(cfg, planned_data_config(cfg))
         datamodule.setup()
@@ -80,12 +81,22 @@ def prepare(cfg: RunConfig):
         raise ConfigError(str(err)) from err
     return model, datamodule
 
+def data_amount(cfg: RunConfig) -> str:
+    """'0.1' or '4 shots': how much of the training pool a run trains on, for its messages."""
+    return f"{cfg.shots} shots" if cfg.shots is not None else f"{cfg.train_fraction:g}"
+
 def run_record(cfg: RunConfig, started: float) -> dict:
     """What every result holds, whatever its status: the run's identity, provenance and cost."""
     return {"method": cfg.method, "dataset": cfg.dataset, "backbone": cfg.backbone,
-            "train_fraction": cfg.train_fraction, "seed": cfg.seed, "epochs": cfg.epochs, "lr": cfg.lr,
+            # a few-shot run has no fraction: its training set is `shots` per class
+            "train_fraction": None if cfg.shots is not None else cfg.train_fraction, "shots": cfg.shots,
+            "seed": cfg.seed, "epochs": cfg.epochs, "lr": cfg.lr,
             "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "optimizer": cfg.optimizer,
             "recipe": cfg.recipe, "train_on": cfg.train_on, "pretrained": cfg.pretrained,
+            # an option grid's point, as one text and one flat field per option (summary.csv keeps flat fields)
+            "options": options_label(cfg.options),
+            **{f"option/{key}": value if isinstance(value, (int, float, str, bool)) else option_text(value)
+               for key, value in cfg.options.items()},
             "wall_seconds": time.time() - started, "peak_memory_mb": peak_memory_mb(), "git_commit": git_commit(),
             "git_dirty": git_dirty(), "versions": versions()}
 
@@ -97,13 +108,15 @@ def record_failure(cfg: RunConfig, path, started: float, err: Exception) -> dict
                                          "config": asdict(cfg)}
     if rank_zero_only.rank == 0:
         atomic_write_json(path, result)
-    print(f"FAILED {cfg.method} on {cfg.dataset} @ {cfg.train_fraction:g}: {result['error']} -> {path}",
+    print(f"FAILED {cfg.method} on {cfg.dataset} @ {data_amount(cfg)}: {result['error']} -> {path}",
           file=sys.stderr)
     return result
 
-# Settings that change a result but not its file name (run_id holds method, dataset, fraction, seed, train_on, tag).
+# Settings that change a result but not its file name (run_id holds method, dataset, fraction or shots, seed,
+# options, train_on, tag).
 RESULT_SETTINGS = ("backbone", "weights", "pretrained", "recipe", "optimizer", "lr", "weight_decay", "epochs",
-                   "warmup_epochs", "batch_size", "head_init", "method_options", "backbone_kwargs", "precision")
+                   "warmup_epochs", "batch_size", "head_init", "method_options", "backbone_kwargs", "precision",
+                   "extra_test")
 
 def changed_settings(stored: dict, cfg: RunConfig) -> list[str]:
     """'lr 0.5 -> 0.1' for each result-defining setting where a stored result's config differs from `cfg`."""
@@ -138,23 +151,26 @@ def run(cfg: RunConfig) -> dict:
     model, datamodule = prepare(cfg)
     if trainer.is_global_zero:
         atomic_write_json(f"{cfg.results_dir}/splits/{cfg.run_id()}.json", datamodule.split_record())
+    source = datamodule  # the image splits (and extra test sets), whatever the feature cache makes of them
     datamodule = with_feature_cache(cfg, model, datamodule, trainer)
     loaders = for_this_process(datamodule, trainer, cfg.seed)
     try:
         val_top1, test_top1 = fit_and_test(cfg, trainer, model, loaders)
+        extra = evaluate_extra_tests(trainer, model, source)
     except Exception as err:  # noqa: BLE001 — recorded as a failed result; KeyboardInterrupt/SystemExit pass
         return record_failure(cfg, path, started, err)
     result = run_record(cfg, started) | {
         "n_train": datamodule.n_train, "num_classes": datamodule.num_classes,
         "tuned_params": model.tuned_params, "total_params": model.total_params,
         "tuned_percent": 100 * model.tuned_params / model.total_params,
-        "val_top1": val_top1, "test_top1": test_top1, "world_size": trainer.world_size, "status": "ok",
+        "val_top1": val_top1, "test_top1": test_top1, **extra, "world_size": trainer.world_size, "status": "ok",
         "config": asdict(cfg),
     }
     if trainer.is_global_zero:
         atomic_write_json(path, result)
-        print(f"{cfg.method} on {cfg.dataset} @ {cfg.train_fraction:g}: test top-1 {test_top1:.2f} "
-              f"(val {val_top1:.2f}) in {result['wall_seconds']:.0f}s -> {path}")
+        shifted = "".join(f", {name} {extra[result_key(name)]:.2f}" for name in cfg.extra_test)
+        print(f"{cfg.method} on {cfg.dataset} @ {data_amount(cfg)}: test top-1 {test_top1:.2f} "
+              f"(val {val_top1:.2f}{shifted}) in {result['wall_seconds']:.0f}s -> {path}")
     if cfg.wandb and trainer.is_global_zero:  # other ranks hold no W&B run (Lightning's WandbLogger is rank 0's)
         log_result(trainer.loggers, result)  # tuned/total params + test top-1, then closes the W&B run
     return result

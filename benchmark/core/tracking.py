@@ -43,7 +43,8 @@ def wandb_mode() -> str:
 
 
 def run_tags(cfg: RunConfig) -> list[str]:
-    tags = [cfg.method, f"fraction={cfg.train_fraction:g}", f"recipe={cfg.recipe}"]
+    data = f"shots={cfg.shots}" if cfg.shots is not None else f"fraction={cfg.train_fraction:g}"
+    tags = [cfg.method, data, f"recipe={cfg.recipe}"]
     if cfg.tag.startswith("search_"):
         tags.append("search")
     if cfg.train_on == "trainval":
@@ -68,6 +69,7 @@ def log_result(loggers: list, result: dict) -> None:
             run.config.update({k: result[k] for k in ("tuned_params", "total_params", "tuned_percent")
                                if k in result}, allow_val_change=True)
             run.summary.update({k: result[k] for k in RESULT_FIELDS if result.get(k) is not None})
+            run.summary.update({k: v for k, v in result.items() if k.startswith("extra_test/")})  # domain shift
             run.finish(exit_code=0 if result.get("status") == "ok" else 1)
 
 

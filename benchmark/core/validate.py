@@ -7,7 +7,8 @@ Two entry points, called by `benchmark.run` (and usable by a grid to check all i
   geometry (built on PyTorch's `meta` device: no memory, no time), the results directory, W&B. It raises one
   `ConfigError` listing every problem found, each with its fix.
 - `validate_data(datamodule, cfg)` runs after the datamodule's `setup()`: labels in range, every class in the
-  training pool, a fraction large enough for one example per class, image files present and decodable.
+  training pool, a fraction large enough for one example per class (shots are checked by the split itself), image
+  files (extra test sets' included) present and decodable.
 
 File-level dataset checks (split files, image paths) live in `datamodules.checks` so datamodules can call them.
 """
@@ -191,6 +192,12 @@ def check_results_dir(cfg: RunConfig) -> list[str]:
     return []
 
 
+def check_extra_test(cfg: RunConfig) -> list[str]:
+    """Every EXTRA_TEST folder exists (its class names are matched against the training classes once data loads)."""
+    return [f"EXTRA_TEST {name}={folder}: no such folder; give <name>=<dir of class folders named like the "
+            "training classes>." for name, folder in cfg.extra_test.items() if not Path(folder).is_dir()]
+
+
 def check_data_root(cfg: RunConfig) -> list[str]:
     if cfg.data_root is None or Path(cfg.data_root).is_dir():
         return []
@@ -251,7 +258,7 @@ def validate_config(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"The recipe for METHOD={cfg.method} cannot be read: {err} Choose another RECIPE "
                           f"({', '.join(list_recipes())}) or add the file.") from err
     problems = check_numbers(resolved) + check_method_options(resolved) + check_weights(resolved)
-    problems += check_data_root(resolved) + check_results_dir(resolved)
+    problems += check_data_root(resolved) + check_extra_test(resolved) + check_results_dir(resolved)
     if not problems:  # the meta build needs sane numbers and options, and would repeat their errors
         problems += check_model_builds(resolved)
     if problems:
@@ -290,14 +297,15 @@ def validate_data(datamodule, cfg: RunConfig) -> None:
                         f"no example in the training pool ({datamodule.train_on}) but {num_classes} classes are "
                         "expected; every class needs training examples — check the split file.")
     present = counts[counts > 0]
-    if not absent.size or datamodule.sparse_classes:
+    if cfg.shots is None and (not absent.size or datamodule.sparse_classes):  # shots: checked by the split itself
         if present.size and cfg.train_fraction * present.min() + 0.5 < 1:
             problems.append(f"FRACTION={cfg.train_fraction:g} is too small for {cfg.dataset}: its smallest class has "
                             f"{present.min()} training examples, so it would keep none of them. The smallest valid "
                             f"fraction is {smallest_fraction(present):g} (one example per class).")
     if problems:
         raise ConfigError(problems)
-    for split, data in datamodule.splits.items():
+    splits = {**datamodule.splits, **{f"extra test {n}": e.split for n, e in datamodule.extra_tests.items()}}
+    for split, data in splits.items():
         samples = getattr(data.dataset, "samples", None)  # torchvision DatasetFolder convention: [(path, label)]
         if samples:
             check_image_files([path for path, _ in samples], split=split)

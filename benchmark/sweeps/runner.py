@@ -163,7 +163,8 @@ def run_in_workers(runner: GridRunner, configs: list[RunConfig], jobs: int, log_
     prints one progress line per run.
     """
     pending = [to_train for to_train, _ in map(runner.to_train, configs) if to_train is not None]
-    pending.sort(key=lambda cfg: -cfg.train_fraction)  # stable: the grid's order within a fraction
+    # stable: the grid's order within a fraction (or shot count)
+    pending.sort(key=lambda cfg: -(cfg.shots if cfg.shots is not None else cfg.train_fraction))
     threads = max(1, (os.cpu_count() or 1) // jobs)
     log_dir.mkdir(parents=True, exist_ok=True)
     print(f"Training {len(pending)} runs, {jobs} at a time ({threads} thread(s) each); their output: "

@@ -70,9 +70,10 @@ def search_tag(lr: float, weight_decay: float) -> str:
 
 
 def point_config(cell: RunConfig, lr: float, weight_decay: float, seed: int) -> RunConfig:
+    """A search point: selected on val, so it skips the cell's extra test sets (the final runs evaluate them)."""
     resolved = cell.resolved()
     return replace(cell, seed=seed, lr=lr * lr_multiplier(resolved), weight_decay=weight_decay, train_on="train",
-                   tag=search_tag(lr, weight_decay))
+                   tag=search_tag(lr, weight_decay), extra_test={})
 
 
 def final_config(cell: RunConfig, lr: float, weight_decay: float, seed: int) -> RunConfig:
@@ -157,15 +158,15 @@ def search_cell(runner: GridRunner, cell: RunConfig, seeds: list[int], grid: Sea
 
 
 def run_search(spec: GridSpec, grid: SearchGrid | None = None) -> GridRunner:
-    """The selection protocol over every (dataset, method, fraction) of `spec`; writes summary.csv."""
+    """The selection protocol over every (dataset, method, fraction or shots, option point) of `spec`; writes
+    summary.csv."""
     grid = grid or SearchGrid()
     if spec.base.lr is not None or spec.base.weight_decay is not None:
         raise ConfigError("SEARCH=1 chooses lr and weight decay itself: drop LR=/WD= (--lr/--weight-decay), or "
                           "set the grids with SEARCH_LRS=... SEARCH_WDS=... (comma lists).")
     if spec.base.tag or spec.base.train_on != "train":
         raise ConfigError("SEARCH=1 sets the tag and train_on of its runs itself: drop --tag/--train-on.")
-    cells = [replace(spec.base, dataset=d, method=m, train_fraction=f)
-             for d, m, f in itertools.product(spec.datasets, spec.methods, spec.fractions)]
+    cells = spec.cells()  # per dataset, method, fraction (or shots) and option point
     validate_all(cells)  # names, recipe, options: before resolving the grids needs the recipe
     grids = [grid.values(cell.resolved()) for cell in cells]
     extremes = [point_config(cell, max(lrs), max(wds), spec.seeds[0])

@@ -1,5 +1,5 @@
-"""What a grid is: methods x fractions x seeds x datasets over one base config, its shards, and the check of every
-run before the first trains."""
+"""What a grid is: methods x fractions (or shots) x method options x seeds x datasets over one base config, its
+shards, and the check of every run before the first trains."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import itertools
 import re
 from dataclasses import dataclass, field, replace
 
-from benchmark.core.config import RunConfig
+from benchmark.core.config import RunConfig, option_text
 from benchmark.core.errors import ConfigError
 from benchmark.core.validate import validate_config
 from methods.registry import fig3_methods
@@ -21,31 +21,53 @@ ZOO_FRACTIONS = (1.0,)  # the zoo grid (every method) at all the data, like Tabl
 def describe(cfg: RunConfig) -> str:
     tag = f" {cfg.tag}" if cfg.tag else ""
     on = " trainval" if cfg.train_on == "trainval" else ""
-    return f"{cfg.method} {cfg.dataset} frac={cfg.train_fraction:g} seed={cfg.seed}{on}{tag}"
+    data = f"shots={cfg.shots}" if cfg.shots is not None else f"frac={cfg.train_fraction:g}"
+    options = "".join(f" {key}={option_text(value)}" for key, value in sorted(cfg.options.items()))
+    return f"{cfg.method} {cfg.dataset} {data}{options} seed={cfg.seed}{on}{tag}"
 
 @dataclass
 class GridSpec:
-    """What to sweep; every other run setting comes from `base` (a RunConfig with the CLI's run options)."""
+    """What to sweep; every other run setting comes from `base` (a RunConfig with the CLI's run options).
+
+    `shots` (few-shot: k examples per class), when given, replaces `fractions` as the training-data axis; `options`
+    (an OPTIONS grid's points, each a dict of method options) is one more axis, each point naming its runs.
+    """
 
     methods: list[str]
     fractions: list[float]
     seeds: list[int]
     datasets: list[str]
     base: RunConfig = field(default_factory=RunConfig)
+    shots: list[int] | None = None
+    options: list[dict] | None = None
 
     def __post_init__(self):
-        examples = {"methods": "vpt_deep,linear", "fractions": "0.1,1.0", "seeds": "0,1", "datasets": "digits"}
+        examples = {"methods": "vpt_deep,linear", "fractions": "0.1,1.0", "seeds": "0,1", "datasets": "digits",
+                    "shots": "1,2,4,8,16"}
         for name, example in examples.items():
             values = getattr(self, name)
+            if values is None and name == "shots":
+                continue
             if not values:
                 raise ConfigError(f"{name.upper()} is empty; give at least one value, e.g. {name.upper()}={example}.")
             if len(set(values)) != len(values):
                 raise ConfigError(f"{name.upper()} lists a value twice: {values}.")
 
+    def data_points(self) -> list[dict]:
+        """The training-data axis as RunConfig fields: a fraction each, or `shots` each (fraction left default)."""
+        if self.shots is not None:
+            return [{"shots": k} for k in self.shots]
+        return [{"train_fraction": f} for f in self.fractions]
+
+    def cells(self) -> list[RunConfig]:
+        """Every run but the seeds: dataset x method x data x options (the selection protocol's search cells)."""
+        return [replace(self.base, dataset=d, method=m, **data, options=options)
+                for d, m, data, options in itertools.product(self.datasets, self.methods, self.data_points(),
+                                                             self.options or [self.base.options])]
+
     def configs(self) -> list[RunConfig]:
         """Dataset-major order: a stopped grid leaves whole datasets finished, and the report can draw them."""
-        return [replace(self.base, dataset=d, method=m, train_fraction=f, seed=s)
-                for d, m, f, s in itertools.product(self.datasets, self.methods, self.fractions, self.seeds)]
+        return [replace(cell, seed=s) for cell in self.cells() for s in self.seeds]
 
 @dataclass(frozen=True)
 class Shard:
