@@ -75,6 +75,9 @@ class ProcessShardedData(L.LightningDataModule):
                                                shuffle=False)
         return with_sampler(loader, sampler, loader_batch_size(loader))
 
+    def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
+        return self.source.on_after_batch_transfer(batch, dataloader_idx)  # the image cache's on-device transform
+
     def val_dataloader(self) -> DataLoader:
         return self._each_example_once(self.source.val_dataloader())
 

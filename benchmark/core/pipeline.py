@@ -19,12 +19,14 @@ from benchmark.core.config import RunConfig
 from benchmark.core.distributed import for_this_process, per_process_batch_size
 from benchmark.core.errors import ConfigError
 from benchmark.core.features import cached_datamodule, can_cache
+from benchmark.core.images import cached_image_datamodule, image_cache_dir
 from benchmark.core.provenance import git_commit, git_dirty, peak_memory_mb, versions
 from benchmark.core.store import atomic_write_json, read_result, result_path
 from benchmark.core.tracking import log_result
 from benchmark.core.trainer import make_trainer
 from benchmark.core.validate import planned_data_config, validate_config, validate_data
 from datamodules import create_datamodule
+from datamodules.checks import DataError
 from methods import OptimConfig, create_backbone, create_method
 
 
@@ -57,6 +59,17 @@ def with_feature_cache(cfg: RunConfig, model: L.LightningModule, datamodule, tra
         return datamodule
     return cached_datamodule(model, datamodule, f"{cfg.results_dir}/cache/features", trainer.strategy.root_device,
                              cfg.precision)
+
+def with_image_cache(cfg: RunConfig, datamodule):
+    """IMAGE_CACHE=1: the image files decoded and resized once into <results>/cache/images, cropped, flipped and
+    normalised on the training device (benchmark/core/images.py). The feature cache, where it applies, comes first:
+    it reads neither."""
+    if not cfg.image_cache:
+        return datamodule
+    try:
+        return cached_image_datamodule(datamodule, image_cache_dir(cfg.results_dir))
+    except DataError as err:  # an image smaller than the crop: named, before anything trains
+        raise ConfigError(str(err)) from err
 
 def fit_and_test(cfg: RunConfig, trainer: L.Trainer, model: L.LightningModule, loaders) -> tuple[float, float]:
     """(val top-1, test top-1) in %: the final epoch's val accuracy, then the test accuracy."""
@@ -138,7 +151,8 @@ def run(cfg: RunConfig) -> dict:
     model, datamodule = prepare(cfg)
     if trainer.is_global_zero:
         atomic_write_json(f"{cfg.results_dir}/splits/{cfg.run_id()}.json", datamodule.split_record())
-    datamodule = with_feature_cache(cfg, model, datamodule, trainer)
+    loaders = with_feature_cache(cfg, model, datamodule, trainer)
+    datamodule = with_image_cache(cfg, datamodule) if loaders is datamodule else loaders
     loaders = for_this_process(datamodule, trainer, cfg.seed)
     try:
         val_top1, test_top1 = fit_and_test(cfg, trainer, model, loaders)
