@@ -44,13 +44,15 @@ def build_model(cfg: RunConfig, num_classes: int) -> methods.TuningModule:
     apply_speed_options(model, compile=cfg.compile, checkpointing=cfg.checkpointing)
     return model
 
-def apply_speed_options(model: L.LightningModule, *, compile: bool, checkpointing: bool) -> None:
+def apply_speed_options(model: L.LightningModule, *, compile: bool, checkpointing: bool,
+                        compile_backend: str | None = None) -> None:
     """Gradient checkpointing of the backbone blocks (timm's flag, honoured by methods.vpt too) and
-    torch.compile of the forward in place, so Lightning's steps run the compiled graph."""
+    torch.compile of the forward in place, so Lightning's steps run the compiled graph (`compile_backend`: another
+    torch.compile backend than inductor, e.g. "eager" to check the graph capture without code generation)."""
     if checkpointing:
         model.backbone.set_grad_checkpointing(True)
     if compile:
-        model.compile()
+        model.compile(**({"backend": compile_backend} if compile_backend else {}))
 
 def with_feature_cache(cfg: RunConfig, model: L.LightningModule, datamodule, trainer: L.Trainer):
     """The linear probe on a deterministic transform trains on cached features (benchmark/feature_cache.py),
