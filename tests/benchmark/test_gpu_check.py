@@ -69,6 +69,7 @@ def check_frame(frame: pd.DataFrame, methods: list[str], compile_methods) -> Non
     assert all(math.isfinite(v) and v > 0 for v in with_memory["peak_mem_mb"])
     models = frame[frame["kind"].isin(["train", "eval"])]
     assert all(math.isfinite(v) and v > 0 for v in models["step_ms"]) and (models["tuned_params"] > 0).all()
+    assert (models["img_size"].astype(int) == CPU_SIZE.backbone_kwargs["img_size"]).all()  # the tiny ViT was built
     assert set(frame.loc[frame["kind"] == "loader", "loader"]) == {"pil", "cache"}
     assert set(frame.loc[frame["compile"] == True, "method"]) == set(compile_methods) & set(methods)  # noqa: E712
 
