@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import signal
 import threading
 import time
@@ -178,7 +179,8 @@ def end_to_end_rows(size: CheckSize, precision: str, folder: Path, workdir: Path
                     num_workers=size.workers, precision=precision, image_cache=True,
                     results_dir=str(workdir / "results"), force=True)
     try:
-        result = run(cfg)
+        with torch_flags_kept():
+            result = run(cfg)
     finally:
         release_memory(compiled=False)
     if result.get("status") != "ok":
@@ -189,6 +191,22 @@ def end_to_end_rows(size: CheckSize, precision: str, folder: Path, workdir: Path
     return [end_to_end_key(size, precision) | {"img_per_s": trained / result["wall_seconds"],
                                                "peak_mem_mb": result["peak_memory_mb"], "device": device_name(device),
                                                "status": "ok", "note": note}]
+
+
+@contextmanager
+def torch_flags_kept() -> Iterator[None]:
+    """The run's Trainer (deterministic=True) switches the whole process to deterministic algorithms and cuDNN's
+    deterministic mode; the measurements after it must run as `make perf` runs them, with torch's defaults."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2], saved[3]
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def check_plan(size: CheckSize, workdir: Path, device: torch.device, methods: list[str]) -> list[Measurement]:

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pandas as pd
 import pytest
+import torch
 
 from benchmark import gpu_check
 from benchmark.core import device_check
@@ -79,7 +80,14 @@ def test_cpu_form_runs_end_to_end_into_the_csv(tmp_path):
     positive and finite, and the file on disk is the frame returned."""
     methods = ["full", "linear", "vpt_deep"]
     out = tmp_path / "gpu_check.csv"
-    frame = run_check(out, tmp_path / "work", CPU_SIZE, methods=methods)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)  # torch's default, as `make gpu-check` starts
+    try:
+        frame = run_check(out, tmp_path / "work", CPU_SIZE, methods=methods)
+        # the end-to-end run's Trainer (deterministic=True) must not leave the measurements after it deterministic
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before)
     check_frame(frame, methods, CPU_SIZE.compile_methods)
     on_disk = pd.read_csv(out)
     assert len(on_disk) == len(frame) and list(on_disk.columns) == COLUMNS
