@@ -36,14 +36,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown method(s) {unknown}; METHODS takes a comma list of {', '.join(list_methods())}.",
               file=sys.stderr)
         return 2
+    if args.budget_s is not None and not args.budget_s > 0:
+        print(f"error: BUDGET_S must be a positive number of seconds, got {args.budget_s}; e.g. BUDGET_S=420.",
+              file=sys.stderr)
+        return 2
     size = check_size()
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         frame = run_check(args.out, args.workdir or tmp, size, args.budget_s, args.methods)
     ok = frame["status"].eq("ok")
-    print(f"{int(ok.sum())} of {len(frame)} rows measured ({', '.join(sorted(set(frame.loc[~ok, 'status'])))} "
-          f"otherwise) in {time.monotonic() - start:.0f} s on {size.backbone}, batch {size.batch_size} -> {args.out}"
-          if not ok.all() else f"{len(frame)} rows measured in {time.monotonic() - start:.0f} s -> {args.out}")
+    others = ", ".join(f"{count} {status}" for status, count in frame.loc[~ok, "status"].value_counts().items())
+    print(f"{int(ok.sum())} of {len(frame)} rows measured{f' ({others})' if others else ''} in "
+          f"{time.monotonic() - start:.0f} s on {size.backbone}, batch {size.batch_size} -> {args.out}")
     return 0
 
 

@@ -53,7 +53,6 @@ NUM_CLASSES = 200  # CUB's: the head's size in the measured models
 COLUMNS = ["kind", "method", "precision", "compile", "batch_size", "img_per_s", "step_ms", "peak_mem_mb",
            "loader", "workers", "repeats", "device", "backbone", "img_size", "tuned_params", "flops_per_img",
            "measure_s", "status", "note", "torch", "git_commit", "measured_at"]
-KINDS = ("train", "eval", "loader", "end_to_end")
 
 
 @dataclass(frozen=True)
