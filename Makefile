@@ -14,8 +14,8 @@ TORCH_PINS = $(shell grep -oE '"torch(vision)?==[^"]+"' pyproject.toml | tr -d '
 flag = --$(shell echo '$(1)' | tr 'A-Z_' 'a-z-')="$($(1))"
 ARGS = $(strip $(foreach v,$(filter-out PYTHON_SYS,$(.VARIABLES)),$(if $(filter command line,$(origin $(v))),$(call flag,$(v)))))
 
-.PHONY: help install data bench grid fig3 zoo report sweep-config params perf pretrain prepare splits test test-slow \
-	mutation lint format clean
+.PHONY: help install data bench grid fig3 zoo report sweep-config params perf gpu-check pretrain prepare splits test \
+	test-slow mutation lint format clean
 
 help: ## Show the targets and the methods
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-13s %s\n", $$1, $$2}'
@@ -57,8 +57,11 @@ sweep-config: install ## The W&B sweep YAML of a grid (the grid's variables) -> 
 params: install ## Tuned-parameter counts per method [BACKBONE=vit_base_patch16_224 NUM_CLASSES=200 METHOD_ARGS=]
 	$(PY) -m benchmark.params $(ARGS)
 
-perf: install data ## Cost per method -> results/perf.csv [BACKBONE= METHODS= BATCH_SIZE= PRECISION= COMPILE=1 REPEATS=]
+perf: install data ## Cost per method -> results/perf.csv [BACKBONE= METHODS= BATCH_SIZE= PRECISION= COMPILE=1 REPEATS=] [LOADER_BENCHMARK=1]
 	$(PY) -m benchmark.perf $(ARGS)
+
+gpu-check: install ## On one GPU in <= 8 min: every method's img/s and memory, the loader, one run -> results/gpu_check.csv (CPU: tiny)
+	$(PY) -m benchmark.gpu_check $(ARGS)
 
 pretrain: install data ## Re-pretrain the embedded backbone on Fashion-MNIST (writes results/embedded/)
 	OMP_NUM_THREADS=1 $(PY) -m benchmark.pretrain $(ARGS)

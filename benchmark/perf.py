@@ -10,6 +10,7 @@ also times the data loader of the embedded default, which must outpace training.
     python -m benchmark.perf --backbone vit_base_patch16_224 --batch-size 8 --steps 3 --warmup 1
     python -m benchmark.perf --feature-cache-benchmark    # linear probe, 100 epochs, with vs without cache
     python -m benchmark.perf --linear-search              # the 40-point linear grid in one pass vs one run
+    python -m benchmark.perf --loader-benchmark           # training loader, PIL path vs decoded-image cache
 
 Rows are merged into results/perf.csv (one per method x backbone x batch x image size x options) and plotted
 to results/figures/perf_<backbone>_bs<batch>.png.
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -32,7 +33,7 @@ import torch
 
 from benchmark.analysis.tables import markdown
 from benchmark.core.cli import add_method_options, add_switch, merged_method_options
-from benchmark.core.config import EMBEDDED_BACKBONE, REPO_ROOT, load_recipe
+from benchmark.core.config import EMBEDDED_BACKBONE, REPO_ROOT
 from benchmark.core.costs import (
     LOADER_DATASET,
     PerfConfig,
@@ -40,6 +41,7 @@ from benchmark.core.costs import (
     loader_img_s,
     matmul_peak_gflops,
     measure_method,
+    recipe_settings,
 )
 from benchmark.core.store import atomic_write_text
 from benchmark.sweeps.search_cost import linear_search_benchmark
@@ -142,19 +144,6 @@ def median_over_repeats(rows: pd.DataFrame) -> pd.DataFrame:
     frame[numeric] = grouped[numeric].median()
     return frame.reset_index()
 
-def recipe_settings(method: str, backbone: str, given: dict) -> dict:
-    """Optimizer and method options from the method's recipe (quick for the embedded backbone, paper otherwise),
-    options overridden by `given` where the method has them. VPT's prompt length is its cost knob."""
-    from methods import get_method_class
-
-    accepted = {f.name for f in fields(get_method_class(method).options_cls)}
-    try:
-        recipe = load_recipe("quick" if backbone == EMBEDDED_BACKBONE else "paper", method)
-    except (ValueError, OSError):  # no such recipe: SGD and the method's own defaults
-        recipe = {}
-    options = {k: v for k, v in {**recipe.get("method_options", {}), **given}.items() if k in accepted}
-    return {"optimizer": recipe.get("optimizer", "sgd"), "method_options": options}
-
 def timed_run(argv: list[str]) -> tuple[float, dict]:
     """One `python -m benchmark.run` process, end to end (interpreter start to exit); returns (seconds, result)."""
     start = time.perf_counter()
@@ -216,6 +205,26 @@ def cache_speedups(runs: pd.DataFrame) -> pd.DataFrame:
         frame[f"speedup_{column}"] = frame["train_fraction"].map(uncached) / frame[column]
     return frame
 
+def loader_benchmark_to_csv(args, out: Path) -> pd.DataFrame:
+    """`--loader-benchmark`: a generated FGVC-like JPEG folder (ViT-B/16's 224 px bicubic data config), the training
+    loader of the PIL path and of the decoded-image cache with the same workers, `--repeats` interleaved (default 5):
+    one row per repeat and loader, plus the medians and their ratio in every row."""
+    from benchmark.core.loading import LOADERS, loader_benchmark, loader_summary, write_jpeg_folder
+
+    with tempfile.TemporaryDirectory(prefix="perf-loader-") as tmp:
+        folder = write_jpeg_folder(Path(tmp) / "jpeg", n_train=args.images, n_eval=max(args.images // 8, 2))
+        rows = loader_benchmark(folder, Path(tmp) / "cache", workers=args.workers, batch_size=args.batch_size or 64,
+                                repeats=args.repeats, min_seconds=2.0, loaders=LOADERS)
+    summary = loader_summary(rows)
+    frame = rows.assign(**{f"median_{k}": v for k, v in summary.items() if k != "repeats"},
+                        threads=torch.get_num_threads(), cpu_count=os.cpu_count(), torch=torch.__version__,
+                        measured_at=time.strftime("%Y-%m-%d %H:%M"))
+    atomic_write_text(out, frame.to_csv(index=False, float_format="%.6g"))
+    print(f"median images/s over {summary['repeats']} interleaved repeats: PIL {summary['pil_img_per_s']:,.0f}; cache, "
+          f"model inputs {summary['cache_img_per_s']:,.0f} ({summary['cache_ratio']:.2f}x); cache, loader only "
+          f"{summary['cache_loader_only_img_per_s']:,.0f} ({summary['cache_loader_only_ratio']:.2f}x) -> {out}")
+    return frame
+
 def parser() -> argparse.ArgumentParser:
     from methods import list_methods
 
@@ -239,6 +248,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--figures", default="results/figures")
     add_switch(p, "--feature-cache-benchmark",
                help="instead: the linear probe end to end with and without the feature cache")
+    add_switch(p, "--loader-benchmark",
+               help="instead: training-loader images/s, PIL path vs decoded-image cache, on a generated JPEG folder")
+    p.add_argument("--workers", type=int, default=2, help="with --loader-benchmark: loader workers (default 2)")
+    p.add_argument("--images", type=int, default=512, help="with --loader-benchmark: training JPEGs (default 512)")
     add_switch(p, "--linear-search",
                help="instead: the linear probe's 40-point lr x wd grid in one pass vs one run and vs 40 runs")
     p.add_argument("--separate-repeats", type=int, default=1,
@@ -257,12 +270,16 @@ def main(argv: list[str] | None = None) -> int:
         print(RESULT_MARK + json.dumps(measure_method(PerfConfig(**json.loads(args.worker)))), flush=True)
         return 0
     fractions = [float(f) for f in args.fractions.replace(",", " ").split()]
-    args.repeats = args.repeats or (3 if args.linear_search else 1)
+    args.repeats = args.repeats or (3 if args.linear_search else 5 if args.loader_benchmark else 1)
     if args.linear_search:
         frame = linear_search_benchmark(fractions, Path(args.out).with_name("perf_linear_search.csv"), args.repeats,
                                         args.epochs, args.separate_repeats, args.recipe)
         print(markdown_of(frame[["train_fraction", "mode", "heads", "n_train", "epochs", "repeats", "seconds",
                                     "vs_one_run", "cpu_seconds", "cpu_vs_one_run", "max_val_top1_gap"]]))
+        return 0
+    if args.loader_benchmark:
+        frame = loader_benchmark_to_csv(args, Path(args.out).with_name("perf_loader.csv"))
+        print(markdown_of(frame))
         return 0
     if args.feature_cache_benchmark:
         frame = feature_cache_benchmark(args.epochs or 100, fractions,

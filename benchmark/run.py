@@ -86,6 +86,8 @@ def parser() -> argparse.ArgumentParser:
     add_switch(p, "--feature-cache", default=True,
                help="linear probe: train on cached frozen features (0: run the backbone every epoch)")
     p.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", help="--feature-cache=0")
+    add_switch(p, "--image-cache", help="image-file datasets: decode and resize each image once into a memory-mapped "
+               "cache; crop, flip and normalise on the training device (docs/performance.md)")
     add_switch(p, "--wandb", help="log to Weights & Biases")
     add_switch(p, "--force", help="rerun even if a result exists")
     return p

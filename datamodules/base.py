@@ -187,10 +187,12 @@ class FractionDataModule(L.LightningDataModule):
                 "train_on": self.train_on, "n_train": self.n_train, "ids": self.train_ids,
                 "labels": self.train_labels.tolist()}
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, collate_fn=None) -> DataLoader:
+        """The suite's loader settings; `collate_fn` for a dataset that does not yield (image tensor, label) pairs
+        (benchmark/core/images.py's cached images)."""
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          generator=generator, worker_init_fn=seed_worker,
+                          collate_fn=collate_fn, generator=generator, worker_init_fn=seed_worker,
                           persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:

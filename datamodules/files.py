@@ -3,15 +3,19 @@ transforms of the VPT paper (Jia et al., ECCV 2022, https://arxiv.org/abs/2203.1
 and a seeded validation carve.
 
 The transforms take the backbone's data config as plain values (`input_size`, `mean`, `std`,
-`interpolation`, from `timm.data.resolve_model_data_config`), so a datamodule never sees the model.
+`interpolation`, from `timm.data.resolve_model_data_config`), so a datamodule never sees the model. Each is a
+`Geometry` (resize, crop, augment) applied by torchvision to a PIL image, or, for the decoded-image cache, resized by
+the same PIL operation once and cropped, flipped and normalised on a batch on the training device
+(`crop_and_normalise`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 from torch.utils.data import ConcatDataset, Dataset
 from torchvision import transforms as T
 
@@ -61,23 +65,95 @@ def to_normalised_tensor(data_config: dict) -> list:
     return [T.ToTensor(), T.Normalize(mean=list(data_config["mean"]), std=list(data_config["std"]))]
 
 
-def fgvc_transform(data_config: dict, train: bool) -> T.Compose:
-    """VPT's FGVC transform: train Resize(256) -> RandomCrop(224) -> horizontal flip; eval Resize(256) ->
-    CenterCrop(224); 256 and 224 scaled to the backbone's input size. Resize(int) sets the shorter side.
+@dataclass(frozen=True)
+class Geometry:
+    """What a split's transform does to an image's shape, as plain values. The PIL transform (`pil_transform`) and
+    the decoded-image cache (benchmark/core/images.py, which stores `resize_op`'s output and crops with
+    `crop_and_normalise`) are both built from it, so the two paths resize, crop and flip alike."""
+
+    resize: int | tuple[int, int]  # an int sets the shorter side (torchvision's Resize(int)); (h, w) the exact size
+    crop: tuple[int, int] | None  # the (h, w) window cut from the resized image; None: the resized image itself
+    augment: bool  # a uniformly random window and a horizontal flip with p = 0.5 (training), else the centre window
+    interpolation: T.InterpolationMode
+
+    def resize_op(self) -> T.Resize:
+        return T.Resize(self.resize, interpolation=self.interpolation)
+
+    def crop_ops(self) -> list:
+        if self.crop is None:
+            return []
+        return [T.RandomCrop(self.crop), T.RandomHorizontalFlip()] if self.augment else [T.CenterCrop(self.crop)]
+
+
+def fgvc_geometry(data_config: dict, train: bool) -> Geometry:
+    """VPT's FGVC geometry: Resize(256) -> RandomCrop(224) + horizontal flip for training, CenterCrop(224) for
+    evaluation, 256 and 224 scaled to the backbone's input size. Resize(int) sets the shorter side."""
+    size = input_hw(data_config)
+    return Geometry(round(min(size) * RESIZE_RATIO), size, train, interpolation(data_config))
+
+
+def resize_geometry(data_config: dict) -> Geometry:
+    """VTAB's geometry: a plain resize to the input size, no crop, no augmentation (VPT's tf_dataset.py)."""
+    return Geometry(input_hw(data_config), None, False, interpolation(data_config))
+
+
+def pil_transform(geometry: Geometry, data_config: dict) -> T.Compose:
+    """`geometry` as a torchvision transform of a PIL image, then ToTensor and the backbone's normalisation.
 
     Normalisation uses the backbone's own mean/std (0.5 for the in21k ViT); VPT's code used ImageNet's statistics
     for every backbone, which shifts the inputs the pretrained weights expect.
     """
-    size = input_hw(data_config)
-    resize = T.Resize(round(min(size) * RESIZE_RATIO), interpolation=interpolation(data_config))
-    crop = [T.RandomCrop(size), T.RandomHorizontalFlip()] if train else [T.CenterCrop(size)]
-    return T.Compose([resize, *crop, *to_normalised_tensor(data_config)])
+    return T.Compose([geometry.resize_op(), *geometry.crop_ops(), *to_normalised_tensor(data_config)])
+
+
+def fgvc_transform(data_config: dict, train: bool) -> T.Compose:
+    """VPT's FGVC transform (`fgvc_geometry`) on PIL images."""
+    return pil_transform(fgvc_geometry(data_config, train), data_config)
 
 
 def resize_transform(data_config: dict) -> T.Compose:
-    """VTAB's transform: a plain resize to the input size, no crop, no augmentation (VPT's tf_dataset.py)."""
-    return T.Compose([T.Resize(input_hw(data_config), interpolation=interpolation(data_config)),
-                      *to_normalised_tensor(data_config)])
+    """VTAB's transform (`resize_geometry`) on PIL images."""
+    return pil_transform(resize_geometry(data_config), data_config)
+
+
+def crop_windows(sizes, geometry: Geometry, generator: torch.Generator | None = None) -> list[tuple[int, int, bool]]:
+    """(top, left, flip) per image of `sizes` (B, 2) = (h, w) for `geometry`'s crop, drawn as torchvision draws
+    them: RandomCrop's offsets uniform over 0..h-th and 0..w-tw, a flip with p = 0.5; CenterCrop's offsets
+    round((h - th) / 2) with Python's half-to-even rounding, which torch.round shares. Every image must be at least
+    the crop's size. Drawn on the host (a few numbers per image), so a GPU batch is cut without a device sync."""
+    spare = torch.as_tensor(sizes, dtype=torch.int64) - torch.tensor(geometry.crop)  # (B, 2) room for the window
+    if geometry.augment:
+        # float64 uniforms times the number of offsets, floored: uniform integers (clamped against a rounding up)
+        draws = torch.rand(len(spare), 3, dtype=torch.float64, generator=generator)
+        offsets, flips = torch.minimum((draws[:, :2] * (spare + 1)).long(), spare), draws[:, 2] < 0.5
+    else:
+        offsets, flips = (spare.double() / 2).round().long(), torch.zeros(len(spare), dtype=torch.bool)
+    return list(zip(offsets[:, 0].tolist(), offsets[:, 1].tolist(), flips.tolist(), strict=True))
+
+
+def crop_and_normalise(pixels: torch.Tensor, sizes, geometry: Geometry, data_config: dict,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """The tensor twin of `pil_transform` after its resize, on a batch already resized (and padded) on any device.
+
+    pixels: (B, Hmax, Wmax, C) uint8, image i in its top-left (h_i, w_i) corner; sizes: (B, 2) on the host. Returns
+    the model's (B, C, h, w) float32 inputs: the crop (or the resized image itself), then ToTensor's x / 255 and
+    Normalize's (x - mean) / std, the same float32 operations in the same order, so an evaluation batch equals the
+    PIL path's bit for bit.
+    """
+    batch, channels = len(pixels), pixels.shape[-1]
+    if geometry.crop is None:  # a fixed-size resize: every image fills the batch (no padding), nothing to cut
+        images = torch.empty((batch, channels, *pixels.shape[1:3]), dtype=torch.float32, device=pixels.device)
+        images.copy_(pixels.permute(0, 3, 1, 2))
+    else:
+        th, tw = geometry.crop
+        images = torch.empty((batch, channels, th, tw), dtype=torch.float32, device=pixels.device)
+        # one slice per image, converted to float as it is copied: on a CPU several times faster than one gather
+        for i, (top, left, flip) in enumerate(crop_windows(sizes, geometry, generator)):
+            window = pixels[i, top:top + th, left:left + tw]  # (th, tw, C)
+            images[i].copy_((window.flip(1) if flip else window).permute(2, 0, 1))
+    mean = torch.as_tensor(data_config["mean"], dtype=images.dtype, device=images.device)[:, None, None]
+    std = torch.as_tensor(data_config["std"], dtype=images.dtype, device=images.device)[:, None, None]
+    return images.div_(255).sub_(mean).div_(std)
 
 
 def remap_classes(raw_labels: Sequence, classes: Sequence) -> np.ndarray:
@@ -106,9 +182,12 @@ class ImageFilesDataModule(FractionDataModule):
         """(absolute image paths, labels, stable ids) of `split`, in a canonical order (sorted ids)."""
         raise NotImplementedError
 
+    def geometry(self, train: bool) -> Geometry:
+        """VPT's FGVC geometry (augmented for training); VTAB-1k overrides it with a plain resize."""
+        return fgvc_geometry(self.data_config, train)
+
     def transform(self, train: bool) -> Callable:
-        """VPT's FGVC transform (augmented for training); VTAB-1k overrides it with a plain resize."""
-        return fgvc_transform(self.data_config, train)
+        return pil_transform(self.geometry(train), self.data_config)
 
     @property
     def num_classes(self) -> int:

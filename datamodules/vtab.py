@@ -23,7 +23,7 @@ import numpy as np
 
 from datamodules.base import LabelledSplit
 from datamodules.checks import DataError, require_root
-from datamodules.files import ImageFilesDataModule, resize_transform
+from datamodules.files import Geometry, ImageFilesDataModule, resize_geometry
 
 SPLIT_FILES = {"train": "train800.txt", "val": "val200.txt", "test": "test.txt"}
 TRAINVAL_FILE = "train800val200.txt"
@@ -97,8 +97,8 @@ class VTABDataModule(ImageFilesDataModule):
                             f"{', '.join(present) or 'none'}).")
         return folder
 
-    def transform(self, train: bool):
-        return resize_transform(self.data_config)
+    def geometry(self, train: bool) -> Geometry:
+        return resize_geometry(self.data_config)
 
     def list_file(self, file_name: str) -> tuple[list[str], np.ndarray, list[str]]:
         path = self.task_dir / file_name

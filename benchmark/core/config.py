@@ -112,6 +112,7 @@ class RunConfig:
     compile: bool = False  # torch.compile the model's forward (benchmark/perf.py measures what it buys)
     checkpointing: bool = False  # gradient checkpointing of the backbone blocks: less memory, ~1 more forward
     feature_cache: bool = True  # linear probe on a deterministic transform: train the head on cached features
+    image_cache: bool = False  # image-file datasets: decode + resize once, crop/flip/normalise on the device
     wandb: bool = False
     force: bool = False
 

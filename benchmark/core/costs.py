@@ -7,7 +7,7 @@ import json
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import lightning as L
@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
-from benchmark.core.config import EMBEDDED_BACKBONE
+from benchmark.core.config import EMBEDDED_BACKBONE, load_recipe
 from benchmark.core.pipeline import apply_speed_options
 from benchmark.core.provenance import peak_memory_mb
 
@@ -28,11 +28,13 @@ class PerfConfig:
     backbone: str = EMBEDDED_BACKBONE
     batch_size: int = 64
     img_size: int | None = None  # None: the backbone's own
+    backbone_kwargs: dict = field(default_factory=dict)  # timm create_model arguments (a tiny ViT for CPU checks)
     num_classes: int = 100
     steps: int = 10  # timed training (and evaluation) steps; the median is reported
     warmup: int = 2  # untimed steps first (allocator, caches, compilation)
     precision: str = "32"  # Lightning precision: 32, bf16-mixed (GPU autocast), 16-mixed
     compile: bool = False
+    compile_backend: str | None = None  # None: torch.compile's default (inductor)
     checkpointing: bool = False
     method_options: dict = field(default_factory=dict)
     optimizer: str = "sgd"  # the recipe's: its state (momentum; AdamW's two moments) is part of the memory
@@ -43,6 +45,19 @@ class PerfConfig:
             raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={self.steps}, warmup={self.warmup}.")
         if self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}.")
+
+def recipe_settings(method: str, backbone: str, given: dict) -> dict:
+    """Optimizer and method options from the method's recipe (quick for the embedded backbone, paper otherwise),
+    options overridden by `given` where the method has them. VPT's prompt length is its cost knob."""
+    from methods import get_method_class
+
+    accepted = {f.name for f in fields(get_method_class(method).options_cls)}
+    try:
+        recipe = load_recipe("quick" if backbone == EMBEDDED_BACKBONE else "paper", method)
+    except (ValueError, OSError):  # no such recipe: SGD and the method's own defaults
+        recipe = {}
+    options = {k: v for k, v in {**recipe.get("method_options", {}), **given}.items() if k in accepted}
+    return {"optimizer": recipe.get("optimizer", "sgd"), "method_options": options}
 
 def _register_cpu_attention_flops() -> None:
     """torch's counter knows the CUDA SDPA kernels but not the CPU flash kernel timm's fused attention uses."""
@@ -139,13 +154,13 @@ def build_model(cfg: PerfConfig):
     extra = {}
     if cfg.img_size:
         with torch.device("meta"):  # free: does the family fix its token grid when built?
-            probe = create_backbone(cfg.backbone, pretrained=False)
+            probe = create_backbone(cfg.backbone, pretrained=False, **cfg.backbone_kwargs)
         if hasattr(probe, "patch_embed"):  # a ViT or Swin is built for the image size
             extra = {"img_size": cfg.img_size}
         else:  # a ConvNet takes any size: its data config says which (the pixel prompts are sized by it)
             channels = data_config(probe)["input_size"][0]
             extra = {"pretrained_cfg_overlay": {"input_size": (channels, cfg.img_size, cfg.img_size)}}
-    backbone = create_backbone(cfg.backbone, pretrained=False, **extra)
+    backbone = create_backbone(cfg.backbone, pretrained=False, **{**cfg.backbone_kwargs, **extra})
     optim = OptimConfig(optimizer=cfg.optimizer, lr=1e-3, max_epochs=1, warmup_epochs=0)
     model = create_method(cfg.method, backbone, cfg.num_classes, optim, **cfg.method_options)
     return model, apply_speed_options
@@ -178,7 +193,7 @@ def measure_method(cfg: PerfConfig) -> dict:
     apply_speed_options(model, compile=False, checkpointing=cfg.checkpointing)
     flops = training_flops(model, [t[: cfg.batch_size].to(device) for t in data.tensors])
     fused = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
-    apply_speed_options(model, compile=cfg.compile, checkpointing=False)
+    apply_speed_options(model, compile=cfg.compile, checkpointing=False, compile_backend=cfg.compile_backend)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timer = StepTimer(device)
@@ -194,6 +209,9 @@ def measure_method(cfg: PerfConfig) -> dict:
         print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
     else:
         trainer.fit(model, train_dataloaders=loader)
+    train_peak_mb = peak_memory_mb(device)
+    if device.type == "cuda":  # evaluation's own peak (on CPU the process's peak RSS is all there is)
+        torch.cuda.reset_peak_memory_stats(device)
     trainer.test(model, dataloaders=loader, verbose=False)
     step = statistics.median(timer.train[cfg.warmup:])
     eval_step = statistics.median(timer.test[cfg.warmup:])
@@ -204,7 +222,8 @@ def measure_method(cfg: PerfConfig) -> dict:
         "precision": cfg.precision, "compile": cfg.compile, "checkpointing": cfg.checkpointing,
         "method_options": json.dumps(cfg.method_options, sort_keys=True), "optimizer": cfg.optimizer,
         "train_step_ms": 1000 * step, "train_img_s": train_img_s, "eval_img_s": cfg.batch_size / eval_step,
-        "peak_mem_mb": peak_memory_mb(device), "train_mem_mb": peak_memory_mb(device) - model_mb,
+        "peak_mem_mb": train_peak_mb, "train_mem_mb": train_peak_mb - model_mb,
+        "eval_peak_mem_mb": peak_memory_mb(device),
         "flops_per_img": flops / cfg.batch_size,
         "achieved_gflops": flops / cfg.batch_size * train_img_s / 1e9,
         "tuned_params": model.tuned_params, "total_params": model.total_params,

@@ -70,6 +70,9 @@ class ProcessShardedData(L.LightningDataModule):
                                      shuffle=shuffles(loader), seed=self.seed)
         return with_sampler(loader, sampler, per_process_batch_size(loader_batch_size(loader), self.world_size))
 
+    def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
+        return self.source.on_after_batch_transfer(batch, dataloader_idx)  # the image cache's on-device transform
+
     def val_dataloader(self) -> DataLoader:
         return each_example_once(self.source.val_dataloader(), self.world_size, self.rank)
 

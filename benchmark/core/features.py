@@ -96,9 +96,14 @@ def training_split(datamodule: FractionDataModule) -> LabelledSplit:
     return LabelledSplit(datamodule.train_set, datamodule.train_labels, list(datamodule.train_ids))
 
 
-def cache_key(backbone: dict, data: dict, precision: str | None) -> str:
-    record = {"version": CACHE_VERSION, "backbone": backbone, "data": data, "precision": str(precision)}
+def record_key(record: dict) -> str:
+    """A cache entry's name: the sha256 of everything it depends on (as sorted JSON), 32 hex digits. The suite's
+    caches (these features, benchmark/core/images.py's decoded images) all name their entries by it."""
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def cache_key(backbone: dict, data: dict, precision: str | None) -> str:
+    return record_key({"version": CACHE_VERSION, "backbone": backbone, "data": data, "precision": str(precision)})
 
 
 def autocast_for(precision: str | None, device: torch.device):

@@ -20,12 +20,14 @@ from benchmark.core.distributed import for_this_process, per_process_batch_size
 from benchmark.core.errors import ConfigError
 from benchmark.core.extra_test import evaluate_extra_tests, result_key
 from benchmark.core.features import cached_datamodule, can_cache
+from benchmark.core.images import cached_image_datamodule, image_cache_dir
 from benchmark.core.provenance import git_commit, git_dirty, peak_memory_mb, versions
 from benchmark.core.store import atomic_write_json, read_result, result_path
 from benchmark.core.tracking import log_result
 from benchmark.core.trainer import make_trainer
 from benchmark.core.validate import planned_data_config, validate_config, validate_data
 from datamodules import create_datamodule
+from datamodules.checks import DataError
 from methods import OptimConfig, create_backbone, create_method
 
 
@@ -43,13 +45,15 @@ def build_model(cfg: RunConfig, num_classes: int) -> methods.TuningModule:
     apply_speed_options(model, compile=cfg.compile, checkpointing=cfg.checkpointing)
     return model
 
-def apply_speed_options(model: L.LightningModule, *, compile: bool, checkpointing: bool) -> None:
+def apply_speed_options(model: L.LightningModule, *, compile: bool, checkpointing: bool,
+                        compile_backend: str | None = None) -> None:
     """Gradient checkpointing of the backbone blocks (timm's flag, honoured by methods.vpt too) and
-    torch.compile of the forward in place, so Lightning's steps run the compiled graph."""
+    torch.compile of the forward in place, so Lightning's steps run the compiled graph (`compile_backend`: another
+    torch.compile backend than inductor, e.g. "eager" to check the graph capture without code generation)."""
     if checkpointing:
         model.backbone.set_grad_checkpointing(True)
     if compile:
-        model.compile()
+        model.compile(**({"backend": compile_backend} if compile_backend else {}))
 
 def with_feature_cache(cfg: RunConfig, model: L.LightningModule, datamodule, trainer: L.Trainer):
     """The linear probe on a deterministic transform trains on cached features (benchmark/feature_cache.py),
@@ -58,6 +62,17 @@ def with_feature_cache(cfg: RunConfig, model: L.LightningModule, datamodule, tra
         return datamodule
     return cached_datamodule(model, datamodule, f"{cfg.results_dir}/cache/features", trainer.strategy.root_device,
                              cfg.precision)
+
+def with_image_cache(cfg: RunConfig, datamodule):
+    """IMAGE_CACHE=1: the image files decoded and resized once into <results>/cache/images, cropped, flipped and
+    normalised on the training device (benchmark/core/images.py). The feature cache, where it applies, comes first:
+    it reads neither."""
+    if not cfg.image_cache:
+        return datamodule
+    try:
+        return cached_image_datamodule(datamodule, image_cache_dir(cfg.results_dir))
+    except DataError as err:  # an image smaller than the crop: named, before anything trains
+        raise ConfigError(str(err)) from err
 
 def fit_and_test(cfg: RunConfig, trainer: L.Trainer, model: L.LightningModule, loaders) -> tuple[float, float]:
     """(val top-1, test top-1) in %: the final epoch's val accuracy, then the test accuracy."""
@@ -151,8 +166,9 @@ def run(cfg: RunConfig) -> dict:
     model, datamodule = prepare(cfg)
     if trainer.is_global_zero:
         atomic_write_json(f"{cfg.results_dir}/splits/{cfg.run_id()}.json", datamodule.split_record())
-    source = datamodule  # the image splits (and extra test sets), whatever the feature cache makes of them
-    datamodule = with_feature_cache(cfg, model, datamodule, trainer)
+    source = datamodule  # the image splits (and extra test sets), whatever the caches make of them
+    cached = with_feature_cache(cfg, model, datamodule, trainer)
+    datamodule = with_image_cache(cfg, datamodule) if cached is datamodule else cached
     loaders = for_this_process(datamodule, trainer, cfg.seed)
     try:
         val_top1, test_top1 = fit_and_test(cfg, trainer, model, loaders)

@@ -30,8 +30,9 @@ import torch
 import methods
 from benchmark.core.config import RunConfig, check_fraction, list_recipes, load_recipe
 from benchmark.core.errors import ConfigError, ConfigWarning
-from datamodules import list_datasets
+from datamodules import get_datamodule_class, list_datasets
 from datamodules.checks import check_image_files, prepare_hint
+from datamodules.files import ImageFilesDataModule
 from methods import OptimConfig, create_backbone, create_method, data_config, get_method_class
 from methods.base import HEAD_INITS, optim_problems
 from methods.registry import closest_name
@@ -108,10 +109,21 @@ def check_numbers(cfg: RunConfig) -> list[str]:
                  for p in optim_problems(cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.warmup_epochs, cfg.epochs)]
     if cfg.train_on not in ("train", "trainval"):
         problems.append(f"train_on must be 'train' or 'trainval', got {cfg.train_on!r}.")
+    problems += check_image_cache(cfg)
     if cfg.head_init not in HEAD_INITS:
         problems.append(f"head_init must be one of {', '.join(HEAD_INITS)}, got {cfg.head_init!r} (the recipe "
                         f"{cfg.recipe!r}).")
     return problems
+
+
+def check_image_cache(cfg: RunConfig) -> list[str]:
+    """IMAGE_CACHE=1 stores decoded image files: only datasets read from image files have them."""
+    if not cfg.image_cache or issubclass(get_datamodule_class(cfg.dataset), ImageFilesDataModule):
+        return []
+    readable = [name for name in list_datasets() if issubclass(get_datamodule_class(name), ImageFilesDataModule)]
+    return [f"IMAGE_CACHE=1 caches decoded image files, but DATASET={cfg.dataset} is not read from image files (it is "
+            f"held in memory); drop IMAGE_CACHE, or use an image-file dataset "
+            f"({', '.join(n for n in readable if not n.startswith('vtab/'))}, vtab/<task>)."]
 
 
 def recipe_value(cfg: RunConfig, name: str):
