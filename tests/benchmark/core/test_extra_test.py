@@ -4,6 +4,7 @@ a class the training set lacks stops the run before training."""
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -183,7 +184,8 @@ def test_table_has_a_column_per_extra_set(tmp_path):
         {"method": "full", "dataset": "d", "seed": 0, "train_fraction": 0.1, "extra_test/sketch/top1": 1.0}])
     table = pd.DataFrame({"method": ["full", "linear"], "label": ["Full", "Linear"], "train_fraction": [1.0, 1.0],
                           "tuned_percent": [100.0, 0.1], "seeds": [1, 2], "d": [70.0, 60.0], "d_std": [0.0, 1.0],
-                          "mean": [70.0, 60.0]})
+                          "d_ci_low": [math.nan, 50.0], "d_ci_high": [math.nan, 70.0], "mean": [70.0, 60.0],
+                          "ppt": [60.0, 59.0]})
     shown = ablations.with_extra_test_columns(table, final)
     assert shown["extra_test/sketch/top1"].tolist() == [61.0, 45.0]  # the table's fraction only, mean over seeds
     text = tables.table_markdown(shown, pd.DataFrame())
