@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from benchmark.analysis.aggregate import comma_filter, fraction_curves
+from benchmark.analysis.stats import seed_intervals
 from methods.registry import color, label, table_order
 
 EXTRA_PREFIX = "extra_test/"
@@ -67,7 +68,7 @@ def has_shots(frame: pd.DataFrame) -> pd.Series:
 # --- few-shot ----------------------------------------------------------------------------------------------------
 def shot_curves(runs: pd.DataFrame) -> pd.DataFrame:
     """Per (dataset or "mean", method, shots): test top-1 over seeds as fraction_curves aggregates fractions (task
-    mean per seed, then mean and std over seeds), from the few-shot runs without options."""
+    mean per seed, then mean, std and 95% t interval over seeds), from the few-shot runs without options."""
     shots = runs[has_shots(runs) & ~has_options(runs)]
     if shots.empty:
         return pd.DataFrame()
@@ -78,10 +79,16 @@ def shot_curves(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True).rename(columns={"train_fraction": "shots"})
 
 
-def draw_curve(ax, x, y, spread, n_seeds: int, method: str, style: str = "-", name: str | None = None) -> None:
-    ax.plot(x, y, marker="o", ls=style, lw=2, color=color(method), label=name or label(method))
-    if n_seeds > 1:  # the band: +- std over seeds
-        ax.fill_between(x, y - spread, y + spread, color=color(method), alpha=0.15, lw=0)
+def draw_curve(ax, x, curve: pd.DataFrame, method: str, style: str = "-", name: str | None = None) -> None:
+    """The mean over seeds, and with more than one seed the band of its 95% t interval (as Fig. 3's)."""
+    ax.plot(x, curve["mean"].to_numpy(), marker="o", ls=style, lw=2, color=color(method), label=name or label(method))
+    if int(curve["n_seeds"].max()) > 1:
+        ax.fill_between(x, curve["ci_low"].to_numpy(), curve["ci_high"].to_numpy(), color=color(method), alpha=0.15,
+                        lw=0)
+
+
+def band_text(n_seeds: int) -> str:
+    return f", band: 95% CI over {n_seeds} seeds (Student t)" if n_seeds > 1 else ", 1 seed"
 
 
 def plot_shots(curves: pd.DataFrame, title: str | None = None) -> Figure:
@@ -94,8 +101,7 @@ def plot_shots(curves: pd.DataFrame, title: str | None = None) -> Figure:
         here = curves[curves["dataset"] == panel]
         for method in table_order(here["method"].unique()):
             curve = here[here["method"] == method].sort_values("shots")
-            draw_curve(ax, curve["shots"].to_numpy(float), curve["mean"].to_numpy(), curve["std"].to_numpy(),
-                       int(curve["n_seeds"].max()), method)
+            draw_curve(ax, curve["shots"].to_numpy(float), curve, method)
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_locator(FixedLocator(shots))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
@@ -104,7 +110,7 @@ def plot_shots(curves: pd.DataFrame, title: str | None = None) -> Figure:
         ax.set_title(f"mean of {here['n_tasks'].max()} tasks" if panel == "mean" else panel)
         ax.grid(True, alpha=0.3)
     n_seeds = int(curves["n_seeds"].max())
-    axes[0].set_ylabel(f"test top-1 (%){f', mean ± std of {n_seeds} seeds' if n_seeds > 1 else ', 1 seed'}")
+    axes[0].set_ylabel(f"test top-1 (%), mean{band_text(n_seeds)}")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 8), frameon=False)
     fig.suptitle(title or "Few-shot: accuracy against training examples per class")
@@ -133,7 +139,8 @@ def value_text(value) -> str:
 
 def option_curves(runs: pd.DataFrame, key: str) -> pd.DataFrame:
     """Per (method, other swept options, value of `key`): test top-1 averaged over tasks per seed, then mean / std
-    over seeds, the tuned-parameter % and how many tasks and seeds; `position` orders the values."""
+    and 95% t interval over seeds, the tuned-parameter % and how many tasks and seeds; `position` orders the
+    values."""
     grid = runs[has_options(runs) & runs[OPTION_PREFIX + key].notna()].copy()
     others = [k for k in swept_options(runs) if k != key]
     data = [f"{int(k)} shots" if pd.notna(k) else f"{100 * f:g}% data"
@@ -149,10 +156,10 @@ def option_curves(runs: pd.DataFrame, key: str) -> pd.DataFrame:
     group = ["method", "variant", "value"]
     per_seed = grid.groupby([*group, "seed"], dropna=False).agg(
         top1=("test_top1", "mean"), n_tasks=("dataset", "nunique"), tuned_percent=("tuned_percent", "mean"))
-    curves = per_seed.reset_index().groupby(group, dropna=False).agg(
-        mean=("top1", "mean"), std=("top1", "std"), n_seeds=("seed", "nunique"), n_tasks=("n_tasks", "min"),
-        tuned_percent=("tuned_percent", "mean")).reset_index()
-    curves["std"] = curves["std"].fillna(0.0)
+    per_seed = per_seed.reset_index()
+    curves = seed_intervals(per_seed, group, "top1").rename(columns={"n": "n_seeds"}).merge(
+        per_seed.groupby(group).agg(n_tasks=("n_tasks", "min"), tuned_percent=("tuned_percent", "mean")).reset_index(),
+        on=group)
     order = sorted(curves["value"].unique(), key=value_order)
     curves["position"] = curves["value"].map({v: i for i, v in enumerate(order)})
     return curves.assign(option=key).sort_values(["method", "variant", "position"], ignore_index=True)
@@ -175,8 +182,7 @@ def plot_option_sweep(curves: pd.DataFrame, title: str | None = None) -> Figure:
             curve = curves[(curves["method"] == method) & (curves["variant"] == variant)].sort_values("position")
             x = curve["value"].to_numpy(float) if as_number else curve["position"].to_numpy(float)
             name = label(method) + (f" ({variant})" if variant else "")
-            draw_curve(ax, x, curve["mean"].to_numpy(), curve["std"].to_numpy(), int(curve["n_seeds"].max()), method,
-                       LINE_STYLES[k % len(LINE_STYLES)], name)
+            draw_curve(ax, x, curve, method, LINE_STYLES[k % len(LINE_STYLES)], name)
     if as_number and min(values) > 0 and max(values) / min(values) > 10:
         ax.set_xscale("log")
         ax.xaxis.set_minor_locator(NullLocator())
@@ -186,8 +192,7 @@ def plot_option_sweep(curves: pd.DataFrame, title: str | None = None) -> Figure:
         (lambda v, _: f"{v:g}") if as_number else (lambda v, _: value_text(values[int(round(v))]))))
     ax.set_xlabel("blocks with prompts (counted from 1)" if key == "prompt_layers" else key)
     n_seeds, n_tasks = int(curves["n_seeds"].max()), int(curves["n_tasks"].max())
-    ax.set_ylabel(f"test top-1 (%), mean of {n_tasks} task{'s' * (n_tasks > 1)}"
-                  f"{f', ± std of {n_seeds} seeds' if n_seeds > 1 else ''}")
+    ax.set_ylabel(f"test top-1 (%), mean of {n_tasks} task{'s' * (n_tasks > 1)}{band_text(n_seeds)}")
     ax.grid(True, alpha=0.3)
     ax.legend(frameon=False)
     ax.set_title(title or f"Ablation: accuracy against {key}")

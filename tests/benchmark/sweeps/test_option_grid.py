@@ -147,6 +147,11 @@ def test_report_draws_each_swept_option_and_keeps_option_runs_out_of_fig3(tmp_pa
     length = data[(data["option"] == "prompt_length") & (data["variant"] == "prompt_layers=1-12")]
     assert pd.to_numeric(length["value"]).tolist() == [1, 10, 100] and length["mean"].tolist() == [52.0, 60.0, 58.0]
     assert length["n_seeds"].tolist() == [2, 1, 1]
+    # the band is the 95% t interval: 52 -+ t(0.975, 1) * s / sqrt(2), s = sqrt(8), t(0.975, 1) = tan(0.475 pi)
+    half = 12.706204736174704 * 8 ** 0.5 / 2 ** 0.5
+    assert length["ci_low"].iloc[0] == pytest.approx(52 - half)
+    assert length["ci_high"].iloc[0] == pytest.approx(52 + half)
+    assert length["ci_low"].iloc[1:].isna().all()  # one seed: no interval
     depth = data[(data["option"] == "prompt_layers") & (data["variant"] == "prompt_length=10")]
     assert depth["value"].tolist() == ["1", "1-6", "1-12", "12"]  # by the block numbers they hold
     assert depth["mean"].tolist() == [40.0, 55.0, 60.0, 45.0]
