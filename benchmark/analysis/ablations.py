@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import re
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-from benchmark.analysis.aggregate import comma_filter, fraction_curves
+from benchmark.analysis.aggregate import fraction_curves, one_run_per_point, runs_of_one_backbone
 from benchmark.analysis.stats import seed_intervals
 from methods.registry import color, label, table_order
 
@@ -35,24 +34,9 @@ def finished_runs(summary: pd.DataFrame, datasets: list[str] | None = None, meth
     """Finished, pretrained, untagged runs of one backbone (all of them when it is the only one), any protocol; one
     per point (dataset, method, fraction or shots, options, seed), the selection protocol's final run where it has
     one."""
-    frame = summary[summary["status"] == "ok"].copy()
-    if "pretrained" in frame:
-        frame = frame[frame["pretrained"].astype(str).str.lower() == "true"]
-    if "tag" in frame:
-        frame = frame[frame["tag"].fillna("").astype(str) == ""]
-    with warnings.catch_warnings():  # final_runs warns about filters that match nothing, once is enough
-        warnings.simplefilter("ignore")
-        frame = comma_filter(comma_filter(frame, "dataset", datasets), "method", methods)
-    if backbone:
-        frame = frame[frame["backbone"] == backbone]
-    elif frame["backbone"].nunique() > 1:
-        counts = frame["backbone"].value_counts().to_dict()
-        raise ValueError(f"The results hold runs of several backbones {counts}; a figure compares one. "
-                         "Choose it with BACKBONE=<name> (--backbone).")
-    # as final_runs: a final run of the selection protocol replaces the fixed-recipe run of the same point
-    selected = frame["selected_lr"].notna() if "selected_lr" in frame else pd.Series(False, index=frame.index)
-    keys = [c for c in ("dataset", "method", "train_fraction", "shots", "options", "seed") if c in frame]
-    return frame.assign(selected=selected).sort_values("selected", kind="stable").drop_duplicates(keys, keep="last")
+    frame = runs_of_one_backbone(summary, datasets, methods, backbone, plain=False)
+    return one_run_per_point(frame, [c for c in ("dataset", "method", "train_fraction", "shots", "options", "seed")
+                                     if c in frame])
 
 
 def has_options(frame: pd.DataFrame) -> pd.Series:

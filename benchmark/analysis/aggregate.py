@@ -33,34 +33,51 @@ def comma_filter(frame: pd.DataFrame, column: str, wanted: list[str] | None) -> 
                       stacklevel=3)
     return frame[frame[column].astype(str).isin(wanted)]
 
-def final_runs(summary: pd.DataFrame, datasets: list[str] | None = None, methods: list[str] | None = None,
-               backbone: str | None = None) -> pd.DataFrame:
-    """The runs a report shows: finished, pretrained, untagged (search points and variants left out), one
-    backbone. Where the selection protocol produced a final (train+val) run, it replaces the fixed-recipe run of
-    the same dataset, method, fraction and seed."""
+def runs_of_one_backbone(summary: pd.DataFrame, datasets: list[str] | None = None, methods: list[str] | None = None,
+                         backbone: str | None = None, *, plain: bool = True) -> pd.DataFrame:
+    """Finished, pretrained, untagged (search points and variants left out) runs of one backbone, filtered by
+    dataset and method; `plain` also leaves out the few-shot and option-grid runs, which have figures of their own
+    (ablations.py), and warns about filters that match nothing."""
     frame = summary[summary["status"] == "ok"].copy()
     if "pretrained" in frame:
         frame = frame[frame["pretrained"].astype(str).str.lower() == "true"]
     if "tag" in frame:
         frame = frame[frame["tag"].fillna("").astype(str) == ""]
-    for column in ("shots", "options"):  # few-shot and option-grid runs have figures of their own (ablations.py)
+    for column in ("shots", "options") if plain else ():
         if column in frame:
             frame = frame[frame[column].isna() | (frame[column].astype(str) == "")]
-    frame = comma_filter(comma_filter(frame, "dataset", datasets), "method", methods)
+    with warnings.catch_warnings():
+        if not plain:  # the report calls final_runs too: its warnings are enough
+            warnings.simplefilter("ignore")
+        frame = comma_filter(comma_filter(frame, "dataset", datasets), "method", methods)
     if backbone:
         frame = frame[frame["backbone"] == backbone]
     elif frame["backbone"].nunique() > 1:
         counts = frame["backbone"].value_counts().to_dict()
         raise ValueError(f"The results hold runs of several backbones {counts}; a figure compares one. "
                          "Choose it with BACKBONE=<name> (--backbone).")
+    return frame
+
+
+def one_run_per_point(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Where the selection protocol produced a final (train+val) run, it replaces the fixed-recipe run of the same
+    point (`keys`)."""
+    selected = frame["selected_lr"].notna() if "selected_lr" in frame else pd.Series(False, index=frame.index)
+    frame = frame.assign(selected=selected).sort_values("selected", kind="stable")
+    return frame.drop_duplicates(keys, keep="last").reset_index(drop=True)
+
+
+def final_runs(summary: pd.DataFrame, datasets: list[str] | None = None, methods: list[str] | None = None,
+               backbone: str | None = None) -> pd.DataFrame:
+    """The runs a report shows (runs_of_one_backbone, no few-shot or option-grid runs), one per dataset, method,
+    fraction and seed."""
+    frame = runs_of_one_backbone(summary, datasets, methods, backbone)
     if frame.empty:
         raise ValueError("No finished runs match (status ok, pretrained, no tag"
                          f"{', datasets ' + ','.join(datasets) if datasets else ''}"
                          f"{', backbone ' + backbone if backbone else ''}): run `make grid` first or widen the "
                          "filters.")
-    frame["selected"] = frame["selected_lr"].notna() if "selected_lr" in frame else False
-    frame = frame.sort_values("selected", kind="stable")
-    return frame.drop_duplicates(["dataset", "method", "train_fraction", "seed"], keep="last").reset_index(drop=True)
+    return one_run_per_point(frame, ["dataset", "method", "train_fraction", "seed"])
 
 def fraction_curves(final: pd.DataFrame) -> pd.DataFrame:
     """Per (method, fraction): test top-1 averaged over tasks, then mean, std and 95% t interval (ci_low, ci_high)
