@@ -144,13 +144,13 @@ def load_or_compute(model: L.LightningModule, datamodule: FractionDataModule, sp
     return TensorDataset(features, labels), False
 
 
-class CachedFeatureDataModule(L.LightningDataModule):
-    """The datamodule's splits as cached features, loaded with its batch sizes and its seeded shuffling."""
+class CachedDataModule(L.LightningDataModule):
+    """A cache's view of `source`'s splits (features here, decoded images in images.py): the same classes, train
+    size and split record; `hits` says which splits the cache already held."""
 
-    def __init__(self, source: FractionDataModule, features: dict[str, TensorDataset], hits: dict[str, bool]):
+    def __init__(self, source: L.LightningDataModule, hits: dict[str, bool]):
         super().__init__()
         self.source = source
-        self.features = features
         self.hits = hits
 
     @property
@@ -163,6 +163,14 @@ class CachedFeatureDataModule(L.LightningDataModule):
 
     def split_record(self) -> dict:
         return self.source.split_record()
+
+
+class CachedFeatureDataModule(CachedDataModule):
+    """The datamodule's splits as cached features, loaded with its batch sizes and its seeded shuffling."""
+
+    def __init__(self, source: FractionDataModule, features: dict[str, TensorDataset], hits: dict[str, bool]):
+        super().__init__(source, hits)
+        self.features = features
 
     def loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         # A generator seeded as the source's loaders seed theirs (datamodules/base.py): the loader draws from it

@@ -31,14 +31,13 @@ from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
-import lightning as L
 import numpy as np
 import PIL
 import torch
 import torchvision
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from benchmark.core.features import record_key
+from benchmark.core.features import CachedDataModule, record_key
 from benchmark.core.store import atomic_write
 from datamodules.checks import DataError, file_list_digest, load_image, name_some
 from datamodules.files import Geometry, ImageFiles, ImageFilesDataModule, crop_and_normalise
@@ -183,28 +182,15 @@ def cached_dataset(dataset: Dataset, load: Callable[[ImageFiles], CachedImages])
 
 
 # --- the datamodule -------------------------------------------------------------------------------------------
-class CachedImageDataModule(L.LightningDataModule):
+class CachedImageDataModule(CachedDataModule):
     """`source`'s splits read from the image cache, with its batch sizes, workers and seeded shuffling; batches
     are cropped, flipped and normalised after they reach the device."""
 
     def __init__(self, source: ImageFilesDataModule, datasets: dict[str, Dataset], hits: dict[str, bool]):
-        super().__init__()
-        self.source = source
+        super().__init__(source, hits)
         self.datasets = datasets
-        self.hits = hits
         self.geometries = {True: source.geometry(train=True), False: source.geometry(train=False)}
         self._generator: torch.Generator | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return self.source.num_classes
-
-    @property
-    def n_train(self) -> int:
-        return self.source.n_train
-
-    def split_record(self) -> dict:
-        return self.source.split_record()
 
     def loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
         return self.source._loader(self.datasets[split], batch_size, shuffle=train,
