@@ -164,6 +164,18 @@ class CachedDataModule(L.LightningDataModule):
     def split_record(self) -> dict:
         return self.source.split_record()
 
+    def loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader("train", self.source.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader("val", self.source.eval_batch_size, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader("test", self.source.eval_batch_size, train=False)
+
 
 class CachedFeatureDataModule(CachedDataModule):
     """The datamodule's splits as cached features, loaded with its batch sizes and its seeded shuffling."""
@@ -172,21 +184,12 @@ class CachedFeatureDataModule(CachedDataModule):
         super().__init__(source, hits)
         self.features = features
 
-    def loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
         # A generator seeded as the source's loaders seed theirs (datamodules/base.py): the loader draws from it
         # as the image loader does, so the shuffled batches are the uncached run's
         # (tests/benchmark/core/test_features.py).
-        return DataLoader(self.features[split], batch_size=batch_size, shuffle=shuffle,
+        return DataLoader(self.features[split], batch_size=batch_size, shuffle=train,
                           generator=torch.Generator().manual_seed(self.source.seed))
-
-    def train_dataloader(self) -> DataLoader:
-        return self.loader("train", self.source.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.loader("val", self.source.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.loader("test", self.source.eval_batch_size, shuffle=False)
 
 
 def cached_datamodule(model: L.LightningModule, datamodule: FractionDataModule, cache_dir: str | Path,

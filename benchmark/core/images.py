@@ -196,15 +196,6 @@ class CachedImageDataModule(CachedDataModule):
         return self.source._loader(self.datasets[split], batch_size, shuffle=train,
                                    collate_fn=partial(collate, train=train))
 
-    def train_dataloader(self) -> DataLoader:
-        return self.loader("train", self.source.batch_size, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.loader("val", self.source.eval_batch_size, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.loader("test", self.source.eval_batch_size, train=False)
-
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
         if not isinstance(batch, RawBatch):
             return batch
