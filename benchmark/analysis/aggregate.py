@@ -145,6 +145,11 @@ def results_table(final: pd.DataFrame, fraction: float | None = None) -> pd.Data
         rows.append(row)
     return pd.DataFrame(rows)
 
+def fraction_tables(final: pd.DataFrame) -> pd.DataFrame:
+    """`results_table` at every train fraction present, stacked (the `train_fraction` column tells them apart): Fig. 3
+    as numbers, with each point's interval and its paired verdict against Full."""
+    return pd.concat([results_table(final, f) for f in sorted(final["train_fraction"].unique())], ignore_index=True)
+
 def versus_full(at: pd.DataFrame, method: str, tasks: list[str]) -> dict:
     """Per task, the difference to Full paired by seed (one fraction, one dataset) with its t interval and verdict;
     counts of beats / ties / below / n=1 over the tasks both ran."""

@@ -11,6 +11,7 @@ from benchmark.analysis.ablations import with_extra_test_columns, write_ablation
 from benchmark.analysis.aggregate import (
     final_runs,
     fraction_curves,
+    fraction_tables,
     load_summary,
     results_table,
     selected_hparams,
@@ -18,7 +19,7 @@ from benchmark.analysis.aggregate import (
 )
 from benchmark.analysis.paper import paper_comparison, unmatched
 from benchmark.analysis.plots import plot_fig3, plot_params, plot_zoo
-from benchmark.analysis.tables import table_markdown
+from benchmark.analysis.tables import fractions_markdown, table_markdown
 from benchmark.core.tracking import log_report
 
 
@@ -53,8 +54,9 @@ def write_report(results_dir: str | Path = "results", out_dir: str | Path | None
             written[f"{name}.{suffix}"] = out / f"{name}.{suffix}"
             fig.savefig(written[f"{name}.{suffix}"], dpi=150)
     table = with_extra_test_columns(results_table(final, fraction), final)
-    hparams, paper = selected_hparams(final), paper_comparison(final)
-    frames = {"table": table, "fig3_data": curves, "zoo_data": zoo, "selected_hparams": hparams}
+    hparams, paper, by_fraction = selected_hparams(final), paper_comparison(final), fraction_tables(final)
+    frames = {"table": table, "fig3_table": by_fraction, "fig3_data": curves, "zoo_data": zoo,
+              "selected_hparams": hparams}
     if not paper.empty:
         frames["paper_comparison"] = paper
     for name, frame in frames.items():
@@ -62,6 +64,8 @@ def write_report(results_dir: str | Path = "results", out_dir: str | Path | None
         frame.to_csv(written[f"{name}.csv"], index=False)
     written["table.md"] = out / "table.md"
     written["table.md"].write_text(table_markdown(table, hparams, paper, unmatched(final)))
+    written["fig3_table.md"] = out / "fig3_table.md"
+    written["fig3_table.md"].write_text(fractions_markdown(by_fraction))
     if use_wandb:
         log_report([p for p in written.values() if p.suffix == ".png"], frames, str(results_dir))
     return written

@@ -67,6 +67,35 @@ def table_markdown(table: pd.DataFrame, hparams: pd.DataFrame, paper: pd.DataFra
     return "\n".join(text) + "\n"
 
 
+def fractions_markdown(stacked: pd.DataFrame) -> str:
+    """`aggregate.fraction_tables` as one table per task: a row per method, a column per train fraction, each cell
+    the mean ± interval and, for every method but Full, its paired difference to Full at that fraction."""
+    tasks = [c for c in stacked.columns if f"{c}_std" in stacked.columns]
+    seeds = int(stacked["seeds"].max())
+    fractions = sorted(stacked["train_fraction"].unique())
+    text = [f"Test top-1 (%) against the training fraction (the numbers behind Fig. 3): mean ± half-width of the 95% "
+            f"confidence interval over {seeds} seed{'s' * (seeds > 1)}, and after the semicolon the difference to "
+            "Full at that fraction, paired by seed: mean [95% CI] and verdict (beats: the interval lies above 0, tie: "
+            "it holds 0, below: under 0; n=1: one seed, no interval)."]
+    for task in tasks:
+        shown = pd.DataFrame({"Method": [label(m) for m in table_order(stacked["method"].unique())]})
+        for fraction in fractions:
+            at = stacked[stacked["train_fraction"] == fraction].set_index("method")
+            shown[f"{100 * fraction:g}%"] = [fraction_cell(at, m, task, seeds)
+                                              for m in table_order(stacked["method"].unique())]
+        text += ["", f"**{task}**", "", markdown(shown)]
+    return "\n".join(text) + "\n"
+
+def fraction_cell(at: pd.DataFrame, method: str, task: str, seeds: int) -> str:
+    if method not in at.index:
+        return "–"
+    row = at.loc[method]
+    cell = interval_cell(row[task], row[f"{task}_ci_low"], row[f"{task}_ci_high"], seeds)
+    if f"{task}_diff" in at.columns and not pd.isna(row[f"{task}_diff"]):
+        cell += "; " + difference_cell(row[f"{task}_diff"], row[f"{task}_diff_low"], row[f"{task}_diff_high"],
+                                       row[f"{task}_vs_full"])
+    return cell
+
 def interval_cell(mean, low, high, seeds: int) -> str:
     if pd.isna(mean):
         return "–"

@@ -85,7 +85,7 @@ def test_report_writes_figures_and_tables(results):
     results_dir, _ = results
     written = outputs.write_report(results_dir)
     for name in ("fig3.png", "fig3.pdf", "params.png", "params.pdf", "zoo.png", "zoo.pdf", "table.md", "table.csv",
-                 "zoo_data.csv", "selected_hparams.csv"):
+                 "fig3_table.md", "fig3_table.csv", "zoo_data.csv", "selected_hparams.csv"):
         assert written[name].is_file() and written[name].stat().st_size > 0, name
     assert written["fig3.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -103,6 +103,9 @@ def test_report_writes_figures_and_tables(results):
     assert "| VPT-deep |" in text and "vs Full: beats / tie / below" in text and "± " in text
     assert "+4.75 [+1.57, +7.93] beats" in text  # 4.75 -+ 12.706 * 0.25
     assert "2.5 / 0.001" in text  # the chosen lr / wd are printed
+    by_fraction = written["fig3_table.md"].read_text()
+    assert "| Method | 10% | 20% | 40% | 80% | 100% |" in by_fraction
+    assert "; +4.75 [+1.57, +7.93] beats |" in by_fraction  # VPT-deep on digits at 100%, as in table.md
     hparams = pd.read_csv(written["selected_hparams.csv"])
     assert hparams[["method", "dataset", "lr", "weight_decay"]].values.tolist() == [
         ["vpt_deep", "digits", 2.5, 0.001]]
@@ -240,6 +243,22 @@ def test_table_numbers_by_hand(hand_final):
     assert "| Full | 100 | 61.00 ± 12.71 | 80.00 ± 0.00 | 70.50 | – | – |" in text
     assert "| Linear | +0.00 [-12.71, +12.71] tie | +7.00 [-18.41, +32.41] tie |" in text
     assert text.endswith("| Method | Fraction | task_b |\n|:---|---:|---:|\n| Linear | 100% | 0.5 / 0.001 |\n")
+
+
+def test_fraction_tables_by_hand(hand_final):
+    """The table at every fraction, stacked; as Markdown one table per task, a column per fraction."""
+    stacked = aggregate.fraction_tables(hand_final)
+    assert stacked[["method", "train_fraction"]].values.tolist() == [["full", 0.1], ["linear", 0.1],
+                                                                       ["full", 1.0], ["linear", 1.0]]
+    text = tables.fractions_markdown(stacked)
+    assert "over 2 seeds" in text
+    # task_a at 10%: Full one seed (20); linear (30, 34) -> 32 +- 12.706 x 2, paired with Full on seed 0 only:
+    # 30 - 20 = +10 (n=1). At 100%: Full (60, 62) -> 61 +- 12.71; linear (61, 61), differences (1, -1) -> 0 +- 12.71
+    assert "**task_a**\n\n| Method | 10% | 100% |" in text
+    assert "| Full | 20.00 (n=1) | 61.00 ± 12.71 |" in text
+    assert "| Linear | 32.00 ± 25.41; +10.00 (n=1) | 61.00 ± 0.00; +0.00 [-12.71, +12.71] tie |" in text
+    # task_b: Full 40 (n=1) | 80 +- 0; linear (50, 54) -> 52 +- 25.41, +10 (n=1) | 87 +- 25.41, +7 [-18.41, +32.41]
+    assert "| Linear | 52.00 ± 25.41; +10.00 (n=1) | 87.00 ± 25.41; +7.00 [-18.41, +32.41] tie |" in text
 
 
 def test_fig3_curves_by_hand(hand_final):
