@@ -7,8 +7,8 @@ It reads run JSONs (refreshing results/summary.csv) — never builds a model —
 Markdown + CSV tables. The figures follow Jia et al., "Visual Prompt Tuning", ECCV 2022
 (https://arxiv.org/abs/2203.12119): Fig. 3 compares VPT-deep with Linear, Adapter and Bias over training-data
 fractions, and Table 1 lists mean top-1 per task, tuned parameters and the number of tasks beating Full (and a
-column per extra test set); fig3_table.md gives Fig. 3's numbers, each point's interval and its verdict against Full. Few-shot grids add shots.png, option grids ablation_<option>.png
-(benchmark/analysis/ablations.py).
+column per extra test set); fig3_table.md gives Fig. 3's numbers, each point's interval and its verdict against
+Full. Few-shot grids add shots.png, option grids ablation_<option>.png (benchmark/analysis/ablations.py).
 notebooks/results.ipynb calls the same functions on results/summary.csv.
 """
 
