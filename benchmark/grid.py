@@ -14,7 +14,7 @@ JSON per run.
 - `--shard i/n` (SHARD=i/n) runs only the i-th of n disjoint parts of the grid, so n processes (a SLURM job
   array, several machines) share one grid and one results folder: see `Shard`.
 - `--jobs n` (JOBS=n) trains n runs at a time in n worker processes on this machine, each with cpu_count / n
-  threads (`make fig3` uses 2): see `run_in_workers`.
+  threads (`make fig3` uses 2): see `run_in_workers`; with `--search`, n cells at a time (`search_in_workers`).
 - Afterwards results/summary.csv holds one row per run.
 """
 
@@ -71,19 +71,19 @@ def shard_arg(text: str) -> Shard:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 def default_jobs(args: argparse.Namespace) -> int:
-    """JOBS= as given; else 2 for the embedded Fig. 3 and zoo (their small model trains faster as 2 x 1 thread than
-    1 x 2 threads), 1 otherwise and for a search (whose final runs wait for their cell's search)."""
+    """JOBS= as given; else 2 for the embedded Fig. 3 and zoo, searched or not (their small model trains faster as
+    2 x 1 thread than 1 x 2 threads), 1 otherwise."""
     if args.jobs is not None:
         return args.jobs
-    return 2 if (args.fig3 or args.zoo) and not args.search else 1
+    return 2 if args.fig3 or args.zoo else 1
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     """The grid's own options (with JOBS= resolved) and the run options it passes through."""
     p = parser()  # --shard is the grid command's own: a W&B sweep (benchmark.sweep) shares the rest, not this
     p.add_argument("--shard", type=shard_arg, help="i/n: run only part i of n disjoint parts of the grid (i from 0)")
     p.add_argument("--jobs", type=int, help="runs trained at a time, in worker processes (default 1; --fig3: 2)")
-    p.add_argument("--fig3", action="store_true", help="the embedded Fig. 3: the defaults above, two runs at a time "
-                   "(the small model trains faster as 2 x 1 thread than 1 x 2 threads; a search runs one at a time)")
+    p.add_argument("--fig3", action="store_true", help="the embedded Fig. 3: the defaults above, two runs (or search "
+                   "cells) at a time (the small model trains faster as 2 x 1 thread than 1 x 2 threads)")
     p.add_argument("--zoo", action="store_true", help="the embedded zoo: every registered method at 100%% of the "
                    "training data (METHODS= and FRACTIONS= still override), two runs at a time")
     if "--zoo" in (sys.argv[1:] if argv is None else argv):
@@ -110,18 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = grid_spec(args, run_args, argv)
         with stop_on_signals():
+            if args.jobs < 1:
+                raise ConfigError(f"JOBS must be a whole number >= 1 (runs trained at a time), got {args.jobs}.")
             if args.search:
-                if args.shard or args.jobs > 1:
-                    raise ConfigError("SHARD= and JOBS= split plain grids, not SEARCH=1 ones (a final run needs its "
-                                      "cell's whole search). Split a search by DATASETS= or METHODS= per process "
-                                      "instead, all writing to one RESULTS folder.")
-
-                runner = run_search(spec, SearchGrid.override(args.search_lrs, args.search_wds))
+                if args.shard:
+                    raise ConfigError("SHARD= splits plain grids, not SEARCH=1 ones (a final run needs its cell's "
+                                      "whole search). On one machine JOBS=n searches n cells at a time; across "
+                                      "machines split a search by DATASETS= or METHODS=, all writing to one RESULTS "
+                                      "folder.")
+                runner = run_search(spec, SearchGrid.override(args.search_lrs, args.search_wds), jobs=args.jobs)
             else:
                 if args.search_lrs or args.search_wds:
                     raise ConfigError("--search-lrs/--search-wds (SEARCH_LRS/SEARCH_WDS) need --search (SEARCH=1).")
-                if args.jobs < 1:
-                    raise ConfigError(f"JOBS must be a whole number >= 1 (runs trained at a time), got {args.jobs}.")
                 runner = run_grid(spec, shard=args.shard, jobs=args.jobs)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -14,7 +14,8 @@ import os
 import signal
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
@@ -119,13 +120,25 @@ class GridRunner:
     def finish(self, cfg: RunConfig, status: str, detail: str) -> None:
         self.done += 1
         self.counts[status] += 1
+        print(f"{self.progress()} {status:7s} {describe(cfg)}: {detail}", file=self.out, flush=True)
+
+    def progress(self) -> str:
         remaining = self.total - self.done
         eta = ""
         if self.trained_seconds and remaining:
             mean = sum(self.trained_seconds) / len(self.trained_seconds)
             eta = f", ETA {format_seconds(remaining * mean / self.jobs)}"
-        print(f"[grid {self.done}/{self.total}{eta}] {status:7s} {describe(cfg)}: {detail}", file=self.out,
-              flush=True)
+        return f"[grid {self.done}/{self.total}{eta}]"
+
+    def absorb(self, cell: RunConfig, counts: dict, trained_seconds: list[float]) -> None:
+        """Add the runs a worker did for one search `cell` (its search points and final runs: `counts` by status, the
+        wall time of each that trained ok) and print one progress line for them."""
+        for status, count in counts.items():
+            self.counts[status] += count
+            self.done += count
+        self.trained_seconds += trained_seconds
+        done = ", ".join(f"{count} {status}" for status, count in counts.items() if count)
+        print(f"{self.progress()} cell    {describe(cell, seed=False)}: {done}", file=self.out, flush=True)
 
     def summary_line(self) -> str:
         c = self.counts
@@ -158,27 +171,35 @@ def run_in_workers(runner: GridRunner, configs: list[RunConfig], jobs: int, log_
     Why: a small model's step does not keep 2+ cores busy (per-op dispatch, Python, tiny matmuls), so two runs on
     one thread each finish sooner than the same two one after another on two threads.
     Costliest fractions go first, so the last runs to finish are short ones and no worker idles long at the end.
-    Workers split the cores (cpu_count / jobs threads each), ignore SIGINT (the grid stops them, like a run, at
-    once: results are atomic), and write their runs' output to `log_dir/grid_worker_<pid>.log`; this process
-    prints one progress line per run.
+    This process prints one progress line per run; the workers are `worker_pool`'s.
     """
-    pending = [to_train for to_train, _ in map(runner.to_train, configs) if to_train is not None]
-    # stable: the grid's order within a fraction (or shot count)
-    pending.sort(key=lambda cfg: -(cfg.shots if cfg.shots is not None else cfg.train_fraction))
+    pending = sorted((to_train for to_train, _ in map(runner.to_train, configs) if to_train is not None),
+                     key=costliest_first)
+    with worker_pool(jobs, log_dir) as (pool, threads):
+        print(f"Training {len(pending)} runs, {jobs} at a time ({threads} thread(s) each); their output: "
+              f"{log_dir}/grid_worker_*.log", file=runner.out, flush=True)
+        running = {pool.submit(train_in_worker, cfg): cfg for cfg in pending}
+        for future in as_completed(running):
+            result, seconds = future.result()
+            runner.record(running[future], result, seconds)
+
+def costliest_first(cfg: RunConfig) -> float:
+    """Sort key: the most training data first (stable, so the grid's order within a fraction or shot count)."""
+    return -(cfg.shots if cfg.shots is not None else cfg.train_fraction)
+
+@contextmanager
+def worker_pool(jobs: int, log_dir: Path):
+    """(`jobs` spawned worker processes, threads each): the workers split the cores (cpu_count / jobs threads each),
+    ignore SIGINT (the grid stops them, like a run, at once: results are atomic) and write their runs' output to
+    `log_dir/grid_worker_<pid>.log`. Leaving by an exception (GridInterrupted, a worker that died) stops them now,
+    not after their runs."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
     log_dir.mkdir(parents=True, exist_ok=True)
-    print(f"Training {len(pending)} runs, {jobs} at a time ({threads} thread(s) each); their output: "
-          f"{log_dir}/grid_worker_*.log", file=runner.out, flush=True)
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=start_worker,
                                initargs=(threads, str(log_dir)))
     try:
-        running = {pool.submit(train_in_worker, cfg): cfg for cfg in pending}
-        while running:
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                result, seconds = future.result()
-                runner.record(running.pop(future), result, seconds)
-    except BaseException:  # GridInterrupted, or a worker that died: stop the others now, not after their runs
+        yield pool, threads
+    except BaseException:
         for process in multiprocessing.active_children():  # the pool's workers: this process has no other children
             process.terminate()
         pool.shutdown(wait=False, cancel_futures=True)

@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 import time
+from concurrent.futures import as_completed
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TextIO
 
 from benchmark.core.config import RunConfig, load_recipe
 from benchmark.core.errors import ConfigError
 from benchmark.core.pipeline import run_record
 from benchmark.core.store import atomic_write_json, result_path, write_summary
 from benchmark.sweeps.heads import can_share_a_pass, train_in_one_pass
-from benchmark.sweeps.runner import GridRunner
+from benchmark.sweeps.runner import GridRunner, costliest_first, worker_pool
 from benchmark.sweeps.spec import GridSpec, describe, validate_all
 
 # The paper's grids (App. A). The lrs are *base* lrs: the paper recipe scales them by batch/256.
@@ -157,9 +161,9 @@ def search_cell(runner: GridRunner, cell: RunConfig, seeds: list[int], grid: Sea
             atomic_write_json(result_path(resolved.results_dir, resolved.run_id()), result | record)
 
 
-def run_search(spec: GridSpec, grid: SearchGrid | None = None) -> GridRunner:
-    """The selection protocol over every (dataset, method, fraction or shots, option point) of `spec`; writes
-    summary.csv."""
+def run_search(spec: GridSpec, grid: SearchGrid | None = None, jobs: int = 1, out: TextIO = sys.stdout) -> GridRunner:
+    """The selection protocol over every (dataset, method, fraction or shots, option point) of `spec`, one cell at a
+    time or `jobs` cells at a time in worker processes (`search_in_workers`); writes summary.csv."""
     grid = grid or SearchGrid()
     if spec.base.lr is not None or spec.base.weight_decay is not None:
         raise ConfigError("SEARCH=1 chooses lr and weight decay itself: drop LR=/WD= (--lr/--weight-decay), or "
@@ -173,10 +177,38 @@ def run_search(spec: GridSpec, grid: SearchGrid | None = None) -> GridRunner:
                 for cell, (lrs, wds) in zip(cells, grids, strict=True)]
     validate_all(extremes)  # the largest lr and wd of each cell are the ones a range check can refuse
     total = sum(len(lrs) * len(wds) + len(spec.seeds) for lrs, wds in grids)
-    runner = GridRunner(total=total)
+    runner = GridRunner(total=total, out=out, jobs=jobs)
     try:
-        for cell in cells:
-            search_cell(runner, cell, spec.seeds, grid)
+        if jobs > 1:
+            search_in_workers(runner, cells, spec.seeds, grid, Path(spec.base.results_dir) / "logs")
+        else:
+            for cell in cells:
+                search_cell(runner, cell, spec.seeds, grid)
     finally:
         write_summary(spec.base.results_dir)
     return runner
+
+
+def search_in_workers(runner: GridRunner, cells: list[RunConfig], seeds: list[int], grid: SearchGrid,
+                      log_dir: Path) -> None:
+    """Whole cells in `runner.jobs` worker processes: a cell's final runs need its whole search, and different cells
+    share nothing, so a worker takes a cell (its search points, then its final runs) and the next when done.
+    Costliest cells first; this process prints one progress line per cell (each run's line is in the worker's log)."""
+    with worker_pool(runner.jobs, log_dir) as (pool, threads):
+        print(f"Searching {len(cells)} cells, {runner.jobs} at a time ({threads} thread(s) each); each run's line: "
+              f"{log_dir}/grid_worker_*.log", file=runner.out, flush=True)
+        running = {pool.submit(search_cell_in_worker, cell, seeds, grid): cell
+                   for cell in sorted(cells, key=costliest_first)}
+        for future in as_completed(running):
+            runner.absorb(running[future], *future.result())
+
+
+def search_cell_in_worker(cell: RunConfig, seeds: list[int], grid: SearchGrid) -> tuple[dict, list[float]]:
+    """One cell in a worker, its progress lines in the worker's log; returns its runs' counts by status and the wall
+    time of each that trained ok, for the grid's runner."""
+    lrs, wds = grid.values(cell.resolved())
+    worker = GridRunner(total=len(lrs) * len(wds) + len(seeds))
+    search_cell(worker, cell, seeds, grid)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return worker.counts, worker.trained_seconds

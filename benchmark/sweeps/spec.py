@@ -18,12 +18,13 @@ PAPER_METHODS = tuple(fig3_methods())  # full, linear, bias, adapter, vpt_shallo
 ZOO_FRACTIONS = (1.0,)  # the zoo grid (every method) at all the data, like Table 1; the Fig. 3 grid shares its runs
 
 
-def describe(cfg: RunConfig) -> str:
+def describe(cfg: RunConfig, seed: bool = True) -> str:
+    """One line naming a run (or, with seed=False, a search cell: every seed's runs)."""
     tag = f" {cfg.tag}" if cfg.tag else ""
     on = " trainval" if cfg.train_on == "trainval" else ""
     data = f"shots={cfg.shots}" if cfg.shots is not None else f"frac={cfg.train_fraction:g}"
     options = "".join(f" {key}={option_text(value)}" for key, value in sorted(cfg.options.items()))
-    return f"{cfg.method} {cfg.dataset} {data}{options} seed={cfg.seed}{on}{tag}"
+    return f"{cfg.method} {cfg.dataset} {data}{options}{f' seed={cfg.seed}' * seed}{on}{tag}"
 
 @dataclass
 class GridSpec:

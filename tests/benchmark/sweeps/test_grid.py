@@ -102,8 +102,10 @@ def test_grid_cli_rejects_bad_input_before_training(tmp_path, capsys):
     assert "need --search" in capsys.readouterr().err
     assert main(["--jobs", "0", "--results-dir", str(tmp_path)]) == 2
     assert "JOBS must be a whole number >= 1" in capsys.readouterr().err
-    assert main(["--search", "--jobs", "2", "--results-dir", str(tmp_path)]) == 2
-    assert "JOBS= split plain grids" in capsys.readouterr().err
+    assert main(["--search", "--shard", "0/2", "--results-dir", str(tmp_path)]) == 2
+    assert "SHARD= splits plain grids, not SEARCH=1 ones" in capsys.readouterr().err
+    assert main(["--search", "--jobs", "0", "--results-dir", str(tmp_path)]) == 2
+    assert "JOBS must be a whole number >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
@@ -184,6 +186,40 @@ def test_search_selects_on_val_and_retrains_on_trainval(tmp_path):
 
     again = run_search(spec, SearchGrid(lrs=(0.05, 2.0), weight_decays=(0.0,)))
     assert again.counts["skipped"] == 3 and not again.trained_seconds
+
+
+def test_search_with_two_jobs_runs_whole_cells_in_workers_costliest_first(tmp_path):
+    """JOBS=2 with SEARCH=1: each worker takes a whole cell (its search points, then its final run with the lr its
+    own search chose), the largest fractions first; one progress line per cell here, each run's line in the
+    worker's log; a second call trains nothing."""
+    results = tmp_path / "results"
+    spec = GridSpec(["bias"], [0.1, 0.2, 0.4], [0], ["digits"], RunConfig(epochs=1, results_dir=str(results)))
+    grid = SearchGrid(lrs=(0.01, 0.05), weight_decays=(0.0,))
+    out = io.StringIO()
+    runner = run_search(spec, grid, jobs=2, out=out)
+
+    assert runner.counts == {"ok": 9, "skipped": 0, "failed": 0} and len(runner.trained_seconds) == 9
+    for fraction in ("0.1", "0.2", "0.4"):
+        points = {lr: read_result(run_file(results, "digits", "bias", f"frac{fraction}_seed0_{search_tag(lr, 0.0)}"))
+                  for lr in (0.01, 0.05)}
+        best = max(points, key=lambda lr: (points[lr]["val_top1"], -lr))
+        final = read_result(run_file(results, "digits", "bias", f"frac{fraction}_seed0_trainval"))
+        assert final["status"] == "ok" and final["selected_lr"] == best == final["lr"], fraction
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("Searching 3 cells, 2 at a time")
+    cells = [line for line in lines if line.startswith("[grid ")]
+    assert len(cells) == 3 and all(" cell    bias digits frac=" in c and c.endswith(": 3 ok") for c in cells)
+    assert cells[-1].startswith("[grid 9/9]") and "seed=" not in cells[-1]
+    firsts = []  # the first cell each worker took: the two costliest (0.4 and 0.2) go out before 0.1
+    for log in (results / "logs").glob("grid_worker_*.log"):
+        runs = [line for line in log.read_text().splitlines() if line.startswith("[grid 1/3")]
+        assert runs, log
+        firsts.append(runs[0].split(" frac=")[1].split()[0])
+    assert sorted(firsts) == ["0.2", "0.4"]
+
+    again = io.StringIO()
+    assert run_search(spec, grid, jobs=2, out=again).counts == {"ok": 0, "skipped": 9, "failed": 0}
+    assert again.getvalue().count(": 3 skipped") == 3
 
 
 def test_search_refuses_a_fixed_lr(tmp_path):

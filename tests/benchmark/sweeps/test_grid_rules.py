@@ -241,4 +241,5 @@ def test_zoo_grid_is_every_method_at_all_the_data_two_at_a_time():
     assert (args.methods, args.fractions) == (["linear", "ssf"], [0.1])
     args, _ = parse_args([])
     assert args.methods == ["full", "linear", "bias", "adapter", "vpt_shallow", "vpt_deep"] and args.jobs == 1
-    assert parse_args(["--zoo", "--search"])[0].jobs == 1  # a search runs one at a time
+    assert parse_args(["--zoo", "--search"])[0].jobs == 2  # a search: two cells at a time
+    assert parse_args(["--search"])[0].jobs == 1 and parse_args(["--search", "--jobs", "3"])[0].jobs == 3
