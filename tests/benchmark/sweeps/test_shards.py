@@ -62,7 +62,7 @@ def test_search_grids_are_not_sharded(tmp_path, capsys):
     code = main(["--methods", "linear", "--fractions", "0.1", "--datasets", "digits", "--search", "--shard", "0/2",
                  "--results-dir", str(tmp_path)])
     assert code == 2
-    assert "Split a search by DATASETS= or METHODS=" in capsys.readouterr().err
+    assert "across machines split a search by DATASETS= or METHODS=" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
 
