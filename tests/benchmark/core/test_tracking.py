@@ -133,6 +133,6 @@ def test_report_with_wandb_logs_figures_and_tables_offline(no_wandb_key):
     media = run_dir / "files" / "media"
     assert {p.name.split("_")[0] for p in (media / "images").glob("*.png")} == {"fig3", "params", "zoo"}
     tables = {p.name.rsplit("_", 2)[0] for p in (media / "table").glob("*.table.json")}
-    assert tables == {"table", "fig3_data", "zoo_data", "selected_hparams"}
+    assert tables == {"table", "fig3_table", "fig3_data", "zoo_data", "selected_hparams"}
     table = json.loads(next((media / "table").glob("table_*.table.json")).read_text())
     assert "beats_full" in table["columns"] and len(table["data"]) == 6
