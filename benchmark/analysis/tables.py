@@ -77,12 +77,12 @@ def fractions_markdown(stacked: pd.DataFrame) -> str:
             f"confidence interval over {seeds} seed{'s' * (seeds > 1)}, and after the semicolon the difference to "
             "Full at that fraction, paired by seed: mean [95% CI] and verdict (beats: the interval lies above 0, tie: "
             "it holds 0, below: under 0; n=1: one seed, no interval)."]
+    methods = table_order(stacked["method"].unique())
     for task in tasks:
-        shown = pd.DataFrame({"Method": [label(m) for m in table_order(stacked["method"].unique())]})
+        shown = pd.DataFrame({"Method": [label(m) for m in methods]})
         for fraction in fractions:
             at = stacked[stacked["train_fraction"] == fraction].set_index("method")
-            shown[f"{100 * fraction:g}%"] = [fraction_cell(at, m, task, seeds)
-                                              for m in table_order(stacked["method"].unique())]
+            shown[f"{100 * fraction:g}%"] = [fraction_cell(at, m, task, seeds) for m in methods]
         text += ["", f"**{task}**", "", markdown(shown)]
     return "\n".join(text) + "\n"
 
