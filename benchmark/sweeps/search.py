@@ -27,7 +27,7 @@ from benchmark.core.errors import ConfigError
 from benchmark.core.pipeline import run_record
 from benchmark.core.store import atomic_write_json, result_path, write_summary
 from benchmark.sweeps.heads import can_share_a_pass, train_in_one_pass
-from benchmark.sweeps.runner import GridRunner, costliest_first, worker_pool
+from benchmark.sweeps.runner import GridRunner, costliest_first, count_finished, worker_pool
 from benchmark.sweeps.spec import GridSpec, describe, validate_all
 
 # The paper's grids (App. A). The lrs are *base* lrs: the paper recipe scales them by batch/256.
@@ -84,6 +84,13 @@ def final_config(cell: RunConfig, lr: float, weight_decay: float, seed: int) -> 
     resolved = cell.resolved()
     return replace(cell, seed=seed, lr=lr * lr_multiplier(resolved), weight_decay=weight_decay, train_on="trainval",
                    tag="")
+
+
+def cell_runs(cell: RunConfig, lrs: list[float], wds: list[float], seeds: list[int]) -> list[RunConfig]:
+    """Every run a cell may train: its search points, then its finals (named by seed alone: lr and wd are not
+    in a final's run id, so each seed's final is one run whichever point the search picks)."""
+    points = [point_config(cell, lr, wd, seeds[0]) for lr, wd in itertools.product(lrs, wds)]
+    return points + [final_config(cell, lrs[0], wds[0], seed) for seed in seeds]
 
 
 def select(points: list[tuple[float, float, dict]]) -> tuple[float, float, dict] | None:
@@ -177,7 +184,9 @@ def run_search(spec: GridSpec, grid: SearchGrid | None = None, jobs: int = 1, ou
                 for cell, (lrs, wds) in zip(cells, grids, strict=True)]
     validate_all(extremes)  # the largest lr and wd of each cell are the ones a range check can refuse
     total = sum(len(lrs) * len(wds) + len(spec.seeds) for lrs, wds in grids)
-    runner = GridRunner(total=total, out=out, jobs=jobs)
+    runs = [config for cell, (lrs, wds) in zip(cells, grids, strict=True)
+            for config in cell_runs(cell, lrs, wds, spec.seeds)]
+    runner = GridRunner(total=total, out=out, jobs=jobs, finished=count_finished(runs))
     try:
         if jobs > 1:
             search_in_workers(runner, cells, spec.seeds, grid, Path(spec.base.results_dir) / "logs")

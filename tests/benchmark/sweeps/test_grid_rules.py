@@ -103,6 +103,49 @@ def test_eta_is_the_mean_time_of_ok_runs_times_the_runs_left(tmp_path, monkeypat
     assert lines[0].endswith("in 1m40s") and lines[2].endswith("in 3m20s")
 
 
+def test_eta_of_a_resumed_grid_leaves_out_the_runs_already_done(tmp_path, monkeypatch):
+    """Seeds 2 and 3 finished before the grid starts; 0 and 1 train in 100 s each. ETAs: 1 x 100 s after seed 0
+    (not 3 x 100 s), none after seed 1, none while the finished two are skipped."""
+    clock = SimpleNamespace(now=0.0)
+
+    def outcome(cfg):
+        clock.now += 100.0
+        return {"status": "ok", "val_top1": 1.0, "test_top1": 1.0}
+
+    monkeypatch.setattr(GridRunner, "train", staticmethod(FakeTraining(outcome)))
+    monkeypatch.setattr(grid_runner, "time", SimpleNamespace(time=lambda: clock.now))
+    for seed in (2, 3):
+        write(tmp_path, f"frac0.1_seed{seed}", status="ok", val_top1=1.0, test_top1=1.0)
+    write(tmp_path, "frac0.1_seed1", status="failed", error="E")  # to train again: not counted as done
+    out = io.StringIO()
+    run_grid(GridSpec(["linear"], [0.1], [0, 1, 2, 3], ["digits"], RunConfig(results_dir=str(tmp_path))), out=out)
+    assert [line.split("]")[0] for line in out.getvalue().splitlines()] == [
+        "[grid 1/4, ETA 1m40s", "[grid 2/4", "[grid 3/4", "[grid 4/4"]
+
+
+def test_eta_of_a_resumed_search_leaves_out_the_points_already_done(tmp_path, monkeypatch):
+    """Two cells (10%, 20%) of 2 points + 2 finals; the 20% cell's points are done. After the first run of the 10%
+    cell (100 s), 8 - 1 done - 2 finished = 5 runs to train: 5 x 100 s."""
+    clock = SimpleNamespace(now=0.0)
+    outcome = search_outcome({(0.1, 0.0): 70.0, (0.5, 0.0): 80.0})
+
+    def timed(cfg):
+        clock.now += 100.0
+        return outcome(cfg)
+
+    monkeypatch.setattr(GridRunner, "train", staticmethod(FakeTraining(timed)))
+    monkeypatch.setattr(grid_runner, "time", SimpleNamespace(time=lambda: clock.now))
+    for lr in (0.1, 0.5):
+        write(tmp_path, f"frac0.2_seed0_{search_tag(lr, 0.0)}", status="ok", val_top1=lr, test_top1=0.0, seed=0)
+    out = io.StringIO()
+    spec = GridSpec(["linear"], [0.1, 0.2], [0, 1], ["digits"],
+                    RunConfig(results_dir=str(tmp_path), feature_cache=False))
+    run_search(spec, SearchGrid((0.1, 0.5), (0.0,)), out=out)
+    assert [line.split("]")[0] for line in out.getvalue().splitlines()][:5] == [
+        "[grid 1/8, ETA 8m20s", "[grid 2/8, ETA 6m40s", "[grid 3/8, ETA 5m00s", "[grid 4/8, ETA 3m20s",
+        "[grid 5/8, ETA 3m20s"]
+
+
 @pytest.mark.parametrize("seconds, text", [(0, "0m00s"), (59.4, "0m59s"), (61, "1m01s"), (3599, "59m59s"),
                                            (3600, "1h00m"), (3725, "1h02m"), (90061, "25h01m")])
 def test_format_seconds(seconds, text):
