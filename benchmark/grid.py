@@ -55,6 +55,9 @@ def parser() -> argparse.ArgumentParser:
                "train+val")
     p.add_argument("--search-lrs", type=comma_list(float), help="override the search's lr grid")
     p.add_argument("--search-wds", type=comma_list(float), help="override the search's weight-decay grid")
+    p.add_argument("--search-lr-factors", type=comma_list(float),
+                   help="search each recipe's lr times these factors, e.g. 0.04,0.2,1,5,25 (default for the quick "
+                   "recipes: 0.2,1,5); one list fits a grid of methods whose lrs differ")
     return p
 
 def base_config(run_args: list[str]) -> RunConfig:
@@ -118,10 +121,12 @@ def main(argv: list[str] | None = None) -> int:
                                       "whole search). On one machine JOBS=n searches n cells at a time; across "
                                       "machines split a search by DATASETS= or METHODS=, all writing to one RESULTS "
                                       "folder.")
-                runner = run_search(spec, SearchGrid.override(args.search_lrs, args.search_wds), jobs=args.jobs)
+                grid = SearchGrid.override(args.search_lrs, args.search_wds, args.search_lr_factors)
+                runner = run_search(spec, grid, jobs=args.jobs)
             else:
-                if args.search_lrs or args.search_wds:
-                    raise ConfigError("--search-lrs/--search-wds (SEARCH_LRS/SEARCH_WDS) need --search (SEARCH=1).")
+                if args.search_lrs or args.search_wds or args.search_lr_factors:
+                    raise ConfigError("--search-lrs/--search-wds/--search-lr-factors (SEARCH_LRS/SEARCH_WDS/"
+                                      "SEARCH_LR_FACTORS) need --search (SEARCH=1).")
                 runner = run_grid(spec, shard=args.shard, jobs=args.jobs)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -177,14 +177,17 @@ def group_members(tasks) -> dict[str, list[str]]:
     return members
 
 def selected_hparams(final: pd.DataFrame) -> pd.DataFrame:
-    """The lr and weight decay the selection protocol chose, per method, task and fraction (empty if none)."""
+    """The lr and weight decay the selection protocol chose, per method, task and fraction (empty if none), and
+    `lr_edge`: 'lowest' / 'highest' where the chosen lr is an end of the searched grid ('' inside it or unrecorded)."""
+    columns = ["method", "dataset", "train_fraction", "lr", "weight_decay", "val_top1", "lr_edge"]
     if "selected_lr" not in final or final["selected_lr"].isna().all():
-        return pd.DataFrame(columns=["method", "dataset", "train_fraction", "lr", "weight_decay", "val_top1"])
+        return pd.DataFrame(columns=columns)
     chosen = final[final["selected_lr"].notna()]
+    chosen = chosen.assign(lr_edge=chosen.get("selected_lr_edge", pd.Series("", index=chosen.index)).fillna(""))
     return (chosen.groupby(["method", "dataset", "train_fraction"])
             .agg(lr=("selected_lr", "first"), weight_decay=("selected_weight_decay", "first"),
-                 val_top1=("selected_val_top1", "first"))
-            .reset_index())
+                 val_top1=("selected_val_top1", "first"), lr_edge=("lr_edge", "first"))
+            .reset_index()[columns])
 
 
 def zoo_points(final: pd.DataFrame, fraction: float | None = None) -> pd.DataFrame:

@@ -9,6 +9,9 @@ import pandas as pd
 
 from methods.registry import label, table_order
 
+# how the selected-lr table marks a choice at an end of the searched lr grid (search.lr_edge's names)
+EDGE_MARKS = {"highest": "↑", "lowest": "↓"}
+
 
 def number(value, digits: int = 2) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
@@ -56,14 +59,19 @@ def table_markdown(table: pd.DataFrame, hparams: pd.DataFrame, paper: pd.DataFra
         rank = {m: i for i, m in enumerate(table_order(hparams["method"]))}
         picked = hparams.assign(rank=hparams["method"].map(rank), Method=hparams["method"].map(label),
                                 Fraction=hparams["train_fraction"].map(lambda f: f"{100 * f:g}%"),
-                                choice=[f"{lr:g} / {wd:g}"
-                                        for lr, wd in zip(hparams["lr"], hparams["weight_decay"], strict=True)])
+                                choice=[f"{lr:g}{EDGE_MARKS.get(edge, '')} / {wd:g}" for lr, wd, edge in
+                                        zip(hparams["lr"], hparams["weight_decay"], hparams["lr_edge"], strict=True)])
         pivot = picked.pivot_table(index=["rank", "train_fraction", "Method", "Fraction"], columns="dataset",
                                    values="choice", aggfunc="first").reset_index().drop(columns=["rank",
                                                                                                  "train_fraction"])
         pivot.columns.name = None
         text += ["", "Selected by the paper's protocol (val top-1 at the last epoch; ties -> smaller lr): lr / wd.",
                  "", markdown(pivot.fillna("–"))]
+        edges = int((hparams["lr_edge"] != "").sum())
+        if edges:
+            text += ["", f"{EDGE_MARKS['highest']} / {EDGE_MARKS['lowest']}: the largest / smallest lr searched "
+                     f"({edges} of {len(hparams)} choices), so the best may lie outside the grid: widen it with "
+                     "SEARCH_LR_FACTORS= (or SEARCH_LRS=)."]
     return "\n".join(text) + "\n"
 
 

@@ -44,23 +44,42 @@ TAG_PREFIX = "search_"
 
 @dataclass(frozen=True)
 class SearchGrid:
-    """Optional overrides of the lr / weight-decay grids (SEARCH_LRS, SEARCH_WDS); None = per recipe."""
+    """Optional overrides of the grids: lrs (SEARCH_LRS), factors on each recipe's lr (SEARCH_LR_FACTORS, for a grid
+    of methods whose lrs differ by orders of magnitude), weight decays (SEARCH_WDS); None = per recipe."""
 
     lrs: tuple[float, ...] | None = None
     weight_decays: tuple[float, ...] | None = None
+    lr_factors: tuple[float, ...] | None = None
 
     @classmethod
-    def override(cls, lrs: list[float] | None, weight_decays: list[float] | None) -> SearchGrid:
-        return cls(tuple(lrs) if lrs else None, tuple(weight_decays) if weight_decays else None)
+    def override(cls, lrs: list[float] | None, weight_decays: list[float] | None,
+                 lr_factors: list[float] | None = None) -> SearchGrid:
+        if lrs and lr_factors:
+            raise ConfigError("SEARCH_LRS= gives the lrs themselves and SEARCH_LR_FACTORS= multiplies each recipe's "
+                              "lr: give one of them.")
+        if lr_factors and min(lr_factors) <= 0:
+            raise ConfigError(f"SEARCH_LR_FACTORS= must be > 0 (each multiplies a recipe's lr), got {lr_factors}.")
+        return cls(tuple(lrs) if lrs else None, tuple(weight_decays) if weight_decays else None,
+                   tuple(lr_factors) if lr_factors else None)
 
     def values(self, cfg: RunConfig) -> tuple[list[float], list[float]]:
         """(lrs, weight decays) for a resolved config, lrs as the recipe states them (base lrs for `paper`)."""
-        if cfg.recipe == "paper":
+        if cfg.recipe == "paper" and not self.lr_factors:
             lrs, wds = (PAPER_FULL_LRS if cfg.optimizer == "adamw" else PAPER_LRS), PAPER_WDS
         else:
             recipe_lr = load_recipe(cfg.recipe, cfg.method)["lr"]
-            lrs, wds = tuple(float(f"{recipe_lr * f:.3g}") for f in RELATIVE_LR_FACTORS), RELATIVE_WDS
+            factors = self.lr_factors or RELATIVE_LR_FACTORS
+            lrs = tuple(float(f"{recipe_lr * f:.3g}") for f in factors)
+            wds = PAPER_WDS if cfg.recipe == "paper" else RELATIVE_WDS
         return list(self.lrs or lrs), list(self.weight_decays if self.weight_decays is not None else wds)
+
+
+def lr_edge(lr: float, lrs: list[float]) -> str:
+    """'lowest' / 'highest' when the chosen lr is the smallest / largest of two or more searched: the best lr may
+    lie outside the grid, so the report flags it; '' when it lies inside."""
+    if len(set(lrs)) < 2:
+        return ""
+    return "lowest" if lr == min(lrs) else "highest" if lr == max(lrs) else ""
 
 
 def lr_multiplier(cfg: RunConfig) -> float:
@@ -109,7 +128,7 @@ def selection_record(points: list[tuple[float, float, dict]], choice: tuple[floa
     """What a final result stores about its selection: flat fields (they reach summary.csv) + every point."""
     lr, wd, best = choice
     return {"selected_lr": lr, "selected_weight_decay": wd, "selected_val_top1": best["val_top1"],
-            "search_points": len(points),
+            "selected_lr_edge": lr_edge(lr, [p_lr for p_lr, _, _ in points]), "search_points": len(points),
             "selection": {"protocol": "lr x wd search on val, final-epoch val top-1, ties -> smaller lr",
                           "search_seed": best["seed"],
                           "points": [{"lr": p_lr, "weight_decay": p_wd, "status": r.get("status"),
@@ -163,7 +182,8 @@ def search_cell(runner: GridRunner, cell: RunConfig, seeds: list[int], grid: Sea
         record = selection_record(points, choice)
         stale = lambda r: (r.get("selected_lr"), r.get("selected_weight_decay")) != (lr, wd)  # noqa: B023
         result = runner.execute(final_config(cell, lr, wd, seed), rerun_if=stale)
-        if result.get("status") == "ok" and stale(result):  # freshly trained: add how lr and wd were chosen
+        # freshly trained, or recorded before a field of the record existed: add how lr and wd were chosen
+        if result.get("status") == "ok" and result | record != result:
             resolved = final_config(cell, lr, wd, seed).resolved()
             atomic_write_json(result_path(resolved.results_dir, resolved.run_id()), result | record)
 

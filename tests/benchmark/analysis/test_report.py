@@ -52,7 +52,8 @@ def write_synthetic_results(results_dir, seeds=(0, 1), selected: bool = True) ->
     if selected:  # the selection protocol's final runs for one cell: replace the fixed-recipe runs there
         for seed in seeds:
             write_run(results_dir, "vpt_deep", "digits", 1.0, seed, train_on="trainval", test_top1=99.0,
-                      selected_lr=2.5, selected_weight_decay=0.001, selected_val_top1=97.0)
+                      selected_lr=2.5, selected_weight_decay=0.001, selected_val_top1=97.0,
+                      selected_lr_edge="highest")
             n += 1
     return n
 
@@ -102,13 +103,14 @@ def test_report_writes_figures_and_tables(results):
     text = written["table.md"].read_text()
     assert "| VPT-deep |" in text and "vs Full: beats / tie / below" in text and "± " in text
     assert "+4.75 [+1.57, +7.93] beats" in text  # 4.75 -+ 12.706 * 0.25
-    assert "2.5 / 0.001" in text  # the chosen lr / wd are printed
+    assert "| 100% | 2.5↑ / 0.001 |" in text  # the chosen lr / wd, the lr marked as the top of its grid
+    assert "↑ / ↓: the largest / smallest lr searched (1 of 1 choices)" in text
     by_fraction = written["fig3_table.md"].read_text()
     assert "| Method | 10% | 20% | 40% | 80% | 100% |" in by_fraction
     assert "; +4.75 [+1.57, +7.93] beats |" in by_fraction  # VPT-deep on digits at 100%, as in table.md
     hparams = pd.read_csv(written["selected_hparams.csv"])
-    assert hparams[["method", "dataset", "lr", "weight_decay"]].values.tolist() == [
-        ["vpt_deep", "digits", 2.5, 0.001]]
+    assert hparams[["method", "dataset", "lr", "weight_decay", "lr_edge"]].values.tolist() == [
+        ["vpt_deep", "digits", 2.5, 0.001, "highest"]]
 
 
 def test_fig3_curves_average_tasks_then_seeds(results):

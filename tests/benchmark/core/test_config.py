@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from benchmark.core.config import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS, PAPER_BACKBONE, RunConfig, load_recipe
+from benchmark.core.errors import ConfigError
 from benchmark.sweeps.search import PAPER_FULL_LRS, PAPER_LRS, PAPER_WDS, SearchGrid, final_config, point_config
 
 # The recipe YAML values, copied here by hand (paper/*.yaml: base lr, batch; quick/*.yaml: lr as given).
@@ -114,3 +115,20 @@ def test_search_grids_per_recipe():
     assert SearchGrid().values(RunConfig(method="full", dataset="digits").resolved())[0] == [0.0002, 0.001, 0.005]
     override = SearchGrid.override([0.3], [0.0])
     assert override.values(RunConfig(method="linear", dataset="digits").resolved()) == ([0.3], [0.0])
+
+
+def test_search_lr_factors_scale_each_recipes_own_lr():
+    """SEARCH_LR_FACTORS=0.04,1,25: quick linear (lr 0.5) -> 0.02, 0.5, 12.5 and quick full (0.001) -> 4e-05, 0.001,
+    0.025, one list for both; on the paper recipe the base lr (VPT-deep 0.1) x factors, with the paper's wds."""
+    factors = SearchGrid.override(None, None, [0.04, 1.0, 25.0])
+    assert factors.values(RunConfig(method="linear", dataset="digits").resolved()) == ([0.02, 0.5, 12.5],
+                                                                                       [0.001, 0.0])
+    assert factors.values(RunConfig(method="full", dataset="digits").resolved())[0] == [4e-05, 0.001, 0.025]
+    assert factors.values(RunConfig(method="vpt_deep", dataset="cub").resolved()) == ([0.004, 0.1, 2.5],
+                                                                                     list(PAPER_WDS))
+    assert SearchGrid.override(None, [0.0], [2.0]).values(
+        RunConfig(method="linear", dataset="digits").resolved()) == ([1.0], [0.0])
+    with pytest.raises(ConfigError, match="give one of them"):
+        SearchGrid.override([0.1], None, [1.0])
+    with pytest.raises(ConfigError, match="must be > 0"):
+        SearchGrid.override(None, None, [1.0, 0.0])

@@ -100,6 +100,10 @@ def test_grid_cli_rejects_bad_input_before_training(tmp_path, capsys):
     assert "SEARCH_LRS" in capsys.readouterr().err
     assert main(["--search-lrs", "0.1", "--results-dir", str(tmp_path)]) == 2
     assert "need --search" in capsys.readouterr().err
+    assert main(["--search-lr-factors", "0.2,1,5", "--results-dir", str(tmp_path)]) == 2
+    assert "need --search" in capsys.readouterr().err
+    assert main(["--search", "--search-lrs", "0.1", "--search-lr-factors", "1", "--results-dir", str(tmp_path)]) == 2
+    assert "give one of them" in capsys.readouterr().err
     assert main(["--jobs", "0", "--results-dir", str(tmp_path)]) == 2
     assert "JOBS must be a whole number >= 1" in capsys.readouterr().err
     assert main(["--search", "--shard", "0/2", "--results-dir", str(tmp_path)]) == 2

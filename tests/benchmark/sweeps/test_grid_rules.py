@@ -16,7 +16,7 @@ from benchmark.core.store import atomic_write_json, read_result, result_path
 from benchmark.grid import main
 from benchmark.sweeps import runner as grid_runner
 from benchmark.sweeps.runner import GridRunner, format_seconds, run_grid
-from benchmark.sweeps.search import SearchGrid, run_search, search_tag
+from benchmark.sweeps.search import SearchGrid, lr_edge, run_search, search_tag
 from benchmark.sweeps.spec import GridSpec
 
 BACKBONE = "vit_embedded_p7_28"
@@ -146,6 +146,12 @@ def test_eta_of_a_resumed_search_leaves_out_the_points_already_done(tmp_path, mo
         "[grid 5/8, ETA 3m20s"]
 
 
+@pytest.mark.parametrize("lr, lrs, edge", [(2.5, [0.1, 0.5, 2.5], "highest"), (0.1, [0.5, 0.1, 2.5], "lowest"),
+                                           (0.5, [0.1, 0.5, 2.5], ""), (0.3, [0.3], ""), (0.3, [0.3, 0.3], "")])
+def test_lr_edge_names_an_end_of_the_searched_grid(lr, lrs, edge):
+    assert lr_edge(lr, lrs) == edge
+
+
 @pytest.mark.parametrize("seconds, text", [(0, "0m00s"), (59.4, "0m59s"), (61, "1m01s"), (3599, "59m59s"),
                                            (3600, "1h00m"), (3725, "1h02m"), (90061, "25h01m")])
 def test_format_seconds(seconds, text):
@@ -187,6 +193,7 @@ def test_search_picks_the_best_val_with_ties_to_smaller_lr_then_wd(tmp_path, mon
         assert (final["selected_lr"], final["selected_weight_decay"], final["selected_val_top1"]) == (0.1, 0.001, 80.0)
         assert (final["lr"], final["weight_decay"], final["train_on"], final["seed"]) == (0.1, 0.001, "trainval", seed)
         assert final["search_points"] == 6 and final["selection"]["search_seed"] == 3
+        assert final["selected_lr_edge"] == "lowest"  # 0.1: the smallest of 0.1, 0.5, 2.5
         assert [(p["lr"], p["weight_decay"], p["status"]) for p in final["selection"]["points"]] == [
             (lr, wd, "failed" if VAL[(lr, wd)] is None else "ok") for lr in LRS for wd in WDS]
 
@@ -199,10 +206,15 @@ def test_search_picks_the_best_val_with_ties_to_smaller_lr_then_wd(tmp_path, mon
     assert again.counts["skipped"] == 5
     final = read_result(result_path(results, run_id("frac0.1_seed4_trainval")))
     assert (final["selected_lr"], final["selected_weight_decay"], final["lr"]) == (0.5, 0.0, 0.5)
+    assert final["selected_lr_edge"] == ""  # 0.5 lies inside the grid
 
+    # A final recorded before `selected_lr_edge` existed gains it without training again.
+    old = {k: v for k, v in final.items() if k != "selected_lr_edge"}
+    write(results, "frac0.1_seed4_trainval", **old)
     training.trained.clear()  # unchanged points, unchanged choice: nothing trains
     assert run_search(spec, SearchGrid(LRS, WDS)).counts == {"ok": 0, "skipped": 7, "failed": 1}
     assert training.trained == [run_id(f"frac0.1_seed3_{search_tag(2.5, 0.001)}")]
+    assert read_result(result_path(results, run_id("frac0.1_seed4_trainval"))) == final
 
 
 def test_final_runs_of_the_paper_recipe_train_at_the_scaled_selected_lr(tmp_path, monkeypatch):
