@@ -125,7 +125,8 @@ class GridRunner:
         print(f"{self.progress()} {status:7s} {describe(cfg)}: {detail}", file=self.out, flush=True)
 
     def progress(self) -> str:
-        remaining = self.total - self.done - max(0, self.finished - self.counts["skipped"])
+        # a run counted as finished may still train (a search's stale final): never below 0
+        remaining = max(0, self.total - self.done - max(0, self.finished - self.counts["skipped"]))
         eta = ""
         if self.trained_seconds and remaining:
             mean = sum(self.trained_seconds) / len(self.trained_seconds)

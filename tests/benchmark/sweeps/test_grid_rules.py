@@ -124,8 +124,9 @@ def test_eta_of_a_resumed_grid_leaves_out_the_runs_already_done(tmp_path, monkey
 
 
 def test_eta_of_a_resumed_search_leaves_out_the_points_already_done(tmp_path, monkeypatch):
-    """Two cells (10%, 20%) of 2 points + 2 finals; the 20% cell's points are done. After the first run of the 10%
-    cell (100 s), 8 - 1 done - 2 finished = 5 runs to train: 5 x 100 s."""
+    """Two cells (10%, 20%) of 2 points + 2 finals, each run 100 s. The 20% cell's points are done and its two finals
+    exist but are stale (another lr), so 4 runs count as finished yet the finals train again. ETAs: (8 - 1 - 4) x
+    100 s after the first run, then 2 and 1 runs; none from then on, though the stale finals train (never < 0)."""
     clock = SimpleNamespace(now=0.0)
     outcome = search_outcome({(0.1, 0.0): 70.0, (0.5, 0.0): 80.0})
 
@@ -133,17 +134,22 @@ def test_eta_of_a_resumed_search_leaves_out_the_points_already_done(tmp_path, mo
         clock.now += 100.0
         return outcome(cfg)
 
-    monkeypatch.setattr(GridRunner, "train", staticmethod(FakeTraining(timed)))
+    training = FakeTraining(timed)
+    monkeypatch.setattr(GridRunner, "train", staticmethod(training))
     monkeypatch.setattr(grid_runner, "time", SimpleNamespace(time=lambda: clock.now))
     for lr in (0.1, 0.5):
         write(tmp_path, f"frac0.2_seed0_{search_tag(lr, 0.0)}", status="ok", val_top1=lr, test_top1=0.0, seed=0)
+    for seed in (0, 1):
+        write(tmp_path, f"frac0.2_seed{seed}_trainval", status="ok", val_top1=0.0, test_top1=1.0, seed=seed,
+              selected_lr=9.0, selected_weight_decay=0.0)
     out = io.StringIO()
     spec = GridSpec(["linear"], [0.1, 0.2], [0, 1], ["digits"],
                     RunConfig(results_dir=str(tmp_path), feature_cache=False))
     run_search(spec, SearchGrid((0.1, 0.5), (0.0,)), out=out)
-    assert [line.split("]")[0] for line in out.getvalue().splitlines()][:5] == [
-        "[grid 1/8, ETA 8m20s", "[grid 2/8, ETA 6m40s", "[grid 3/8, ETA 5m00s", "[grid 4/8, ETA 3m20s",
-        "[grid 5/8, ETA 3m20s"]
+    assert [line.split("]")[0] for line in out.getvalue().splitlines()] == [
+        "[grid 1/8, ETA 5m00s", "[grid 2/8, ETA 3m20s", "[grid 3/8, ETA 1m40s", "[grid 4/8", "[grid 5/8", "[grid 6/8",
+        "[grid 7/8", "[grid 8/8"]
+    assert training.trained[-2:] == [run_id("frac0.2_seed0_trainval"), run_id("frac0.2_seed1_trainval")]
 
 
 @pytest.mark.parametrize("lr, lrs, edge", [(2.5, [0.1, 0.5, 2.5], "highest"), (0.1, [0.5, 0.1, 2.5], "lowest"),
