@@ -28,4 +28,4 @@ def test_notebook_redraws_figures_and_table(tmp_path, monkeypatch):
     images = [out for out in outputs if "image/png" in out.get("data", {})]
     assert len(images) == 2  # Fig. 3 and the parameter plot
     markdown = "".join(out["data"].get("text/markdown", "") for out in outputs if "data" in out)
-    assert "| VPT-deep |" in markdown and "2.5 / 0.001" in markdown
+    assert "| VPT-deep |" in markdown and "2.5↑ / 0.001" in markdown  # the chosen lr, the top of its grid
