@@ -92,10 +92,9 @@ class GridRunner:
 
     def to_train(self, cfg: RunConfig, rerun_if=None) -> tuple[RunConfig | None, dict | None]:
         """(the config to train, None), or (None, its finished result) after reporting it skipped."""
-        resolved = cfg.resolved()
-        existing = read_result(result_path(resolved.results_dir, resolved.run_id()))
+        existing = finished_result(cfg)
         stale = existing is not None and rerun_if is not None and rerun_if(existing)
-        if existing and existing.get("status") == "ok" and not cfg.force and not stale:
+        if existing and not stale:
             self.finish(cfg, "skipped", "already done")
             return None, existing
         return replace(cfg, force=cfg.force or stale), None
@@ -148,13 +147,15 @@ class GridRunner:
         return (f"{self.done}/{self.total} runs: {c['ok']} trained ok, {c['skipped']} already done, "
                 f"{c['failed']} failed")
 
+def finished_result(cfg: RunConfig) -> dict | None:
+    """The run's result when it finished ok and FORCE is off (the grid skips it), else None."""
+    resolved = cfg.resolved()
+    existing = read_result(result_path(resolved.results_dir, resolved.run_id()))
+    return existing if existing and existing.get("status") == "ok" and not cfg.force else None
+
 def count_finished(configs: list[RunConfig]) -> int:
-    """How many of `configs` already have a result with status ok (the runs a grid will skip, for its ETA)."""
-    def is_finished(cfg: RunConfig) -> bool:
-        resolved = cfg.resolved()
-        existing = read_result(result_path(resolved.results_dir, resolved.run_id()))
-        return bool(existing) and existing.get("status") == "ok" and not cfg.force
-    return sum(is_finished(cfg) for cfg in configs)
+    """How many of `configs` the grid will skip as finished (for its ETA)."""
+    return sum(finished_result(cfg) is not None for cfg in configs)
 
 def run_grid(spec: GridSpec, out: TextIO = sys.stdout, shard: Shard | None = None, jobs: int = 1) -> GridRunner:
     """Every run of the grid, or of its `shard` (skipping finished ones), `jobs` at a time; writes summary.csv.

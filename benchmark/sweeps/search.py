@@ -203,10 +203,9 @@ def run_search(spec: GridSpec, grid: SearchGrid | None = None, jobs: int = 1, ou
     extremes = [point_config(cell, max(lrs), max(wds), spec.seeds[0])
                 for cell, (lrs, wds) in zip(cells, grids, strict=True)]
     validate_all(extremes)  # the largest lr and wd of each cell are the ones a range check can refuse
-    total = sum(len(lrs) * len(wds) + len(spec.seeds) for lrs, wds in grids)
     runs = [config for cell, (lrs, wds) in zip(cells, grids, strict=True)
             for config in cell_runs(cell, lrs, wds, spec.seeds)]
-    runner = GridRunner(total=total, out=out, jobs=jobs, finished=count_finished(runs))
+    runner = GridRunner(total=len(runs), out=out, jobs=jobs, finished=count_finished(runs))
     try:
         if jobs > 1:
             search_in_workers(runner, cells, spec.seeds, grid, Path(spec.base.results_dir) / "logs")
