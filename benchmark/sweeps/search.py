@@ -105,11 +105,15 @@ def final_config(cell: RunConfig, lr: float, weight_decay: float, seed: int) -> 
                    tag="")
 
 
+def search_points(cell: RunConfig, lrs: list[float], wds: list[float], seed: int) -> list[RunConfig]:
+    """The cell's search points, lr-major: one per (lr, weight decay)."""
+    return [point_config(cell, lr, wd, seed) for lr, wd in itertools.product(lrs, wds)]
+
+
 def cell_runs(cell: RunConfig, lrs: list[float], wds: list[float], seeds: list[int]) -> list[RunConfig]:
     """Every run a cell may train: its search points, then its finals (named by seed alone: lr and wd are not
     in a final's run id, so each seed's final is one run whichever point the search picks)."""
-    points = [point_config(cell, lr, wd, seeds[0]) for lr, wd in itertools.product(lrs, wds)]
-    return points + [final_config(cell, lrs[0], wds[0], seed) for seed in seeds]
+    return search_points(cell, lrs, wds, seeds[0]) + [final_config(cell, lrs[0], wds[0], seed) for seed in seeds]
 
 
 def select(points: list[tuple[float, float, dict]]) -> tuple[float, float, dict] | None:
@@ -169,7 +173,7 @@ def search_cell(runner: GridRunner, cell: RunConfig, seeds: list[int], grid: Sea
                 one_pass: bool = True) -> None:
     lrs, wds = grid.values(cell.resolved())
     pairs = list(itertools.product(lrs, wds))
-    results = train_points(runner, [point_config(cell, lr, wd, seeds[0]) for lr, wd in pairs], one_pass)
+    results = train_points(runner, search_points(cell, lrs, wds, seeds[0]), one_pass)
     points = [(lr, wd, result) for (lr, wd), result in zip(pairs, results, strict=True)]
     choice = select(points)
     for seed in seeds:
@@ -235,7 +239,8 @@ def search_cell_in_worker(cell: RunConfig, seeds: list[int], grid: SearchGrid) -
     """One cell in a worker, its progress lines in the worker's log; returns its runs' counts by status and the wall
     time of each that trained ok, for the grid's runner."""
     lrs, wds = grid.values(cell.resolved())
-    worker = GridRunner(total=len(lrs) * len(wds) + len(seeds))
+    runs = cell_runs(cell, lrs, wds, seeds)
+    worker = GridRunner(total=len(runs), finished=count_finished(runs))
     search_cell(worker, cell, seeds, grid)
     sys.stdout.flush()
     sys.stderr.flush()
