@@ -42,13 +42,13 @@ grid: install data ## A resumable grid: make grid METHODS=a,b FRACTIONS=0.1,1 (o
 
 fig3: install data ## The embedded Fig. 3 (6 methods x 5 fractions x 2 tasks), then its report
 	$(PY) -m benchmark.grid --fig3 $(ARGS) || [ $$? -eq 1 ]  # 1: some runs failed; the report draws the rest
-	$(PY) -m benchmark.report --fig3 $(filter --results=% --results-dir=% --wandb=%,$(ARGS))
+	$(PY) -m benchmark.report --fig3 $(filter --results=% --results-dir=% --wandb=% --recipe=% --epochs=%,$(ARGS))
 
 zoo: install data ## Every method on the embedded tasks at 100% of the data, then the report with the zoo figure
 	$(PY) -m benchmark.grid --zoo $(ARGS) || [ $$? -eq 1 ]
-	$(PY) -m benchmark.report --zoo $(filter --results=% --results-dir=% --wandb=%,$(ARGS))
+	$(PY) -m benchmark.report --zoo $(filter --results=% --results-dir=% --wandb=% --recipe=% --epochs=%,$(ARGS))
 
-report: install ## Fig. 3, parameter plot and tables from the results -> results/figures [DATASETS= METHODS= WANDB=1]
+report: install ## Fig. 3, parameter plot and tables from the results -> results/figures [DATASETS= METHODS= RECIPE= EPOCHS= WANDB=1]
 	$(PY) -m benchmark.report $(ARGS)
 
 sweep-config: install ## The W&B sweep YAML of a grid (the grid's variables) -> results/sweep.yaml

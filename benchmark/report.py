@@ -1,7 +1,7 @@
 """The report: Fig. 3, the parameter plot, the zoo figure and a Table-1 style table, drawn from the results alone.
 
     python -m benchmark.report [--results-dir results] [--out results/figures] [--datasets a,b] [--backbone X]
-                               [--fraction 1.0] [--wandb]
+                               [--recipe quick] [--epochs 20] [--fraction 1.0] [--wandb]
 
 It reads run JSONs (refreshing results/summary.csv) — never builds a model — and writes PNG + PDF figures and
 Markdown + CSV tables. The figures follow Jia et al., "Visual Prompt Tuning", ECCV 2022
@@ -9,6 +9,9 @@ Markdown + CSV tables. The figures follow Jia et al., "Visual Prompt Tuning", EC
 fractions, and Table 1 lists mean top-1 per task, tuned parameters and the number of tasks beating Full (and a
 column per extra test set); fig3_table.md gives Fig. 3's numbers, each point's interval and its verdict against
 Full. Few-shot grids add shots.png, option grids ablation_<option>.png (benchmark/analysis/ablations.py).
+Every run file left out (unreadable, corrupt, not a run record, a failed run) is counted in one line on stderr and
+listed in skipped.csv; a point's seeds made with different recipes or epochs are never averaged: the report refuses
+and names them, and --recipe / --epochs keep one (docs/reliability.md, "What the report reads").
 notebooks/results.ipynb calls the same functions on results/summary.csv.
 """
 
@@ -31,6 +34,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", type=comma_list(str), help="comma list (default: every dataset with results)")
     p.add_argument("--methods", type=comma_list(str), help="comma list (default: every method with results)")
     p.add_argument("--backbone", help="needed when the results hold several backbones")
+    p.add_argument("--recipe", help="only runs of this recipe: needed when a point's seeds mix recipes")
+    p.add_argument("--epochs", type=int, help="only runs of this many epochs: needed when a point's seeds mix them")
     p.add_argument("--fraction", type=float, help="train fraction of the table (default: the largest present)")
     add_switch(p, "--wandb", help="log figures and tables to a W&B report run")
     p.add_argument("--fig3", action="store_true",
@@ -48,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         args.datasets, args.backbone = list(EMBEDDED_DATASETS), args.backbone or EMBEDDED_BACKBONE
     try:
         written = write_report(args.results_dir, args.out, args.datasets, args.methods, args.backbone,
-                               args.fraction, args.wandb)
+                               args.fraction, args.wandb, recipe=args.recipe, epochs=args.epochs)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -30,11 +30,11 @@ LINE_STYLES = ("-", "--", ":", "-.")
 
 
 def finished_runs(summary: pd.DataFrame, datasets: list[str] | None = None, methods: list[str] | None = None,
-                  backbone: str | None = None) -> pd.DataFrame:
+                  backbone: str | None = None, *, recipe: str | None = None, epochs: int | None = None) -> pd.DataFrame:
     """Finished, pretrained, untagged runs of one backbone (all of them when it is the only one), any protocol; one
     per point (dataset, method, fraction or shots, options, seed), the selection protocol's final run where it has
-    one."""
-    frame = runs_of_one_backbone(summary, datasets, methods, backbone, plain=False)
+    one; a cell whose seeds mix recipes or epochs is refused (one_run_per_point)."""
+    frame = runs_of_one_backbone(summary, datasets, methods, backbone, plain=False, recipe=recipe, epochs=epochs)
     return one_run_per_point(frame, [c for c in ("dataset", "method", "train_fraction", "shots", "options", "seed")
                                      if c in frame])
 
@@ -202,10 +202,11 @@ def with_extra_test_columns(table: pd.DataFrame, final: pd.DataFrame) -> pd.Data
 
 # --- the report's part ---------------------------------------------------------------------------------------------
 def write_ablations(summary: pd.DataFrame, out: Path, datasets: list[str] | None = None,
-                    methods: list[str] | None = None, backbone: str | None = None) -> dict[str, Path]:
+                    methods: list[str] | None = None, backbone: str | None = None, *, recipe: str | None = None,
+                    epochs: int | None = None) -> dict[str, Path]:
     """shots.png/.pdf + shots_data.csv when the results hold few-shot runs; ablation_<key>.png/.pdf per swept
     option + ablation_data.csv when they hold option grids. {} when neither."""
-    runs = finished_runs(summary, datasets, methods, backbone)
+    runs = finished_runs(summary, datasets, methods, backbone, recipe=recipe, epochs=epochs)
     figures, frames = {}, {}
     shots = shot_curves(runs)
     if not shots.empty:

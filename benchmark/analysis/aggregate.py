@@ -11,18 +11,57 @@ import numpy as np
 import pandas as pd
 
 from benchmark.analysis.stats import ONE_SEED, VERDICTS, paired_difference, ppt, seed_intervals, verdict
-from benchmark.core.store import read_summary, write_summary
+from benchmark.core.store import FAILED, NOT_A_RECORD, SKIP_REASONS, load_runs, read_summary, write_summary
 from datamodules import get_datamodule_class
 from datamodules.vtab import VTAB_TASKS
 from methods.registry import label, table_order
 
+# The one rule of what a point's seeds may mix: one recipe and one number of epochs (and one backbone, which
+# runs_of_one_backbone keeps); one_run_per_point refuses a cell that mixes them.
+RECIPE_KEYS = ("recipe", "epochs")
+
 
 def load_summary(results_dir: str | Path, refresh: bool = True) -> pd.DataFrame:
-    """results/summary.csv, rewritten from the run JSONs first when results/runs exists (and `refresh`)."""
+    """results/summary.csv, rewritten from the run JSONs first when results/runs exists (and `refresh`); then its
+    `attrs` hold what load_runs left out ("skipped") and how many run files it read ("files")."""
     runs = Path(results_dir) / "runs"
     if refresh and runs.is_dir() and any(runs.rglob("*.json")):
-        write_summary(results_dir)
+        frame = load_runs(results_dir)
+        write_summary(results_dir, frame)
+        summary = read_summary(results_dir)
+        summary.attrs |= frame.attrs
+        return summary
     return read_summary(results_dir)
+
+
+def skipped_runs(summary: pd.DataFrame) -> pd.DataFrame:
+    """What a report leaves out, one row (path, reason, detail) each: the run files load_runs could not read as run
+    records (summary.attrs["skipped"]) and the runs that did not finish (status not ok, detail their error)."""
+    rows = list(summary.attrs.get("skipped", []))
+    if "status" in summary:
+        failed = summary[summary["status"] != "ok"]
+        errors = failed["error"] if "error" in failed else "status " + failed["status"].astype(str)
+        rows += [(str(path), FAILED, "" if pd.isna(error) else str(error))
+                 for path, error in zip(failed.get("path", pd.Series("", index=failed.index)), errors, strict=True)]
+    return pd.DataFrame(rows, columns=["path", "reason", "detail"])
+
+
+def skipped_line(skipped: pd.DataFrame, total: int, what: str = "run files", named: int = 5) -> str:
+    """One line: how many of `total` were skipped, per reason how many, naming the first `named` files (a failed
+    run with the first line of its error) and counting the rest."""
+    plural = {NOT_A_RECORD: "not run records", FAILED: "failed runs"}
+    parts = []
+    for reason in SKIP_REASONS:
+        rows = skipped[skipped["reason"] == reason]
+        if rows.empty:
+            continue
+        shown = [path + (f": {str(detail).splitlines()[0][:100] if detail else '?'}" if reason == FAILED else "")
+                 for path, detail in zip(rows["path"].iloc[:named], rows["detail"].iloc[:named], strict=True)]
+        named -= len(shown)
+        rest = [f"{len(rows) - len(shown)} more"] if shown and len(rows) > len(shown) else []
+        parts.append(f"{len(rows)} {plural.get(reason, reason) if len(rows) > 1 else reason}"
+                     + (f" ({'; '.join(shown + rest)})" if shown else ""))
+    return f"Skipped {len(skipped)} of {total} {what}: {', '.join(parts)}"
 
 def comma_filter(frame: pd.DataFrame, column: str, wanted: list[str] | None) -> pd.DataFrame:
     if not wanted:
@@ -34,10 +73,15 @@ def comma_filter(frame: pd.DataFrame, column: str, wanted: list[str] | None) -> 
     return frame[frame[column].astype(str).isin(wanted)]
 
 def runs_of_one_backbone(summary: pd.DataFrame, datasets: list[str] | None = None, methods: list[str] | None = None,
-                         backbone: str | None = None, *, plain: bool = True) -> pd.DataFrame:
+                         backbone: str | None = None, *, plain: bool = True, recipe: str | None = None,
+                         epochs: int | None = None) -> pd.DataFrame:
     """Finished, pretrained, untagged (search points and variants left out) runs of one backbone, filtered by
-    dataset and method; `plain` also leaves out the few-shot and option-grid runs, which have figures of their own
-    (ablations.py), and warns about filters that match nothing."""
+    dataset, method, recipe and epochs; `plain` also leaves out the few-shot and option-grid runs, which have
+    figures of their own (ablations.py), and warns about filters that match nothing."""
+    missing = [c for c in ("status", "dataset", "method", "backbone", "seed") if c not in summary]
+    if missing:
+        raise ValueError(f"The results hold no run records with {', '.join(missing)} (a summary.csv written by "
+                         "another tool?): point RESULTS= at a folder holding runs/ or the suite's summary.csv.")
     frame = summary[summary["status"] == "ok"].copy()
     if "pretrained" in frame:
         frame = frame[frame["pretrained"].astype(str).str.lower() == "true"]
@@ -50,6 +94,10 @@ def runs_of_one_backbone(summary: pd.DataFrame, datasets: list[str] | None = Non
         if not plain:  # the report calls final_runs too: its warnings are enough
             warnings.simplefilter("ignore")
         frame = comma_filter(comma_filter(frame, "dataset", datasets), "method", methods)
+    if recipe is not None:  # a summary without the column matches no filter
+        frame = frame[frame.get("recipe", pd.Series(index=frame.index)).astype(str) == recipe]
+    if epochs is not None:
+        frame = frame[pd.to_numeric(frame.get("epochs", pd.Series(index=frame.index)), errors="coerce") == epochs]
     if backbone:
         frame = frame[frame["backbone"] == backbone]
     elif frame["backbone"].nunique() > 1:
@@ -61,21 +109,61 @@ def runs_of_one_backbone(summary: pd.DataFrame, datasets: list[str] | None = Non
 
 def one_run_per_point(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Where the selection protocol produced a final (train+val) run, it replaces the fixed-recipe run of the same
-    point (`keys`)."""
+    point (`keys`); then a cell (the point without its seed) whose seeds mix recipes or epochs is refused."""
     selected = frame["selected_lr"].notna() if "selected_lr" in frame else pd.Series(False, index=frame.index)
     frame = frame.assign(selected=selected).sort_values("selected", kind="stable")
-    return frame.drop_duplicates(keys, keep="last").reset_index(drop=True)
+    frame = frame.drop_duplicates(keys, keep="last").reset_index(drop=True)
+    one_recipe_per_cell(frame, [k for k in keys if k != "seed"])
+    return frame
+
+
+def one_recipe_per_cell(frame: pd.DataFrame, cell: list[str]) -> None:
+    """ValueError when the runs of one cell (the columns `cell`) differ in RECIPE_KEYS: their mean over seeds would
+    mix training protocols. It names up to three such cells, what each mixes, and the filters that choose."""
+    keys = [k for k in RECIPE_KEYS if k in frame]
+    if frame.empty or not keys:
+        return
+    values = [frame[k].map(lambda v: "?" if pd.isna(v) else f"{v:g}" if isinstance(v, float) else str(v))
+              for k in keys]
+    protocol = f"{keys[0]} " + values[0]  # "recipe quick (epochs 2)"
+    for key, value in zip(keys[1:], values[1:], strict=True):
+        protocol = protocol + f" ({key} " + value + ")"
+    frame = frame.assign(protocol=protocol)
+    groups = frame.groupby(cell, dropna=False, sort=True)
+    mixed = [(point, runs) for point, runs in groups if runs["protocol"].nunique() > 1]
+    if not mixed:
+        return
+    texts = []
+    for point, runs in mixed[:3]:  # each protocol with its seeds, in the order of their first seed
+        seeds = sorted(runs.groupby("protocol")["seed"].agg(sorted).items(), key=lambda item: item[1][0])
+        texts.append(f"{cell_text(dict(zip(cell, point, strict=True)))}: "
+                     + "; ".join(f"{name} seeds {', '.join(str(seed) for seed in group)}" for name, group in seeds))
+    more = f" (and {len(mixed) - 3} more)" if len(mixed) > 3 else ""
+    raise ValueError(f"A point's seeds are averaged only when made with one recipe and one number of epochs; "
+                     f"{len(mixed)} point{'s' * (len(mixed) > 1)} mix them: {' | '.join(texts)}{more}. Keep one "
+                     "with RECIPE=<name> and/or EPOCHS=<n> (--recipe, --epochs).")
+
+
+def cell_text(point: dict) -> str:
+    """`digits / vpt_deep @ 0.1`, `@ 4 shots`, with the options of an option-grid cell in brackets."""
+    shots, options, fraction = point.get("shots"), point.get("options"), point.get("train_fraction")
+    amount = (f"{int(shots)} shots" if shots is not None and pd.notna(shots)
+              else f"{fraction:g}" if isinstance(fraction, float) else str(fraction))
+    extra = f" [{options}]" if isinstance(options, str) and options else ""
+    return f"{point.get('dataset')} / {point.get('method')} @ {amount}{extra}"
 
 
 def final_runs(summary: pd.DataFrame, datasets: list[str] | None = None, methods: list[str] | None = None,
-               backbone: str | None = None) -> pd.DataFrame:
+               backbone: str | None = None, *, recipe: str | None = None, epochs: int | None = None) -> pd.DataFrame:
     """The runs a report shows (runs_of_one_backbone, no few-shot or option-grid runs), one per dataset, method,
     fraction and seed."""
-    frame = runs_of_one_backbone(summary, datasets, methods, backbone)
+    frame = runs_of_one_backbone(summary, datasets, methods, backbone, recipe=recipe, epochs=epochs)
     if frame.empty:
         raise ValueError("No finished runs match (status ok, pretrained, no tag"
                          f"{', datasets ' + ','.join(datasets) if datasets else ''}"
-                         f"{', backbone ' + backbone if backbone else ''}): run `make grid` first or widen the "
+                         f"{', backbone ' + backbone if backbone else ''}"
+                         f"{', recipe ' + recipe if recipe is not None else ''}"
+                         f"{f', epochs {epochs}' if epochs is not None else ''}): run `make grid` first or widen the "
                          "filters.")
     return one_run_per_point(frame, ["dataset", "method", "train_fraction", "seed"])
 

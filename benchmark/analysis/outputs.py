@@ -3,6 +3,7 @@ tables (Markdown + CSV), optionally to W&B."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +16,8 @@ from benchmark.analysis.aggregate import (
     load_summary,
     results_table,
     selected_hparams,
+    skipped_line,
+    skipped_runs,
     zoo_points,
 )
 from benchmark.analysis.paper import paper_comparison, unmatched
@@ -29,19 +32,40 @@ def report_title(final: pd.DataFrame) -> str:
     return (f"{final['backbone'].iloc[0]} on {', '.join(tasks)} ({seeds} seed{'s' * (seeds > 1)}): VPT-deep vs "
             "other protocols; marker area ∝ log tuned-parameter %")
 
+def write_skipped(summary: pd.DataFrame, out: Path, results_dir: str | Path) -> dict[str, Path]:
+    """skipped.csv (path, reason, detail; a header alone when nothing was left out) and its one line on stderr;
+    ValueError when the results hold no run record at all."""
+    skipped, path = skipped_runs(summary), out / "skipped.csv"
+    skipped.to_csv(path, index=False)
+    files = summary.attrs.get("files")
+    if not skipped.empty:
+        line = skipped_line(skipped, len(summary) if files is None else files,
+                            f"runs in {Path(results_dir) / 'summary.csv'}" if files is None else "run files")
+        print(f"{line}. All of them: {path}", file=sys.stderr)
+    if summary.empty:
+        raise ValueError(f"No run records in {results_dir}" + (f" (every run file skipped: {path})" if files else "")
+                         + ": run `make grid` first, or point RESULTS= at a folder holding runs/ or summary.csv.")
+    return {"skipped.csv": path}
+
+
 def write_report(results_dir: str | Path = "results", out_dir: str | Path | None = None,
                  datasets: list[str] | None = None, methods: list[str] | None = None, backbone: str | None = None,
-                 fraction: float | None = None, use_wandb: bool = False) -> dict[str, Path]:
+                 fraction: float | None = None, use_wandb: bool = False, *, recipe: str | None = None,
+                 epochs: int | None = None) -> dict[str, Path]:
     """Fig. 3, the parameter plot, the zoo figure (PNG + PDF) and the tables (Markdown + CSV) into `out_dir`; the
-    few-shot and ablation figures where the results hold such grids (then they alone, if nothing else)."""
+    few-shot and ablation figures where the results hold such grids (then they alone, if nothing else). First
+    skipped.csv, every run file or run left out and why, and one line on stderr when there is any."""
     out = Path(out_dir or Path(results_dir) / "figures")
     out.mkdir(parents=True, exist_ok=True)
     summary = load_summary(results_dir)
-    written = write_ablations(summary, out, datasets, methods, backbone)  # few-shot and option-grid figures
+    written = write_skipped(summary, out, results_dir)
+    filters = {"recipe": recipe, "epochs": epochs}
+    figures = write_ablations(summary, out, datasets, methods, backbone, **filters)  # few-shot, option grids
+    written |= figures
     try:
-        final = final_runs(summary, datasets, methods, backbone)
+        final = final_runs(summary, datasets, methods, backbone, **filters)
     except ValueError:
-        if not written:
+        if not figures:
             raise
         if use_wandb:  # only few-shot / option-grid results: their figures are the report
             log_report(list(written.values()), {}, str(results_dir))

@@ -51,18 +51,39 @@ def read_result(path: str | Path) -> dict | None:
         return None
 
 
+# why a run file is left out of a report: the first three by load_runs, the last by the report (its row stays)
+CORRUPT, NOT_A_RECORD, UNREADABLE, FAILED = "corrupt", "not a run record", "unreadable", "failed run"
+SKIP_REASONS = (CORRUPT, NOT_A_RECORD, UNREADABLE, FAILED)
+
+
 def load_runs(results_dir: str | Path) -> pd.DataFrame:
     """Every run JSON below results_dir/runs as one row (nested values dropped, but the config's `tag` kept:
-    it tells search points of the selection protocol from final runs)."""
+    it tells search points of the selection protocol from final runs). A failed run keeps its row (status failed).
+    The files left out are in `frame.attrs["skipped"]`, one (path, reason, detail) each, reason one of SKIP_REASONS'
+    first three; `frame.attrs["files"]` counts the files read."""
     import pandas as pd
 
-    rows = []
-    for path in sorted((Path(results_dir) / "runs").rglob("*.json")):
-        result = read_result(path)
-        if result is not None:
-            flat = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
-            rows.append(flat | {"tag": (result.get("config") or {}).get("tag", ""), "path": str(path)})
-    return pd.DataFrame(rows)
+    rows, skipped = [], []
+    paths = sorted((Path(results_dir) / "runs").rglob("*.json"))
+    for path in paths:
+        try:
+            result = json.loads(path.read_bytes())
+        except OSError as err:  # permissions, a folder named *.json
+            skipped.append((str(path), UNREADABLE, f"{type(err).__name__}: {err.strerror or err}"))
+            continue
+        except ValueError as err:  # not JSON, or not UTF-8 (UnicodeDecodeError)
+            skipped.append((str(path), CORRUPT, f"{type(err).__name__}: {err}"))
+            continue
+        if not isinstance(result, dict) or "status" not in result:
+            detail = "an object without a status" if isinstance(result, dict) else f"a JSON {type(result).__name__}"
+            skipped.append((str(path), NOT_A_RECORD, detail))
+            continue
+        flat = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
+        config = result.get("config") if isinstance(result.get("config"), dict) else {}
+        rows.append(flat | {"tag": config.get("tag", ""), "path": str(path)})
+    frame = pd.DataFrame(rows)
+    frame.attrs |= {"skipped": skipped, "files": len(paths)}
+    return frame
 
 
 def read_summary(results_dir: str | Path) -> pd.DataFrame:
@@ -73,15 +94,20 @@ def read_summary(results_dir: str | Path) -> pd.DataFrame:
                                 "folder holding runs/ or summary.csv.")
     import pandas as pd
 
-    frame = pd.read_csv(path)
+    try:
+        frame = pd.read_csv(path)
+    except pd.errors.EmptyDataError:  # written from a runs/ folder without one run record
+        return pd.DataFrame()
+    except (UnicodeDecodeError, pd.errors.ParserError) as err:
+        raise ValueError(f"{path} is not a summary table ({type(err).__name__}: {err}).") from err
     if "tag" in frame:
         frame["tag"] = frame["tag"].fillna("").astype(str)
     return frame
 
 
-def write_summary(results_dir: str | Path) -> Path:
-    """results/summary.csv: one row per run."""
-    frame = load_runs(results_dir)
+def write_summary(results_dir: str | Path, frame: pd.DataFrame | None = None) -> Path:
+    """results/summary.csv: one row per run (`frame`: load_runs(results_dir) already read)."""
+    frame = load_runs(results_dir) if frame is None else frame
     path = Path(results_dir) / "summary.csv"
     atomic_write_text(path, frame.to_csv(index=False))
     return path

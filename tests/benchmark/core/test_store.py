@@ -90,3 +90,50 @@ def test_summary_has_one_flat_row_per_run_with_the_tag(tmp_path):
         read_summary(tmp_path / "empty")
     assert json.loads((results / "runs" / "digits" / "b" / "linear" / "frac0.1_seed0.json").read_text())["ids"] == [
         1, 2]
+
+
+def test_load_runs_names_every_file_it_leaves_out(tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    runs = results / "runs"
+    atomic_write_json(runs / "ok.json", {"method": "linear", "status": "ok", "test_top1": 40.0})
+    atomic_write_json(runs / "failed.json", {"method": "linear", "status": "failed", "error": "RuntimeError: boom"})
+    (runs / "list.json").write_text("[1, 2]")
+    (runs / "string.json").write_text('"ok"')
+    (runs / "nostatus.json").write_text('{"method": "linear"}')
+    (runs / "cut.json").write_text('{"status": "o')
+    (runs / "latin1.json").write_bytes(b'{"status": "ok", "method": "caf\xe9"}')
+    locked = runs / "locked.json"
+    atomic_write_json(locked, {"method": "linear", "status": "ok", "test_top1": 99.0})
+    locked.chmod(0)
+    if os.access(locked, os.R_OK):  # root reads it anyway: inject the error it would meet
+        real = type(locked).read_bytes
+
+        def read_bytes(self):
+            if self.name == "locked.json":
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self)
+
+        monkeypatch.setattr(type(locked), "read_bytes", read_bytes)
+    frame = load_runs(results)
+    locked.chmod(0o644)
+
+    assert sorted(frame["path"].map(lambda p: p.rsplit("/", 1)[1])) == ["failed.json", "ok.json"]  # a failed run: a row
+    skipped = {path.rsplit("/", 1)[1]: (reason, detail) for path, reason, detail in frame.attrs["skipped"]}
+    assert skipped["list.json"] == (store.NOT_A_RECORD, "a JSON list")
+    assert skipped["string.json"] == (store.NOT_A_RECORD, "a JSON str")
+    assert skipped["nostatus.json"] == (store.NOT_A_RECORD, "an object without a status")
+    assert skipped["cut.json"][0] == store.CORRUPT and skipped["cut.json"][1].startswith("JSONDecodeError")
+    assert skipped["latin1.json"][0] == store.CORRUPT and skipped["latin1.json"][1].startswith("UnicodeDecodeError")
+    assert skipped["locked.json"] == (store.UNREADABLE, "PermissionError: Permission denied")
+    assert len(skipped) == 6 and frame.attrs["files"] == 8
+
+
+def test_summary_of_runs_without_a_record_and_of_a_damaged_summary(tmp_path):
+    results = tmp_path / "results"
+    (results / "runs").mkdir(parents=True)
+    (results / "runs" / "list.json").write_text("[]")
+    write_summary(results)  # no row, no column: reads back as an empty table
+    assert read_summary(results).empty
+    (results / "summary.csv").write_bytes(b"status,test_top1\n\xff\xfe,1\n")
+    with pytest.raises(ValueError, match="summary.csv is not a summary table"):
+        read_summary(results)

@@ -118,4 +118,4 @@ def test_report_draws_shots_apart_from_the_fraction_curves(tmp_path):
     assert fig3["train_fraction"].tolist() == [0.1] and fig3["mean"].tolist() == [70.0]
     only_shots = tmp_path / "only-shots"
     write_result(only_shots, "shots1_seed0", shots=1, train_fraction=None, seed=0, test_top1=1.0)
-    assert set(outputs.write_report(only_shots)) == {"shots.png", "shots.pdf", "shots_data.csv"}
+    assert set(outputs.write_report(only_shots)) == {"skipped.csv", "shots.png", "shots.pdf", "shots_data.csv"}
