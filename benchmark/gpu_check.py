@@ -1,7 +1,7 @@
 """`make gpu-check`: per method, ViT-B/16 train and eval images/s and peak memory at batch 128 (bf16, fp32 for full and
 VPT-deep, with and without torch.compile), the loader's images/s (PIL path and decoded-image cache, 8 workers) and one
 end-to-end run on a generated JPEG folder, within a time budget, into results/gpu_check.csv. Without a GPU the same
-plan runs at CPU size. The plan, the budget and the columns: benchmark/core/device_check.py.
+plan runs at CPU size. The plan, the budget and the columns: benchmark/costs/device_check.py.
 
     python -m benchmark.gpu_check [--budget-s 420] [--out results/gpu_check.csv] [--methods full,vpt_deep]
 """
@@ -14,7 +14,7 @@ import tempfile
 import time
 
 from benchmark.core.cli import comma_list
-from benchmark.core.device_check import check_size, run_check
+from benchmark.costs.device_check import check_size, run_check
 
 
 def parser() -> argparse.ArgumentParser:

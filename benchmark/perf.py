@@ -34,7 +34,8 @@ import torch
 from benchmark.analysis.tables import markdown
 from benchmark.core.cli import add_method_options, add_switch, merged_method_options
 from benchmark.core.config import EMBEDDED_BACKBONE, REPO_ROOT
-from benchmark.core.costs import (
+from benchmark.core.store import atomic_write_text
+from benchmark.costs.model_costs import (
     LOADER_DATASET,
     PerfConfig,
     device_name,
@@ -43,8 +44,7 @@ from benchmark.core.costs import (
     measure_method,
     recipe_settings,
 )
-from benchmark.core.store import atomic_write_text
-from benchmark.sweeps.search_cost import linear_search_benchmark
+from benchmark.costs.search_cost import linear_search_benchmark
 
 RESULT_MARK = "PERF_RESULT "
 KEY_COLUMNS = ["method", "method_options", "backbone", "batch_size", "img_size", "device", "precision", "compile",
@@ -209,7 +209,7 @@ def loader_benchmark_to_csv(args, out: Path) -> pd.DataFrame:
     """`--loader-benchmark`: a generated FGVC-like JPEG folder (ViT-B/16's 224 px bicubic data config), the training
     loader of the PIL path and of the decoded-image cache with the same workers, `--repeats` interleaved (default 5):
     one row per repeat and loader, plus the medians and their ratio in every row."""
-    from benchmark.core.loading import LOADERS, loader_benchmark, loader_summary, write_jpeg_folder
+    from benchmark.costs.loading import LOADERS, loader_benchmark, loader_summary, write_jpeg_folder
 
     with tempfile.TemporaryDirectory(prefix="perf-loader-") as tmp:
         folder = write_jpeg_folder(Path(tmp) / "jpeg", n_train=args.images, n_eval=max(args.images // 8, 2))

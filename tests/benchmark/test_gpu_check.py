@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from benchmark import gpu_check
-from benchmark.core import device_check
-from benchmark.core.device_check import (
+from benchmark.costs import device_check
+from benchmark.costs.device_check import (
     COLUMNS,
     CORE_METHODS,
     CPU_SIZE,

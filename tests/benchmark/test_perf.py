@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from benchmark import perf
-from benchmark.core.costs import PerfConfig, build_model, matmul_peak_gflops, measure_method, training_flops
+from benchmark.costs.model_costs import PerfConfig, build_model, matmul_peak_gflops, measure_method, training_flops
 from benchmark.perf import merge_rows
 from methods import create_method, list_methods
-from tests.conftest import TINY_VIT, make_tiny_vit
+from tests.helpers.models import TINY_VIT, make_tiny_vit
 
 REQUIRED = ["method", "backbone", "batch_size", "train_img_s", "eval_img_s", "peak_mem_mb", "flops_per_img",
             "achieved_gflops"]
@@ -259,7 +259,7 @@ def test_vpt_deep_keeps_plain_blocks_without_fused_attention(tiny_batch):
 @pytest.mark.parametrize("method", list_methods())
 def test_synthetic_batches_have_the_backbones_input_shape_for_every_method(method):
     """A method may wrap the patch conv (SSF): the perf batches still take the embedded ViT's 1 x 28 x 28 input."""
-    from benchmark.core.costs import synthetic_batches
+    from benchmark.costs.model_costs import synthetic_batches
     from methods import create_backbone
 
     model = create_method(method, create_backbone("vit_embedded_p7_28"), 5)
@@ -270,7 +270,7 @@ def test_synthetic_batches_have_the_backbones_input_shape_for_every_method(metho
 @pytest.mark.parametrize(("backbone", "img_size"), [("resnet18", 32), ("convnext_atto", None)])
 def test_convnet_rows_take_the_pretrained_config_channels_and_the_asked_size(backbone, img_size):
     # a ConvNet has no patch_embed: 3 channels from timm's pretrained config, the size asked (else its 224)
-    from benchmark.core.costs import input_shape
+    from benchmark.costs.model_costs import input_shape
 
     cfg = PerfConfig(method="vpt_shallow", backbone=backbone, img_size=img_size, batch_size=2, num_classes=5,
                      steps=1, warmup=0, method_options={"prompt_length": 2})

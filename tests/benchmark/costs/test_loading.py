@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 from PIL import Image
 
-from benchmark.core.loading import FIXTURE_SIZE, loader_benchmark, loader_summary, write_jpeg_folder
+from benchmark.costs.loading import FIXTURE_SIZE, loader_benchmark, loader_summary, write_jpeg_folder
 from datamodules import create_datamodule
 
 TINY_CONFIG = {"input_size": (3, 16, 16), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear"}

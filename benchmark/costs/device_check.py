@@ -4,10 +4,10 @@ On a GPU (ViT-B/16 `vit_base_patch16_224`, random init: speed does not depend on
 order, so that what matters most is measured first:
 
 1. train and eval images/s and peak memory of the core methods (full, linear, bias, adapter, LoRA, VPT-shallow,
-   VPT-deep) in bf16 autocast, eager (`benchmark.core.costs.measure_method`, as `make perf` measures them);
+   VPT-deep) in bf16 autocast, eager (`benchmark.costs.model_costs.measure_method`, as `make perf` measures them);
 2. full and VPT-deep in fp32;
 3. the training loader of a generated FGVC-like JPEG folder (512 images, ~500x375), the PIL path against the
-   decoded-image cache, 8 workers, batches delivered to the GPU (`benchmark.core.loading`);
+   decoded-image cache, 8 workers, batches delivered to the GPU (`benchmark.costs.loading`);
 4. one `make bench`-equivalent run (`benchmark.core.pipeline.run`: VPT-deep on that folder as DATASET=folder, bf16,
    the image cache, 2 epochs);
 5. every other registered method in bf16, eager;
@@ -40,10 +40,10 @@ import pandas as pd
 import torch
 
 from benchmark.core.config import RunConfig
-from benchmark.core.costs import PerfConfig, device_name, measure_method, recipe_settings
-from benchmark.core.loading import loader_benchmark, loader_data_config, loader_summary, write_jpeg_folder
 from benchmark.core.provenance import git_commit
 from benchmark.core.store import atomic_write_text
+from benchmark.costs.loading import loader_benchmark, loader_data_config, loader_summary, write_jpeg_folder
+from benchmark.costs.model_costs import PerfConfig, device_name, measure_method, recipe_settings
 
 CORE_METHODS = ("full", "linear", "bias", "adapter", "lora", "vpt_shallow", "vpt_deep")
 FP32_METHODS = ("full", "vpt_deep")  # the comparison the VPT paper is about, in fp32 too
