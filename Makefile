@@ -82,11 +82,11 @@ mutation: install data ## Planted one-line bugs against the fast suite [JOBS=1]
 	$(PY) tests/mutation/run.py $(ARGS)
 
 lint: install ## ruff check
-	$(PY) -m ruff check methods datamodules benchmark tests
+	$(PY) -m ruff check backbones methods datamodules benchmark tests
 
 format: install ## ruff format + import order
-	$(PY) -m ruff check --fix --select I methods datamodules benchmark tests
-	$(PY) -m ruff format methods datamodules benchmark tests
+	$(PY) -m ruff check --fix --select I backbones methods datamodules benchmark tests
+	$(PY) -m ruff format backbones methods datamodules benchmark tests
 
 clean: ## Remove run outputs (keeps .venv and the committed reference results)
 	rm -rf results/runs results/logs results/splits results/cache results/summary.csv

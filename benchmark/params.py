@@ -19,9 +19,9 @@ from dataclasses import fields
 import pandas as pd
 import torch
 
+from backbones import FAMILIES, create_backbone, family_of
 from benchmark.core.cli import add_switch, comma_list, method_options
-from methods import create_backbone, create_method, get_method_class, list_methods
-from methods.backbone import FAMILIES, backbone_family
+from methods import create_method, get_method_class, list_methods
 from methods.registry import label, methods_for_family, support_matrix
 
 
@@ -41,7 +41,7 @@ def count_params(backbone: str, num_classes: int, methods: list[str] | None = No
     """One row per method: method, tuned_params, total_params, tuned_percent. By default every method that supports
     the backbone's family; methods named explicitly must support it."""
     with torch.device("meta"):
-        family = backbone_family(create_backbone(backbone, pretrained=False))
+        family = family_of(create_backbone(backbone, pretrained=False)).name  # create_backbone refuses the rest
     chosen = methods or methods_for_family(family)
     if not chosen:
         raise ValueError(f"No registered method supports {family} backbones yet (see --support-matrix).")

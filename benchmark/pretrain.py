@@ -20,12 +20,13 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from backbones import create_backbone, data_config
 from benchmark.core.cli import add_switch
 from benchmark.core.config import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS
 from benchmark.core.provenance import git_commit, versions
 from benchmark.core.store import atomic_write_json
 from datamodules.embedded import FMNIST_CLASSES, FMNIST_DIR, PRETRAIN_CLASSES, FashionPretrainDataModule
-from methods import OptimConfig, create_backbone, create_method, data_config
+from methods import OptimConfig, create_method
 
 
 def sha256(path: Path) -> str:

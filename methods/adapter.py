@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from methods.backbone import transformer_blocks
 from methods.base import TuningModule
 from methods.registry import register_method
 
@@ -64,7 +63,7 @@ class AdapterTuning(TuningModule):
 
     def adapt(self) -> None:
         reduction = int(self.options.reduction)
-        blocks = transformer_blocks(self.backbone)
+        blocks = self.family.blocks(self.backbone)
         for dim in sorted({block.mlp.fc1.in_features for block in blocks}):  # a Swin's width doubles per stage
             if dim % reduction:
                 divisors = [r for r in range(1, dim + 1) if dim % r == 0 and r <= 64]
@@ -75,4 +74,4 @@ class AdapterTuning(TuningModule):
             block.mlp = MlpWithAdapter(block.mlp, Adapter(dim, dim // reduction))  # new params trainable
 
     def adapters(self) -> list[Adapter]:
-        return [block.mlp.adapter for block in transformer_blocks(self.backbone)]
+        return [block.mlp.adapter for block in self.family.blocks(self.backbone)]

@@ -44,7 +44,6 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from methods.backbone import backbone_family, block_width, plain_blocks, transformer_blocks
 from methods.base import TuningModule, is_number
 from methods.registry import register_method
 
@@ -111,9 +110,10 @@ class AdaptFormerTuning(TuningModule):
     families = ("vit", "swin")
 
     def adapt(self) -> None:
-        swin = backbone_family(self.backbone) == "swin"
-        for i, block in enumerate(plain_blocks(self.backbone, "adaptformer")):  # what the forwards above mirror
-            adaptmlp = AdaptMLP(block_width(block), self.options.bottleneck, float(self.options.scale))
+        family = self.family
+        swin = family.name == "swin"
+        for i, block in enumerate(family.plain_blocks(self.backbone, "adaptformer")):  # what the forwards above mirror
+            adaptmlp = AdaptMLP(family.width_of(block), self.options.bottleneck, float(self.options.scale))
             adaptmlp = adaptmlp.to(next(block.parameters()).device)
             if not swin:
                 block.adaptmlp = adaptmlp
@@ -127,4 +127,4 @@ class AdaptFormerTuning(TuningModule):
 
     def adapters(self) -> list[AdaptMLP]:
         return [block.mlp.adaptmlp if isinstance(block.mlp, AdaptFormerMlp) else block.adaptmlp
-                for block in transformer_blocks(self.backbone)]
+                for block in self.family.blocks(self.backbone)]

@@ -16,6 +16,8 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from backbones import Family, family_of
+
 # Accepted ranges: wide enough for every recipe of the paper (SGD base lrs up to 50, scaled by batch/256), narrow
 # enough to catch a slipped exponent; AdamW steps are ~lr per weight, so above 1 it diverges at once.
 LR_MAX = {"sgd": 1_000.0, "adamw": 1.0}
@@ -104,17 +106,19 @@ class UnsupportedBackbone(ValueError):
     """A method asked to wrap a backbone family it is not defined for."""
 
 
-def check_family(cls: type[TuningModule], backbone: nn.Module) -> None:
-    from methods.backbone import backbone_family  # methods.backbone imports the registry, as this module does
+def check_family(cls: type[TuningModule], backbone: nn.Module) -> Family:
+    """The row of `backbone`'s family (backbones.FAMILIES), when `cls` declares it; else UnsupportedBackbone."""
     from methods.registry import methods_for_family
 
-    family = backbone_family(backbone)
-    if family not in cls.families:
-        others = methods_for_family(family) if family else []
+    family = family_of(backbone)
+    name = family.name if family else None
+    if name not in cls.families:
+        others = methods_for_family(name) if name else []
         raise UnsupportedBackbone(
-            f"Method {cls.method_name!r} does not support {family or 'this'} backbones (a timm "
+            f"Method {cls.method_name!r} does not support {name or 'this'} backbones (a timm "
             f"{type(backbone).__name__}); it supports: {', '.join(cls.families)}."
-            + (f" Methods for {family}: {', '.join(others)}." if others else ""))
+            + (f" Methods for {name}: {', '.join(others)}." if others else ""))
+    return family
 
 
 class TuningModule(L.LightningModule):
@@ -138,14 +142,14 @@ class TuningModule(L.LightningModule):
     # True where the method's paper starts from the pretrained function (zero-init branches, unit scales): its
     # features equal the plain backbone's before any step (tests/methods/test_zoo_contract.py checks every method).
     identity_at_init: ClassVar[bool] = True
-    # The backbone families (methods.backbone.FAMILIES) the method is defined for; any other is refused before a
+    # The backbone families (backbones.FAMILIES) the method is defined for; any other is refused before a
     # model is built (benchmark.core.validate builds on the meta device) with the families it supports named.
     families: ClassVar[tuple[str, ...]] = ("vit",)
 
     def __init__(self, backbone: nn.Module, num_classes: int, optim: OptimConfig | None = None,
                  options: Any = None, *, head_init: str = "pytorch"):
         super().__init__()
-        check_family(type(self), backbone)
+        self.family = check_family(type(self), backbone)  # the row a method reads: blocks, widths, targets
         self.backbone = backbone
         pretrained = list(backbone.modules())  # before the new head and whatever the method adds
         self.backbone.reset_classifier(num_classes)

@@ -41,7 +41,6 @@ from timm.models.swin_transformer import SwinTransformerBlock
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from methods.backbone import backbone_family, block_width, plain_blocks, transformer_blocks
 from methods.base import TuningModule, is_number
 from methods.registry import register_method
 
@@ -155,7 +154,7 @@ class ConvpassTuning(TuningModule):
     families = ("vit", "swin")
 
     def adapt(self) -> None:
-        if backbone_family(self.backbone) == "swin":
+        if self.family.name == "swin":
             self.adapt_swin()
             return
         backbone, options = self.backbone, self.options
@@ -176,14 +175,14 @@ class ConvpassTuning(TuningModule):
             block.__class__ = ConvpassBlock  # same parameters and state-dict keys, plus the two bypasses
 
     def adapt_swin(self) -> None:
-        options = self.options
-        for block in plain_blocks(self.backbone, "convpass"):  # ConvpassSwinBlock mirrors the plain block only
+        options, family = self.options, self.family
+        for block in family.plain_blocks(self.backbone, "convpass"):  # ConvpassSwinBlock mirrors the plain block only
             device = next(block.parameters()).device
             for name in ("adapter_attn", "adapter_mlp"):
-                bypass = Convpass(block_width(block), options.dim, None, 0, options.xavier_init)  # of its width
+                bypass = Convpass(family.width_of(block), options.dim, None, 0, options.xavier_init)  # of its width
                 setattr(block, name, bypass.to(device))
             block.s = float(options.scale)
             block.__class__ = ConvpassSwinBlock  # same parameters and state-dict keys, plus the two bypasses
 
     def bypasses(self) -> list[Convpass]:
-        return [b for block in transformer_blocks(self.backbone) for b in (block.adapter_attn, block.adapter_mlp)]
+        return [b for block in self.family.blocks(self.backbone) for b in (block.adapter_attn, block.adapter_mlp)]

@@ -25,7 +25,6 @@ from timm.models.swin_transformer import SwinTransformerBlock
 from timm.models.vision_transformer import LayerScale
 from torch import nn
 
-from methods.backbone import backbone_family, block_width, plain_blocks
 from methods.base import TuningModule
 from methods.registry import register_method
 
@@ -74,9 +73,10 @@ class DiffFitTuning(TuningModule):
         for module in self.backbone.modules():
             if isinstance(module, nn.LayerNorm):
                 module.requires_grad_(True)
-        if backbone_family(self.backbone) == "swin":
-            for block in plain_blocks(self.backbone, "difffit"):  # DiffFitSwinBlock mirrors the plain block only
-                dim, device = block_width(block), block.norm1.weight.device
+        family = self.family
+        if family.name == "swin":
+            for block in family.plain_blocks(self.backbone, "difffit"):  # DiffFitSwinBlock mirrors the plain block only
+                dim, device = family.width_of(block), block.norm1.weight.device
                 block.ls1, block.ls2 = BranchScale(nn.Identity(), dim, device), BranchScale(nn.Identity(), dim, device)
                 block.__class__ = DiffFitSwinBlock
             return

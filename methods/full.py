@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from methods.backbone import backbone_family, transformer_blocks
 from methods.base import TuningModule
 from methods.registry import register_method
 
@@ -37,12 +36,12 @@ class FullFineTuning(TuningModule):
 
     def adapt(self) -> None:
         self.backbone.requires_grad_(True)
-        if self.options.dropout and backbone_family(self.backbone) in ("vit", "swin"):  # transformer MLPs only
+        if self.options.dropout and self.family.name in ("vit", "swin"):  # transformer MLPs only
             self.set_dropout(float(self.options.dropout))
 
     def set_dropout(self, rate: float) -> None:
         backbone = self.backbone
-        mlps = [block.mlp for block in transformer_blocks(backbone)]
+        mlps = [block.mlp for block in self.family.blocks(backbone)]
         if not all(isinstance(getattr(m, name, None), nn.Dropout) for m in mlps for name in ("drop1", "drop2")):
             raise ValueError(f"full dropout={rate} sets timm Mlp's drop1/drop2; this backbone's MLPs are "
                              f"{type(mlps[0]).__name__}. Use dropout=0 or a backbone with timm's Mlp.")

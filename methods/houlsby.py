@@ -43,7 +43,6 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from methods.adapter import Adapter
-from methods.backbone import backbone_family, block_width, plain_blocks, transformer_blocks
 from methods.base import TuningModule
 from methods.registry import register_method
 
@@ -96,9 +95,10 @@ class HoulsbyTuning(TuningModule):
 
     def adapt(self) -> None:
         bottleneck = self.options.bottleneck
-        adapted = HoulsbySwinBlock if backbone_family(self.backbone) == "swin" else HoulsbyBlock
-        for block in plain_blocks(self.backbone, "houlsby"):  # the forwards above mirror timm's plain blocks only
-            dim, device = block_width(block), next(block.parameters()).device
+        family = self.family
+        adapted = HoulsbySwinBlock if family.name == "swin" else HoulsbyBlock
+        for block in family.plain_blocks(self.backbone, "houlsby"):  # the forwards above mirror the plain blocks only
+            dim, device = family.width_of(block), next(block.parameters()).device
             block.adapter_attn = Adapter(dim, bottleneck).to(device)
             block.adapter_mlp = Adapter(dim, bottleneck).to(device)
             block.__class__ = adapted  # same parameters and state-dict keys, plus the two adapters
@@ -108,4 +108,4 @@ class HoulsbyTuning(TuningModule):
                     module.requires_grad_(True)
 
     def adapters(self) -> list[Adapter]:
-        return [a for block in transformer_blocks(self.backbone) for a in (block.adapter_attn, block.adapter_mlp)]
+        return [a for block in self.family.blocks(self.backbone) for a in (block.adapter_attn, block.adapter_mlp)]

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.backbone import transformer_blocks
 from methods.base import MergeForEvalTuning
 from methods.registry import register_method
 
@@ -85,7 +84,7 @@ class LoRATuning(MergeForEvalTuning):
 
     def adapt(self) -> None:
         rank, alpha = self.options.rank, float(self.options.alpha)
-        for block in transformer_blocks(self.backbone):  # a Swin's window attention has the same qkv / proj
+        for block in self.family.blocks(self.backbone):  # a Swin's window attention has the same qkv / proj
             attn = block.attn
             if not (isinstance(attn.qkv, nn.Linear) and isinstance(attn.proj, nn.Linear)):
                 raise ValueError(f"LoRA wraps nn.Linear attention projections; this backbone's are "

@@ -20,7 +20,6 @@ block; stages are ours, the same unit for both ConvNets.
 
 from dataclasses import dataclass, field
 
-from methods.backbone import backbone_family, transformer_blocks
 from methods.base import TuningModule
 from methods.registry import register_method
 
@@ -44,14 +43,14 @@ class PartialFineTuning(TuningModule):
 
     def adapt(self) -> None:
         backbone = self.backbone
-        family = backbone_family(backbone)
+        family = self.family.name
         convnet = family == "convnet"
         if convnet:  # stages; ResNet has nothing with parameters between layer4 and fc
             units, unit = getattr(backbone, "stages", None), "stages"
             units = list(units) if units is not None else [getattr(backbone, f"layer{i}") for i in range(1, 5)]
             after = [getattr(backbone, "norm_pre", None), getattr(getattr(backbone, "head", None), "norm", None)]
         else:
-            units, unit = transformer_blocks(backbone), "blocks"
+            units, unit = self.family.blocks(backbone), "blocks"
             after = [backbone.norm, getattr(backbone, "fc_norm", None), getattr(backbone, "attn_pool", None)]
         depth = len(units)
         if self.options.k > depth:

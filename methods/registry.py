@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import difflib
 from typing import TYPE_CHECKING
+
+from backbones import closest_name
 
 if TYPE_CHECKING:
     from methods.base import TuningModule
@@ -29,12 +30,6 @@ def register_method(name: str):
 def list_methods() -> list[str]:
     """Registered method names, in registration order (the paper's order first)."""
     return list(_METHODS)
-
-
-def closest_name(name: str, known: list[str]) -> str:
-    """' Did you mean X?' hint for an unknown name, or '' when nothing is close."""
-    match = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-    return f" Did you mean {match[0]!r}?" if match else ""
 
 
 def get_method_class(name: str) -> type[TuningModule]:

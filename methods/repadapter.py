@@ -44,7 +44,6 @@ from timm.models.swin_transformer import SwinTransformerBlock
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from methods.backbone import backbone_family, block_width, plain_blocks, transformer_blocks
 from methods.base import MergeForEvalTuning, is_number
 from methods.registry import register_method
 
@@ -178,12 +177,12 @@ class RepAdapterTuning(MergeForEvalTuning):
     families = ("vit", "swin")
 
     def adapt(self) -> None:
-        options = self.options
-        blocks = plain_blocks(self.backbone, "repadapter")  # qkv reads norm1(x), fc1 norm2(x): nothing between
-        for dim in sorted({block_width(block) for block in blocks}):  # a Swin's width doubles per stage
+        options, family = self.options, self.family
+        blocks = family.plain_blocks(self.backbone, "repadapter")  # qkv reads norm1(x), fc1 norm2(x): nothing between
+        for dim in sorted({family.width_of(block) for block in blocks}):  # a Swin's width doubles per stage
             if dim % options.groups:
                 raise ValueError(f"repadapter groups={options.groups} must divide the embedding width {dim}.")
-        adapted = RepAdapterSwinBlock if backbone_family(self.backbone) == "swin" else RepAdapterBlock
+        adapted = RepAdapterSwinBlock if family.name == "swin" else RepAdapterBlock
         for i, block in enumerate(blocks):
             qkv, fc1 = block.attn.qkv, getattr(block.mlp, "fc1", None)
             if type(qkv) is not nn.Linear or type(fc1) is not nn.Linear:
@@ -191,14 +190,14 @@ class RepAdapterTuning(MergeForEvalTuning):
                                  f"{type(qkv).__name__} / {type(fc1).__name__}.")
             device = qkv.weight.device
             for name in ("adapter_attn", "adapter_mlp"):
-                adapter = RepAdapter(block_width(block), options.hidden_dim, options.groups, float(options.scale))
+                adapter = RepAdapter(family.width_of(block), options.hidden_dim, options.groups, float(options.scale))
                 setattr(block, name, adapter.to(device))
             block.attn.qkv = FoldableLinear(qkv, block.adapter_attn)
             block.mlp.fc1 = FoldableLinear(fc1, block.adapter_mlp)
             block.__class__ = adapted  # same parameters and state-dict keys, plus the two adapters
 
     def adapters(self) -> list[RepAdapter]:
-        return [a for block in transformer_blocks(self.backbone) for a in (block.adapter_attn, block.adapter_mlp)]
+        return [a for block in self.family.blocks(self.backbone) for a in (block.adapter_attn, block.adapter_mlp)]
 
     def mergeable_layers(self) -> list[RepAdapterFolding]:
-        return transformer_blocks(self.backbone)
+        return self.family.blocks(self.backbone)

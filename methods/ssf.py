@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
-from methods.backbone import backbone_family
+from backbones import Family
 from methods.base import MergeForEvalTuning
 from methods.registry import register_method
 
@@ -118,12 +118,12 @@ class ScaleShift(nn.Module):
         return f"kind={self.kind}, channels={self.ssf_scale.numel()}, merged={self.merged is not None}"
 
 
-def ssf_sites(backbone) -> list[tuple[nn.Module, str]]:
+def ssf_sites(backbone: nn.Module, family: Family) -> list[tuple[nn.Module, str]]:
     """(parent, attribute) of every layer SSF follows, in forward order (the official code's placement)."""
     sites = [(backbone.patch_embed, "proj")]
     if isinstance(backbone.patch_embed.norm, nn.LayerNorm):  # the code's PatchEmbed ssf_2, only with a norm
         sites.append((backbone.patch_embed, "norm"))
-    swin = backbone_family(backbone) == "swin"
+    swin = family.name == "swin"
     for stage in backbone.layers if swin else [backbone]:  # a ViT: one stage of blocks, no merge
         if swin and isinstance(stage.downsample, PatchMerging):  # stage 0 has none (Identity)
             sites.append((stage.downsample, "norm"))  # the official PatchMerging's ssf after its norm, over 4C
@@ -145,7 +145,7 @@ class SSFTuning(MergeForEvalTuning):
     families = ("vit", "swin")
 
     def adapt(self) -> None:
-        for parent, name in ssf_sites(self.backbone):
+        for parent, name in ssf_sites(self.backbone, self.family):
             base = getattr(parent, name)
             if isinstance(base, nn.Identity):
                 raise ValueError(f"SSF follows {type(parent).__name__}.{name}, which this backbone leaves as "

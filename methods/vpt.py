@@ -44,8 +44,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from backbones import data_config
 from methods import pixel_prompts, swin_prompts
-from methods.backbone import backbone_family, data_config
 from methods.base import TuningModule
 from methods.registry import register_method
 
@@ -149,7 +149,7 @@ class VisualPromptTuning(TuningModule):
     def adapt(self) -> None:
         backbone = self.backbone
         self.pixel_prompt = None
-        family = backbone_family(backbone)
+        family = self.family.name
         self.swin = family == "swin"
         if family == "convnet":  # only VPT-shallow declares ConvNets
             self.adapt_pixels()

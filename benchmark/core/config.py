@@ -9,9 +9,9 @@ from pathlib import Path
 
 import yaml
 
+from backbones import closest_name
 from benchmark.core.errors import ConfigError
 from datamodules import EMBEDDED_DATASETS
-from methods.registry import closest_name
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPES_DIR = REPO_ROOT / "benchmark" / "recipes"

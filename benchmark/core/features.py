@@ -29,9 +29,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from backbones import classifier_prefix
 from benchmark.core.store import atomic_write
 from datamodules.base import SPLITS, FractionDataModule, LabelledSplit
-from methods.backbone import classifier_prefix
 
 CACHE_VERSION = 1  # bump when what is stored (or how it is computed) changes
 

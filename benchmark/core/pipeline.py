@@ -14,6 +14,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
 import methods
+from backbones import create_backbone
 from benchmark.core.callbacks import NonFiniteLossError
 from benchmark.core.config import RunConfig, option_text, options_label
 from benchmark.core.distributed import for_this_process, per_process_batch_size
@@ -28,7 +29,7 @@ from benchmark.core.trainer import make_trainer
 from benchmark.core.validate import planned_data_config, validate_config, validate_data
 from datamodules import create_datamodule
 from datamodules.checks import DataError
-from methods import OptimConfig, create_backbone, create_method
+from methods import OptimConfig, create_method
 
 
 def build_datamodule(cfg: RunConfig, data_cfg: dict):
@@ -92,7 +93,7 @@ def prepare(cfg: RunConfig):
         model = build_model(cfg, datamodule.num_classes)
     except ConfigError:
         raise
-    except (ValueError, OSError) as err:  # methods.backbone and datamodules name the file and the fix
+    except (ValueError, OSError) as err:  # backbones.weights and datamodules name the file and the fix
         raise ConfigError(str(err)) from err
     return model, datamodule
 

@@ -28,15 +28,14 @@ import timm
 import torch
 
 import methods
+from backbones import closest_name, create_backbone, data_config, not_on_hub
 from benchmark.core.config import RunConfig, check_fraction, list_recipes, load_recipe
 from benchmark.core.errors import ConfigError, ConfigWarning
 from datamodules import get_datamodule_class, list_datasets
 from datamodules.checks import check_image_files, prepare_hint
 from datamodules.files import ImageFilesDataModule
-from methods import OptimConfig, create_backbone, create_method, data_config, get_method_class
+from methods import OptimConfig, create_method, get_method_class
 from methods.base import HEAD_INITS, optim_problems
-from methods.registry import closest_name
-from methods.ssl_vits import not_on_hub
 
 BATCH_SIZE_RANGE = (1, 65_536)
 SEED_RANGE = (0, 2**32 - 1)  # numpy's PCG64 seeds the splits and takes non-negative integers
@@ -71,7 +70,7 @@ def check_backbone_name(name: str, uses_hub: bool) -> list[str]:
                 f"(`timm.list_models('*vit*')` lists {len(vits)}), e.g. vit_base_patch16_224.orig_in21k "
                 "(set BACKBONE=<name>)."]
     if uses_hub and (why := not_on_hub(name)):
-        return [why]  # MoCo v3 (a tag of ours, methods/ssl_vits.py): only a local checkpoint has its weights
+        return [why]  # MoCo v3 (a tag of ours, backbones/ssl_vits.py): only a local checkpoint has its weights
     if tag and uses_hub:
         tagged = timm.list_pretrained(f"{architecture}.*")
         if name not in tagged:
@@ -182,7 +181,7 @@ def check_model_builds(cfg: RunConfig) -> list[str]:
 
 
 def check_weights(cfg: RunConfig) -> list[str]:
-    """WEIGHTS must exist; whether they are a checkpoint that fits is checked when they load (methods.backbone)."""
+    """WEIGHTS must exist; whether they are a checkpoint that fits is checked when they load (backbones.weights)."""
     if cfg.weights is None or Path(cfg.weights).is_file():
         return []
     return [f"WEIGHTS file {cfg.weights!r} does not exist; pass the path of a .npz, .pth/.pt or .safetensors "

@@ -63,7 +63,7 @@ def write_jpeg_folder(root: str | Path, n_train: int = 512, n_eval: int = 64, cl
 
 def loader_data_config(backbone: str = LOADER_BACKBONE, **backbone_kwargs) -> dict:
     """The backbone's data config (input size, mean, std, interpolation) without building its weights."""
-    from methods import create_backbone, data_config
+    from backbones import create_backbone, data_config
 
     with torch.device("meta"):
         return data_config(create_backbone(backbone, pretrained=False, **backbone_kwargs))

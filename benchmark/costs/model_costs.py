@@ -149,7 +149,8 @@ class StepTimer(L.Callback):
 
 def build_model(cfg: PerfConfig):
     """The method on a randomly initialised backbone: weights do not change the cost."""
-    from methods import OptimConfig, create_backbone, create_method, data_config
+    from backbones import create_backbone, data_config
+    from methods import OptimConfig, create_method
 
     extra = {}
     if cfg.img_size:
@@ -167,7 +168,7 @@ def build_model(cfg: PerfConfig):
 
 def input_shape(model) -> tuple[int, int, int]:
     """(channels, height, width) of the images the method's backbone takes."""
-    from methods import data_config
+    from backbones import data_config
     patch_embed = getattr(model.backbone, "patch_embed", None)
     if patch_embed is not None:  # ViT, Swin: built for one size; the channels from the patch conv's weight
         # (out, in, kh, kw), since a method may wrap the conv (SSF's ScaleShift)
@@ -236,8 +237,8 @@ def device_name(device: torch.device) -> str:
 
 def loader_img_s(backbone: str, batch_size: int, epochs: int = 20) -> float:
     """Images/s of the embedded default's training loader (full training pool, the run's settings)."""
+    from backbones import create_backbone, data_config
     from datamodules import create_datamodule
-    from methods import create_backbone, data_config
 
     datamodule = create_datamodule(LOADER_DATASET, data_config=data_config(create_backbone(backbone)),
                                    train_fraction=1.0, batch_size=batch_size)

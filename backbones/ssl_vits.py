@@ -1,8 +1,8 @@
 """Self-supervised and CLIP ViTs: what each checkpoint needs to be built and loaded as it was trained.
 
 All are timm VisionTransformers (family "vit"), so every ViT method applies; what differs is the head input and
-how the weights map. methods.backbone calls the three hooks here (`creation_args`, `after_creation`,
-`checkpoint_state`) while it builds and loads a backbone.
+how the weights map. backbones/create.py and backbones/weights.py call the hooks here (`creation_args`,
+`after_creation`, `checkpoint_state`, `read_moco_state`) while they build and load a backbone.
 
 - MAE (`vit_*_224.mae`, He et al. 2022, https://arxiv.org/abs/2111.06377): built with global average pooling over
   the patch tokens (CLS excluded) and `fc_norm`, the pooling MAE's fine-tuning and the VPT code
