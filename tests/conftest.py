@@ -1,49 +1,14 @@
-"""Shared fixtures: tiny ViTs (pretrained=False) and small tensors; everything offline and fast."""
+"""Shared fixtures: a tiny ViT (pretrained=False), a small batch, a per-test image cache.
+
+The builders behind them live in tests/helpers/ (a test imports those; it never imports conftest or another test
+module: tests/test_layout.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from methods import create_backbone
-
-CONV_32PX = {"input_size": (3, 32, 32)}
-TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-# One tiny random-init timm model per backbone family (methods.backbone.FAMILIES), all on 32 px RGB images.
-TINY_BACKBONES = {
-    "vit": ("vit_tiny_patch16_224", TINY_VIT),
-    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, embed_dim=24, depths=(2, 2), num_heads=(1, 2),
-                                                  window_size=4)),  # 8x8 then 4x4 tokens, 4x4 windows
-    "convnet": ("convnext_atto", dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), pretrained_cfg_overlay=CONV_32PX)),
-}
-# Both ConvNets of the convnet family, one stage block each, 32 px; timm ConvNets take no img_size, so their data
-# config (input_size) comes from timm's pretrained-config overlay, a create_model kwarg (backbone_kwargs of a run).
-TINY_CONVNETS = {
-    "convnext": TINY_BACKBONES["convnet"],
-    # zero_init_last=False: timm zeroes each block's last BatchNorm scale, which leaves every residual branch dead
-    # in a random-init stand-in for a pretrained ResNet (nothing before it would get a gradient under bias tuning)
-    "resnet": ("resnet18", dict(layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), zero_init_last=False,
-                                pretrained_cfg_overlay=CONV_32PX)),
-}
-
-# Method options a tiny backbone needs where a method's default does not fit it: FourierFT's 1,000 frequencies per
-# layer exceed the tiny Swin's smallest adapted weight (stage 0's attn.proj, 24 x 24 = 576 entries).
-TINY_METHOD_OPTIONS = {("fourierft", "swin"): {"n_frequency": 500}}
-
-
-def make_tiny_vit(**overrides):
-    """A 2-block, width-32 ViT on 32 px RGB images (16 patches + CLS): a real timm VisionTransformer."""
-    return create_backbone("vit_tiny_patch16_224", pretrained=False, **{**TINY_VIT, **overrides})
-
-
-def make_tiny(family: str, **overrides):
-    name, kwargs = TINY_BACKBONES[family]
-    return create_backbone(name, pretrained=False, **{**kwargs, **overrides})
-
-
-def make_tiny_convnet(kind: str, **overrides):
-    name, kwargs = TINY_CONVNETS[kind]
-    return create_backbone(name, pretrained=False, **{**kwargs, **overrides})
+from tests.helpers.models import make_tiny_vit
 
 
 @pytest.fixture

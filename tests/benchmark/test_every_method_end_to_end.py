@@ -14,10 +14,8 @@ from benchmark.core.pipeline import run
 from datamodules import create_datamodule
 from methods import create_backbone, data_config, list_methods
 from methods.registry import methods_for_family
-from tests.conftest import TINY_BACKBONES, TINY_CONVNETS, TINY_METHOD_OPTIONS, TINY_VIT
-from tests.datamodules.test_fgvc import make_fgvc
-from tests.datamodules.test_folder import make_folder
-from tests.datamodules.test_vtab import make_vtab
+from tests.helpers.data import make_fgvc, make_folder, make_vtab
+from tests.helpers.models import TINY_BACKBONES, TINY_CONVNETS, TINY_METHOD_OPTIONS, TINY_VIT
 
 pytestmark = pytest.mark.filterwarnings("ignore:DATASET=.*train.json has 3 classes:UserWarning")
 

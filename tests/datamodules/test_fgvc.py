@@ -9,44 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from benchmark.core.config import RunConfig
 from benchmark.core.pipeline import run
 from datamodules import create_datamodule, fraction_indices, get_datamodule_class
 from datamodules.checks import DataError
 from datamodules.files import ImageFiles
-from tests.conftest import TINY_VIT
+from tests.helpers.data import FGVC_IMAGE_DIRS, make_fgvc
+from tests.helpers.models import TINY_VIT
+from tests.helpers.runs import record_tested_model, top1_by_hand
 
 DATA_CONFIG = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
                "interpolation": "bicubic"}
-IMAGE_DIRS = {"cub": "images", "nabirds": "images", "dogs": "Images", "cars": "", "flowers": ""}
 # The fixtures have 3 classes, not the paper's counts: that warning is asserted once, silenced elsewhere.
 pytestmark = pytest.mark.filterwarnings("ignore:DATASET=.*train.json has 3 classes:UserWarning")
-RAW_CLASSES = (17, 3, 200)  # raw ids, unsorted and not contiguous: remapped to 3 -> 0, 17 -> 1, 200 -> 2
-
-
-def write_image(path: Path, seed: int, size=(40, 48)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
-
-
-def make_fgvc(root: Path, dataset: str, per_class=(6, 2, 3)) -> Path:
-    """Tiny VPT-layout dataset: per class `per_class` = (train, val, test) images, written as JSON + PNGs."""
-    image_root = root / IMAGE_DIRS[dataset]
-    seed = 0
-    for split, count in zip(("train", "val", "test"), per_class, strict=True):
-        annotation = {}
-        for class_id in RAW_CLASSES:
-            for i in range(count):
-                relative = f"{split}/{class_id:03d}.class/img_{i}.png"
-                write_image(image_root / relative, seed)
-                annotation[relative] = class_id
-                seed += 1
-        # keys in reverse order: the datamodule must not depend on the file's key order
-        (root / f"{split}.json").write_text(json.dumps(dict(reversed(annotation.items()))))
-    return root
 
 
 def datamodule(dataset: str, root: Path, **kwargs):
@@ -67,13 +43,13 @@ def test_layout_sizes_and_remapped_labels(tmp_path, dataset):
     expected = {"003": 0, "017": 1, "200": 2}
     assert all(label == expected[i.split("/")[1][:3]] for i, label in zip(train.ids, train.labels, strict=True))
     path, label = train.dataset.samples[0]
-    assert Path(path) == root / IMAGE_DIRS[dataset] / train.ids[0] and label == train.labels[0]
+    assert Path(path) == root / FGVC_IMAGE_DIRS[dataset] / train.ids[0] and label == train.labels[0]
     image, target = train.dataset[0]
     assert image.shape == (3, 32, 32) and target == train.labels[0]
 
 
 def test_paper_class_counts():
-    counts = {name: get_datamodule_class(name).paper_num_classes for name in IMAGE_DIRS}
+    counts = {name: get_datamodule_class(name).paper_num_classes for name in FGVC_IMAGE_DIRS}
     assert counts == {"cub": 200, "nabirds": 555, "dogs": 120, "cars": 196, "flowers": 102}
 
 
@@ -151,8 +127,6 @@ def test_missing_split_file_names_prepare(tmp_path):
 
 @pytest.mark.parametrize("fraction_file", [False, True])
 def test_run_end_to_end_with_a_tiny_vit(tmp_path, fraction_file, monkeypatch):
-    from tests.benchmark.core.test_pipeline import record_tested_model, top1_by_hand
-
     seen = record_tested_model(monkeypatch)
     root = make_fgvc(tmp_path / "cub", "cub", (4, 1, 2))
     if fraction_file:

@@ -7,31 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from benchmark.core.config import RunConfig
 from benchmark.core.pipeline import run
 from datamodules import create_datamodule
 from datamodules.checks import DataError
-from tests.conftest import TINY_VIT
-
-DATA_CONFIG = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
-               "interpolation": "bilinear"}
-CLASSES = ("zebra", "ant", "mole")  # sorted: ant 0, mole 1, zebra 2
-
-
-def make_folder(root: Path, per_class: dict[str, int]) -> Path:
-    seed = 0
-    for split, count in per_class.items():
-        for name in CLASSES:
-            for i in range(count):
-                path = root / split / name / f"{i}.{'png' if i % 2 else 'jpg'}"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                pixels = np.random.default_rng(seed).integers(0, 256, (36, 44, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(path)
-                seed += 1
-    (root / "train" / "ant" / "notes.txt").write_text("not an image: ignored")
-    return root
+from tests.helpers.data import DATA_CONFIG, make_folder
+from tests.helpers.models import TINY_VIT
 
 
 def datamodule(root: Path, **kwargs):

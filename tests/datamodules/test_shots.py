@@ -11,9 +11,7 @@ import pytest
 from datamodules import create_datamodule
 from datamodules.base import shot_indices
 from datamodules.checks import DataError
-from tests.datamodules.test_fgvc import make_fgvc
-from tests.datamodules.test_folder import DATA_CONFIG, make_folder
-from tests.datamodules.test_vtab import make_vtab
+from tests.helpers.data import DATA_CONFIG, make_fgvc, make_folder, make_vtab
 
 EMBEDDED_CONFIG = {"input_size": (1, 28, 28), "mean": (0.5,), "std": (0.5,)}
 

@@ -8,44 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from benchmark.core.config import RunConfig
 from benchmark.core.pipeline import run
 from datamodules import VTAB_DATASETS, create_datamodule, get_datamodule_class
 from datamodules.checks import DataError
 from datamodules.vtab import VTAB_TASKS
-from tests.conftest import TINY_VIT
-
-DATA_CONFIG = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
-               "interpolation": "bilinear"}
-SIZES = {"train800.txt": 3, "val200.txt": 1, "test.txt": 2}  # per class; train800val200 = train800 + val200
-
-
-def write_image(path: Path, seed: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    size = (20 + seed % 7, 30 + seed % 5)  # assorted, non-square sizes: the transform must resize them all
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
-
-
-def make_vtab(root: Path, task: str = "kitti", labels=(3, 0, 1, 2)) -> Path:
-    """<root>/<task>/ with the four list files, lines in shuffled order, image paths with a space in them."""
-    folder = root / task
-    lists = {}
-    seed = 0
-    for name, count in SIZES.items():
-        lines = []
-        for label in labels:
-            for i in range(count):
-                relative = f"images/{name[:-4]}/class {label}_{i}.png"
-                write_image(folder / relative, seed)
-                lines.append(f"{relative} {label}")
-                seed += 1
-        lists[name] = lines[::-1]
-    lists["train800val200.txt"] = lists["val200.txt"] + lists["train800.txt"]
-    for name, lines in lists.items():
-        (folder / name).write_text("\n".join(lines) + "\n")
-    return root
+from tests.helpers.data import DATA_CONFIG, make_vtab
+from tests.helpers.models import TINY_VIT
 
 
 def datamodule(root: Path, task: str = "kitti", **kwargs):

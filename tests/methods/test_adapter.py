@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from methods import create_method
-from tests.conftest import make_tiny_vit
-from tests.methods.test_vpt import embed
+from tests.helpers.models import make_tiny_vit
+from tests.helpers.vit import embed
 
 
 def reference_adapter_logits(model, images: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,6 @@ bottleneck 64, `down` Kaiming-uniform with a zero bias, `up` zero; the ViT-B/16 
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -12,39 +11,10 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import ResPostBlock
 
-from benchmark.params import count_params
 from methods import create_method
-from tests.conftest import make_tiny_vit
-from tests.methods.test_methods import train_steps
-from tests.methods.test_vpt import embed
-
-D, C, DEPTH = 768, 200, 12  # ViT-B/16, CUB-200's classes
-HEAD = D * C + C
-
-
-def vit_b_tuned(method: str, **options) -> int:
-    """Tuned parameters (head included) of `method` on vit_base_patch16_224 with 200 classes (meta device)."""
-    given = [(f"{method}.{k}", v) for k, v in options.items()]
-    return int(count_params("vit_base_patch16_224", C, [method], given).loc[0, "tuned_params"])
-
-
-def assert_identity_at_init(method: str, images: torch.Tensor, **options) -> None:
-    """A fresh method's features equal the plain backbone's, bit for bit (zero-init branches)."""
-    torch.manual_seed(0)
-    plain = make_tiny_vit().eval()
-    model = create_method(method, copy.deepcopy(plain), num_classes=3, **options).eval()
-    with torch.no_grad():
-        assert torch.equal(model.forward_features(images), plain.forward_features(images))
-
-
-def assert_trains_exactly(model, batch, added: set[str]) -> None:
-    """`added` plus the head is what requires grad; after two steps exactly those moved, the rest bit-identical."""
-    trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trained == added | {"backbone.head.weight", "backbone.head.bias"}
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train_steps(model, batch)  # two steps: `down` only sees error once `up` left zero
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed == trained
+from tests.helpers.models import make_tiny_vit
+from tests.helpers.training import assert_identity_at_init, assert_trains_exactly
+from tests.helpers.vit import DEPTH, HEAD, D, embed, vit_b_tuned
 
 
 def test_vit_b_count_is_the_issues():

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from benchmark.core.config import RunConfig
 from benchmark.core.pipeline import run
 from methods import create_backbone, data_config
-from tests.conftest import TINY_VIT, make_tiny_vit
+from tests.helpers.models import TINY_VIT, make_tiny_vit
 
 
 def google_npz(model, path: Path) -> Path:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from methods import OptimConfig, create_method
 from methods.base import optimizer_and_schedule, warmup_cosine
-from tests.conftest import make_tiny_vit
+from tests.helpers.models import make_tiny_vit
 
 NO_DECAY_EMBEDDINGS = {"backbone.pos_embed", "backbone.cls_token"}  # timm's ViT.no_weight_decay(), as named here
 

@@ -8,7 +8,7 @@ import torch
 
 from benchmark.core.pipeline import apply_speed_options
 from methods import create_method, list_methods
-from tests.conftest import make_tiny_vit
+from tests.helpers.models import make_tiny_vit
 
 # drop_path > 0 and the prompts' dropout make the check strict: recomputation must replay the same random masks.
 STOCHASTIC = dict(drop_path_rate=0.2)

@@ -15,7 +15,7 @@ from benchmark.core.features import backbone_fingerprint
 from benchmark.params import main as main_params
 from benchmark.run import main
 from methods import create_method
-from tests.conftest import make_tiny_convnet
+from tests.helpers.models import make_tiny_convnet
 
 
 def tuned_names(model) -> set[str]:

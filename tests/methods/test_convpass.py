@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import ResPostBlock
 
 from methods import create_backbone, create_method
-from tests.conftest import make_tiny_vit
-from tests.methods.test_adaptformer import DEPTH, HEAD, D, assert_identity_at_init, assert_trains_exactly, vit_b_tuned
-from tests.methods.test_vpt import embed
+from tests.helpers.models import make_tiny_vit
+from tests.helpers.training import assert_identity_at_init, assert_trains_exactly
+from tests.helpers.vit import DEPTH, HEAD, D, embed, vit_b_tuned
 
 
 def test_vit_b_count_is_the_issues():

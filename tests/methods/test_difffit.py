@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from methods import create_backbone, create_method
-from tests.conftest import make_tiny_vit
-from tests.methods.test_methods import train_steps
-from tests.methods.test_vpt import embed
+from tests.helpers.models import make_tiny_vit
+from tests.helpers.training import train_steps
+from tests.helpers.vit import embed
 
 D, C, DEPTH = 768, 200, 12
 HEAD = D * C + C

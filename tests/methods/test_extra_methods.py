@@ -11,8 +11,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from methods import create_method, list_methods
 from methods.lora import LoRALinear
-from tests.conftest import make_tiny_vit
-from tests.methods.test_methods import PAPER_METHODS, train_steps
+from tests.helpers.models import make_tiny_vit
+from tests.helpers.paper import PAPER_METHODS
+from tests.helpers.training import train_steps
 
 EXTRA_METHODS = ["partial_k", "mlp_k", "lora"]
 

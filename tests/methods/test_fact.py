@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from methods import create_backbone, create_method
 from methods.fact import FacTLinear
-from tests.conftest import make_tiny_vit
-from tests.methods.test_methods import train_steps
-from tests.methods.test_vpt import embed
+from tests.helpers.models import make_tiny_vit
+from tests.helpers.training import train_steps
+from tests.helpers.vit import embed
 
 D, C, DEPTH = 768, 200, 12
 HEAD = D * C + C

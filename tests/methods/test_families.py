@@ -11,7 +11,7 @@ from backbones import FAMILIES, family_of
 from methods import create_method, get_method_class, list_methods
 from methods.base import UnsupportedBackbone
 from methods.registry import methods_for_family, support_matrix
-from tests.conftest import TINY_BACKBONES, TINY_METHOD_OPTIONS, make_tiny
+from tests.helpers.models import TINY_BACKBONES, TINY_METHOD_OPTIONS, make_tiny
 
 
 @pytest.mark.parametrize(("name", "family"), [

@@ -11,9 +11,9 @@ from timm.models.vision_transformer import ResPostBlock
 
 from methods import create_method
 from methods.adapter import Adapter
-from tests.conftest import make_tiny_vit
-from tests.methods.test_adaptformer import DEPTH, HEAD, D, assert_identity_at_init, assert_trains_exactly, vit_b_tuned
-from tests.methods.test_vpt import embed
+from tests.helpers.models import make_tiny_vit
+from tests.helpers.training import assert_identity_at_init, assert_trains_exactly
+from tests.helpers.vit import DEPTH, HEAD, D, embed, vit_b_tuned
 
 
 def houlsby_count(bottleneck: int, train_norms: bool = True) -> int:

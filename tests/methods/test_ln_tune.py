@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from methods import create_backbone, create_method
-from tests.conftest import make_tiny_vit
-from tests.methods.test_methods import train_steps
+from tests.helpers.models import make_tiny_vit
+from tests.helpers.training import train_steps
 
 D, C, DEPTH = 768, 200, 12
 HEAD = D * C + C

@@ -7,14 +7,14 @@ from __future__ import annotations
 import copy
 import math
 
-import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from methods import create_method
 from methods.lora import LoRALinear
-from tests.conftest import make_tiny_vit
+from tests.helpers.models import make_tiny_vit
+from tests.helpers.training import evaluate as evaluate_merged
 
 
 def test_wraps_exactly_the_attention_projections():
@@ -55,31 +55,10 @@ def test_a_is_kaiming_uniform_and_b_zero():
     assert all(layer.lora_B.abs().sum() == 0 for layer in model.lora_layers())
 
 
-class CaptureLogits(L.Callback):
-    """Every evaluation batch's logits, and whether the LoRA layers held a merged copy while computing them."""
-
-    def __init__(self):
-        self.logits, self.merged = [], set()
-
-    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
-        self.record(module, batch)
-
-    def on_test_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
-        self.record(module, batch)
-
-    def record(self, module, batch):
-        self.merged.add(all(layer.merged_weight is not None for layer in module.lora_layers()))
-        with torch.no_grad():
-            self.logits.append(module(batch[0]))
-
-
 def evaluate(model, data, tmp_path) -> tuple[dict, torch.Tensor, set]:
-    capture = CaptureLogits()
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[capture], default_root_dir=tmp_path)
-    metrics = trainer.validate(model, DataLoader(data, batch_size=4), verbose=False)[0]
-    metrics |= trainer.test(model, DataLoader(data, batch_size=4), verbose=False)[0]
-    return metrics, torch.cat(capture.logits), capture.merged
+    """(metrics, logits, merged states) of validate + test; merged: the LoRA layers held a merged copy."""
+    return evaluate_merged(model, data, tmp_path,
+                           lambda m: all(layer.merged_weight is not None for layer in m.lora_layers()))
 
 
 def test_merged_evaluation_equals_unmerged_under_a_trainer(tmp_path):

@@ -9,9 +9,9 @@ import torch
 
 from methods import OptimConfig, create_method, list_methods
 from methods.base import warmup_cosine
-from tests.conftest import make_tiny_vit
-
-PAPER_METHODS = ["full", "linear", "bias", "adapter", "vpt_shallow", "vpt_deep"]
+from tests.helpers.models import make_tiny_vit
+from tests.helpers.paper import PAPER_METHODS
+from tests.helpers.training import train_steps
 
 
 def expected_trainable(method: str, name: str) -> bool:
@@ -26,16 +26,6 @@ def expected_trainable(method: str, name: str) -> bool:
         "vpt_shallow": name == "vpt_prompts",
         "vpt_deep": name == "vpt_prompts",
     }[method]
-
-
-def train_steps(model, batch, steps: int = 2) -> None:
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    model.train()
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss, _, _ = model.model_step(batch)
-        loss.backward()
-        optimizer.step()
 
 
 def test_paper_methods_registered_in_order():

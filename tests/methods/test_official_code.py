@@ -15,7 +15,7 @@ from benchmark.core.validate import planned_data_config
 from benchmark.run import main
 from methods import create_backbone, create_method, data_config, list_methods
 from methods.base import TuningModule
-from tests.conftest import make_tiny_vit
+from tests.helpers.models import make_tiny_vit
 
 FROZEN_BACKBONE_METHODS = [m for m in list_methods() if m != "full"]
 DROPPY = dict(drop_rate=0.3, proj_drop_rate=0.3, attn_drop_rate=0.3, pos_drop_rate=0.3, drop_path_rate=0.3)

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from benchmark.params import count_params
 from methods import create_method
 from methods.lora import LoRALinear
-from tests.conftest import make_tiny_vit
-from tests.methods.test_methods import train_steps
+from tests.helpers.models import make_tiny_vit
+from tests.helpers.training import train_steps
 
 TUNERS = ["dora", "ia3", "loha", "lokr", "vera", "boft", "fourierft"]
 D, C, DEPTH = 768, 200, 12

@@ -12,7 +12,7 @@ import torch
 
 from benchmark.params import count_params
 from methods import create_backbone, create_method
-from tests.conftest import CONV_32PX, TINY_CONVNETS, make_tiny_convnet, make_tiny_vit
+from tests.helpers.models import CONV_32PX, TINY_CONVNETS, make_tiny_convnet, make_tiny_vit
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # timm's ResNet/ConvNeXt data config
 KINDS = list(TINY_CONVNETS)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from methods import create_backbone, create_method, data_config
-from tests.conftest import make_tiny_vit
+from tests.helpers.models import make_tiny_vit
 
 
 def trained(model) -> set[str]:

@@ -8,17 +8,16 @@ from __future__ import annotations
 import copy
 import math
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import ResPostBlock
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from methods import create_method
-from tests.conftest import make_tiny_vit
-from tests.methods.test_adaptformer import DEPTH, HEAD, D, assert_identity_at_init, assert_trains_exactly, vit_b_tuned
-from tests.methods.test_vpt import embed
+from tests.helpers.models import make_tiny_vit
+from tests.helpers.training import assert_identity_at_init, assert_trains_exactly, evaluate
+from tests.helpers.vit import DEPTH, HEAD, D, embed, rep_adapter, vit_b_tuned
 
 
 def repadapter_count(hidden: int = 8, groups: int = 2) -> int:
@@ -46,14 +45,6 @@ def test_every_added_tensor_learns_and_the_backbone_stays(tiny_batch):
     assert {"backbone.blocks.0.attn.qkv.weight", "backbone.blocks.1.mlp.fc1.bias"} <= set(model.state_dict())
 
 
-def adapter(a, h: torch.Tensor, scale: float, groups: int) -> torch.Tensor:
-    z = F.linear(h, a.down.weight, a.down.bias)  # (..., hidden)
-    hidden_per_group, out_per_group = z.shape[-1] // groups, a.up.weight.shape[0] // groups
-    parts = [z[..., g * hidden_per_group:(g + 1) * hidden_per_group]
-             @ a.up.weight[g * out_per_group:(g + 1) * out_per_group].T for g in range(groups)]
-    return h + scale * (torch.cat(parts, dim=-1) + a.up.bias)
-
-
 def attention(attn, h: torch.Tensor) -> torch.Tensor:
     """Multi-head self-attention from qkv's and proj's own weights (the layers read through the adapters)."""
     batch, tokens, dim = h.shape
@@ -71,8 +62,8 @@ def reference_logits(model, images: torch.Tensor, scale: float, groups: int) -> 
     backbone = model.backbone
     x = embed(backbone, images)
     for block in backbone.blocks:
-        x = x + attention(block.attn, adapter(block.adapter_attn, block.norm1(x), scale, groups))
-        x = x + mlp(block.mlp, adapter(block.adapter_mlp, block.norm2(x), scale, groups))
+        x = x + attention(block.attn, rep_adapter(block.adapter_attn, block.norm1(x), scale, groups))
+        x = x + mlp(block.mlp, rep_adapter(block.adapter_mlp, block.norm2(x), scale, groups))
     return backbone.head(backbone.norm(x)[:, 0])
 
 
@@ -120,22 +111,10 @@ def test_folded_weights_by_hand():
     assert not any(b.merged for b in model.backbone.blocks)
 
 
-class CaptureLogits(L.Callback):
-    def __init__(self):
-        self.logits, self.merged = [], set()
-
-    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
-        self.merged.add(all(block.merged for block in module.backbone.blocks))
-        with torch.no_grad():
-            self.logits.append(module(batch[0]))
-
-
 def validate(model, data, tmp_path) -> tuple[torch.Tensor, set]:
-    capture = CaptureLogits()
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[capture], default_root_dir=tmp_path)
-    trainer.validate(model, DataLoader(data, batch_size=4), verbose=False)
-    return torch.cat(capture.logits), capture.merged
+    _, logits, merged = evaluate(model, data, tmp_path, lambda m: all(block.merged for block in m.backbone.blocks),
+                                 test=False)
+    return logits, merged
 
 
 def test_merged_evaluation_under_a_trainer_equals_unmerged(tmp_path):

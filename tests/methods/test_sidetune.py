@@ -17,19 +17,12 @@ from benchmark.core.pipeline import run, with_feature_cache
 from benchmark.params import count_params
 from benchmark.sweeps.heads import can_share_a_pass
 from methods import create_method, get_method_class
-from tests.conftest import make_tiny_vit
-from tests.methods.test_methods import train_steps
+from tests.helpers.data import DeterministicData
+from tests.helpers.models import make_tiny_vit
+from tests.helpers.sidetune import ALEXNET_FEATURES, SIDE_OUT, sidetune_count
+from tests.helpers.training import train_steps
 
 D, C = 768, 200  # ViT-B/16 width; CUB-200's classes
-# torchvision AlexNet `features`: (in, out, kernel) of its five convolutions, each with a bias.
-ALEXNET_CONVS = [(3, 64, 11), (64, 192, 5), (192, 384, 3), (384, 256, 3), (256, 256, 3)]
-ALEXNET_FEATURES = sum(i * o * k * k + o for i, o, k in ALEXNET_CONVS)
-SIDE_OUT = 256 * 6 * 6  # the VPT code's Linear(9216, feat_dim): 256 maps pooled to 6 x 6
-
-
-def sidetune_count(dim: int, classes: int) -> int:
-    """AlexNet features + bias-free projection 9216 -> D + scalar alpha + head."""
-    return ALEXNET_FEATURES + SIDE_OUT * dim + 1 + dim * classes + classes
 
 
 def alexnet_side_by_hand(model, images: torch.Tensor) -> torch.Tensor:
@@ -121,10 +114,6 @@ def test_backbone_runs_without_autograd_in_eval_mode_and_the_side_net_follows_tr
     assert seen == {"inference": True, "grad": False}
     assert all(p.grad is None for n, p in model.backbone.named_parameters() if not n.startswith("head."))
     assert model.side_alpha.grad is not None and model.side.features[0].weight.grad.abs().sum() > 0
-
-
-class DeterministicData:
-    deterministic_train_transform = True  # what a datamodule declares where the linear probe's cache applies
 
 
 def test_never_served_from_cached_backbone_features():

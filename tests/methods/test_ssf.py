@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from methods import create_backbone, create_method
 from methods.ssf import ScaleShift, SSFTuning
-from tests.conftest import make_tiny_vit
-from tests.methods.test_methods import train_steps
+from tests.helpers.models import make_tiny_vit
+from tests.helpers.training import evaluate as evaluate_merged
+from tests.helpers.training import train_steps
 
 D, C, DEPTH = 768, 200, 12
 HEAD = D * C + C
@@ -162,29 +163,8 @@ def test_fold_without_a_bias():
         torch.testing.assert_close(qkv(x), expected, rtol=0, atol=1e-5)
 
 
-class CaptureLogits(L.Callback):
-    def __init__(self):
-        self.logits, self.merged = [], set()
-
-    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
-        self.record(module, batch)
-
-    def on_test_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0):
-        self.record(module, batch)
-
-    def record(self, module, batch):
-        self.merged.add(all(layer.merged is not None for layer in module.ssf_layers()))
-        with torch.no_grad():
-            self.logits.append(module(batch[0]))
-
-
 def evaluate(model, data, tmp_path):
-    capture = CaptureLogits()
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[capture], default_root_dir=tmp_path)
-    metrics = trainer.validate(model, DataLoader(data, batch_size=4), verbose=False)[0]
-    metrics |= trainer.test(model, DataLoader(data, batch_size=4), verbose=False)[0]
-    return metrics, torch.cat(capture.logits), capture.merged
+    return evaluate_merged(model, data, tmp_path, lambda m: all(layer.merged is not None for layer in m.ssf_layers()))
 
 
 def test_merged_evaluation_equals_unmerged_under_a_trainer(tmp_path):

@@ -21,7 +21,7 @@ from benchmark.core.validate import check_backbone_name, planned_data_config
 from benchmark.run import config_from_args
 from datamodules.files import fgvc_transform
 from methods import create_backbone, create_method, data_config, get_method_class, list_methods
-from tests.conftest import TINY_VIT
+from tests.helpers.models import TINY_VIT
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))

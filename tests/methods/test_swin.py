@@ -17,28 +17,16 @@ import torch
 import torch.nn.functional as F
 
 from methods import create_backbone, create_method
-from tests.conftest import make_tiny
+from tests.helpers.models import make_tiny
+from tests.helpers.swin import DEPTHS, HEAD, WIDTHS, block_params, layer_norm, linear, region, swin_b_total
 
-# Tiny Swins: the conftest one (8x8 then 4x4 tokens, 4x4 windows: shifted windows in stage 0 only), three stages
-# with shifted windows in two of them, and 3x3 windows on 8x8 / 4x4 maps (timm pads; shifted too).
+# Tiny Swins: tests/helpers/models.py's (8x8 then 4x4 tokens, 4x4 windows: shifted windows in stage 0 only), three
+# stages with shifted windows in two of them, and 3x3 windows on 8x8 / 4x4 maps (timm pads; shifted too).
 SWINS = {
     "tiny": {},
     "three stages, two shifted": dict(img_size=64, depths=(2, 2, 2), num_heads=(1, 2, 4)),
     "padded windows": dict(window_size=3),
 }
-
-
-def linear(layer, x):
-    return x @ layer.weight.T + (layer.bias if layer.bias is not None else 0)
-
-
-def layer_norm(norm, x):
-    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-
-
-def region(index: int, size: int, window: int, shift: int) -> int:
-    """The shift mask's region of a row (or column) of the padded, rolled map: Swin's three slices."""
-    return 0 if index < size - window else (1 if index < size - shift else 2)
 
 
 def window_attention(attn, seq, coords, window, shift, padded):
@@ -189,23 +177,8 @@ def test_swin_vpt_honours_gradient_checkpointing(monkeypatch):
 
 
 # --- Swin-B (swin_base_patch4_window7_224, 200 classes): tuned parameters as the official code counts them -----
-# (every tensor with requires_grad, the new head included: its log_model_info "Gradient Parameters")
-WIDTHS, DEPTHS, HEADS, TABLE = (128, 256, 512, 1024), (2, 2, 18, 2), (4, 8, 16, 32), (2 * 7 - 1) ** 2
-HEAD = 1024 * 200 + 200
-
-
-def block_params(width: int, heads: int) -> int:
-    """norm1 2C, qkv 3C^2 + 3C, proj C^2 + C, relative-position table 169 h, norm2 2C, fc1 4C^2 + 4C, fc2 4C^2 + C."""
-    return 12 * width ** 2 + 13 * width + TABLE * heads
-
-
-def swin_b_total() -> int:
-    embed = 3 * 4 * 4 * 128 + 128 + 2 * 128  # patch projection and its norm
-    blocks = sum(d * block_params(c, h) for c, d, h in zip(WIDTHS, DEPTHS, HEADS, strict=True))
-    merges = sum(2 * 4 * c + 4 * c * 2 * c for c in WIDTHS[:-1])  # norm(4C) and reduction 4C -> 2C, no bias
-    return embed + blocks + merges + 2 * 1024 + HEAD
-
-
+# (every tensor with requires_grad, the new head included: its log_model_info "Gradient Parameters"); the formula's
+# pieces are tests/helpers/swin.py's
 SWIN_B_COUNTS = {
     "linear": HEAD,
     "full": swin_b_total(),

@@ -1,7 +1,7 @@
 """The zoo's methods on a timm Swin (issue 17), against formulas and references written here.
 
 - counts: every zoo method that declares Swin, by formula per stage width C and depth d, on the tiny Swin of
-  tests/conftest.py (C = 24, 48) and on Swin-B built on the meta device (C = 128, 256, 512, 1024);
+  tests/helpers/models.py (C = 24, 48) and on Swin-B built on the meta device (C = 128, 256, 512, 1024);
 - placement: one Swin block (shifted windows; the second stage's width; padded windows) of each block-modifying
   method against its forward written out here, one image at a time, with a window attention of its own (roll,
   pad, windows, relative-position bias from the coordinates, shift mask from the regions), every sublayer a
@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from methods import create_backbone, create_method
-from tests.conftest import TINY_METHOD_OPTIONS, make_tiny
-from tests.methods.test_repadapter import adapter as rep_adapter
-from tests.methods.test_sidetune import sidetune_count
-from tests.methods.test_swin import layer_norm, linear, region, swin_b_total
+from tests.helpers.models import TINY_METHOD_OPTIONS, make_tiny
+from tests.helpers.sidetune import sidetune_count
+from tests.helpers.swin import layer_norm, linear, region, swin_b_total
+from tests.helpers.vit import rep_adapter
 
 SWIN_B = SimpleNamespace(name="swin_base_patch4_window7_224", widths=(128, 256, 512, 1024), depths=(2, 2, 18, 2),
                          classes=200)

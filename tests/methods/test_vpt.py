@@ -12,7 +12,8 @@ import torch
 from timm.models.vision_transformer import Block
 
 from methods import create_backbone, create_method
-from tests.conftest import make_tiny_vit
+from tests.helpers.models import make_tiny_vit
+from tests.helpers.vit import block_inputs, embed
 
 
 def prompt_bound(in_chans: int, patch: int, dim: int) -> float:
@@ -39,15 +40,6 @@ def test_prompt_init_is_uniform_within_the_xavier_bound(backbone, in_chans, patc
     assert prompt_bound(1, 7, 128) == pytest.approx(math.sqrt(6 / 177))
 
 
-def embed(backbone, images: torch.Tensor) -> torch.Tensor:
-    """Patch projection, then [CLS, registers, patches] with the position embedding (timm's two conventions)."""
-    x = backbone.patch_embed.proj(images).flatten(2).transpose(1, 2)  # (B, N, D)
-    prefix = [t.expand(len(images), -1, -1) for t in (backbone.cls_token, backbone.reg_token) if t is not None]
-    if backbone.no_embed_class:  # position embedding on the patches only
-        return torch.cat([*prefix, x + backbone.pos_embed], dim=1)
-    return torch.cat([*prefix, x], dim=1) + backbone.pos_embed
-
-
 def reference_vpt(model, images: torch.Tensor, deep: bool) -> tuple[torch.Tensor, torch.Tensor, list]:
     """VPT as the paper writes it (eq. 1-5), with plain timm blocks: (features after stripping, logits, every
     block's input sequence)."""
@@ -65,24 +57,6 @@ def reference_vpt(model, images: torch.Tensor, deep: bool) -> tuple[torch.Tensor
     features = torch.cat([x[:, :prefix], x[:, prefix + p:]], dim=1)
     pooled = features[:, prefix:].mean(dim=1) if backbone.global_pool == "avg" else features[:, 0]
     return features, backbone.head(backbone.fc_norm(pooled)), inputs
-
-
-def block_inputs(model, images) -> list[torch.Tensor]:
-    """Each block's input as [prefix, prompts, patches]; a key/value-only block (VPT-deep) takes its prompts beside
-    the sequence, and they are put in the place the paper gives them."""
-    prefix, seen = model.backbone.num_prefix_tokens, []
-
-    def capture(_module, args, kwargs):
-        x, prompts = args[0], kwargs.get("prompts")
-        if prompts is not None:
-            x = torch.cat([x[:, :prefix], prompts.expand(len(x), -1, -1), x[:, prefix:]], dim=1)
-        seen.append(x.detach().clone())
-
-    handles = [block.register_forward_pre_hook(capture, with_kwargs=True) for block in model.backbone.blocks]
-    model(images)
-    for handle in handles:
-        handle.remove()
-    return seen
 
 
 VITS = {

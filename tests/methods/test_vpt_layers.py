@@ -10,8 +10,8 @@ from timm.models.vision_transformer import Block
 
 from methods import create_method
 from methods.vpt import parse_layers
-from tests.conftest import make_tiny_vit
-from tests.methods.test_vpt import block_inputs, embed
+from tests.helpers.models import make_tiny, make_tiny_vit
+from tests.helpers.vit import block_inputs, embed
 
 DEPTH, WIDTH, P, CLASSES = 4, 32, 3, 5
 
@@ -109,8 +109,6 @@ def test_layers_beyond_the_depth_shallow_and_other_families_are_refused():
         create_method("vpt_deep", make_tiny_vit(depth=DEPTH), num_classes=CLASSES, prompt_layers="1-5")
     with pytest.raises(ValueError, match="prompt_layers is VPT-deep's depth study on a ViT"):
         create_method("vpt_shallow", make_tiny_vit(depth=DEPTH), num_classes=CLASSES, prompt_layers="1")
-    from tests.conftest import make_tiny
-
     with pytest.raises(ValueError, match="prompt_layers is VPT-deep's depth study on a ViT"):
         create_method("vpt_deep", make_tiny("swin"), num_classes=CLASSES, prompt_layers="1")
     with pytest.raises(ValueError, match="a ConvNet's pixel prompt has no blocks"):

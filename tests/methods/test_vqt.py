@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 from benchmark.params import count_params
 from methods import create_method, get_method_class
-from tests.conftest import make_tiny_vit
-from tests.methods.test_methods import train_steps
+from tests.helpers.data import DeterministicData
+from tests.helpers.models import make_tiny_vit
+from tests.helpers.training import train_steps
 
 D, C, DEPTH = 768, 200, 12  # ViT-B/16 width and depth; CUB-200's classes
 
@@ -156,6 +157,5 @@ def test_other_block_types_are_refused():
 
 def test_never_served_from_cached_backbone_features():
     from benchmark.core.features import can_cache
-    from tests.methods.test_sidetune import DeterministicData
 
     assert not can_cache(create_method("vqt", make_tiny_vit(), num_classes=3), DeterministicData())

@@ -1,8 +1,8 @@
 """The contract every registered method keeps, checked for each one with its default options on a tiny backbone of
-every family it supports (tests/conftest.py: the tiny ViT and Swin, and for the convnet family both the tiny ResNet
-and ConvNeXt):
+every family it supports (tests/helpers/models.py: the tiny ViT and Swin, and for the convnet family both the tiny
+ResNet and ConvNeXt):
 
-- (default options, except where one does not fit a tiny backbone: tests/conftest.py TINY_METHOD_OPTIONS)
+- (default options, except where one does not fit a tiny backbone: tests/helpers/models.py TINY_METHOD_OPTIONS)
 - where its paper says it starts from the pretrained function (`identity_at_init`), its logits before any step equal
   the plain backbone's with the same head;
 - after a few optimizer steps every tuned tensor has moved and every other tensor (and buffer) is bit-identical;
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from methods import create_method, get_method_class, list_methods
-from tests.conftest import TINY_CONVNETS, TINY_METHOD_OPTIONS, make_tiny, make_tiny_convnet
+from tests.helpers.models import TINY_CONVNETS, TINY_METHOD_OPTIONS, make_tiny, make_tiny_convnet
 
 BATCHNORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 # (method, backbone kind) pairs: each family a method declares; "convnet" as each tiny ConvNet

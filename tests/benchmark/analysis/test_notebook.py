@@ -7,7 +7,7 @@ from nbclient import NotebookClient
 
 from benchmark.core.config import REPO_ROOT
 from benchmark.core.store import write_summary
-from tests.benchmark.analysis.test_report import write_synthetic_results
+from tests.helpers.results import write_synthetic_results
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "results.ipynb"
 

@@ -4,22 +4,13 @@ spaces, and method options reach the run (benchmark/core/cli.py and the Makefile
 from __future__ import annotations
 
 import argparse
-import shlex
-import subprocess
 
 import pytest
 
 from benchmark import grid, params, report
 from benchmark.core.cli import add_switch, comma_list, method_options
-from benchmark.core.config import REPO_ROOT
 from benchmark.run import config_from_args
-
-
-def make_dry_run(*words: str, step: int = 0) -> list[str]:
-    """The flags `make -n <target> VAR=value ...` passes to the recipe's `step`-th Python entry point."""
-    out = subprocess.run(["make", "-n", "-s", *words], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-    line = [ln for ln in out.stdout.splitlines() if "-m benchmark." in ln][step]
-    return shlex.split(line.split("||")[0])[3:]  # drop ".venv/bin/python -m benchmark.<entry>"
+from tests.helpers.runs import make_dry_run
 
 
 def test_make_bench_variables_reach_the_run_config():

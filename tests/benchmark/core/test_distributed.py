@@ -7,22 +7,19 @@ command for rank 1, which it cannot do inside pytest) next to a single-process r
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections import Counter
 
 import lightning as L
 import pytest
 
-from benchmark.core.config import REPO_ROOT
 from benchmark.core.distributed import ProcessShardedData, for_this_process, per_process_batch_size
 from benchmark.core.errors import ConfigError
 from benchmark.core.features import cached_datamodule
 from benchmark.run import main
 from datamodules import create_datamodule
 from methods import create_method, data_config
-from tests.conftest import make_tiny_vit
+from tests.helpers.models import make_tiny_vit
+from tests.helpers.runs import run_both
 
 GLOBAL_BATCH = 60  # divides by 2 and 3 processes
 DIGITS_RUN = "digits/vit_embedded_p7_28/{method}/frac0.1_seed0"
@@ -105,21 +102,6 @@ def test_a_strategy_lightning_does_not_know_is_a_config_error(tmp_path, capsys):
 
 
 # --- end to end: two processes vs one -------------------------------------------------------------------------
-def run_cli(results, *args) -> tuple[dict, str]:
-    done = subprocess.run([sys.executable, "-m", "benchmark.run", "--results-dir", str(results), *args],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    runs = list((results / "runs").rglob("*.json"))
-    assert len(runs) == 1, runs
-    return json.loads(runs[0].read_text()), done.stdout
-
-
-def run_both(tmp_path, *args) -> tuple[dict, dict, str]:
-    single, _ = run_cli(tmp_path / "single", *args)
-    ddp, out = run_cli(tmp_path / "ddp", *args, "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu")
-    return single, ddp, out
-
-
 def check_one_complete_ddp_result(tmp_path, single: dict, ddp: dict, out: str, method: str) -> None:
     assert ddp["status"] == "ok" and ddp["world_size"] == 2 and single["world_size"] == 1
     assert (ddp["config"]["devices"], ddp["config"]["strategy"]) == ("2", "ddp")

@@ -31,9 +31,9 @@ from datamodules.checks import DataError
 from datamodules.embedded import carve, load_digits_uint8
 from datamodules.extra_test import ExtraTestSet, restricted_argmax, scan_class_folders
 from methods import data_config
-from tests.benchmark.core.test_cli import make_dry_run
-from tests.conftest import TINY_VIT
-from tests.datamodules.test_folder import make_folder
+from tests.helpers.data import make_folder
+from tests.helpers.models import TINY_VIT
+from tests.helpers.runs import make_dry_run, run_both
 
 
 def test_restricted_argmax_picks_the_best_allowed_class_even_when_another_is_higher():
@@ -221,8 +221,6 @@ def write_digits_test_pngs(folder: Path) -> Path:
 def test_ddp_extra_sets_count_every_example_once(tmp_path):
     """Two processes vs one, vpt_deep on digits, 1 epoch at lr 1e-9 (tests/benchmark/core/test_distributed.py: both
     evaluate the same weights); the extra set is the test split as files. Tolerance: one example of 600."""
-    from tests.benchmark.core.test_distributed import run_both
-
     extra = write_digits_test_pngs(tmp_path / "pngs")
     single, ddp, _ = run_both(tmp_path, "--epochs", "1", "--lr", "1e-9", "--extra-test", f"png={extra}")
     assert ddp["world_size"] == 2 and ddp["extra_test"]["png"]["n"] == 600

@@ -20,26 +20,9 @@ from benchmark.core.config import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS, REPO_ROOT
 from benchmark.core.pipeline import run
 from benchmark.core.store import atomic_write_text, load_runs, read_result
 from benchmark.run import main
-from datamodules import list_datasets, register_dataset
-from datamodules.embedded import DigitsDataModule
+from tests.helpers.data import register_nan_digits
 
-NAN_DIGITS = "test_digits_nan"
-
-
-class NaNDigitsDataModule(DigitsDataModule):
-    """The digits with one corrupted training image (all NaN): the first batch holding it has a NaN loss."""
-
-    name = NAN_DIGITS
-
-    def load_split(self, split: str):
-        data = super().load_split(split)
-        if split == "train":
-            data.dataset.tensors[0][0] = float("nan")
-        return data
-
-
-if NAN_DIGITS not in list_datasets():
-    register_dataset(NAN_DIGITS, NaNDigitsDataModule)
+NAN_DIGITS = register_nan_digits()  # the digits with a NaN training image (tests/helpers/data.py)
 
 
 def store_files(results) -> list:

@@ -7,51 +7,20 @@ import csv
 import hashlib
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 
 from benchmark.core.config import RunConfig
 from benchmark.core.features import CachedFeatureDataModule, cached_datamodule, can_cache, tensor_digest
 from benchmark.core.pipeline import run
-from datamodules.embedded import TensorSplitsDataModule
 from methods import OptimConfig, create_method, data_config
-from tests.conftest import make_tiny_vit
-
-SIZES = {"train": 60, "val": 30, "test": 45}
-
-
-class PatternDataModule(TensorSplitsDataModule):
-    """3 classes of 12x12 grey images: a bright band whose row depends on the class, plus noise."""
-
-    name = "patterns"
-    offset = 0  # changing it changes every image: the cache must notice
-
-    @property
-    def num_classes(self) -> int:
-        return 3
-
-    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng(list(SIZES).index(split))
-        labels = np.arange(SIZES[split]) % 3
-        images = rng.integers(0, 120, size=(len(labels), 12, 12)).astype(np.int64) + self.offset
-        for i, label in enumerate(labels):
-            images[i, 4 * label: 4 * label + 4] += 120
-        return np.clip(images, 0, 255).astype(np.uint8), labels
+from tests.helpers.data import PatternDataModule, make_vtab
+from tests.helpers.models import make_tiny_vit
+from tests.helpers.training import setup_probe
 
 
 class AugmentingPatterns(PatternDataModule):
     deterministic_train_transform = False
-
-
-def setup_probe(train_fraction: float = 0.5, seed: int = 0, datamodule_cls=PatternDataModule, **config_overrides):
-    torch.manual_seed(0)
-    backbone = make_tiny_vit()
-    datamodule = datamodule_cls(data_config={**data_config(backbone), **config_overrides},
-                                train_fraction=train_fraction, seed=seed, batch_size=8, eval_batch_size=16)
-    datamodule.setup()
-    optim = OptimConfig(optimizer="sgd", lr=0.5, max_epochs=4, warmup_epochs=0)
-    return create_method("linear", backbone, datamodule.num_classes, optim), datamodule
 
 
 def fit_and_test(model, datamodule, fit_metrics: dict | None = None) -> tuple[float, torch.Tensor]:
@@ -243,8 +212,6 @@ def test_file_dataset_new_seed_or_fraction_computes_its_own_train_features(tmp_p
     """On image files the cache key has no input tensors to hash: a new seed keeps the same count and the same
     (sorted) labels, so only the example ids tell the two training subsets apart. The new seed's train features
     are computed from its own images; val and test, which do not depend on the seed, are read."""
-    from tests.datamodules.test_vtab import make_vtab
-
     root = make_vtab(tmp_path / "vtab-1k")
     cache = tmp_path / "cache"
     first = cached_datamodule(*vtab_probe(root, 0.5, seed=0), cache)

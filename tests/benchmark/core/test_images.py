@@ -26,10 +26,9 @@ from benchmark.core.validate import validate_config
 from datamodules import create_datamodule
 from datamodules.checks import DataError
 from datamodules.files import Geometry, crop_and_normalise, fgvc_geometry
-from tests.benchmark.core.test_pipeline import record_tested_model
-from tests.conftest import TINY_VIT
-from tests.datamodules.test_fgvc import make_fgvc
-from tests.datamodules.test_vtab import make_vtab
+from tests.helpers.data import make_fgvc, make_vtab
+from tests.helpers.models import TINY_VIT
+from tests.helpers.runs import record_tested_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:DATASET=.*train.json has 3 classes:UserWarning")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # not 0.5: a swapped mean/std would show

@@ -4,40 +4,16 @@ from __future__ import annotations
 
 import json
 
-import lightning as L
 import pytest
-import torch
 
 from benchmark.core.config import RunConfig
 from benchmark.core.pipeline import run
 from benchmark.run import main
+from tests.helpers.runs import record_tested_model, top1_by_hand
 
 REQUIRED = ["method", "dataset", "backbone", "train_fraction", "seed", "n_train", "num_classes", "tuned_params",
             "total_params", "val_top1", "test_top1", "epochs", "lr", "weight_decay", "batch_size", "wall_seconds",
             "peak_memory_mb", "git_commit", "status", "config"]
-
-
-def record_tested_model(monkeypatch) -> dict:
-    """Wraps Trainer.test to keep the model and data a run tests, so a test can count its accuracy by hand."""
-    seen, real_test = {}, L.Trainer.test
-
-    def test(self, model=None, *args, **kwargs):
-        seen.update(model=model, datamodule=kwargs.get("datamodule"))
-        return real_test(self, model, *args, **kwargs)
-
-    monkeypatch.setattr(L.Trainer, "test", test)
-    return seen
-
-
-def top1_by_hand(model, loader) -> tuple[float, int]:
-    """(100 * correct / examples, examples) of the model's argmax over every batch of `loader`."""
-    model.eval()
-    correct = total = 0
-    with torch.inference_mode():
-        for images, labels in loader:
-            correct += int((model(images).argmax(dim=1) == labels).sum())
-            total += len(labels)
-    return 100.0 * correct / total, total
 
 
 def test_run_writes_valid_result_and_split(tmp_path, capsys, monkeypatch):

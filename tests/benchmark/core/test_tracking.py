@@ -13,6 +13,7 @@ import yaml
 
 from benchmark.core import tracking
 from benchmark.core.config import RunConfig
+from tests.helpers.results import write_synthetic_results
 
 BLOCK = 32 * 1024  # LevelDB log block size
 
@@ -125,7 +126,6 @@ def test_sweep_refuses_search(tmp_path, capsys):
 
 def test_report_with_wandb_logs_figures_and_tables_offline(no_wandb_key):
     from benchmark.analysis.outputs import write_report
-    from tests.benchmark.analysis.test_report import write_synthetic_results
 
     write_synthetic_results(no_wandb_key / "results")
     write_report(no_wandb_key / "results", use_wandb=True)

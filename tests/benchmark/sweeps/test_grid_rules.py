@@ -18,26 +18,9 @@ from benchmark.sweeps import runner as grid_runner
 from benchmark.sweeps.runner import GridRunner, format_seconds, run_grid
 from benchmark.sweeps.search import SearchGrid, lr_edge, run_search, search_tag
 from benchmark.sweeps.spec import GridSpec
+from tests.helpers.runs import FakeTraining
 
 BACKBONE = "vit_embedded_p7_28"
-
-
-class FakeTraining:
-    """Stands in for `GridRunner.train`: writes the result a run would, from `outcome(resolved config)`, and
-    records which runs trained. Keeps these tests to the grid's own decisions (and under a second each)."""
-
-    def __init__(self, outcome=None):
-        self.trained: list[str] = []
-        self.outcome = outcome or (lambda cfg: {"status": "ok", "val_top1": 50.0, "test_top1": 40.0})
-
-    def __call__(self, cfg: RunConfig, started: float) -> dict:
-        resolved = cfg.resolved()
-        result = {"method": resolved.method, "dataset": resolved.dataset, "train_fraction": resolved.train_fraction,
-                  "seed": resolved.seed, "lr": resolved.lr, "weight_decay": resolved.weight_decay,
-                  "train_on": resolved.train_on, "config": {"tag": resolved.tag}} | self.outcome(resolved)
-        atomic_write_json(result_path(resolved.results_dir, resolved.run_id()), result)
-        self.trained.append(resolved.run_id())
-        return result
 
 
 @pytest.fixture

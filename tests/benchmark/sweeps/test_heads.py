@@ -21,7 +21,8 @@ from benchmark.sweeps.heads import HeadGrid, can_share_a_pass, train_in_one_pass
 from benchmark.sweeps.search import SearchGrid, point_config, run_search, select
 from benchmark.sweeps.spec import GridSpec
 from methods import OptimConfig
-from tests.benchmark.core.test_features import setup_probe
+from tests.helpers.data import register_nan_digits
+from tests.helpers.training import setup_probe
 
 LRS, WDS = (0.05, 0.5, 1.0), (0.05, 0.0)  # 0.05: enough decay that a decayed bias would show in the weights
 EPOCHS = 4
@@ -172,8 +173,8 @@ def test_a_non_finite_loss_in_the_pass_fails_each_point_as_its_run_would(tmp_pat
     on (its returned loss stays finite for the run's NaN callback), each point is recorded failed with the batch where
     its loss turned, the search finds nothing to select and records the cell's final run as failed."""
     from benchmark.core.config import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS
-    from tests.benchmark.core.test_faults import NAN_DIGITS
 
+    NAN_DIGITS = register_nan_digits()  # the digits with a NaN training image (tests/helpers/data.py)
     base = RunConfig(backbone=EMBEDDED_BACKBONE, weights=str(EMBEDDED_WEIGHTS), recipe="quick", epochs=1,
                      results_dir=str(tmp_path))
     runner = run_search(GridSpec(["linear"], [1.0], [0], [NAN_DIGITS], base), SearchGrid((0.1, 0.5), (0.0,)))

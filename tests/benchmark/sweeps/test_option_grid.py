@@ -23,8 +23,7 @@ from benchmark.sweeps.runner import GridRunner, run_grid
 from benchmark.sweeps.search import run_search
 from benchmark.sweeps.spec import GridSpec, describe
 from methods import create_backbone
-from tests.benchmark.core.test_cli import make_dry_run
-from tests.benchmark.sweeps.test_grid_rules import FakeTraining
+from tests.helpers.runs import FakeTraining, make_dry_run
 
 BACKBONE = "vit_embedded_p7_28"
 

@@ -21,8 +21,7 @@ from benchmark.run import config_from_args
 from benchmark.run import main as run_main
 from benchmark.sweeps.runner import GridRunner, run_grid
 from benchmark.sweeps.spec import GridSpec, describe
-from tests.benchmark.core.test_cli import make_dry_run
-from tests.benchmark.sweeps.test_grid_rules import FakeTraining
+from tests.helpers.runs import FakeTraining, make_dry_run
 
 BACKBONE = "vit_embedded_p7_28"
 
