@@ -62,16 +62,17 @@ class AdapterTuning(TuningModule):
     families = ("vit", "swin")
 
     def adapt(self) -> None:
-        reduction = int(self.options.reduction)
-        blocks = self.family.blocks(self.backbone)
-        for dim in sorted({block.mlp.fc1.in_features for block in blocks}):  # a Swin's width doubles per stage
+        reduction, family = int(self.options.reduction), self.family
+        blocks = family.blocks(self.backbone)
+        for dim in sorted({family.width_of(block) for block in blocks}):  # a Swin's width doubles per stage
             if dim % reduction:
                 divisors = [r for r in range(1, dim + 1) if dim % r == 0 and r <= 64]
                 raise ValueError(f"adapter reduction {reduction} does not divide the embedding width {dim}; "
                                  f"choose one of {divisors}.")
         for block in blocks:
-            dim = block.mlp.fc1.in_features  # the block's width
-            block.mlp = MlpWithAdapter(block.mlp, Adapter(dim, dim // reduction))  # new params trainable
+            dim = family.width_of(block)
+            adapter = Adapter(dim, dim // reduction)  # new params trainable
+            setattr(block, family.mlp, MlpWithAdapter(block.get_submodule(family.mlp), adapter))
 
     def adapters(self) -> list[Adapter]:
-        return [block.mlp.adapter for block in self.family.blocks(self.backbone)]
+        return [block.get_submodule(self.family.mlp).adapter for block in self.family.blocks(self.backbone)]

@@ -111,6 +111,8 @@ class AdaptFormerTuning(TuningModule):
 
     def adapt(self) -> None:
         family = self.family
+        # where the branch reads differs per family (the official ViT code: the residual stream before norm2; V-PETL's
+        # Swin: the MLP's input), so this stays a branch
         swin = family.name == "swin"
         for i, block in enumerate(family.plain_blocks(self.backbone, "adaptformer")):  # what the forwards above mirror
             adaptmlp = AdaptMLP(family.width_of(block), self.options.bottleneck, float(self.options.scale))

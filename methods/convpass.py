@@ -35,6 +35,7 @@ blocks of 2 ((8 C + 8) + (8*8*9 + 8) + (8 C + C)) + head = 642,504.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from timm.models.swin_transformer import SwinTransformerBlock
@@ -151,38 +152,30 @@ class ConvpassSwinBlock(SwinTransformerBlock):
 class ConvpassTuning(TuningModule):
     label, color = "Convpass", "#ff9896"
     options_cls = ConvpassOptions
-    families = ("vit", "swin")
+    block_classes: ClassVar[dict[str, type[nn.Module]]] = {"vit": ConvpassBlock, "swin": ConvpassSwinBlock}
+    families = tuple(block_classes)  # a family opts in with its block class above
 
     def adapt(self) -> None:
-        if self.family.name == "swin":
-            self.adapt_swin()
-            return
-        backbone, options = self.backbone, self.options
+        backbone, options, family = self.backbone, self.options, self.family
+        # what the conv runs over differs per family: a ViT's tokens laid out on its fixed patch grid (each prefix
+        # token a 1x1 image), a Swin block's (B, H, W, C) map as it is; so this stays a branch
+        grid, prefix = self.patch_grid() if family.name == "vit" else (None, 0)
+        for block in family.plain_blocks(backbone, "convpass"):  # the block forwards above mirror the plain ones
+            device = next(block.parameters()).device
+            for name in ("adapter_attn", "adapter_mlp"):
+                bypass = Convpass(family.width_of(block), options.dim, grid, prefix, options.xavier_init)
+                setattr(block, name, bypass.to(device))
+            block.s = float(options.scale)
+            block.__class__ = self.block_classes[family.name]  # same parameters and state-dict keys, plus the bypasses
+
+    def patch_grid(self) -> tuple[tuple[int, int], int]:
+        """A ViT's fixed patch grid (rows, columns) and its prefix tokens (CLS, registers)."""
+        backbone = self.backbone
         grid = getattr(backbone.patch_embed, "grid_size", None)
         if grid is None or getattr(backbone, "dynamic_img_size", False):
             raise ValueError("convpass needs a fixed patch grid (its 3x3 conv runs over it); this backbone has "
                              f"{'dynamic_img_size=True' if grid is not None else 'no patch_embed.grid_size'}.")
-        grid = (int(grid[0]), int(grid[1]))
-        for i, block in enumerate(backbone.blocks):
-            if type(block) is not Block:  # the forward above mirrors timm's plain pre-norm Block only
-                raise ValueError(f"convpass needs timm's plain Block; blocks[{i}] is {type(block).__name__}.")
-            device = next(block.parameters()).device
-            for name in ("adapter_attn", "adapter_mlp"):
-                bypass = Convpass(backbone.embed_dim, options.dim, grid, backbone.num_prefix_tokens,
-                                  options.xavier_init)
-                setattr(block, name, bypass.to(device))
-            block.s = float(options.scale)
-            block.__class__ = ConvpassBlock  # same parameters and state-dict keys, plus the two bypasses
-
-    def adapt_swin(self) -> None:
-        options, family = self.options, self.family
-        for block in family.plain_blocks(self.backbone, "convpass"):  # ConvpassSwinBlock mirrors the plain block only
-            device = next(block.parameters()).device
-            for name in ("adapter_attn", "adapter_mlp"):
-                bypass = Convpass(family.width_of(block), options.dim, None, 0, options.xavier_init)  # of its width
-                setattr(block, name, bypass.to(device))
-            block.s = float(options.scale)
-            block.__class__ = ConvpassSwinBlock  # same parameters and state-dict keys, plus the two bypasses
+        return (int(grid[0]), int(grid[1])), backbone.num_prefix_tokens
 
     def bypasses(self) -> list[Convpass]:
         return [b for block in self.family.blocks(self.backbone) for b in (block.adapter_attn, block.adapter_mlp)]

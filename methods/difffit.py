@@ -74,6 +74,8 @@ class DiffFitTuning(TuningModule):
             if isinstance(module, nn.LayerNorm):
                 module.requires_grad_(True)
         family = self.family
+        # a ViT block has LayerScale slots (ls1, ls2) for the scales; a Swin block has none and needs a forward of its
+        # own: the placement differs per family, so this stays a branch
         if family.name == "swin":
             for block in family.plain_blocks(self.backbone, "difffit"):  # DiffFitSwinBlock mirrors the plain block only
                 dim, device = family.width_of(block), block.norm1.weight.device

@@ -36,12 +36,12 @@ class FullFineTuning(TuningModule):
 
     def adapt(self) -> None:
         self.backbone.requires_grad_(True)
-        if self.options.dropout and self.family.name in ("vit", "swin"):  # transformer MLPs only
+        if self.options.dropout and self.family.mlp:  # transformer MLPs only: a ConvNet's row names none
             self.set_dropout(float(self.options.dropout))
 
     def set_dropout(self, rate: float) -> None:
         backbone = self.backbone
-        mlps = [block.mlp for block in self.family.blocks(backbone)]
+        mlps = [block.get_submodule(self.family.mlp) for block in self.family.blocks(backbone)]
         if not all(isinstance(getattr(m, name, None), nn.Dropout) for m in mlps for name in ("drop1", "drop2")):
             raise ValueError(f"full dropout={rate} sets timm Mlp's drop1/drop2; this backbone's MLPs are "
                              f"{type(mlps[0]).__name__}. Use dropout=0 or a backbone with timm's Mlp.")

@@ -36,6 +36,7 @@ sum over blocks of 2 (129 C + 64) + 57,600 LayerNorm values + head = 3,369,928 (
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from timm.models.swin_transformer import SwinTransformerBlock
@@ -91,12 +92,13 @@ class HoulsbySwinBlock(SwinTransformerBlock):
 class HoulsbyTuning(TuningModule):
     label, color = "Houlsby", "#c49c94"
     options_cls = HoulsbyOptions
-    families = ("vit", "swin")
+    block_classes: ClassVar[dict[str, type[nn.Module]]] = {"vit": HoulsbyBlock, "swin": HoulsbySwinBlock}
+    families = tuple(block_classes)  # a family opts in with its block class above
 
     def adapt(self) -> None:
         bottleneck = self.options.bottleneck
         family = self.family
-        adapted = HoulsbySwinBlock if family.name == "swin" else HoulsbyBlock
+        adapted = self.block_classes[family.name]
         for block in family.plain_blocks(self.backbone, "houlsby"):  # the forwards above mirror the plain blocks only
             dim, device = family.width_of(block), next(block.parameters()).device
             block.adapter_attn = Adapter(dim, bottleneck).to(device)

@@ -83,14 +83,15 @@ class LoRATuning(MergeForEvalTuning):
     families = ("vit", "swin")
 
     def adapt(self) -> None:
-        rank, alpha = self.options.rank, float(self.options.alpha)
-        for block in self.family.blocks(self.backbone):  # a Swin's window attention has the same qkv / proj
-            attn = block.attn
-            if not (isinstance(attn.qkv, nn.Linear) and isinstance(attn.proj, nn.Linear)):
+        rank, alpha, family = self.options.rank, float(self.options.alpha), self.family
+        for block in family.blocks(self.backbone):  # a Swin's window attention has the same qkv / proj
+            attn = block.get_submodule(family.attention)
+            layers = [getattr(attn, name) for name in family.attention_linears]
+            if not all(isinstance(layer, nn.Linear) for layer in layers):
                 raise ValueError(f"LoRA wraps nn.Linear attention projections; this backbone's are "
-                                 f"{type(attn.qkv).__name__} / {type(attn.proj).__name__}.")
-            attn.qkv = LoRALinear(attn.qkv, rank, alpha)  # new lora_A / lora_B are trainable
-            attn.proj = LoRALinear(attn.proj, rank, alpha)
+                                 f"{' / '.join(type(layer).__name__ for layer in layers)}.")
+            for name, layer in zip(family.attention_linears, layers, strict=True):
+                setattr(attn, name, LoRALinear(layer, rank, alpha))  # new lora_A / lora_B are trainable
 
     def lora_layers(self) -> list[LoRALinear]:
         return [m for m in self.modules() if isinstance(m, LoRALinear)]

@@ -42,27 +42,23 @@ class PartialFineTuning(TuningModule):
     families = ("vit", "swin", "convnet")
 
     def adapt(self) -> None:
-        backbone = self.backbone
-        family = self.family.name
-        convnet = family == "convnet"
-        if convnet:  # stages; ResNet has nothing with parameters between layer4 and fc
-            units, unit = getattr(backbone, "stages", None), "stages"
-            units = list(units) if units is not None else [getattr(backbone, f"layer{i}") for i in range(1, 5)]
-            after = [getattr(backbone, "norm_pre", None), getattr(getattr(backbone, "head", None), "norm", None)]
-        else:
-            units, unit = self.family.blocks(backbone), "blocks"
-            after = [backbone.norm, getattr(backbone, "fc_norm", None), getattr(backbone, "attn_pool", None)]
+        backbone, family = self.backbone, self.family
+        # k counts stages on a ConvNet (the VPT code's ResNet partial-k) and blocks on a transformer (its ViT and Swin
+        # partial-k): the unit of depth differs per family, so this stays a branch
+        convnet = family.name == "convnet"
+        units, unit = (family.stages(backbone), "stages") if convnet else (family.blocks(backbone), "blocks")
         depth = len(units)
         if self.options.k > depth:
             raise ValueError(f"partial_k k={self.options.k} exceeds the backbone's {depth} {unit}; choose k in "
                              f"1..{depth} (k={depth} tunes every {unit[:-1]} but leaves the "
                              f"{'stem' if convnet else 'embeddings'} frozen; method 'full' tunes everything).")
-        for block in units[depth - self.options.k:]:
-            block.requires_grad_(True)
-        if family == "swin":  # a patch merge fed by a tuned block lies between tuned blocks
-            for index, stage in enumerate(backbone.layers):
-                if self.options.k > sum(len(later.blocks) for later in backbone.layers[index:]):
-                    stage.downsample.requires_grad_(True)  # timm's Identity at stage 0: no parameters
-        for after_blocks in after:
-            if after_blocks is not None:  # nn.Identity when absent: no parameters
-                after_blocks.requires_grad_(True)
+        tuned = units[depth - self.options.k:]
+        for unit_module in tuned:
+            unit_module.requires_grad_(True)
+        after_first_tuned = False  # a merge (a Swin's patch merge) after the first tuned block lies between tuned ones
+        for kind, module in family.blocks_and_merges(backbone):
+            after_first_tuned = after_first_tuned or module is tuned[0]
+            if kind == "merge" and after_first_tuned:
+                module.requires_grad_(True)  # timm's Identity at a Swin's stage 0: no parameters
+        for module in family.after_blocks_of(backbone):  # the final norm(s) and pooling: nn.Identity when unused
+            module.requires_grad_(True)

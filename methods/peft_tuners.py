@@ -6,7 +6,8 @@ replaces each targeted `nn.Linear` by its own layer that keeps the original as `
 state-dict keys gain `.base_layer` (`blocks.0.attn.qkv.base_layer.weight`) and the tuner's tensors are named
 `<prefix>.default` (e.g. `attn.qkv.lora_A.default.weight`); every other backbone key is unchanged.
 
-Layers (timm names; a ViT block has the fused `attn.qkv`, `attn.proj`, `mlp.fc1`, `mlp.fc2`):
+Layers (the family row's, backbones/families.py; a ViT block has the fused `attn.qkv`, `attn.proj`, `mlp.fc1`,
+`mlp.fc2`), each a `target_modules` regex anchored to the blocks:
 - DoRA, LoHa, LoKr, VeRA, FourierFT: `attn.qkv` and `attn.proj` of every block, the layers of this suite's LoRA
   (ours, so that the low-rank family compares on the same layers; the VeRA and FourierFT papers adapt the query
   and value projections of their ViTs, which timm fuses with the key into `qkv`).
@@ -48,9 +49,6 @@ from torch import nn
 from methods.base import TuningModule
 from methods.registry import register_method
 
-ATTENTION = r"(layers\.\d+\.)?blocks\.\d+\.attn\.(qkv|proj)"
-ALL_LINEARS = r"(layers\.\d+\.)?blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
-
 
 def check_positive_int(method: str, name: str, value, hint: str) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -63,14 +61,23 @@ def check_positive_number(method: str, name: str, value, hint: str) -> None:
 
 
 class PeftTuning(TuningModule):
-    """A peft tuner injected into the backbone's linears named by `targets` (a regex over backbone module names)."""
+    """A peft tuner injected into the backbone's linears named by `targets`: a regex over backbone module names, from
+    the family row (backbones.FAMILIES), anchored to the blocks."""
 
     families = ("vit", "swin")  # a Swin's blocks (layers.i.blocks.j) have the same four nn.Linear layers
-    targets: ClassVar[str] = ATTENTION
     # Trained scale vectors that peft stores as (n, 1) or (1, n): timm's rule exempts 1-d tensors (norm weights)
     # from weight decay by their shape, so these are named here to get the same exemption (decay would pull a
     # unit scale towards 0, not towards its start).
     scale_names: ClassVar[tuple[str, ...]] = ()
+
+    def target_layers(self) -> tuple[str, ...]:
+        """The block-relative layers the tuner adapts (default: the attention's, "attn.qkv" and "attn.proj")."""
+        return self.family.attention_layers
+
+    @property
+    def targets(self) -> str:
+        r"""peft's `target_modules`, `target_layers()` of every block: `(?:blocks\.\d+)\.(?:attn\.qkv|attn\.proj)`."""
+        return self.family.targets(*self.target_layers())
 
     def peft_config(self) -> peft.PeftConfig:
         """The tuner's peft config for `self.options`, targeting `self.targets`; each subclass builds its own."""
@@ -151,11 +158,14 @@ class IA3Tuning(PeftTuning):
 
     label, color = "IA3", "#8c6d31"
     options_cls = IA3Options
-    targets = r"(layers\.\d+\.)?blocks\.\d+\.(attn\.qkv|mlp\.fc2)"
     scale_names = ("ia3_l",)
 
+    def target_layers(self) -> tuple[str, ...]:
+        return self.family.attention_layers[0], self.family.mlp_layers[-1]  # qkv's output, fc2's input
+
     def peft_config(self) -> peft.PeftConfig:
-        return peft.IA3Config(target_modules=self.targets, feedforward_modules=r"(layers\.\d+\.)?blocks\.\d+\.mlp\.fc2")
+        feedforward = self.family.targets(self.family.mlp_layers[-1])
+        return peft.IA3Config(target_modules=self.targets, feedforward_modules=feedforward)
 
 
 @dataclass
@@ -280,8 +290,10 @@ class BOFTTuning(PeftTuning):
 
     label, color = "BOFT", "#e6550d"
     options_cls = BOFTOptions
-    targets = ALL_LINEARS
     scale_names = ("boft_s",)
+
+    def target_layers(self) -> tuple[str, ...]:
+        return self.family.attention_layers + self.family.mlp_layers
 
     def peft_config(self) -> peft.PeftConfig:
         return peft.BOFTConfig(boft_block_size=self.options.block_size, target_modules=self.targets)

@@ -37,6 +37,7 @@ exactly). Swin-B, 200 classes: sum over blocks of 2 ((8 C + 8) + (8 C / 2 + C)) 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -174,7 +175,8 @@ class RepAdapterSwinBlock(RepAdapterFolding, SwinTransformerBlock):
 class RepAdapterTuning(MergeForEvalTuning):
     label, color = "RepAdapter", "#f7b6d2"
     options_cls = RepAdapterOptions
-    families = ("vit", "swin")
+    block_classes: ClassVar[dict[str, type[nn.Module]]] = {"vit": RepAdapterBlock, "swin": RepAdapterSwinBlock}
+    families = tuple(block_classes)  # a family opts in with its block class above
 
     def adapt(self) -> None:
         options, family = self.options, self.family
@@ -182,7 +184,7 @@ class RepAdapterTuning(MergeForEvalTuning):
         for dim in sorted({family.width_of(block) for block in blocks}):  # a Swin's width doubles per stage
             if dim % options.groups:
                 raise ValueError(f"repadapter groups={options.groups} must divide the embedding width {dim}.")
-        adapted = RepAdapterSwinBlock if family.name == "swin" else RepAdapterBlock
+        adapted = self.block_classes[family.name]
         for i, block in enumerate(blocks):
             qkv, fc1 = block.attn.qkv, getattr(block.mlp, "fc1", None)
             if type(qkv) is not nn.Linear or type(fc1) is not nn.Linear:

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
 from backbones import Family
@@ -123,13 +122,15 @@ def ssf_sites(backbone: nn.Module, family: Family) -> list[tuple[nn.Module, str]
     sites = [(backbone.patch_embed, "proj")]
     if isinstance(backbone.patch_embed.norm, nn.LayerNorm):  # the code's PatchEmbed ssf_2, only with a norm
         sites.append((backbone.patch_embed, "norm"))
-    swin = family.name == "swin"
-    for stage in backbone.layers if swin else [backbone]:  # a ViT: one stage of blocks, no merge
-        if swin and isinstance(stage.downsample, PatchMerging):  # stage 0 has none (Identity)
-            sites.append((stage.downsample, "norm"))  # the official PatchMerging's ssf after its norm, over 4C
-        for block in stage.blocks:
-            sites += [(block, "norm1"), (block.attn, "qkv"), (block.attn, "proj"), (block, "norm2"), (block.mlp, "fc1"),
-                      (block.mlp, "fc2")]
+    pre_attention, pre_mlp = family.norms
+    for kind, module in family.blocks_and_merges(backbone):  # a ViT has no merges; a Swin's stage 0 has Identity
+        if kind == "merge":
+            if isinstance(getattr(module, "norm", None), nn.LayerNorm):
+                sites.append((module, "norm"))  # the official PatchMerging's ssf after its norm, over 4C
+            continue
+        attention, mlp = module.get_submodule(family.attention), module.get_submodule(family.mlp)
+        sites += [(module, pre_attention), *((attention, name) for name in family.attention_linears),
+                  (module, pre_mlp), *((mlp, name) for name in family.mlp_linears)]
     # after the final norm, as the SSF code; a mean-pooled ViT (MAE) has that norm as `fc_norm` after the pool
     pooled_norm = isinstance(backbone.norm, nn.Identity) and isinstance(backbone.fc_norm, nn.LayerNorm)
     final = "fc_norm" if pooled_norm else "norm"

@@ -149,6 +149,8 @@ class VisualPromptTuning(TuningModule):
     def adapt(self) -> None:
         backbone = self.backbone
         self.pixel_prompt = None
+        # one prompt mechanism per family (tokens in a ViT's sequence, tokens in every Swin window, pixels around a
+        # ConvNet's image): the forwards differ, so these stay branches
         family = self.family.name
         self.swin = family == "swin"
         if family == "convnet":  # only VPT-shallow declares ConvNets
