@@ -89,4 +89,4 @@ format: install ## ruff format + import order
 	$(PY) -m ruff format backbones methods datamodules benchmark tests
 
 clean: ## Remove run outputs (keeps .venv and the committed reference results)
-	rm -rf results/runs results/logs results/splits results/cache results/summary.csv
+	rm -rf results/runs results/logs results/splits results/cache results/claims results/summary.csv

@@ -99,13 +99,14 @@ def config_from_args(argv: list[str] | None = None) -> RunConfig:
     return RunConfig(**vars(args))
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 ok (or already done), 1 the run failed (recorded), 2 bad input (nothing ran)."""
+    """Exit status: 0 ok (or already done, or claimed: another live process trains it), 1 the run failed (recorded),
+    2 bad input (nothing ran)."""
     try:
         result = run(config_from_args(argv))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0 if result.get("status") == "ok" else 1
+    return 0 if result.get("status") in ("ok", "claimed") else 1
 
 
 if __name__ == "__main__":

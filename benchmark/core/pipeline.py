@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 import methods
 from backbones import create_backbone
 from benchmark.core.callbacks import NonFiniteLossError
+from benchmark.core.claims import Holder, RunClaim
 from benchmark.core.config import RunConfig, option_text, options_label
 from benchmark.core.distributed import for_this_process, per_process_batch_size
 from benchmark.core.errors import ConfigError
@@ -25,7 +26,7 @@ from benchmark.core.images import cached_image_datamodule, image_cache_dir
 from benchmark.core.provenance import git_commit, git_dirty, peak_memory_mb, versions
 from benchmark.core.store import atomic_write_json, read_result, result_path
 from benchmark.core.tracking import log_result
-from benchmark.core.trainer import make_trainer
+from benchmark.core.trainer import attempt_log_dir, make_trainer
 from benchmark.core.validate import planned_data_config, validate_config, validate_data
 from datamodules import create_datamodule
 from datamodules.checks import DataError
@@ -140,6 +141,30 @@ def changed_settings(stored: dict, cfg: RunConfig) -> list[str]:
     return [f"{name} {stored[name]!r} -> {now[name]!r}" for name in RESULT_SETTINGS
             if name in stored and name in now and stored[name] != now[name]]
 
+class FoundResult(dict):
+    """A finished result that `run` found in the store instead of training it (already there, or finished by another
+    process while this one claimed the run): returned as read. A grid counts it as done, not as trained here."""
+
+
+def finished_meanwhile(path, seen: dict | None, force: bool) -> FoundResult | None:
+    """Read with the run's claim held (no other process writes it now): the result when another process finished it
+    ok since `seen` was read (with FORCE: when it is another result than `seen`), else None."""
+    fresh = read_result(path)
+    if fresh and fresh.get("status") == "ok" and "test_top1" in fresh and not (force and fresh == seen):
+        return FoundResult(fresh)
+    return None
+
+
+def claimed_result(cfg: RunConfig, path, holder: Holder | None, started: float) -> dict:
+    """A run that another live process holds: nothing is trained or written here. Says who trains it and where."""
+    who = holder.describe() if holder else "another process"
+    log = f" (its log: {cfg.results_dir}/{holder.log_dir})" if holder and holder.log_dir else ""
+    print(f"Claimed by another process, nothing to do here: {who} trains {cfg.run_id()}; its result will appear at "
+          f"{path}{log}.")
+    return run_record(cfg, started) | {"status": "claimed", "claimed_by": holder.record() if holder else None,
+                                       "config": asdict(cfg)}
+
+
 def run(cfg: RunConfig) -> dict:
     """Train and test one configuration; returns (and writes) its result.
 
@@ -155,7 +180,7 @@ def run(cfg: RunConfig) -> dict:
         if changed:  # the file name does not hold every hyperparameter: say that this result is not for them
             print(f"Note: that result was made with other settings ({', '.join(changed)}); FORCE=1 replaces it, "
                   "TAG=<name> (--tag) keeps both.")
-        return existing
+        return FoundResult(existing)
     if existing and existing.get("status") != "ok":
         print(f"Rerunning {path}: the previous attempt failed ({existing.get('error', 'no reason recorded')}).")
     started = time.time()
@@ -163,6 +188,24 @@ def run(cfg: RunConfig) -> dict:
     # The trainer first: it knows this process's rank and device (a DDP run executes this function once per
     # process, benchmark/core/distributed.py), which decide who writes files and where cached features are computed.
     trainer = make_trainer(cfg)
+    # Claimed before anything costly, by rank 0 only (other ranks are its re-launched copies): another process that
+    # holds the run trains it (benchmark/core/claims.py). Released however the run ends.
+    claim = RunClaim(cfg.results_dir, cfg.run_id()) if trainer.is_global_zero else None
+    if claim is not None and not claim.acquire(log_dir=attempt_log_dir(cfg, trainer)):
+        return claimed_result(cfg, path, claim.refused_by, started)
+    try:
+        found = finished_meanwhile(path, existing, cfg.force) if claim is not None else None
+        if found is not None:
+            print(f"Result finished meanwhile by another process, nothing to do: {path}.")
+            return found
+        return train_and_record(cfg, trainer, path, started)
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def train_and_record(cfg: RunConfig, trainer: L.Trainer, path, started: float) -> dict:
+    """The rest of `run`, once this process may train the run: data and model, fit and test, the result."""
     per_process_batch_size(cfg.batch_size, trainer.world_size)  # a global batch the processes cannot share
     model, datamodule = prepare(cfg)
     if trainer.is_global_zero:
@@ -180,6 +223,7 @@ def run(cfg: RunConfig) -> dict:
         "n_train": datamodule.n_train, "num_classes": datamodule.num_classes,
         "tuned_params": model.tuned_params, "total_params": model.total_params,
         "tuned_percent": 100 * model.tuned_params / model.total_params,
+        "log_dir": attempt_log_dir(cfg, trainer),  # this attempt's metrics.csv, relative to the results folder
         "val_top1": val_top1, "test_top1": test_top1, **extra, "world_size": trainer.world_size, "status": "ok",
         "config": asdict(cfg),
     }

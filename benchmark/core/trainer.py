@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from benchmark.core.callbacks import StopOnNonFiniteLoss
+from benchmark.core.claims import attempt_name
 from benchmark.core.config import RunConfig
 from benchmark.core.errors import ConfigError
 from benchmark.core.tracking import wandb_logger
 
 
 def loggers(cfg: RunConfig) -> list:
-    found = [CSVLogger(f"{cfg.results_dir}/logs", name=cfg.run_id(), version="")]
+    """The CSV logger first, into a folder of this attempt's own (logs/<run_id>/attempt-<UTC time>-<host>-<pid>): two
+    processes training one run never write one metrics.csv."""
+    found = [CSVLogger(f"{cfg.results_dir}/logs", name=cfg.run_id(), version=attempt_name())]
     if cfg.wandb:
         found.append(wandb_logger(cfg))
     return found
+
+def attempt_log_dir(cfg: RunConfig, trainer: L.Trainer) -> str:
+    """This attempt's CSV log folder, relative to the results folder (which may move). Read off the logger:
+    Trainer.log_dir is a collective call in a DDP run."""
+    return os.path.relpath(trainer.loggers[0].log_dir, cfg.results_dir)
 
 def make_trainer(cfg: RunConfig) -> L.Trainer:
     """The run's Lightning Trainer. Settings Lightning cannot use here (DEVICES=4 on a 2-GPU machine, an unknown

@@ -26,12 +26,20 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from benchmark.core.callbacks import non_finite_loss_error
+from benchmark.core.claims import RunClaim
 from benchmark.core.config import RunConfig
 from benchmark.core.features import can_cache
-from benchmark.core.pipeline import prepare, record_failure, run_record, with_feature_cache
-from benchmark.core.store import atomic_write_json, result_path
+from benchmark.core.pipeline import (
+    claimed_result,
+    finished_meanwhile,
+    prepare,
+    record_failure,
+    run_record,
+    with_feature_cache,
+)
+from benchmark.core.store import atomic_write_json, read_result, result_path
 from benchmark.core.tracking import finish_open_run
-from benchmark.core.trainer import make_trainer
+from benchmark.core.trainer import attempt_log_dir, make_trainer
 from benchmark.core.validate import validate_config
 from methods import OptimConfig, get_method_class
 from methods.base import fused_if_supported, optimizer_and_schedule
@@ -138,6 +146,10 @@ def train_in_one_pass(configs: list[RunConfig], name: str) -> list[dict] | None:
     run tagged `name`.
 
     A failure that stops the pass (a missing dataset, out of memory) is recorded for every point, as their runs would.
+
+    Each point's run is claimed first (benchmark/core/claims.py), as its own run would be: a point that another process
+    holds comes back as its `claimed` result, one that another process finished meanwhile as read (FoundResult); the
+    pass trains the rest, and lets go of their claims when it ends.
     """
     cell = [replace(cfg, lr=None, weight_decay=None, tag="", force=False) for cfg in configs]
     if any(other != cell[0] for other in cell):
@@ -146,6 +158,30 @@ def train_in_one_pass(configs: list[RunConfig], name: str) -> list[dict] | None:
     configs = [replace(first, lr=cfg.lr, weight_decay=cfg.weight_decay, tag=cfg.tag) for cfg in configs]
     one_pass = replace(first, tag=name, devices="1", num_nodes=1, strategy="auto")
     started = time.time()
+    claims, results = [], []
+    try:
+        for cfg in configs:
+            path = result_path(cfg.results_dir, cfg.run_id())
+            seen = read_result(path)
+            claim = RunClaim(cfg.results_dir, cfg.run_id())
+            if not claim.acquire():
+                results.append(claimed_result(cfg, path, claim.refused_by, started))
+                continue
+            claims.append(claim)
+            results.append(finished_meanwhile(path, seen, cfg.force))
+        mine = [cfg for cfg, result in zip(configs, results, strict=True) if result is None]
+        trained = train_heads(first, mine, one_pass, started) if mine else []
+        if trained is None:
+            return None
+        left = iter(trained)
+        return [result if result is not None else next(left) for result in results]
+    finally:
+        for claim in claims:
+            claim.release()
+
+
+def train_heads(first: RunConfig, configs: list[RunConfig], one_pass: RunConfig, started: float) -> list[dict] | None:
+    """The pass of `train_in_one_pass` over the points `configs` (claimed by this process), on `first`'s data."""
     try:
         L.seed_everything(first.seed, workers=True, verbose=False)
         # As a single run: the trainer, then the model (the same seed gives every point the same initial head).
@@ -169,7 +205,7 @@ def train_in_one_pass(configs: list[RunConfig], name: str) -> list[dict] | None:
         "one_pass": {"heads": len(configs), "wall_seconds": seconds, "run_id": one_pass.run_id()},
         "n_train": datamodule.n_train, "num_classes": datamodule.num_classes, "tuned_params": model.tuned_params,
         "total_params": model.total_params, "tuned_percent": 100 * model.tuned_params / model.total_params,
-        "world_size": 1}
+        "log_dir": attempt_log_dir(one_pass, trainer), "world_size": 1}
     results = []
     for n, cfg in enumerate(configs):
         result = shared | {"lr": cfg.lr, "weight_decay": cfg.weight_decay}

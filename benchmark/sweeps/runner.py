@@ -22,8 +22,9 @@ from typing import TextIO
 
 import torch
 
+from benchmark.core.claims import RunClaim
 from benchmark.core.config import RunConfig
-from benchmark.core.pipeline import record_failure, run
+from benchmark.core.pipeline import FoundResult, record_failure, run
 from benchmark.core.store import read_result, result_path, write_summary
 from benchmark.core.tracking import finish_open_run
 from benchmark.sweeps.spec import GridSpec, Shard, describe, validate_all
@@ -76,19 +77,35 @@ class GridRunner:
     jobs: int = 1
     finished: int = 0
     done: int = 0
-    counts: dict = field(default_factory=lambda: {"ok": 0, "skipped": 0, "failed": 0})
+    counts: dict = field(default_factory=lambda: {"ok": 0, "skipped": 0, "failed": 0, "claimed": 0})
     trained_seconds: list = field(default_factory=list)
 
-    def execute(self, cfg: RunConfig, rerun_if=None) -> dict:
+    def execute(self, cfg: RunConfig, rerun_if=None, record_claimed: bool = True) -> dict:
         """Run `cfg` unless its result exists with status ok (and `rerun_if(result)` is false); never raises
-        for a failing run. Returns the result dict (status ok or failed)."""
+        for a failing run. Returns the result dict (status ok, failed, or claimed: another live process trains it).
+        `record_claimed=False`: a claimed run is not counted yet, the caller waits for it (`await_claimed`)."""
         to_train, existing = self.to_train(cfg, rerun_if)
         if to_train is None:
             return existing
         started = time.time()
         result = self.train(to_train, started)
-        self.record(cfg, result, time.time() - started)
+        if record_claimed or result.get("status") != "claimed":
+            self.record(cfg, result, time.time() - started)
         return result
+
+    def await_claimed(self, cfg: RunConfig, result: dict, rerun_if=None) -> dict:
+        """`cfg`'s result once no other process holds it: for a run that `result` says is claimed, wait until its
+        holder lets go, then execute it again (skipped when the holder finished it, trained here when it failed or
+        died). A search needs every point's result before it can choose."""
+        while result.get("status") == "claimed":
+            resolved = cfg.resolved()
+            holder = result.get("claimed_by") or {}
+            print(f"{self.progress()} waiting {describe(cfg)}: held by pid {holder.get('pid')} on "
+                  f"{holder.get('host')}", file=self.out, flush=True)
+            RunClaim(resolved.results_dir, resolved.run_id()).wait_released()
+            result = self.execute(cfg, rerun_if, record_claimed=False)
+        return result
+
 
     def to_train(self, cfg: RunConfig, rerun_if=None) -> tuple[RunConfig | None, dict | None]:
         """(the config to train, None), or (None, its finished result) after reporting it skipped."""
@@ -100,7 +117,14 @@ class GridRunner:
         return replace(cfg, force=cfg.force or stale), None
 
     def record(self, cfg: RunConfig, result: dict, seconds: float) -> None:
+        if isinstance(result, FoundResult):  # another process finished it after this one looked
+            self.finish(cfg, "skipped", "finished by another process")
+            return result
         status = result.get("status", "failed")
+        if status == "claimed":
+            holder = result.get("claimed_by") or {}
+            self.finish(cfg, status, f"trained by pid {holder.get('pid')} on {holder.get('host')}")
+            return result
         if status == "ok":  # failures often end at once (missing data): they would shrink the ETA
             self.trained_seconds.append(seconds)
         detail = (f"test top-1 {result['test_top1']:.2f} (val {result['val_top1']:.2f})" if status == "ok"
@@ -145,7 +169,7 @@ class GridRunner:
     def summary_line(self) -> str:
         c = self.counts
         return (f"{self.done}/{self.total} runs: {c['ok']} trained ok, {c['skipped']} already done, "
-                f"{c['failed']} failed")
+                f"{c['failed']} failed, {c['claimed']} claimed by other processes")
 
 def finished_result(cfg: RunConfig) -> dict | None:
     """The run's result when it finished ok and FORCE is off (the grid skips it), else None."""

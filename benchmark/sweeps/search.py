@@ -24,7 +24,7 @@ from typing import TextIO
 
 from benchmark.core.config import RunConfig, load_recipe
 from benchmark.core.errors import ConfigError
-from benchmark.core.pipeline import run_record
+from benchmark.core.pipeline import RESULT_SETTINGS, changed_settings, run_record
 from benchmark.core.store import atomic_write_json, result_path, write_summary
 from benchmark.sweeps.heads import can_share_a_pass, train_in_one_pass
 from benchmark.sweeps.runner import GridRunner, costliest_first, count_finished, worker_pool
@@ -139,6 +139,18 @@ def selection_record(points: list[tuple[float, float, dict]], choice: tuple[floa
                                       "val_top1": r.get("val_top1")} for p_lr, p_wd, r in points]}}
 
 
+def stale_final(result: dict, lr: float, weight_decay: float, final: RunConfig) -> bool:
+    """Whether a final's result is not the one of this choice: its selection record names another lr or weight decay;
+    or, having none (the process that trained it adds it just after writing the result, e.g. another search on this
+    folder; or it was trained outside a search), it was made with other settings than `final`'s, lr and wd included.
+    """
+    if "selected_lr" in result:
+        return (result.get("selected_lr"), result.get("selected_weight_decay")) != (lr, weight_decay)
+    made_with = result.get("config")
+    return not (isinstance(made_with, dict) and all(name in made_with for name in RESULT_SETTINGS)
+                and not changed_settings(made_with, final.resolved()))
+
+
 def record_unselectable(cfg: RunConfig, reason: str) -> dict:
     """A final run that cannot start because no search point finished: recorded as failed, like any run."""
     resolved = cfg.resolved()
@@ -149,7 +161,9 @@ def record_unselectable(cfg: RunConfig, reason: str) -> dict:
 
 def train_points(runner: GridRunner, configs: list[RunConfig], one_pass: bool = True) -> list[dict]:
     """Every search point's result: finished ones read back; the others trained as the heads of one pass where
-    they can share it (the linear probe on cached features: benchmark/sweeps/heads.py), else one run each."""
+    they can share it (the linear probe on cached features: benchmark/sweeps/heads.py), else one run each. Points
+    that another process holds (two searches on one folder) are left to it, and waited for once this process has
+    trained the rest: the choice needs every point."""
     pending = {}
     results = []
     for k, cfg in enumerate(configs):
@@ -162,11 +176,12 @@ def train_points(runner: GridRunner, configs: list[RunConfig], one_pass: bool = 
         trained = train_in_one_pass(list(pending.values()), name=f"{TAG_PREFIX}one_pass")
     for k, result in zip(pending, trained or [None] * len(pending), strict=True):
         if result is None:
-            results[k] = runner.execute(configs[k])
+            results[k] = runner.execute(configs[k], record_claimed=False)
         else:
-            runner.record(configs[k], result, result["wall_seconds"])
+            if result.get("status") != "claimed":
+                runner.record(configs[k], result, result["wall_seconds"])
             results[k] = result
-    return results
+    return [runner.await_claimed(cfg, result) for cfg, result in zip(configs, results, strict=True)]
 
 
 def search_cell(runner: GridRunner, cell: RunConfig, seeds: list[int], grid: SearchGrid,
@@ -184,8 +199,8 @@ def search_cell(runner: GridRunner, cell: RunConfig, seeds: list[int], grid: Sea
             continue
         lr, wd, _ = choice
         record = selection_record(points, choice)
-        stale = lambda r: (r.get("selected_lr"), r.get("selected_weight_decay")) != (lr, wd)  # noqa: B023
-        result = runner.execute(final_config(cell, lr, wd, seed), rerun_if=stale)
+        final = final_config(cell, lr, wd, seed)
+        result = runner.execute(final, rerun_if=lambda r: stale_final(r, lr, wd, final))  # noqa: B023
         # freshly trained, or recorded before a field of the record existed: add how lr and wd were chosen
         if result.get("status") == "ok" and result | record != result:
             resolved = final_config(cell, lr, wd, seed).resolved()

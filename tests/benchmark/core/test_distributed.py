@@ -111,7 +111,11 @@ def check_one_complete_ddp_result(tmp_path, single: dict, ddp: dict, out: str, m
     assert [len(found) for found in splits] == [1, 1]
     assert splits[0][0].read_text() == splits[1][0].read_text()  # the same training examples
     assert not list((tmp_path / "ddp").rglob("*.tmp"))
-    assert (tmp_path / "ddp" / "logs" / DIGITS_RUN.format(method=method) / "metrics.csv").is_file()
+    # one log, rank 0's attempt folder, which the result names
+    assert [path.parent.relative_to(tmp_path / "ddp").as_posix() for path in (tmp_path / "ddp" / "logs").rglob(
+        "metrics.csv")] == [ddp["log_dir"]]
+    assert ddp["log_dir"].startswith(f"logs/{DIGITS_RUN.format(method=method)}/attempt-")
+
 
 
 @pytest.mark.slow

@@ -32,7 +32,8 @@ def store_files(results) -> list:
 
 @pytest.mark.slow  # a fresh Python process (torch import) per case
 def test_killed_run_leaves_no_partial_result_and_a_rerun_completes(tmp_path):
-    """SIGKILL mid-training (no handler can run): the store holds no result and no temp file; rerun -> valid."""
+    """SIGKILL mid-training (no handler can run): the store holds no result and no temp file; the dead run's claim
+    stays behind and the rerun takes it over at once (its pid is gone); rerun -> valid."""
     results = tmp_path / "results"
     args = ["--method", "vpt_deep", "--fraction", "0.1", "--epochs", "500", "--results-dir", str(results)]
     stderr = open(tmp_path / "stderr.txt", "w")  # Lightning's progress bar: a file, so no pipe fills up
@@ -43,8 +44,9 @@ def test_killed_run_leaves_no_partial_result_and_a_rerun_completes(tmp_path):
         for line in child.stdout:  # on_fit_start prints the parameter line: training starts now
             if "trainable params" in line or time.monotonic() > deadline:
                 break
-        metrics = results / "logs" / "digits" / "vit_embedded_p7_28" / "vpt_deep" / "frac0.1_seed0" / "metrics.csv"
-        while not metrics.exists() and child.poll() is None and time.monotonic() < deadline:
+        run_logs = results / "logs" / "digits" / "vit_embedded_p7_28" / "vpt_deep" / "frac0.1_seed0"
+        metrics = lambda: list(run_logs.glob(f"attempt-*-{child.pid}/metrics.csv"))  # this attempt's own folder
+        while not metrics() and child.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)  # the first epoch's metrics are on disk: the run is mid-training
         assert child.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
         child.send_signal(signal.SIGKILL)
@@ -54,7 +56,9 @@ def test_killed_run_leaves_no_partial_result_and_a_rerun_completes(tmp_path):
             child.kill()
         stderr.close()
     assert child.returncode == -signal.SIGKILL
-    assert metrics.exists()  # it was killed after training had started
+    assert metrics()  # it was killed after training had started
+    claim = results / "claims" / "digits" / "vit_embedded_p7_28" / "vpt_deep" / "frac0.1_seed0.lock"
+    assert claim.is_file()  # no handler ran: the claim names a dead process
     assert store_files(results) == []  # no result, no partial file, no leftover temp file
     assert load_runs(results).empty
 
@@ -62,6 +66,7 @@ def test_killed_run_leaves_no_partial_result_and_a_rerun_completes(tmp_path):
     [path] = store_files(results)
     assert path.name == "frac0.1_seed0.json" and read_result(path) == json.loads(json.dumps(result, default=str))
     assert read_result(path)["status"] == "ok"
+    assert not claim.exists()  # taken over, then let go
 
 
 def test_nan_loss_stops_the_run_and_records_failed(tmp_path, capsys):

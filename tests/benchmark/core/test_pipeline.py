@@ -39,7 +39,10 @@ def test_run_writes_valid_result_and_split(tmp_path, capsys, monkeypatch):
                         "frac0.1_seed0.json").read_text())
     assert split["n_train"] == 99 and len(split["ids"]) == 99
     assert "trainable params: 8,970 || all params:" in capsys.readouterr().out
-    assert (tmp_path / "logs").is_dir()  # the CSV logger always runs
+    # the CSV logger always runs, into this attempt's own folder, which the result names
+    assert stored["log_dir"].startswith("logs/digits/vit_embedded_p7_28/vpt_deep/frac0.1_seed0/attempt-")
+    assert "val/acc" in (tmp_path / stored["log_dir"] / "metrics.csv").read_text()
+
 
 
 def test_existing_result_is_not_rerun(tmp_path, capsys):

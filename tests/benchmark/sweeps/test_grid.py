@@ -35,7 +35,7 @@ def test_grid_records_failures_goes_on_and_resumes(tmp_path):
     out = io.StringIO()
     runner = run_grid(GridSpec(["linear"], [0.1], [0, 1], ["fashion_heldout", "digits"], base), out=out)
 
-    assert runner.counts == {"ok": 2, "skipped": 0, "failed": 2}
+    assert runner.counts == {"ok": 2, "skipped": 0, "failed": 2, "claimed": 0}
     failed = read_result(run_file(results, "fashion_heldout", "linear", "frac0.1_seed0"))
     assert failed["status"] == "failed" and "Fashion-MNIST" in failed["error"]
     for seed in (0, 1):  # the grid went on after the failures
@@ -51,7 +51,7 @@ def test_grid_records_failures_goes_on_and_resumes(tmp_path):
     done = run_file(results, "digits", "linear", "frac0.1_seed0")
     stamp = done.stat().st_mtime_ns
     again = run_grid(GridSpec(["linear"], [0.1], [0, 1], ["digits"], base), out=io.StringIO())
-    assert again.counts == {"ok": 0, "skipped": 2, "failed": 0} and not again.trained_seconds
+    assert again.counts == {"ok": 0, "skipped": 2, "failed": 0, "claimed": 0} and not again.trained_seconds
     assert done.stat().st_mtime_ns == stamp
 
 
@@ -67,7 +67,7 @@ def test_grid_with_two_jobs_trains_each_run_once_records_failures_and_resumes(tm
     out = io.StringIO()
     runner = run_grid(spec, out=out, jobs=2)
 
-    assert runner.counts == {"ok": 4, "skipped": 0, "failed": 4}
+    assert runner.counts == {"ok": 4, "skipped": 0, "failed": 4, "claimed": 0}
     for method in ("linear", "bias"):
         for fraction in ("0.1", "0.2"):
             assert read_result(run_file(results, "digits", method, f"frac{fraction}_seed0"))["status"] == "ok"
@@ -83,7 +83,7 @@ def test_grid_with_two_jobs_trains_each_run_once_records_failures_and_resumes(tm
     assert len(pd.read_csv(results / "summary.csv")) == 8
 
     again = run_grid(GridSpec(["linear", "bias"], [0.1, 0.2], [0], ["digits"], base), out=io.StringIO(), jobs=2)
-    assert again.counts == {"ok": 0, "skipped": 4, "failed": 0}
+    assert again.counts == {"ok": 0, "skipped": 4, "failed": 0, "claimed": 0}
 
 
 def test_grid_cli_rejects_bad_input_before_training(tmp_path, capsys):
@@ -173,7 +173,7 @@ def test_search_selects_on_val_and_retrains_on_trainval(tmp_path):
     base = RunConfig(epochs=1, results_dir=str(results))
     spec = GridSpec(["linear"], [0.1], [0], ["digits"], base)
     runner = run_search(spec, SearchGrid(lrs=(0.05, 2.0), weight_decays=(0.0,)))
-    assert runner.counts == {"ok": 3, "skipped": 0, "failed": 0}
+    assert runner.counts == {"ok": 3, "skipped": 0, "failed": 0, "claimed": 0}
 
     points = {lr: read_result(run_file(results, "digits", "linear", f"frac0.1_seed0_{search_tag(lr, 0.0)}"))
               for lr in (0.05, 2.0)}
@@ -202,7 +202,7 @@ def test_search_with_two_jobs_runs_whole_cells_in_workers_costliest_first(tmp_pa
     out = io.StringIO()
     runner = run_search(spec, grid, jobs=2, out=out)
 
-    assert runner.counts == {"ok": 9, "skipped": 0, "failed": 0} and len(runner.trained_seconds) == 9
+    assert runner.counts == {"ok": 9, "skipped": 0, "failed": 0, "claimed": 0} and len(runner.trained_seconds) == 9
     for fraction in ("0.1", "0.2", "0.4"):
         points = {lr: read_result(run_file(results, "digits", "bias", f"frac{fraction}_seed0_{search_tag(lr, 0.0)}"))
                   for lr in (0.01, 0.05)}
@@ -222,7 +222,7 @@ def test_search_with_two_jobs_runs_whole_cells_in_workers_costliest_first(tmp_pa
     assert sorted(firsts) == ["0.2", "0.4"]
 
     again = io.StringIO()
-    assert run_search(spec, grid, jobs=2, out=again).counts == {"ok": 0, "skipped": 9, "failed": 0}
+    assert run_search(spec, grid, jobs=2, out=again).counts == {"ok": 0, "skipped": 9, "failed": 0, "claimed": 0}
     assert again.getvalue().count(": 3 skipped") == 3
 
 

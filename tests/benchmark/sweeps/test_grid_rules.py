@@ -46,7 +46,7 @@ def test_grid_retrains_failed_results_and_skips_ok_ones(tmp_path, fake):
     runner = run_grid(GridSpec(["linear"], [0.1], [0, 1, 2], ["digits"], RunConfig(results_dir=str(results))),
                       out=io.StringIO())
     assert fake.trained == [run_id("frac0.1_seed1"), run_id("frac0.1_seed2")]
-    assert runner.counts == {"ok": 2, "skipped": 1, "failed": 0}
+    assert runner.counts == {"ok": 2, "skipped": 1, "failed": 0, "claimed": 0}
     assert read_result(result_path(results, run_id("frac0.1_seed0")))["test_top1"] == 2.0  # not rewritten
     assert read_result(result_path(results, run_id("frac0.1_seed1")))["status"] == "ok"
 
@@ -174,7 +174,7 @@ def test_search_picks_the_best_val_with_ties_to_smaller_lr_then_wd(tmp_path, mon
     # feature_cache=False: every point a run of its own (through the fake), not a one-pass head search
     spec = GridSpec(["linear"], [0.1], [3, 4], ["digits"], RunConfig(results_dir=str(results), feature_cache=False))
     runner = run_search(spec, SearchGrid(LRS, WDS))
-    assert runner.counts == {"ok": 7, "skipped": 0, "failed": 1}
+    assert runner.counts == {"ok": 7, "skipped": 0, "failed": 1, "claimed": 0}
     points = [run_id(f"frac0.1_seed3_{search_tag(lr, wd)}") for lr in LRS for wd in WDS]
     assert training.trained == points + [run_id("frac0.1_seed3_trainval"), run_id("frac0.1_seed4_trainval")]
     for seed in (3, 4):
@@ -201,7 +201,7 @@ def test_search_picks_the_best_val_with_ties_to_smaller_lr_then_wd(tmp_path, mon
     old = {k: v for k, v in final.items() if k != "selected_lr_edge"}
     write(results, "frac0.1_seed4_trainval", **old)
     training.trained.clear()  # unchanged points, unchanged choice: nothing trains
-    assert run_search(spec, SearchGrid(LRS, WDS)).counts == {"ok": 0, "skipped": 7, "failed": 1}
+    assert run_search(spec, SearchGrid(LRS, WDS)).counts == {"ok": 0, "skipped": 7, "failed": 1, "claimed": 0}
     assert training.trained == [run_id(f"frac0.1_seed3_{search_tag(2.5, 0.001)}")]
     assert read_result(result_path(results, run_id("frac0.1_seed4_trainval"))) == final
 
@@ -224,7 +224,7 @@ def test_no_finished_search_point_records_the_finals_as_failed(tmp_path, monkeyp
     monkeypatch.setattr(GridRunner, "train", staticmethod(training))
     spec = GridSpec(["linear"], [0.1], [0, 1], ["digits"], RunConfig(results_dir=str(tmp_path), feature_cache=False))
     runner = run_search(spec, SearchGrid((0.1, 0.5), (0.0,)))
-    assert runner.counts == {"ok": 0, "skipped": 0, "failed": 4}
+    assert runner.counts == {"ok": 0, "skipped": 0, "failed": 4, "claimed": 0}
     assert training.trained == [run_id(f"frac0.1_seed0_{search_tag(lr, 0.0)}") for lr in (0.1, 0.5)]
     for seed in (0, 1):
         final = read_result(result_path(tmp_path, run_id(f"frac0.1_seed{seed}_trainval")))

@@ -142,7 +142,7 @@ def test_search_in_one_pass_writes_what_separate_runs_write(tmp_path):
     results = tmp_path / "one_pass"
     runner = run_search(GridSpec(["linear"], [0.1], [0], ["digits"], RunConfig(epochs=2, results_dir=str(results))),
                         grid)
-    assert runner.counts == {"ok": 7, "skipped": 0, "failed": 0}
+    assert runner.counts == {"ok": 7, "skipped": 0, "failed": 0, "claimed": 0}
     alone, passed = {}, {}
     for lr, wd in itertools.product(grid.lrs, grid.weight_decays):
         cfg = point_config(cell, lr, wd, seed=0)
@@ -157,7 +157,9 @@ def test_search_in_one_pass_writes_what_separate_runs_write(tmp_path):
         same = ("lr", "weight_decay", "n_train", "num_classes", "tuned_params", "total_params", "train_fraction")
         assert {k: got[k] for k in same} == {k: expected[k] for k in same}
         assert got["config"]["tag"] == expected["config"]["tag"] and got["one_pass"]["heads"] == 6
-    [log] = (results / "logs").rglob("*search_one_pass/metrics.csv")
+    [log_dir] = {got["log_dir"] for got in passed.values()}  # the pass's attempt folder, recorded in each point
+    assert "_search_one_pass/attempt-" in log_dir
+    log = results / log_dir / "metrics.csv"
     last = [row for row in csv.DictReader(log.open()) if row.get("val/acc/lr0.5_wd0")][-1]
     for (lr, wd), got in passed.items():
         assert float(last[f"val/acc/lr{lr:g}_wd{wd:g}"]) * 100 == pytest.approx(got["val_top1"], abs=1e-4)
@@ -178,7 +180,7 @@ def test_a_non_finite_loss_in_the_pass_fails_each_point_as_its_run_would(tmp_pat
     base = RunConfig(backbone=EMBEDDED_BACKBONE, weights=str(EMBEDDED_WEIGHTS), recipe="quick", epochs=1,
                      results_dir=str(tmp_path))
     runner = run_search(GridSpec(["linear"], [1.0], [0], [NAN_DIGITS], base), SearchGrid((0.1, 0.5), (0.0,)))
-    assert runner.counts == {"ok": 0, "skipped": 0, "failed": 3}
+    assert runner.counts == {"ok": 0, "skipped": 0, "failed": 3, "claimed": 0}
     points = [read_result(p) for p in sorted((tmp_path / "runs").rglob("*_search_lr*.json"))]
     assert len(points) == 2 and all(p["status"] == "failed" and p["one_pass"]["heads"] == 2 for p in points)
     assert all(re.match(r"NonFiniteLossError: non-finite training loss in epoch 0, batch \d+ ", p["error"])
