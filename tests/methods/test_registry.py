@@ -1,22 +1,63 @@
-"""Each method owns its label, colour and place in the paper; the report and the grid read them from the registry."""
+"""Each method owns its label, colour and place in the paper; the report and the grid read them from the registry.
+
+What this pins comes from outside the registry: VPT's Table 1 and Fig. 3 and the labels the methods' papers (and
+issue 16) give, written below, and which methods exist, read from the `register_method("...")` calls in methods/*.py
+with `ast`. A new method needs no edit here: it is registered exactly once, with a label and a colour of its own, and
+it comes after Table 1's rows in registration order."""
 
 from __future__ import annotations
+
+import ast
+from pathlib import Path
 
 from benchmark.sweeps.spec import PAPER_METHODS
 from methods import get_method_class, list_methods
 from methods.registry import color, fig3_methods, label, table_order
 
-# VPT (Jia et al., ECCV 2022) Table 1, top to bottom.
-TABLE_1_ROWS = ["full", "linear", "partial_k", "mlp_k", "sidetune", "bias", "adapter", "vpt_shallow", "vpt_deep"]
-ADAPTER_FAMILY = ["adaptformer", "houlsby", "convpass", "repadapter"]  # issue 16, in registration order
-PEFT = ["dora", "ia3", "loha", "lokr", "vera", "boft", "fourierft"]  # methods/peft_tuners.py, registration order
+METHODS_DIR = Path(__file__).resolve().parents[2] / "methods"
+
+# VPT (Jia et al., ECCV 2022) Table 1, top to bottom, with the names it gives them.
+TABLE_1 = {"full": "Full", "linear": "Linear", "partial_k": "Partial-k", "mlp_k": "MLP-k", "sidetune": "Sidetune",
+           "bias": "Bias", "adapter": "Adapter", "vpt_shallow": "VPT-shallow", "vpt_deep": "VPT-deep"}
 FIG3 = ["full", "linear", "bias", "adapter", "vpt_shallow", "vpt_deep"]  # the paper's Fig. 3 legend
-# issue 16's scale/shift and factor methods, registered after lora (methods/__init__.py), with their labels
-SCALES = {"ln_tune": "LN-tune", "ssf": "SSF", "difffit": "DiffFit", "fact_tt": "FacT-TT", "fact_tk": "FacT-TK"}
+# Beyond Table 1, each group in its registration order (methods/__init__.py), with its paper's name for each method.
+LORA = {"lora": "LoRA"}
+ADAPTER_FAMILY = {"adaptformer": "AdaptFormer", "houlsby": "Houlsby", "convpass": "Convpass",
+                  "repadapter": "RepAdapter"}  # issue 16
+SCALES = {"ln_tune": "LN-tune", "ssf": "SSF", "difffit": "DiffFit", "fact_tt": "FacT-TT",
+          "fact_tk": "FacT-TK"}  # issue 16's scale/shift and factor methods
+VQT = {"vqt": "VQT"}  # the zoo (issue 16), after sidetune (a Table 1 row)
+PEFT = {"dora": "DoRA", "ia3": "IA3", "loha": "LoHa", "lokr": "LoKr", "vera": "VeRA", "boft": "BOFT",
+        "fourierft": "FourierFT"}  # methods/peft_tuners.py, after the hand-written ones
+AFTER_TABLE_1 = [*LORA, *ADAPTER_FAMILY, *SCALES, *VQT, *PEFT]  # in this order, wherever a new method goes
+LABELS = TABLE_1 | LORA | ADAPTER_FAMILY | SCALES | VQT | PEFT
+
+
+def declared_methods() -> list[str]:
+    """The name of every `register_method("name")` call (a class decorator) in methods/, read from the source."""
+    names = []
+    for path in sorted(METHODS_DIR.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "register_method"
+                    and node.args and isinstance(node.args[0], ast.Constant)):
+                names.append(node.args[0].value)
+    return names
+
+
+def test_every_method_in_the_source_is_registered_exactly_once():
+    registered, declared = list_methods(), declared_methods()
+    assert len(set(registered)) == len(registered) and len(set(declared)) == len(declared)
+    assert sorted(registered) == sorted(declared)  # every methods/*.py module is imported by methods/__init__.py
+    assert set(LABELS) <= set(registered)
 
 
 def test_table_order_is_the_papers_rows_then_the_rest_then_unknown_names():
-    assert table_order(list_methods()) == TABLE_1_ROWS + ["lora", *ADAPTER_FAMILY, *SCALES, "vqt", *PEFT]
+    order = table_order(list_methods())
+    assert sorted(order) == sorted(list_methods())  # every registered method, once
+    assert order[:len(TABLE_1)] == list(TABLE_1)
+    rest = order[len(TABLE_1):]
+    assert rest == [m for m in list_methods() if m not in TABLE_1]  # the rest in registration order
+    assert [m for m in rest if m in AFTER_TABLE_1] == AFTER_TABLE_1
     assert table_order(["old_method", "vpt_deep", "a_method", "full"]) == ["full", "vpt_deep", "a_method", "old_method"]
 
 
@@ -25,13 +66,10 @@ def test_fig3_methods_are_the_papers_six_and_the_grids_default():
 
 
 def test_every_method_has_its_own_label_and_colour():
-    labels = {m: label(m) for m in list_methods()}
-    assert labels == {"full": "Full", "linear": "Linear", "partial_k": "Partial-k", "mlp_k": "MLP-k", "bias": "Bias",
-                      "adapter": "Adapter", "vpt_shallow": "VPT-shallow", "vpt_deep": "VPT-deep", "lora": "LoRA",
-                      "adaptformer": "AdaptFormer", "houlsby": "Houlsby", "convpass": "Convpass",
-                      "repadapter": "RepAdapter", **SCALES, "sidetune": "Sidetune", "vqt": "VQT",
-                      "dora": "DoRA", "ia3": "IA3", "loha": "LoHa", "lokr": "LoKr", "vera": "VeRA", "boft": "BOFT",
-                      "fourierft": "FourierFT"}
+    assert {m: label(m) for m in LABELS} == LABELS
+    labels = [label(m) for m in list_methods()]
+    assert all(get_method_class(m).label for m in list_methods())  # its own, not the name as a fallback
+    assert len(set(labels)) == len(labels)
     colours = [color(m) for m in list_methods()]
     assert len(set(colours)) == len(colours) and "#7f7f7f" not in colours  # the fallback grey is for unknown names
     assert color("partial_k") == get_method_class("partial_k").color != color("no_such_method") == "#7f7f7f"
