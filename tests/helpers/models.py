@@ -42,3 +42,8 @@ def make_tiny_convnet(kind: str, **overrides):
     name, kwargs = TINY_CONVNETS[kind]
     return create_backbone(name, pretrained=False, **{**kwargs, **overrides})
 
+
+def make_vit_b():
+    """ViT-B/16 (vit_base_patch16_224), random init: real tensors, ~3 s to build on a CPU (tests/conftest.py builds
+    it once per session and hands each test a copy: the `vit_b` fixture)."""
+    return create_backbone("vit_base_patch16_224", pretrained=False)

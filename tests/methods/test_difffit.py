@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from methods import create_backbone, create_method
+from methods import create_method
 from tests.helpers.models import make_tiny_vit
 from tests.helpers.training import train_steps
 from tests.helpers.vit import embed
@@ -25,8 +25,8 @@ GAMMAS = DEPTH * 2 * D  # gamma1, gamma2 per block (PETL_Vision: torch.ones(dim)
 DIFFFIT_VIT_B = BIASES + NORM_WEIGHTS + GAMMAS + HEAD
 
 
-def test_vit_b_count():
-    model = create_method("difffit", create_backbone("vit_base_patch16_224", pretrained=False), num_classes=C)
+def test_vit_b_count(vit_b):
+    model = create_method("difffit", vit_b, num_classes=C)
     assert model.tuned_params == DIFFFIT_VIT_B == 294_344
     assert model.total_params == 85_952_456 + GAMMAS
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from methods import create_backbone, create_method
+from methods import create_method
 from methods.fact import FacTLinear
 from tests.helpers.models import make_tiny_vit
 from tests.helpers.training import train_steps
@@ -34,8 +34,8 @@ def fact_tk_count(d: int) -> int:
 
 @pytest.mark.parametrize(("method", "count"), [("fact_tt", fact_tt_count(8) + HEAD), ("fact_tk",
                                                                                      fact_tk_count(32) + HEAD)])
-def test_vit_b_counts_at_the_defaults(method, count):
-    model = create_method(method, create_backbone("vit_base_patch16_224", pretrained=False), num_classes=C)
+def test_vit_b_counts_at_the_defaults(method, count, vit_b):
+    model = create_method(method, vit_b, num_classes=C)
     assert model.tuned_params == count
     assert model.total_params == 85_952_456 + count - HEAD
 

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from methods import create_backbone, create_method
+from methods import create_method
 from tests.helpers.models import make_tiny_vit
 from tests.helpers.training import train_steps
 
@@ -16,8 +16,8 @@ D, C, DEPTH = 768, 200, 12
 HEAD = D * C + C
 
 
-def test_vit_b_count_is_every_layernorm_and_the_head():
-    model = create_method("ln_tune", create_backbone("vit_base_patch16_224", pretrained=False), num_classes=C)
+def test_vit_b_count_is_every_layernorm_and_the_head(vit_b):
+    model = create_method("ln_tune", vit_b, num_classes=C)
     assert model.tuned_params == (2 * DEPTH + 1) * 2 * D + HEAD == 192_200  # norm1, norm2 per block, final norm
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from methods import create_backbone, create_method
+from methods import create_method
 from methods.ssf import ScaleShift, SSFTuning
 from tests.helpers.models import make_tiny_vit
 from tests.helpers.training import evaluate as evaluate_merged
@@ -28,8 +28,8 @@ SSF_VIT_B = 2 * (D + DEPTH * (D + 3 * D + D + D + 4 * D + D) + D) + HEAD
 SITES = ["norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"]
 
 
-def test_vit_b_count():
-    model = create_method("ssf", create_backbone("vit_base_patch16_224", pretrained=False), num_classes=C)
+def test_vit_b_count(vit_b):
+    model = create_method("ssf", vit_b, num_classes=C)
     assert model.tuned_params == SSF_VIT_B == 359_624
     assert model.total_params == 85_952_456 + SSF_VIT_B - HEAD  # the pretrained ViT-B/16 + gamma and beta
 
