@@ -55,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="local checkpoint (.npz, .pth/.pt, .safetensors)")
     add_switch(p, "--pretrained", default=True, help="pretrained weights (0: random init, the no-pretraining control)")
     p.add_argument("--scratch", dest="pretrained", action="store_false", help="random init: --pretrained=0")
-    p.add_argument("--recipe", help="quick (embedded default) or paper")
+    p.add_argument("--recipe", help="quick (embedded default), paper, or the path of a recipe .yaml file")
     p.add_argument("--optimizer", choices=["sgd", "adamw"])
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", "--wd", type=float)

@@ -170,24 +170,88 @@ class RunConfig:
         return f"{self.dataset}/{backbone}/{self.method}/{name}"
 
 
+RECIPE_KEYS = (*RECIPE_FIELDS, "lr_scaling", "head_init", "method_options")  # what `defaults` or an entry may set
+
+
 def list_recipes() -> list[str]:
-    return sorted(p.name for p in RECIPES_DIR.iterdir() if p.is_dir())
+    """The recipes in benchmark/recipes/ (RECIPE=<name>); RECIPE=<path to a .yaml> reads any other recipe file."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_path(recipe: str) -> Path:
+    """The file of RECIPE=<name> (benchmark/recipes/<name>.yaml) or of RECIPE=<path to a .yaml file>."""
+    if recipe.endswith((".yaml", ".yml")):
+        if not Path(recipe).is_file():
+            raise ValueError(f"Recipe file {recipe} does not exist. RECIPE is a name ({', '.join(list_recipes())}) "
+                             "or the path of a .yaml file with `defaults:` and `methods:`.")
+        return Path(recipe)
+    known = list_recipes()
+    if recipe not in known:
+        raise ValueError(f"Unknown recipe {recipe!r}.{closest_name(recipe, known)} Known recipes: {', '.join(known)} "
+                         "(or the path of a .yaml file).")
+    return RECIPES_DIR / f"{recipe}.yaml"
+
+
+def recipe_entry(path: Path, where: str, entry) -> dict:
+    """`defaults` or one method's entry of a recipe file, checked: a mapping of RECIPE_KEYS."""
+    entry = {} if entry is None else entry
+    if not isinstance(entry, dict):
+        raise ValueError(f"Recipe file {path}, {where}: must be a mapping of {', '.join(RECIPE_KEYS)}; got {entry!r}.")
+    for key in entry:
+        if key not in RECIPE_KEYS:
+            raise ValueError(f"Recipe file {path}, {where}: unknown key {key!r}.{closest_name(str(key), RECIPE_KEYS)}"
+                             f" Known keys: {', '.join(RECIPE_KEYS)}.")
+    if not isinstance(entry.get("method_options") or {}, dict):
+        raise ValueError(f"Recipe file {path}, {where}: method_options must be a mapping of option: value; got "
+                         f"{entry['method_options']!r}.")
+    return entry
+
+
+def read_recipe(path: Path) -> tuple[dict, dict[str, dict]]:
+    """A recipe file's `defaults` and its `methods` entries, every key and method name checked."""
+    import methods  # registers every method; imported here so that the config stays cheap to import
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"Recipe file {path} is not valid YAML: {getattr(err, 'problem', None) or err}{where}.") \
+            from None
+    data = {} if data is None else data
+    layout = ("a recipe file holds `defaults:` (what every method takes) and `methods:` (per method, what differs "
+              "from the defaults)")
+    if not isinstance(data, dict):
+        raise ValueError(f"Recipe file {path} is a {type(data).__name__}; {layout}.")
+    extra = [key for key in data if key not in ("defaults", "methods")]
+    if extra:
+        raise ValueError(f"Recipe file {path}: unknown top-level key {extra[0]!r}; {layout}.")
+    entries = data.get("methods") or {}
+    if not isinstance(entries, dict):
+        raise ValueError(f"Recipe file {path}: `methods:` must map method names to entries; got {entries!r}.")
+    for method in entries:
+        if method not in methods.list_methods():
+            raise ValueError(f"Recipe file {path}: `methods:` names {method!r}, which is no method."
+                             f"{closest_name(str(method), methods.list_methods())}")
+    return (recipe_entry(path, "defaults", data.get("defaults")),
+            {method: recipe_entry(path, f"method {method!r}", entry) for method, entry in entries.items()})
 
 
 def load_recipe(recipe: str, method: str) -> dict:
-    folder = RECIPES_DIR / recipe
-    if not folder.is_dir():
-        known = list_recipes()
-        raise ValueError(f"Unknown recipe {recipe!r}.{closest_name(recipe, known)} Known recipes: {', '.join(known)}.")
-    path = folder / f"{method}.yaml"
-    if not path.is_file():
-        path = folder / "default.yaml"
-    with open(path) as f:
-        values = yaml.safe_load(f) or {}
+    """The recipe's values for one method: its `defaults`, then the method's entry (a null there drops a default;
+    method_options merge option by option). The command line goes over these in RunConfig.resolved()."""
+    path = recipe_path(recipe)
+    defaults, entries = read_recipe(path)
+    entry = entries.get(method, {})
+    values = {**defaults, **entry}
+    if entry.get("method_options") is not None:  # options merge one by one over the defaults' (null: none of them)
+        values["method_options"] = {**(defaults.get("method_options") or {}), **entry["method_options"]}
+    values = {key: value for key, value in values.items() if value is not None}
     missing = [k for k in RECIPE_FIELDS if k not in values]
     if missing:
-        raise ValueError(f"Recipe file {path} lacks {missing}.")
+        raise ValueError(f"Recipe file {path}: method {method!r} lacks {missing} (neither its entry nor `defaults` "
+                         "sets them).")
     if values.get("lr_scaling") not in (None, "batch/256"):
-        raise ValueError(f"Recipe file {path}: lr_scaling must be 'batch/256' (lr = base lr * batch / 256, the VPT "
-                         f"recipe) or absent (lr as given), got {values['lr_scaling']!r}.")
+        raise ValueError(f"Recipe file {path}, method {method!r}: lr_scaling must be 'batch/256' (lr = base lr * "
+                         f"batch / 256, the VPT recipe) or absent (lr as given), got {values['lr_scaling']!r}.")
     return values

@@ -54,7 +54,8 @@ def check_names(cfg: RunConfig) -> list[str]:
         problems.append(unknown_name("method", cfg.method, methods.list_methods(), "METHOD"))
     if cfg.dataset not in list_datasets():
         problems.append(unknown_name("dataset", cfg.dataset, list_datasets(), "DATASET"))
-    if cfg.recipe is not None and cfg.recipe not in list_recipes():
+    is_file = str(cfg.recipe).endswith((".yaml", ".yml"))  # RECIPE=<path>: read (and checked) with the recipe
+    if cfg.recipe is not None and not is_file and cfg.recipe not in list_recipes():
         problems.append(unknown_name("recipe", cfg.recipe, list_recipes(), "RECIPE"))
     if cfg.backbone is not None:
         problems += check_backbone_name(cfg.backbone, uses_hub=cfg.pretrained and cfg.weights is None)
@@ -265,9 +266,9 @@ def validate_config(cfg: RunConfig) -> RunConfig:
         raise ConfigError(problems)
     try:
         resolved = cfg.resolved()
-    except (ValueError, OSError) as err:  # a recipe folder without a file for this method, or a malformed one
-        raise ConfigError(f"The recipe for METHOD={cfg.method} cannot be read: {err} Choose another RECIPE "
-                          f"({', '.join(list_recipes())}) or add the file.") from err
+    except (ValueError, OSError) as err:  # a recipe file missing, malformed, or without the method's values
+        raise ConfigError(f"The recipe for METHOD={cfg.method} cannot be read: {err} Fix the recipe file, or choose "
+                          f"another RECIPE ({', '.join(list_recipes())} or the path of a .yaml file).") from err
     problems = check_numbers(resolved) + check_method_options(resolved) + check_weights(resolved)
     problems += check_data_root(resolved) + check_extra_test(resolved) + check_results_dir(resolved)
     if not problems:  # the meta build needs sane numbers and options, and would repeat their errors

@@ -1,15 +1,25 @@
 """The run config's resolution rules, with expected values written out from the recipe files (benchmark/recipes/):
-the paper's lr = base lr * batch / 256, an explicit LR winning, recipe defaults per dataset family, run ids."""
+the paper's lr = base lr * batch / 256, an explicit LR winning, recipe defaults per dataset family, run ids, and how
+a recipe file is read (defaults, then the method's entry) and refused when malformed."""
 
 from __future__ import annotations
 
 import pytest
 
-from benchmark.core.config import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS, PAPER_BACKBONE, RunConfig, load_recipe
+import methods
+from benchmark.core.config import (
+    EMBEDDED_BACKBONE,
+    EMBEDDED_WEIGHTS,
+    PAPER_BACKBONE,
+    RECIPE_FIELDS,
+    RunConfig,
+    list_recipes,
+    load_recipe,
+)
 from benchmark.core.errors import ConfigError
 from benchmark.sweeps.search import PAPER_FULL_LRS, PAPER_LRS, PAPER_WDS, SearchGrid, final_config, point_config
 
-# The recipe YAML values, copied here by hand (paper/*.yaml: base lr, batch; quick/*.yaml: lr as given).
+# The recipe YAML values, copied here by hand (paper.yaml: base lr, batch; quick.yaml: lr as given).
 PAPER = {"linear": (0.1, 1024), "vpt_deep": (0.1, 128), "full": (0.001, 128), "lora": (0.005, 128),
          "mlp_k": (0.05, 1024)}
 QUICK_LR = {"linear": 0.5, "vpt_deep": 0.5, "full": 0.001, "adapter": 0.01}
@@ -72,16 +82,115 @@ def test_run_id_names_every_part():
     assert cfg.run_id() == "vtab/dtd/a-b/full/frac1_seed0_trainval_scratch_x"
 
 
-def test_unknown_lr_scaling_is_refused(tmp_path, monkeypatch):
+# --- recipe files: defaults, then the method's entry, then the command line ----------------------------------------
+MINE = """
+defaults:
+  optimizer: adamw
+  lr: 0.003
+  lr_scaling: batch/256
+  weight_decay: 0.01
+  epochs: 30
+  warmup_epochs: 3
+  batch_size: 32
+  head_init: vpt
+  method_options: {prompt_dropout: 0.2}
+methods:
+  linear:
+    optimizer: sgd
+    lr: 0.5
+    lr_scaling: null
+    method_options: null
+  vpt_deep:
+    epochs: 40
+    method_options: {prompt_length: 5}
+"""
+MINE_DEFAULTS = {"optimizer": "adamw", "lr": 0.003, "lr_scaling": "batch/256", "weight_decay": 0.01, "epochs": 30,
+                 "warmup_epochs": 3, "batch_size": 32, "head_init": "vpt", "method_options": {"prompt_dropout": 0.2}}
+
+
+def test_a_recipe_is_its_defaults_then_the_methods_entry_then_the_command_line(tmp_path, monkeypatch):
     import benchmark.core.config as config
 
-    (tmp_path / "odd").mkdir()
-    (tmp_path / "odd" / "default.yaml").write_text(
-        "optimizer: sgd\nlr: 0.1\nlr_scaling: batch/128\nweight_decay: 0\nepochs: 1\nwarmup_epochs: 0\n"
-        "batch_size: 8\n")
+    (tmp_path / "mine.yaml").write_text(MINE)
     monkeypatch.setattr(config, "RECIPES_DIR", tmp_path)
-    with pytest.raises(ValueError, match="lr_scaling must be 'batch/256'"):
-        load_recipe("odd", "linear")
+    assert config.list_recipes() == ["mine"]
+    linear = {key: value for key, value in MINE_DEFAULTS.items() if key not in ("lr_scaling", "method_options")}
+    assert load_recipe("mine", "linear") == {**linear, "optimizer": "sgd", "lr": 0.5}  # null drops a default
+    options = {"prompt_dropout": 0.2, "prompt_length": 5}  # method options merge one by one
+    assert load_recipe("mine", "vpt_deep") == {**MINE_DEFAULTS, "epochs": 40, "method_options": options}
+    assert load_recipe("mine", "bias") == MINE_DEFAULTS  # no entry: the defaults alone
+    assert load_recipe(str(tmp_path / "mine.yaml"), "bias") == MINE_DEFAULTS  # RECIPE=<path> reads the same file
+    run = RunConfig(method="vpt_deep", dataset="digits", recipe="mine", warmup_epochs=1).resolved()
+    assert (run.optimizer, run.epochs, run.warmup_epochs, run.batch_size, run.head_init) == ("adamw", 40, 1, 32, "vpt")
+    assert run.lr == pytest.approx(0.003 * 32 / 256) and run.method_options == options
+
+
+# The shipped recipes' values, written out by hand (they were benchmark/recipes/<recipe>/<method>.yaml before the
+# defaults were stated once): the merge must give each method exactly these.
+SHIPPED = {
+    ("quick", "vpt_deep"): {"optimizer": "sgd", "lr": 0.5, "weight_decay": 0.0, "epochs": 20, "warmup_epochs": 2,
+                            "batch_size": 64, "method_options": {"prompt_length": 10}},
+    ("quick", "lora"): {"optimizer": "adamw", "lr": 0.01, "weight_decay": 0.0, "epochs": 20, "warmup_epochs": 2,
+                        "batch_size": 64},
+    ("quick", "sidetune"): {"optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0, "epochs": 20, "warmup_epochs": 2,
+                            "batch_size": 64, "method_options": {"side_input_size": 64}},
+    ("paper", "vpt_deep"): {"optimizer": "sgd", "lr": 0.1, "lr_scaling": "batch/256", "weight_decay": 0.0001,
+                            "epochs": 100, "warmup_epochs": 10, "batch_size": 128, "head_init": "vpt"},
+    ("paper", "full"): {"optimizer": "adamw", "lr": 0.001, "lr_scaling": "batch/256", "weight_decay": 0.0001,
+                        "epochs": 100, "warmup_epochs": 5, "batch_size": 128, "head_init": "vpt",
+                        "method_options": {"dropout": 0.1}},
+    ("paper", "dora"): {"optimizer": "adamw", "lr": 0.005, "lr_scaling": "batch/256", "weight_decay": 0.0001,
+                        "epochs": 100, "warmup_epochs": 10, "batch_size": 128, "head_init": "vpt"},
+    ("paper", "ssf"): {"optimizer": "adamw", "lr": 0.005, "weight_decay": 0.00005, "epochs": 100, "warmup_epochs": 10,
+                       "batch_size": 64, "head_init": "vpt"},
+    ("paper", "adaptformer"): {"optimizer": "sgd", "lr": 0.1, "lr_scaling": "batch/256", "weight_decay": 0.0,
+                               "epochs": 100, "warmup_epochs": 20, "batch_size": 128, "head_init": "vpt"},
+}
+
+
+@pytest.mark.parametrize("recipe, method", sorted(SHIPPED))
+def test_the_shipped_recipes_give_each_method_its_values(recipe, method):
+    values = load_recipe(recipe, method)
+    assert values == SHIPPED[recipe, method]
+    assert [type(values[k]) for k in sorted(values)] == [type(SHIPPED[recipe, method][k]) for k in sorted(values)]
+
+
+def test_every_method_has_a_complete_entry_in_the_shipped_recipes():
+    for recipe in list_recipes():
+        for method in methods.list_methods():
+            assert set(load_recipe(recipe, method)) >= set(RECIPE_FIELDS), (recipe, method)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("defaults: {optimizer: sgd}\nmethods:\n  linear: {lrr: 0.1}\n",
+     ["method 'linear'", "unknown key 'lrr'", "Did you mean 'lr'?"]),
+    ("defaults: {optimiser: sgd}\n", ["defaults", "unknown key 'optimiser'", "Did you mean 'optimizer'?"]),
+    ("default: {optimizer: sgd}\n", ["unknown top-level key 'default'", "`defaults:`", "`methods:`"]),
+    ("methods:\n  lnear: {lr: 0.1}\n", ["names 'lnear', which is no method", "Did you mean 'linear'?"]),
+    ("methods:\n  linear: 0.1\n", ["method 'linear': must be a mapping of optimizer, lr"]),
+    ("methods:\n  linear: {method_options: 5}\n", ["method 'linear': method_options must be a mapping"]),
+    ("methods: [linear]\n", ["`methods:` must map method names to entries"]),
+    ("- optimizer: sgd\n", ["is a list; a recipe file holds `defaults:`"]),
+    ("defaults: {optimizer: sgd\n", ["is not valid YAML: expected ',' or '}'", "line 2, column 1"]),
+    ("defaults: {optimizer: sgd, lr: 0.1}\n", ["method 'linear' lacks ['weight_decay', 'epochs'"]),
+    ("defaults: {optimizer: sgd, lr: 0.1, lr_scaling: batch/128, weight_decay: 0, epochs: 1, warmup_epochs: 0, "
+     "batch_size: 8}\n", ["method 'linear': lr_scaling must be 'batch/256'"]),
+])
+def test_a_malformed_recipe_file_is_refused_naming_the_file_the_method_and_the_key(tmp_path, text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as err:
+        load_recipe(str(path), "linear")
+    assert f"Recipe file {path}" in str(err.value)
+    for part in expected:
+        assert part in str(err.value)
+
+
+def test_an_unknown_recipe_name_or_a_missing_file_is_refused():
+    with pytest.raises(ValueError, match=r"Unknown recipe 'quik'\. Did you mean 'quick'\? Known recipes: paper, quick"):
+        load_recipe("quik", "linear")
+    with pytest.raises(ValueError, match="Recipe file nowhere/mine.yaml does not exist"):
+        load_recipe("nowhere/mine.yaml", "linear")
 
 
 # --- the search's grids: base lrs, scaled like the recipe's ---------------------------------------------------

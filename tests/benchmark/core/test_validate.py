@@ -119,6 +119,20 @@ def test_every_problem_is_reported_at_once(tmp_path, capsys):
     assert "2 problems" in err and "'linear'" in err and "'digits'" in err
 
 
+def test_a_recipe_file_of_ones_own_is_read_and_its_typos_refused(tmp_path, capsys):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("defaults: {optimizer: sgd, lr: 0.2, weight_decay: 0.0, epochs: 3, warmup_epochs: 1, "
+                    "batch_size: 16}\nmethods:\n  vpt_deep: {method_options: {prompt_length: 2}}\n")
+    cfg = validate_config(RunConfig(method="vpt_deep", dataset="digits", recipe=str(mine),
+                                    results_dir=str(tmp_path / "results")))
+    assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.method_options) == (0.2, 3, 16, {"prompt_length": 2})
+    mine.write_text(mine.read_text().replace("method_options", "method_option"))
+    err = bench(tmp_path, capsys, "--recipe", str(mine))
+    assert f"Recipe file {mine}, method 'vpt_deep': unknown key 'method_option'. Did you mean 'method_options'?" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "does not exist" in bench(tmp_path, capsys, "--recipe", str(tmp_path / "gone.yaml"))
+
+
 def test_backbone_family_a_method_does_not_support_is_rejected(tmp_path, capsys):
     err = bench(tmp_path, capsys, "--backbone", "efficientnet_b0", "--scratch")
     assert "timm EfficientNet, which no tuning method supports; the backbone families are: plain ViTs" in err
