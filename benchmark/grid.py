@@ -27,10 +27,11 @@ import methods
 from benchmark.core.cli import add_switch, comma_list, option_grid
 from benchmark.core.config import RunConfig, check_fraction, check_shots
 from benchmark.core.errors import ConfigError
+from benchmark.core.store import is_storage_error, storage_problem
 from benchmark.run import config_from_args
 from benchmark.sweeps.runner import GridInterrupted, run_grid, stop_on_signals
 from benchmark.sweeps.search import SearchGrid, run_search
-from benchmark.sweeps.spec import PAPER_FRACTIONS, PAPER_METHODS, ZOO_FRACTIONS, GridSpec, Shard
+from benchmark.sweeps.spec import FIG3_FRACTIONS, PAPER_METHODS, ZOO_FRACTIONS, GridSpec, Shard
 from datamodules import EMBEDDED_DATASETS
 
 
@@ -41,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
                                 allow_abbrev=False)
     p.add_argument("--methods", type=comma_list(str), default=list(PAPER_METHODS),
                    help=f"comma list of {', '.join(methods.list_methods())} (default: the paper's six)")
-    p.add_argument("--fractions", type=comma_list(check_fraction), default=list(PAPER_FRACTIONS),
+    p.add_argument("--fractions", type=comma_list(check_fraction), default=list(FIG3_FRACTIONS),
                    help="comma list of train fractions in (0, 1] (default: 0.1,0.2,0.4,0.8,1.0)")
     p.add_argument("--shots", type=comma_list(check_shots),
                    help="comma list of training examples per class (few-shot), instead of --fractions, e.g. 1,2,4,8,16")
@@ -110,6 +111,7 @@ def grid_spec(args: argparse.Namespace, run_args: list[str], argv: list[str] | N
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 every run ok, 1 some failed (recorded), 2 bad input (nothing ran), 128+signal if stopped."""
     args, run_args = parse_args(argv)
+    spec = None
     try:
         spec = grid_spec(args, run_args, argv)
         with stop_on_signals():
@@ -131,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the results folder's disk: the finished runs are on it, the rest is redone next time
+        if not is_storage_error(err):
+            raise
+        print(f"error: {storage_problem(err, spec and spec.base.results_dir)}", file=sys.stderr)
+        return 1
     except GridInterrupted as stop:
         print(f"\nGrid stopped by {stop}: finished runs are recorded in {spec.base.results_dir}/runs and "
               f"{spec.base.results_dir}/summary.csv; run the same command again to resume.", file=sys.stderr)

@@ -23,6 +23,7 @@ import sys
 from benchmark.analysis.outputs import write_report
 from benchmark.core.cli import add_switch, comma_list
 from benchmark.core.config import EMBEDDED_BACKBONE
+from benchmark.core.store import check_results_dir, is_storage_error, storage_problem
 from datamodules import EMBEDDED_DATASETS
 from methods.registry import fig3_methods
 
@@ -52,11 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.zoo:
         args.datasets, args.backbone = list(EMBEDDED_DATASETS), args.backbone or EMBEDDED_BACKBONE
     try:
-        written = write_report(args.results_dir, args.out, args.datasets, args.methods, args.backbone,
-                               args.fraction, args.wandb, recipe=args.recipe, epochs=args.epochs)
+        results_dir = check_results_dir(args.results_dir)
+        written = write_report(results_dir, args.out, args.datasets, args.methods, args.backbone, args.fraction,
+                               args.wandb, recipe=args.recipe, epochs=args.epochs)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full or read-only disk under the figures: one line, the results are untouched
+        if not is_storage_error(err):
+            raise
+        print(f"error: {storage_problem(err, args.out or args.results_dir)}", file=sys.stderr)
+        return 1
     if "table.md" in written:
         print(written["table.md"].read_text())
     print("Wrote " + ", ".join(str(p) for p in written.values()))

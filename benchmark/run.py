@@ -20,6 +20,7 @@ from benchmark.core.cli import (
 from benchmark.core.config import RunConfig, check_fraction, check_shots
 from benchmark.core.errors import ConfigError
 from benchmark.core.pipeline import run
+from benchmark.core.store import is_storage_error, storage_problem
 
 
 def fraction_arg(text: str) -> float:
@@ -36,11 +37,7 @@ def shots_arg(text: str) -> int:
 
 def backbone_kwargs(text: str) -> dict:
     """BACKBONE_ARGS: "k=v k=v" as create_model keyword arguments (values parsed as YAML, like METHOD_ARGS)."""
-    try:
-        return dict(method_options(text))
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"backbone arguments {text!r} must look like key=value pairs, "
-                                         "e.g. img_size=224") from None
+    return dict(method_options(text, "BACKBONE_ARGS"))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -101,11 +98,18 @@ def config_from_args(argv: list[str] | None = None) -> RunConfig:
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 ok (or already done, or claimed: another live process trains it), 1 the run failed (recorded),
     2 bad input (nothing ran)."""
+    cfg = None
     try:
-        result = run(config_from_args(argv))
+        cfg = config_from_args(argv)
+        result = run(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if not is_storage_error(err):
+            raise
+        print(f"error: {storage_problem(err, cfg and cfg.results_dir)}", file=sys.stderr)
+        return 1
     return 0 if result.get("status") in ("ok", "claimed") else 1
 
 

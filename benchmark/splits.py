@@ -19,11 +19,12 @@ from pathlib import Path
 
 from benchmark.core.cli import add_switch, split_list
 from benchmark.core.store import atomic_write_text
+from benchmark.sweeps.spec import FIG3_FRACTIONS
 from datamodules import FGVC_DATASETS, fraction_indices, get_datamodule_class
 from datamodules.checks import DataError
 from datamodules.fgvc import SPLIT_FILES, fraction_file_name
 
-PAPER_FRACTIONS = (0.1, 0.2, 0.4, 0.8)  # VPT Fig. 3: 10%, 20%, 40%, 80% of the training data (and 100%)
+FRACTION_FILE_FRACTIONS = tuple(f for f in FIG3_FRACTIONS if f < 1)  # 100% is the whole train file: no file of its own
 
 
 def parse_fractions(values: list[str]) -> list[float]:
@@ -51,7 +52,7 @@ def fraction_subsets(dataset: str, data_root: str | Path, fractions: list[float]
     return {f: {ids[i]: train[ids[i]] for i in fraction_indices(labels, f, seed)} for f in fractions}
 
 
-def write_fraction_files(dataset: str, data_root: str | Path, fractions: list[float] = PAPER_FRACTIONS,
+def write_fraction_files(dataset: str, data_root: str | Path, fractions: list[float] = FRACTION_FILE_FRACTIONS,
                          seed: int = 0, force: bool = False) -> list[Path]:
     """Write `train_<p>.json` for each fraction; returns the paths written (unchanged files included)."""
     root = Path(data_root)
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     add_switch(p, "--force", help="replace fraction files that differ")
     args = p.parse_args(argv)
     try:
-        fractions = parse_fractions(args.fractions) or list(PAPER_FRACTIONS)
+        fractions = parse_fractions(args.fractions) or list(FRACTION_FILE_FRACTIONS)
         write_fraction_files(args.dataset, args.data_root, fractions, args.seed, args.force)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)

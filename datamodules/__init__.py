@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from datamodules.base import FractionDataModule, LabelledSplit, fraction_indices
+from datamodules.base import FractionDataModule, fraction_indices
 from datamodules.embedded import DigitsDataModule, FashionHeldoutDataModule, FashionPretrainDataModule
 from datamodules.fgvc import FGVC_DATAMODULES
 from datamodules.folder import FolderDataModule
+from datamodules.labelled_split import LabelledSplit
 from datamodules.vtab import VTAB_DATAMODULES, VTAB_TASKS
 
 _DATASETS: dict[str, type[FractionDataModule]] = {}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
 
 import lightning as L
 import numpy as np
@@ -13,22 +12,9 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from datamodules.checks import DataError
 from datamodules.extra_test import ExtraTestSet, scan_class_folders
+from datamodules.labelled_split import LabelledSplit
 
 SPLITS = ("train", "val", "test")
-
-
-@dataclass
-class LabelledSplit:
-    """One split as a Dataset plus what the fraction logic needs without touching any image."""
-
-    dataset: Dataset
-    labels: np.ndarray  # (N,) int class ids in 0..C-1, in the dataset's order
-    ids: list[str] = field(default_factory=list)  # stable example ids (relative paths or "<split>/<index>")
-
-    def __post_init__(self):
-        self.labels = np.asarray(self.labels, dtype=np.int64)
-        if not self.ids:
-            self.ids = [str(i) for i in range(len(self.labels))]
 
 
 def examples_to_keep(class_size: int, fraction: float) -> int:

@@ -93,7 +93,8 @@ def file_list_digest(paths: Sequence[str | Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:
         stat = os.stat(path)
-        digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        # os.fsencode: a file name that is not UTF-8 (kept by Python as surrogates) hashes as its own bytes
+        digest.update(os.fsencode(os.path.abspath(path)) + f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 

@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from datamodules.base import FractionDataModule, LabelledSplit, class_orders
+from datamodules.base import FractionDataModule, class_orders
 from datamodules.files import ImageFiles
+from datamodules.labelled_split import LabelledSplit
 
 FMNIST_DIR = Path(os.environ.get("FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FMNIST_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot")

@@ -14,16 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from datamodules.checks import DataError, name_some
-
-if TYPE_CHECKING:  # datamodules.base imports this module
-    from datamodules.base import LabelledSplit
+from datamodules.labelled_split import LabelledSplit
 
 
 @dataclass

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.base import LabelledSplit
 from datamodules.checks import DataError, name_some, prepare_hint, require_files
 from datamodules.files import ImageFilesDataModule, remap_classes
+from datamodules.labelled_split import LabelledSplit
 
 SPLIT_FILES = {"train": "train.json", "val": "val.json", "test": "test.json"}
 

@@ -19,8 +19,9 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 from torchvision import transforms as T
 
-from datamodules.base import FractionDataModule, LabelledSplit, fraction_indices
+from datamodules.base import FractionDataModule, fraction_indices
 from datamodules.checks import load_image
+from datamodules.labelled_split import LabelledSplit
 
 # VPT's FGVC pipeline resizes to 256 and crops 224 (src/data/transforms.py of github.com/KMnP/vpt); other input
 # sizes keep that ratio (e.g. 32 -> resize 37, crop 32 for the tiny test models).

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.base import LabelledSplit
 from datamodules.checks import DataError, require_root
 from datamodules.files import Geometry, ImageFilesDataModule, resize_geometry
+from datamodules.labelled_split import LabelledSplit
 
 SPLIT_FILES = {"train": "train800.txt", "val": "val200.txt", "test": "test.txt"}
 TRAINVAL_FILE = "train800val200.txt"

@@ -17,6 +17,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from backbones import Family, family_of
+from methods.registry import methods_for_family
 
 # Accepted ranges: wide enough for every recipe of the paper (SGD base lrs up to 50, scaled by batch/256), narrow
 # enough to catch a slipped exponent; AdamW steps are ~lr per weight, so above 1 it diverges at once.
@@ -108,8 +109,6 @@ class UnsupportedBackbone(ValueError):
 
 def check_family(cls: type[TuningModule], backbone: nn.Module) -> Family:
     """The row of `backbone`'s family (backbones.FAMILIES), when `cls` declares it; else UnsupportedBackbone."""
-    from methods.registry import methods_for_family
-
     family = family_of(backbone)
     name = family.name if family else None
     if name not in cls.families:

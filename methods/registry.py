@@ -1,21 +1,24 @@
-"""Registry of tuning methods: one name -> one LightningModule class (timm's `register_model` pattern)."""
+"""Registry of tuning methods: one name -> one LightningModule class (timm's `register_model` pattern).
+
+The classes are TuningModule subclasses (methods/base.py); this module does not import it, since base.py reads the
+registry (the methods of a family, for its refusal message): imports go one way.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TypeVar
 
 from backbones import closest_name
 
-if TYPE_CHECKING:
-    from methods.base import TuningModule
+MethodClass = TypeVar("MethodClass", bound=type)  # a TuningModule subclass
 
-_METHODS: dict[str, type[TuningModule]] = {}
+_METHODS: dict[str, type] = {}
 
 
 def register_method(name: str):
     """Class decorator adding a tuning method under `name` (lowercase, unique)."""
 
-    def decorate(cls: type[TuningModule]) -> type[TuningModule]:
+    def decorate(cls: MethodClass) -> MethodClass:
         if name != name.lower() or not name.isidentifier():
             raise ValueError(f"Method name {name!r} must be a lowercase identifier, e.g. 'vpt_deep'.")
         if name in _METHODS:
@@ -32,7 +35,7 @@ def list_methods() -> list[str]:
     return list(_METHODS)
 
 
-def get_method_class(name: str) -> type[TuningModule]:
+def get_method_class(name: str) -> type:
     if name not in _METHODS:
         known = list_methods()
         raise ValueError(f"Unknown method {name!r}.{closest_name(name, known)} Known methods: {', '.join(known)}.")

@@ -45,17 +45,32 @@ def add_switch(p: argparse.ArgumentParser, *flags: str, help: str, default: bool
                           dest=dest)
 
 
-def method_option(text: str) -> tuple[str, object]:
+def option_value(key: str, text: str, variable: str = "METHOD_ARGS"):
+    """One option's value parsed as YAML (10 -> int, 0.1 -> float, null -> None, true -> True). An empty value is
+    refused, not read as None: `prompt_length=` would otherwise train with the method's default, recorded as asked."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{variable} {key}= has no value; give {key}=<value> (null for none), or "
+                                         f"leave {key} out to keep the recipe's value")
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise argparse.ArgumentTypeError(f"{variable} {key}={text} is not a value ({problem}); close the bracket or "
+                                         f"quote text, e.g. {key}=[1,2] or {key}='a b'") from None
+
+
+def method_option(text: str, variable: str = "METHOD_ARGS") -> tuple[str, object]:
     """`key=value` with value parsed as YAML (so 10 -> int, 0.1 -> float, null -> None, true -> True)."""
     if "=" not in text:
-        raise argparse.ArgumentTypeError(f"method option {text!r} must look like key=value, e.g. prompt_length=10")
+        raise argparse.ArgumentTypeError(f"{variable} item {text!r} must look like key=value, e.g. prompt_length=10")
     key, value = text.split("=", 1)
-    return key.strip().replace("-", "_"), yaml.safe_load(value)
+    key = key.strip().replace("-", "_")
+    return key, option_value(key, value, variable)
 
 
-def method_options(text: str) -> list[tuple[str, object]]:
+def method_options(text: str, variable: str = "METHOD_ARGS") -> list[tuple[str, object]]:
     """METHOD_ARGS: space- or comma-separated key=value pairs, e.g. "prompt_length=10 prompt_dropout=0"."""
-    return [method_option(item) for item in split_list(text)]
+    return [method_option(item, variable) for item in split_list(text)]
 
 
 def add_method_options(p: argparse.ArgumentParser, help: str) -> None:
@@ -84,7 +99,7 @@ def option_grid(text: str) -> list[dict]:
                                              'e.g. OPTIONS="prompt_length=1,5;prompt_dropout=0,0.1"')
         key, _, values = part.partition("=")
         key = key.strip().replace("-", "_")
-        parsed = [yaml.safe_load(v.strip()) for v in values.split(",") if v.strip()]
+        parsed = [option_value(key, v.strip(), "OPTIONS") for v in values.split(",") if v.strip()]
         if key in axes:
             raise argparse.ArgumentTypeError(f"OPTIONS names {key!r} twice; give its values once: {key}=v1,v2")
         if not parsed:

@@ -11,6 +11,7 @@ import yaml
 
 from backbones import closest_name
 from benchmark.core.errors import ConfigError
+from benchmark.core.store import check_results_dir
 from datamodules import EMBEDDED_DATASETS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -61,6 +62,20 @@ def check_extra_test(value) -> dict[str, str]:
         raise ConfigError(f"EXTRA_TEST names {bad} must be letters, digits, '_', '-' or '.'; "
                           "give EXTRA_TEST=name=dir,name2=dir2, e.g. EXTRA_TEST=sketch=/data/imagenet-sketch.")
     return {str(name): str(folder) for name, folder in items.items()}
+
+
+MAX_TAG = 64  # a tag is one part of a file name, beside the run's other parts
+
+
+def check_tag(value) -> str:
+    """TAG as one file-name-safe word (it names the run's files): no '/', no '..' tricks, at most MAX_TAG characters."""
+    tag = "" if value is None else str(value)
+    if tag and (not NAME_SAFE.fullmatch(tag) or len(tag) > MAX_TAG):
+        shown = tag if len(tag) <= 40 else f"{tag[:40]}... ({len(tag)} characters)"
+        raise ConfigError(f"TAG {shown!r} must be one name of at most {MAX_TAG} letters, digits, '_', '-' or "
+                          "'.', starting with a letter or digit (it becomes part of the run's file names); "
+                          "e.g. TAG=lr-sweep.")
+    return tag
 
 
 def option_text(value) -> str:
@@ -123,6 +138,8 @@ class RunConfig:
             raise ConfigError(f"SHOTS={self.shots} and FRACTION={self.train_fraction:g} both say how much trains; "
                               "give one of them (SHOTS: examples per class, FRACTION: share of each class).")
         self.extra_test = check_extra_test(self.extra_test)
+        self.tag = check_tag(self.tag)
+        self.results_dir = check_results_dir(self.results_dir)
         twice = [k for k in self.options if k in self.method_options and self.method_options[k] != self.options[k]]
         if twice:  # after resolved() both hold the OPTIONS value: only a real conflict is refused
             raise ConfigError(f"Method option(s) {twice} are given by both METHOD_ARGS and OPTIONS; give each once "
@@ -137,8 +154,8 @@ class RunConfig:
         cfg = RunConfig(**asdict(self))
         if cfg.backbone is None:
             cfg.backbone = EMBEDDED_BACKBONE if cfg.embedded else PAPER_BACKBONE
-            if cfg.weights is None and cfg.embedded and cfg.pretrained:
-                cfg.weights = str(EMBEDDED_WEIGHTS)
+        if cfg.backbone == EMBEDDED_BACKBONE and cfg.weights is None and cfg.pretrained:
+            cfg.weights = str(EMBEDDED_WEIGHTS)  # this project's own weights file: no hub holds them
         if not cfg.pretrained:
             cfg.weights = None  # the random-init control ignores any weights
         cfg.recipe = cfg.recipe or ("quick" if cfg.embedded else "paper")

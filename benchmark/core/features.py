@@ -22,7 +22,9 @@ the ordinary Trainer; the linear search trains a whole lr x wd grid of heads on 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -30,8 +32,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from backbones import classifier_prefix
-from benchmark.core.store import atomic_write
-from datamodules.base import SPLITS, FractionDataModule, LabelledSplit
+from benchmark.core.errors import ConfigWarning
+from benchmark.core.store import atomic_write, storage_problem
+from datamodules.base import SPLITS, FractionDataModule
+from datamodules.labelled_split import LabelledSplit
 
 CACHE_VERSION = 1  # bump when what is stored (or how it is computed) changes
 
@@ -86,7 +90,7 @@ def split_fingerprint(datamodule: FractionDataModule, split: str) -> dict:
             "data_root": str(datamodule.data_root), "data_config": {k: repr(v) for k, v in
                                                                     sorted(datamodule.data_config.items())},
             "split": split, "n": len(data.ids),
-            "ids": hashlib.sha256("\n".join(data.ids).encode()).hexdigest(),
+            "ids": hashlib.sha256("\n".join(data.ids).encode(errors="surrogateescape")).hexdigest(),
             "labels": tensor_digest([torch.as_tensor(data.labels)]),
             "inputs": tensor_digest(inputs) if inputs is not None else None}
 
@@ -140,7 +144,13 @@ def load_or_compute(model: L.LightningModule, datamodule: FractionDataModule, sp
         except Exception:  # noqa: BLE001 — an unreadable entry (e.g. a truncated copy) is recomputed, not fatal
             pass
     features, labels = compute_features(model, data.dataset, datamodule.eval_batch_size, device, precision)
-    atomic_write(path, lambda f: torch.save({"features": features, "labels": labels}, f))
+    buffer = io.BytesIO()  # serialised first: torch.save on a full disk fails with a RuntimeError, a write an OSError
+    torch.save({"features": features, "labels": labels}, buffer)
+    try:
+        atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+    except OSError as err:  # the cache only saves time: a full disk costs the next run its hit, not this run
+        warnings.warn(f"feature cache not written ({storage_problem(err, path)}); this run goes on with the "
+                      "features in memory.", ConfigWarning, stacklevel=2)
     return TensorDataset(features, labels), False
 
 

@@ -38,7 +38,7 @@ import torchvision
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from benchmark.core.features import CachedDataModule, record_key
-from benchmark.core.store import atomic_write
+from benchmark.core.store import atomic_write, results_path
 from datamodules.checks import DataError, file_list_digest, load_image, name_some
 from datamodules.files import Geometry, ImageFiles, ImageFilesDataModule, crop_and_normalise
 
@@ -208,7 +208,7 @@ class CachedImageDataModule(CachedDataModule):
 
 
 def image_cache_dir(results_dir: str | Path) -> Path:
-    return Path(results_dir) / "cache" / "images"
+    return results_path(results_dir, "cache", "images")
 
 
 def cached_image_datamodule(datamodule: ImageFilesDataModule, cache_dir: str | Path,

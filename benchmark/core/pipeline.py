@@ -8,6 +8,7 @@ import json
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import asdict
 
 import lightning as L
@@ -19,12 +20,21 @@ from benchmark.core.callbacks import NonFiniteLossError
 from benchmark.core.claims import Holder, RunClaim
 from benchmark.core.config import RunConfig, option_text, options_label
 from benchmark.core.distributed import for_this_process, per_process_batch_size
-from benchmark.core.errors import ConfigError
+from benchmark.core.errors import ConfigError, ConfigWarning
 from benchmark.core.extra_test import evaluate_extra_tests, result_key
 from benchmark.core.features import cached_datamodule, can_cache
 from benchmark.core.images import cached_image_datamodule, image_cache_dir
 from benchmark.core.provenance import git_commit, git_dirty, peak_memory_mb, versions
-from benchmark.core.store import atomic_write_json, read_result, result_path
+from benchmark.core.store import (
+    atomic_write_json,
+    finished_ok,
+    is_storage_error,
+    read_result,
+    result_path,
+    results_path,
+    split_path,
+    storage_problem,
+)
 from benchmark.core.tracking import log_result
 from benchmark.core.trainer import attempt_log_dir, make_trainer
 from benchmark.core.validate import planned_data_config, validate_config, validate_data
@@ -62,8 +72,8 @@ def with_feature_cache(cfg: RunConfig, model: L.LightningModule, datamodule, tra
     computed on this process's device (the trainer's root device; in a DDP run each rank has its own GPU)."""
     if not (cfg.feature_cache and can_cache(model, datamodule)):
         return datamodule
-    return cached_datamodule(model, datamodule, f"{cfg.results_dir}/cache/features", trainer.strategy.root_device,
-                             cfg.precision)
+    return cached_datamodule(model, datamodule, results_path(cfg.results_dir, "cache", "features"),
+                             trainer.strategy.root_device, cfg.precision)
 
 def with_image_cache(cfg: RunConfig, datamodule):
     """IMAGE_CACHE=1: the image files decoded and resized once into <results>/cache/images, cropped, flipped and
@@ -75,6 +85,11 @@ def with_image_cache(cfg: RunConfig, datamodule):
         return cached_image_datamodule(datamodule, image_cache_dir(cfg.results_dir))
     except DataError as err:  # an image smaller than the crop: named, before anything trains
         raise ConfigError(str(err)) from err
+    except OSError as err:  # the cache only saves time: a full disk costs speed, not the run
+        problem = storage_problem(err, image_cache_dir(cfg.results_dir))
+        warnings.warn(f"IMAGE_CACHE: {problem}; this run decodes the image files instead.", ConfigWarning,
+                      stacklevel=2)
+        return datamodule
 
 def fit_and_test(cfg: RunConfig, trainer: L.Trainer, model: L.LightningModule, loaders) -> tuple[float, float]:
     """(val top-1, test top-1) in %: the final epoch's val accuracy, then the test accuracy."""
@@ -118,15 +133,33 @@ def run_record(cfg: RunConfig, started: float) -> dict:
             "git_dirty": git_dirty(), "versions": versions()}
 
 def record_failure(cfg: RunConfig, path, started: float, err: Exception) -> dict:
-    """A training failure becomes a `status: failed` result (written atomically) so a grid records it and moves on."""
-    if not isinstance(err, NonFiniteLossError):  # expected failures need no traceback; anything else does
+    """A training failure becomes a `status: failed` result (written atomically) so a grid records it and moves on.
+    Where even that cannot be written (a full disk), the failure is said on stderr and the previous file stays."""
+    if not isinstance(err, NonFiniteLossError) and not is_storage_error(err):  # expected failures need no traceback
         traceback.print_exc()
-    result = run_record(cfg, started) | {"status": "failed", "error": f"{type(err).__name__}: {err}",
+    error = storage_problem(err, cfg.results_dir) if is_storage_error(err) else str(err)
+    result = run_record(cfg, started) | {"status": "failed", "error": f"{type(err).__name__}: {error}",
                                          "config": asdict(cfg)}
     if rank_zero_only.rank == 0:
-        atomic_write_json(path, result)
+        try:
+            atomic_write_json(path, result)
+        except OSError as write_err:
+            print(f"FAILED, and the failure could not be recorded: {storage_problem(write_err, path)}",
+                  file=sys.stderr)
     print(f"FAILED {cfg.method} on {cfg.dataset} @ {data_amount(cfg)}: {result['error']} -> {path}",
           file=sys.stderr)
+    return result
+
+
+def save_result(cfg: RunConfig, path, result: dict, started: float) -> dict:
+    """Write a finished run's result; where the disk refuses it, print the whole record on stderr (a log keeps what
+    was learned) and record the run as failed with the reason, so the next call retrains it."""
+    try:
+        atomic_write_json(path, result)
+    except OSError as err:
+        print(f"The result of this run could not be saved; here it is:\n{json.dumps(result, default=str)}",
+              file=sys.stderr)
+        return record_failure(cfg, path, started, err)
     return result
 
 # Settings that change a result but not its file name (run_id holds method, dataset, fraction or shots, seed,
@@ -174,14 +207,16 @@ def run(cfg: RunConfig) -> dict:
     cfg = validate_config(cfg)
     path = result_path(cfg.results_dir, cfg.run_id())
     existing = read_result(path)
-    if existing and existing.get("status") == "ok" and not cfg.force:
+    if finished_ok(existing) and not cfg.force:
         print(f"Result exists, nothing to do: {path} (test top-1 {existing['test_top1']:.2f}). Use FORCE=1 to rerun.")
-        changed = changed_settings(existing.get("config", {}), cfg)
+        changed = changed_settings(existing["config"] if isinstance(existing.get("config"), dict) else {}, cfg)
         if changed:  # the file name does not hold every hyperparameter: say that this result is not for them
             print(f"Note: that result was made with other settings ({', '.join(changed)}); FORCE=1 replaces it, "
                   "TAG=<name> (--tag) keeps both.")
         return FoundResult(existing)
-    if existing and existing.get("status") != "ok":
+    if existing and existing.get("status") == "ok":
+        print(f"Rerunning {path}: its record has no test top-1 (damaged or made by another tool).")
+    elif existing:
         print(f"Rerunning {path}: the previous attempt failed ({existing.get('error', 'no reason recorded')}).")
     started = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -208,13 +243,13 @@ def train_and_record(cfg: RunConfig, trainer: L.Trainer, path, started: float) -
     """The rest of `run`, once this process may train the run: data and model, fit and test, the result."""
     per_process_batch_size(cfg.batch_size, trainer.world_size)  # a global batch the processes cannot share
     model, datamodule = prepare(cfg)
-    if trainer.is_global_zero:
-        atomic_write_json(f"{cfg.results_dir}/splits/{cfg.run_id()}.json", datamodule.split_record())
-    source = datamodule  # the image splits (and extra test sets), whatever the caches make of them
-    cached = with_feature_cache(cfg, model, datamodule, trainer)
-    datamodule = with_image_cache(cfg, datamodule) if cached is datamodule else cached
-    loaders = for_this_process(datamodule, trainer, cfg.seed)
     try:
+        if trainer.is_global_zero:
+            atomic_write_json(split_path(cfg.results_dir, cfg.run_id()), datamodule.split_record())
+        source = datamodule  # the image splits (and extra test sets), whatever the caches make of them
+        cached = with_feature_cache(cfg, model, datamodule, trainer)
+        datamodule = with_image_cache(cfg, datamodule) if cached is datamodule else cached
+        loaders = for_this_process(datamodule, trainer, cfg.seed)
         val_top1, test_top1 = fit_and_test(cfg, trainer, model, loaders)
         extra = evaluate_extra_tests(trainer, model, source)
     except Exception as err:  # noqa: BLE001 — recorded as a failed result; KeyboardInterrupt/SystemExit pass
@@ -228,7 +263,9 @@ def train_and_record(cfg: RunConfig, trainer: L.Trainer, path, started: float) -
         "config": asdict(cfg),
     }
     if trainer.is_global_zero:
-        atomic_write_json(path, result)
+        result = save_result(cfg, path, result, started)
+        if result["status"] != "ok":
+            return result
         shifted = "".join(f", {name} {extra[result_key(name)]:.2f}" for name in cfg.extra_test)
         print(f"{cfg.method} on {cfg.dataset} @ {data_amount(cfg)}: test top-1 {test_top1:.2f} "
               f"(val {val_top1:.2f}{shifted}) in {result['wall_seconds']:.0f}s -> {path}")

@@ -12,13 +12,14 @@ from benchmark.core.callbacks import StopOnNonFiniteLoss
 from benchmark.core.claims import attempt_name
 from benchmark.core.config import RunConfig
 from benchmark.core.errors import ConfigError
+from benchmark.core.store import results_path
 from benchmark.core.tracking import wandb_logger
 
 
 def loggers(cfg: RunConfig) -> list:
     """The CSV logger first, into a folder of this attempt's own (logs/<run_id>/attempt-<UTC time>-<host>-<pid>): two
     processes training one run never write one metrics.csv."""
-    found = [CSVLogger(f"{cfg.results_dir}/logs", name=cfg.run_id(), version=attempt_name())]
+    found = [CSVLogger(results_path(cfg.results_dir, "logs"), name=cfg.run_id(), version=attempt_name())]
     if cfg.wandb:
         found.append(wandb_logger(cfg))
     return found

@@ -15,6 +15,7 @@ File-level dataset checks (split files, image paths) live in `datamodules.checks
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -29,8 +30,9 @@ import torch
 
 import methods
 from backbones import closest_name, create_backbone, data_config, not_on_hub
-from benchmark.core.config import RunConfig, check_fraction, list_recipes, load_recipe
+from benchmark.core.config import EMBEDDED_BACKBONE, RunConfig, check_fraction, list_recipes, load_recipe
 from benchmark.core.errors import ConfigError, ConfigWarning
+from benchmark.core.store import log_dir, result_path, split_path
 from datamodules import get_datamodule_class, list_datasets
 from datamodules.checks import check_image_files, prepare_hint
 from datamodules.files import ImageFilesDataModule
@@ -58,7 +60,8 @@ def check_names(cfg: RunConfig) -> list[str]:
     if cfg.recipe is not None and not is_file and cfg.recipe not in list_recipes():
         problems.append(unknown_name("recipe", cfg.recipe, list_recipes(), "RECIPE"))
     if cfg.backbone is not None:
-        problems += check_backbone_name(cfg.backbone, uses_hub=cfg.pretrained and cfg.weights is None)
+        uses_hub = cfg.pretrained and cfg.weights is None and cfg.backbone != EMBEDDED_BACKBONE
+        problems += check_backbone_name(cfg.backbone, uses_hub=uses_hub)
     return problems
 
 
@@ -72,11 +75,13 @@ def check_backbone_name(name: str, uses_hub: bool) -> list[str]:
                 "(set BACKBONE=<name>)."]
     if uses_hub and (why := not_on_hub(name)):
         return [why]  # MoCo v3 (a tag of ours, backbones/ssl_vits.py): only a local checkpoint has its weights
-    if tag and uses_hub:
-        tagged = timm.list_pretrained(f"{architecture}.*")
-        if name not in tagged:
-            return [f"Backbone {architecture!r} has no pretrained weights tagged {tag!r}.{closest_name(name, tagged)}"
-                    f" Tags timm knows: {', '.join(tagged) or 'none'}; or pass local WEIGHTS=<file>."]
+    tagged = timm.list_pretrained(f"{architecture}.*") if uses_hub else []
+    if uses_hub and not tagged:
+        return [f"Backbone {name!r} has no pretrained weights timm could fetch; pass a local checkpoint with "
+                "WEIGHTS=<file> (.npz, .pth/.pt, .safetensors), or PRETRAINED=0 for the random-init control."]
+    if tag and uses_hub and name not in tagged:
+        return [f"Backbone {architecture!r} has no pretrained weights tagged {tag!r}.{closest_name(name, tagged)}"
+                f" Tags timm knows: {', '.join(tagged) or 'none'}; or pass local WEIGHTS=<file>."]
     return []
 
 
@@ -177,6 +182,11 @@ def check_model_builds(cfg: RunConfig) -> list[str]:
         with torch.device("meta"):
             create_method(cfg.method, backbone, 2, optim, head_init=cfg.head_init, **cfg.method_options)
     except (TypeError, ValueError, RuntimeError) as err:
+        texts = {key: value for key, value in cfg.backbone_kwargs.items() if isinstance(value, str)}
+        if isinstance(err, TypeError) and texts:  # e.g. img_size=abc: timm's message is Python's operator error
+            given = ", ".join(f"{key}={value!r}" for key, value in texts.items())
+            return [f"BACKBONE_ARGS {given} is text where {cfg.backbone} expects another type ({err}); give a number "
+                    "or a list, e.g. BACKBONE_ARGS=\"img_size=224\"."]
         return [f"{err} (BACKBONE={cfg.backbone}, METHOD={cfg.method})"]
     return []
 
@@ -194,6 +204,7 @@ def check_results_dir(cfg: RunConfig) -> list[str]:
     """Create the results directory and write a probe file into it: a permission problem shows now, not after
     training (the probe is what the atomic result writer does: a temp file in the same directory)."""
     folder = Path(cfg.results_dir)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # removed again: a check writes nothing
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
@@ -201,6 +212,10 @@ def check_results_dir(cfg: RunConfig) -> list[str]:
     except OSError as err:
         return [f"results directory {str(folder)!r} is not writable ({err.strerror or err}); "
                 "pass RESULTS=<a writable dir> (--results-dir)."]
+    finally:
+        for made in created:
+            with contextlib.suppress(OSError):  # another process may have written into it meanwhile
+                made.rmdir()
     return []
 
 
@@ -218,6 +233,43 @@ def check_data_root(cfg: RunConfig) -> list[str]:
         fix = "leave DATA_ROOT empty: the embedded datasets install with `make data` (Fashion-MNIST from Debian)"
     return [f"DATA_ROOT {cfg.data_root!r} does not exist (or is not a directory) for DATASET={cfg.dataset}; "
             f"check the path, or {fix}."]
+
+
+def check_run_paths(cfg: RunConfig) -> list[str]:
+    """The run's files (result, split record, logs) all lie inside the results folder, with parts a filesystem takes."""
+    try:
+        for path in (result_path, split_path, log_dir):
+            path(cfg.results_dir, cfg.run_id())
+    except ConfigError as err:
+        return [str(err)]
+    return []
+
+
+def check_warmup(given: RunConfig, resolved: RunConfig) -> list[str]:
+    """A warmup longer than the run never reaches the recipe's lr: refused when asked for, a warning when it is the
+    recipe's own warmup meeting a shorter EPOCHS."""
+    warmup, epochs = resolved.warmup_epochs, resolved.epochs
+    if not (isinstance(warmup, (int, float)) and isinstance(epochs, int)) or warmup <= epochs:
+        return []
+    if given.warmup_epochs is not None:
+        return [f"WARMUP_EPOCHS={warmup:g} is longer than the run (EPOCHS={epochs}): the lr would never reach its "
+                f"peak nor decay; give WARMUP_EPOCHS below {epochs} (--warmup-epochs), or more EPOCHS."]
+    warnings.warn(f"The recipe {resolved.recipe!r} warms up for {warmup:g} epochs, longer than EPOCHS={epochs}: "
+                  "this run never reaches the recipe's lr (give WARMUP_EPOCHS=<n> below EPOCHS to change it).",
+                  ConfigWarning, stacklevel=3)
+    return []
+
+
+def check_devices(cfg: RunConfig) -> list[str]:
+    """DEVICES=<n> on a machine without an accelerator asks for n CPU processes: more than its cores is a typo."""
+    on_cpu = cfg.accelerator == "cpu" or (cfg.accelerator == "auto" and not torch.cuda.is_available()
+                                          and not torch.backends.mps.is_available())
+    count = str(cfg.devices).strip()
+    cores = os.cpu_count() or 1
+    if on_cpu and count.isdigit() and int(count) > cores:
+        return [f"DEVICES={count} asks for {count} processes on the CPU (no GPU found), and this machine has {cores} "
+                f"cores; give DEVICES=1 (up to {cores}), or run where the GPUs are."]
+    return []
 
 
 # --- W&B ---------------------------------------------------------------------------------------------
@@ -271,6 +323,7 @@ def validate_config(cfg: RunConfig) -> RunConfig:
                           f"another RECIPE ({', '.join(list_recipes())} or the path of a .yaml file).") from err
     problems = check_numbers(resolved) + check_method_options(resolved) + check_weights(resolved)
     problems += check_data_root(resolved) + check_extra_test(resolved) + check_results_dir(resolved)
+    problems += check_run_paths(resolved) + check_warmup(cfg, resolved) + check_devices(resolved)
     if not problems:  # the meta build needs sane numbers and options, and would repeat their errors
         problems += check_model_builds(resolved)
     if problems:

@@ -37,7 +37,7 @@ from benchmark.core.pipeline import (
     run_record,
     with_feature_cache,
 )
-from benchmark.core.store import atomic_write_json, read_result, result_path
+from benchmark.core.store import atomic_write_json, read_result, result_path, split_path
 from benchmark.core.tracking import finish_open_run
 from benchmark.core.trainer import attempt_log_dir, make_trainer
 from benchmark.core.validate import validate_config
@@ -190,7 +190,7 @@ def train_heads(first: RunConfig, configs: list[RunConfig], one_pass: RunConfig,
         if not (can_cache(model, datamodule) and isinstance(model.backbone.head, nn.Linear)):
             return None
         # One split record for all points (the split depends on dataset, fraction, seed and train_on only).
-        atomic_write_json(f"{first.results_dir}/splits/{one_pass.run_id()}.json", datamodule.split_record())
+        atomic_write_json(split_path(first.results_dir, one_pass.run_id()), datamodule.split_record())
         cached = with_feature_cache(first, model, datamodule, trainer)
         grid = HeadGrid(model.backbone.head, [(cfg.lr, cfg.weight_decay) for cfg in configs], model.optim)
         trainer.fit(grid, datamodule=cached)

@@ -25,7 +25,7 @@ import torch
 from benchmark.core.claims import RunClaim
 from benchmark.core.config import RunConfig
 from benchmark.core.pipeline import FoundResult, record_failure, run
-from benchmark.core.store import read_result, result_path, write_summary
+from benchmark.core.store import finished_ok, read_result, result_path, results_path, write_summary
 from benchmark.core.tracking import finish_open_run
 from benchmark.sweeps.spec import GridSpec, Shard, describe, validate_all
 
@@ -106,7 +106,6 @@ class GridRunner:
             result = self.execute(cfg, rerun_if, record_claimed=False)
         return result
 
-
     def to_train(self, cfg: RunConfig, rerun_if=None) -> tuple[RunConfig | None, dict | None]:
         """(the config to train, None), or (None, its finished result) after reporting it skipped."""
         existing = finished_result(cfg)
@@ -175,7 +174,7 @@ def finished_result(cfg: RunConfig) -> dict | None:
     """The run's result when it finished ok and FORCE is off (the grid skips it), else None."""
     resolved = cfg.resolved()
     existing = read_result(result_path(resolved.results_dir, resolved.run_id()))
-    return existing if existing and existing.get("status") == "ok" and not cfg.force else None
+    return existing if finished_ok(existing) and not cfg.force else None
 
 def count_finished(configs: list[RunConfig]) -> int:
     """How many of `configs` the grid will skip as finished (for its ETA)."""
@@ -193,7 +192,7 @@ def run_grid(spec: GridSpec, out: TextIO = sys.stdout, shard: Shard | None = Non
     runner = GridRunner(total=len(configs), out=out, jobs=jobs, finished=count_finished(configs))
     try:
         if jobs > 1:
-            run_in_workers(runner, configs, jobs, Path(spec.base.results_dir) / "logs")
+            run_in_workers(runner, configs, jobs, results_path(spec.base.results_dir, "logs"))
         else:
             for cfg in configs:
                 runner.execute(cfg)

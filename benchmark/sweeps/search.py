@@ -25,7 +25,7 @@ from typing import TextIO
 from benchmark.core.config import RunConfig, load_recipe
 from benchmark.core.errors import ConfigError
 from benchmark.core.pipeline import RESULT_SETTINGS, changed_settings, run_record
-from benchmark.core.store import atomic_write_json, result_path, write_summary
+from benchmark.core.store import atomic_write_json, result_path, results_path, write_summary
 from benchmark.sweeps.heads import can_share_a_pass, train_in_one_pass
 from benchmark.sweeps.runner import GridRunner, costliest_first, count_finished, worker_pool
 from benchmark.sweeps.spec import GridSpec, describe, validate_all
@@ -227,7 +227,7 @@ def run_search(spec: GridSpec, grid: SearchGrid | None = None, jobs: int = 1, ou
     runner = GridRunner(total=len(runs), out=out, jobs=jobs, finished=count_finished(runs))
     try:
         if jobs > 1:
-            search_in_workers(runner, cells, spec.seeds, grid, Path(spec.base.results_dir) / "logs")
+            search_in_workers(runner, cells, spec.seeds, grid, results_path(spec.base.results_dir, "logs"))
         else:
             for cell in cells:
                 search_cell(runner, cell, spec.seeds, grid)

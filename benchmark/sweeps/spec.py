@@ -13,7 +13,7 @@ from benchmark.core.errors import ConfigError
 from benchmark.core.validate import validate_config
 from methods.registry import fig3_methods
 
-PAPER_FRACTIONS = (0.1, 0.2, 0.4, 0.8, 1.0)  # the training-data ratios of Fig. 3 (Jia et al., ECCV 2022)
+FIG3_FRACTIONS = (0.1, 0.2, 0.4, 0.8, 1.0)  # the training-data ratios of Fig. 3 (Jia et al., ECCV 2022)
 PAPER_METHODS = tuple(fig3_methods())  # full, linear, bias, adapter, vpt_shallow, vpt_deep
 ZOO_FRACTIONS = (1.0,)  # the zoo grid (every method) at all the data, like Table 1; the Fig. 3 grid shares its runs
 

@@ -86,9 +86,10 @@ def test_global_batch_must_divide_by_the_processes(tmp_path, capsys):
     assert per_process_batch_size(64, 2) == 32
     with pytest.raises(ConfigError, match="BATCH_SIZE=63 or 66"):
         per_process_batch_size(64, 3)
-    code = main(["--devices", "3", "--strategy", "ddp", "--accelerator", "cpu", "--results-dir", str(tmp_path)])
+    code = main(["--devices", "2", "--batch-size", "63", "--strategy", "ddp", "--accelerator", "cpu",
+                 "--results-dir", str(tmp_path)])
     assert code == 2
-    assert "BATCH_SIZE=64 is the global batch of a run; it must divide by the run's 3 processes" in \
+    assert "BATCH_SIZE=63 is the global batch of a run; it must divide by the run's 2 processes" in \
         capsys.readouterr().err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "splits").exists()
 
@@ -115,7 +116,6 @@ def check_one_complete_ddp_result(tmp_path, single: dict, ddp: dict, out: str, m
     assert [path.parent.relative_to(tmp_path / "ddp").as_posix() for path in (tmp_path / "ddp" / "logs").rglob(
         "metrics.csv")] == [ddp["log_dir"]]
     assert ddp["log_dir"].startswith(f"logs/{DIGITS_RUN.format(method=method)}/attempt-")
-
 
 
 @pytest.mark.slow

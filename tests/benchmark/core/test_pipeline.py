@@ -44,7 +44,6 @@ def test_run_writes_valid_result_and_split(tmp_path, capsys, monkeypatch):
     assert "val/acc" in (tmp_path / stored["log_dir"] / "metrics.csv").read_text()
 
 
-
 def test_existing_result_is_not_rerun(tmp_path, capsys):
     argv = ["--method", "linear", "--fraction", "0.1", "--epochs", "1", "--results-dir", str(tmp_path)]
     assert main(argv) == 0

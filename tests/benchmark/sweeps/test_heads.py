@@ -201,7 +201,7 @@ def test_a_pass_only_where_the_runs_would_train_a_linear_head_on_cached_features
 
 def test_search_benchmark_times_one_run_and_the_pass(tmp_path):
     """`make perf-search` in small: every mode timed, the ratio to one run computed (no threshold: a benchmark)."""
-    from benchmark.sweeps.search_cost import linear_search_benchmark
+    from benchmark.costs.search_cost import linear_search_benchmark
 
     out = tmp_path / "perf_linear_search.csv"
     frame = linear_search_benchmark([0.1], out, repeats=1, epochs=1, separate_repeats=0)

@@ -14,9 +14,9 @@ from benchmark.core.config import REPO_ROOT, RunConfig
 from benchmark.core.errors import ConfigError
 from benchmark.core.store import read_result, result_path
 from benchmark.grid import main
-from benchmark.sweeps.spec import PAPER_FRACTIONS, PAPER_METHODS, GridSpec, Shard, describe
+from benchmark.sweeps.spec import FIG3_FRACTIONS, PAPER_METHODS, GridSpec, Shard, describe
 
-PAPER_GRID = GridSpec(list(PAPER_METHODS), list(PAPER_FRACTIONS), [0, 1], ["digits", "fashion_heldout"])
+PAPER_GRID = GridSpec(list(PAPER_METHODS), list(FIG3_FRACTIONS), [0, 1], ["digits", "fashion_heldout"])
 SMALL_GRID = dict(methods=["linear", "bias"], fractions=[0.1, 0.2, 0.3], seeds=[0], datasets=["digits"])
 
 
