@@ -17,9 +17,23 @@ from datamodules.labelled_split import LabelledSplit
 SPLITS = ("train", "val", "test")
 
 
+def asked_examples(class_size: int, fraction: float) -> int:
+    """What a fraction asks of a class: fraction x size, rounded half up (0 for a fraction too small for the class)."""
+    return math.floor(fraction * class_size + 0.5)
+
+
 def examples_to_keep(class_size: int, fraction: float) -> int:
     """Per-class count for a fraction: rounded half up, never below one example."""
-    return max(1, math.floor(fraction * class_size + 0.5))
+    return max(1, asked_examples(class_size, fraction))
+
+
+def smallest_fraction(class_sizes) -> float:
+    """The smallest fraction that asks for >= 1 example of every class (`asked_examples` >= 1 for the smallest class
+    n: fraction >= 0.5 / n), rounded up to two significant digits; below it the split's floor of one example per class
+    would train on more than was asked."""
+    exact = 0.5 / int(min(class_sizes))
+    scale = 10 ** (1 - math.floor(math.log10(exact)))
+    return math.ceil(exact * scale) / scale
 
 
 def fraction_indices(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:

@@ -7,8 +7,10 @@ runs `--seeds="0,1" --wandb="1"`), so lists take commas or spaces and switches t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import re
+import typing
 
 import yaml
 
@@ -135,3 +137,46 @@ def extra_test_sets(text: str) -> dict[str, str]:
             raise argparse.ArgumentTypeError(f"EXTRA_TEST names {name.strip()!r} twice; each set needs its own name")
         found[name.strip()] = folder.strip()
     return found
+
+
+def as_argument_type(parse):
+    """argparse shows a type's own message only for ArgumentTypeError: a check's ValueError (ConfigError) becomes
+    one, so `--fraction 2` says what FRACTION must be, not "invalid check_fraction value"."""
+
+    def typed(text: str):
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    typed.__name__ = getattr(parse, "__name__", "value")
+    return typed
+
+
+def add_settings(p: argparse.ArgumentParser, config_cls) -> None:
+    """One flag per field of the dataclass `config_cls` (benchmark.core.config.RunConfig), from what `setting()`
+    declared there: flags, help, default, type (the field's annotation or its `parse`), choices, switches and their
+    `off` flag. `method_options` takes --method-arg (repeatable) and --method-args (METHOD_ARGS=)."""
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        meta, dest = f.metadata, f.name
+        flags = meta.get("flags") or (f"--{dest.replace('_', '-')}",)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dest == "method_options":
+            add_method_options(p, meta["help"])
+        elif hints[dest] is bool:
+            add_switch(p, *flags, default=default, help=meta["help"], dest=dest)
+            if meta.get("off"):
+                p.add_argument(meta["off"], dest=dest, action="store_false", help=f"{flags[0]}=0")
+        else:
+            plain = next(t for t in typing.get_args(hints[dest]) or (hints[dest],) if t is not type(None))
+            kind = as_argument_type(meta["parse"]) if meta.get("parse") else plain  # plain: argparse's own message
+            p.add_argument(*flags, dest=dest, default=default, type=kind, choices=meta.get("choices"),
+                           metavar=meta.get("metavar"), help=meta["help"])
+
+
+def settings_from_args(args: argparse.Namespace) -> dict:
+    """The parsed flags of `add_settings` as the dataclass's keyword arguments (the two method-option flags merged)."""
+    values = vars(args) | {"method_options": merged_method_options(args)}
+    del values["method_options_list"]
+    return values

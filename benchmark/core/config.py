@@ -10,9 +10,11 @@ from pathlib import Path
 import yaml
 
 from backbones import closest_name
+from benchmark.core.cli import extra_test_sets, method_options, one_option_point
 from benchmark.core.errors import ConfigError
 from benchmark.core.store import check_results_dir
 from datamodules import EMBEDDED_DATASETS
+from methods.base import HEAD_INITS, LR_MAX
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPES_DIR = REPO_ROOT / "benchmark" / "recipes"
@@ -89,47 +91,82 @@ def options_label(options: dict) -> str:
     return ";".join(f"{key}={option_text(value)}" for key, value in sorted(options.items()))
 
 
+def setting(default=None, help: str = "", *, factory=None, flags: tuple[str, ...] = (), parse=None, choices=None,
+            bounds: tuple[int, int] | None = None, off: str | None = None, metavar: str | None = None):
+    """A RunConfig field and everything its command-line flag and range check need, declared once: `flags` (default
+    --<name>), `parse` (text -> value; raises ValueError naming the fix), `choices`, integer `bounds` (checked by
+    benchmark.core.validate), `off` (a flag that turns a switch off). benchmark.core.cli.add_settings reads them."""
+    meta = {"help": help, "flags": flags, "parse": parse, "choices": choices, "bounds": bounds, "off": off,
+            "metavar": metavar}
+    return field(default_factory=factory, metadata=meta) if factory else field(default=default, metadata=meta)
+
+
+def backbone_kwargs(text: str) -> dict:
+    """BACKBONE_ARGS: "k=v k=v" as create_model keyword arguments (values parsed as YAML, like METHOD_ARGS)."""
+    return dict(method_options(text, "BACKBONE_ARGS"))
+
+
 DEFAULT_FRACTION = 0.1
+BATCH_SIZE_RANGE = (1, 65_536)
+SEED_RANGE = (0, 2**32 - 1)  # numpy's PCG64 seeds the splits and takes non-negative integers
 
 
 @dataclass
 class RunConfig:
-    method: str = "vpt_deep"
-    dataset: str = "digits"  # the embedded default
-    train_fraction: float = DEFAULT_FRACTION
-    shots: int | None = None  # k training examples per class (few-shot) instead of a fraction of each class
-    seed: int = 0
-    backbone: str | None = None  # None: embedded backbone on embedded datasets, else the paper's ViT-B/16
-    weights: str | None = None  # local checkpoint; None: embedded weights / timm hub weights
-    pretrained: bool = True  # False = random init (the "no pretraining" control)
-    recipe: str | None = None  # None: "quick" on embedded datasets, "paper" elsewhere
-    optimizer: str | None = None
-    lr: float | None = None
-    weight_decay: float | None = None
-    epochs: int | None = None
-    warmup_epochs: float | None = None
-    batch_size: int | None = None
-    head_init: str | None = None  # None: the recipe's (paper: "vpt", the VPT code's head), else "pytorch"
-    method_options: dict = field(default_factory=dict)  # e.g. {"prompt_length": 10}
-    options: dict = field(default_factory=dict)  # method options that also name the run (an OPTIONS grid's point)
-    extra_test: dict = field(default_factory=dict)  # {name: folder}: test sets evaluated after training
-    backbone_kwargs: dict = field(default_factory=dict)  # timm create_model kwargs, e.g. {"img_size": 384}
-    data_root: str | None = None
-    train_on: str = "train"  # "trainval" for the final runs of the selection protocol
-    results_dir: str = "results"
-    tag: str = ""  # extra name part for variants (e.g. a search point)
-    num_workers: int = 0
-    accelerator: str = "auto"
-    devices: str = "auto"  # per node: a count ("2"), a list ("0,1") or "auto"; >1 in total needs a strategy
-    num_nodes: int = 1  # machines of one run (SLURM: --nodes; Lightning reads ranks from SLURM's environment)
-    strategy: str = "auto"  # Lightning strategy, e.g. "ddp": one run over devices x num_nodes processes
-    precision: str | None = None
-    compile: bool = False  # torch.compile the model's forward (benchmark/perf.py measures what it buys)
-    checkpointing: bool = False  # gradient checkpointing of the backbone blocks: less memory, ~1 more forward
-    feature_cache: bool = True  # linear probe on a deterministic transform: train the head on cached features
-    image_cache: bool = False  # image-file datasets: decode + resize once, crop/flip/normalise on the device
-    wandb: bool = False
-    force: bool = False
+    """One run. Each field is also the flag of every entry point that runs (`python -m benchmark.run -h`) and the
+    make variable of the same name (FRACTION= is train_fraction's flag, RESULTS= an alias of RESULTS_DIR=)."""
+
+    method: str = setting("vpt_deep", "the tuning method; `make help` lists them")
+    dataset: str = setting("digits", "a registered dataset (default: the embedded digits task)")
+    train_fraction: float = setting(DEFAULT_FRACTION, "share of each class of the train pool, in (0, 1]",
+                                    flags=("--fraction",), parse=check_fraction)
+    shots: int | None = setting(None, "k training examples per class (few-shot) instead of a fraction",
+                                parse=check_shots)
+    seed: int = setting(0, "seeds the split, the init and the data order", bounds=SEED_RANGE)
+    backbone: str | None = setting(None, "any timm model name; default: the embedded ViT on the embedded datasets, "
+                                   "else vit_base_patch16_224.orig_in21k (the paper's)")
+    weights: str | None = setting(None, "local checkpoint (.npz, .pth/.pt, .safetensors); default: the embedded "
+                                  "weights / timm's hub weights")
+    pretrained: bool = setting(True, "pretrained weights (0: random init, the no-pretraining control)",
+                               off="--scratch")
+    recipe: str | None = setting(None, "quick (embedded default), paper, or the path of a recipe .yaml file")
+    optimizer: str | None = setting(None, "default: the recipe's", choices=tuple(LR_MAX))
+    lr: float | None = setting(None, "default: the recipe's (paper recipes scale their base lr by batch / 256)")
+    weight_decay: float | None = setting(None, "default: the recipe's", flags=("--weight-decay", "--wd"))
+    epochs: int | None = setting(None, "default: the recipe's")
+    warmup_epochs: float | None = setting(None, "linear warmup before the cosine decay; default: the recipe's")
+    batch_size: int | None = setting(None, "the global batch; default: the recipe's", bounds=BATCH_SIZE_RANGE)
+    head_init: str | None = setting(None, "default: the recipe's (paper: vpt, the VPT code's head)",
+                                    choices=HEAD_INITS)
+    method_options: dict = setting(help="method option, e.g. prompt_length=10 or reduction=8", factory=dict)
+    options: dict = setting(help="method options that also name the run (one point of a grid's OPTIONS), e.g. "
+                            "prompt_length=5", factory=dict, parse=one_option_point, metavar='"K=V;K2=V2"')
+    extra_test: dict = setting(help="extra test sets evaluated after training: folders of class folders named like "
+                               "the training classes (domain shift), e.g. sketch=/data/imagenet-sketch", factory=dict,
+                               parse=extra_test_sets, metavar="NAME=DIR,...")
+    backbone_kwargs: dict = setting(help='timm create_model arguments of the backbone (BACKBONE_ARGS=), e.g. '
+                                    '"img_size=224" for DINOv2', factory=dict, flags=("--backbone-args",),
+                                    parse=backbone_kwargs, metavar='"K=V ..."')
+    data_root: str | None = setting(None, "the dataset's folder (datasets on disk)")
+    train_on: str = setting("train", "trainval: the final runs of the selection protocol",
+                            choices=("train", "trainval"))
+    results_dir: str = setting("results", "the results folder", flags=("--results-dir", "--results"))
+    tag: str = setting("", "extra name part for variants (e.g. a search point)")
+    num_workers: int = setting(0, "data loader workers", bounds=(0, 256))
+    accelerator: str = setting("auto", "Lightning accelerator: auto, cpu, gpu, ...")
+    devices: str = setting("auto", "per node: a count (2), a list (0,1) or auto; >1 in total needs a strategy")
+    num_nodes: int = setting(1, "machines of this one run (SLURM: --nodes; Lightning reads ranks from SLURM)")
+    strategy: str = setting("auto", "Lightning strategy, e.g. ddp: one run over devices x num_nodes processes")
+    precision: str | None = setting(None, "Lightning precision, e.g. bf16-mixed (autocast; GPU) or 32")
+    compile: bool = setting(False, "torch.compile the model's forward (benchmark/perf.py measures what it buys)")
+    checkpointing: bool = setting(False, "gradient checkpointing of the backbone blocks: less memory, ~1 more "
+                                  "forward")
+    feature_cache: bool = setting(True, "linear probe on a deterministic transform: train the head on cached "
+                                  "frozen features (0: run the backbone every epoch)", off="--no-feature-cache")
+    image_cache: bool = setting(False, "image-file datasets: decode and resize each image once into a memory-mapped "
+                                "cache; crop, flip and normalise on the training device (docs/performance.md)")
+    wandb: bool = setting(False, "log to Weights & Biases")
+    force: bool = setting(False, "rerun even if a result exists")
 
     def __post_init__(self):
         self.train_fraction = check_fraction(self.train_fraction)  # text, NaN, <= 0, > 1 rejected with the fix

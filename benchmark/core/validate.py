@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import math
 import os
 import tempfile
 import warnings
@@ -30,17 +29,15 @@ import torch
 
 import methods
 from backbones import closest_name, create_backbone, data_config, not_on_hub
-from benchmark.core.config import EMBEDDED_BACKBONE, RunConfig, check_fraction, list_recipes, load_recipe
+from benchmark.core.config import EMBEDDED_BACKBONE, RunConfig, list_recipes, load_recipe
 from benchmark.core.errors import ConfigError, ConfigWarning
 from benchmark.core.store import log_dir, result_path, split_path
 from datamodules import get_datamodule_class, list_datasets
+from datamodules.base import asked_examples, smallest_fraction
 from datamodules.checks import check_image_files, prepare_hint
 from datamodules.files import ImageFilesDataModule
 from methods import OptimConfig, create_method, get_method_class
 from methods.base import HEAD_INITS, optim_problems
-
-BATCH_SIZE_RANGE = (1, 65_536)
-SEED_RANGE = (0, 2**32 - 1)  # numpy's PCG64 seeds the splits and takes non-negative integers
 
 
 def unknown_name(kind: str, name: str, known: list[str], variable: str) -> str:
@@ -99,14 +96,10 @@ def in_int_range(name: str, variable: str, value, bounds: tuple[int, int]) -> li
 
 def check_numbers(cfg: RunConfig) -> list[str]:
     """Values a resolved config must have: every recipe field filled and in range."""
-    problems = []
-    try:
-        check_fraction(cfg.train_fraction)
-    except ConfigError as err:
-        problems.append(str(err))
-    problems += in_int_range("BATCH_SIZE", "BATCH_SIZE", cfg.batch_size, BATCH_SIZE_RANGE)
-    problems += in_int_range("SEED", "SEED", cfg.seed, SEED_RANGE)
-    problems += in_int_range("num_workers", "--num-workers", cfg.num_workers, (0, 256))
+    problems = []  # the fraction and shots are checked by RunConfig itself, at every construction
+    for f in fields(cfg):  # the integer ranges RunConfig declares with its fields
+        if f.metadata.get("bounds"):
+            problems += in_int_range(f.name.upper(), f.name.upper(), getattr(cfg, f.name), f.metadata["bounds"])
     fixes = {"EPOCHS": "set EPOCHS=<n>", "optimizer": f"the recipe {cfg.recipe!r} or --optimizer",
              "LR": f"set LR=<value>; recipe {cfg.recipe!r} uses {recipe_value(cfg, 'lr')}",
              "weight decay": "set WD=<value>", "warmup_epochs": "--warmup-epochs"}
@@ -249,7 +242,7 @@ def check_warmup(given: RunConfig, resolved: RunConfig) -> list[str]:
     """A warmup longer than the run never reaches the recipe's lr: refused when asked for, a warning when it is the
     recipe's own warmup meeting a shorter EPOCHS."""
     warmup, epochs = resolved.warmup_epochs, resolved.epochs
-    if not (isinstance(warmup, (int, float)) and isinstance(epochs, int)) or warmup <= epochs:
+    if not (isinstance(warmup, (int, float)) and isinstance(epochs, int) and epochs >= 1) or warmup <= epochs:
         return []
     if given.warmup_epochs is not None:
         return [f"WARMUP_EPOCHS={warmup:g} is longer than the run (EPOCHS={epochs}): the lr would never reach its "
@@ -331,14 +324,6 @@ def validate_config(cfg: RunConfig) -> RunConfig:
     return check_wandb(resolved)
 
 
-def smallest_fraction(class_sizes: np.ndarray) -> float:
-    """Smallest fraction that keeps >= 1 example of every class under the split's rounding (half up, base.py):
-    fraction * n + 0.5 >= 1 for the smallest class n; rounded up to two significant digits."""
-    exact = 0.5 / int(class_sizes.min())
-    scale = 10 ** (1 - math.floor(math.log10(exact)))
-    return math.ceil(exact * scale) / scale
-
-
 def validate_data(datamodule, cfg: RunConfig) -> None:
     """Checks needing the loaded splits (call after `datamodule.setup()`); raises ConfigError."""
     problems = []
@@ -363,10 +348,11 @@ def validate_data(datamodule, cfg: RunConfig) -> None:
                         "expected; every class needs training examples — check the split file.")
     present = counts[counts > 0]
     if cfg.shots is None and (not absent.size or datamodule.sparse_classes):  # shots: checked by the split itself
-        if present.size and cfg.train_fraction * present.min() + 0.5 < 1:
-            problems.append(f"FRACTION={cfg.train_fraction:g} is too small for {cfg.dataset}: its smallest class has "
-                            f"{present.min()} training examples, so it would keep none of them. The smallest valid "
-                            f"fraction is {smallest_fraction(present):g} (one example per class).")
+        if present.size and asked_examples(int(present.min()), cfg.train_fraction) < 1:
+            problems.append(f"FRACTION={cfg.train_fraction:g} is too small for {cfg.dataset}: it asks for no example "
+                            f"of its smallest class ({present.min()} training examples), and the split keeps one per "
+                            "class whatever the fraction, so the run would not train on the share asked. The smallest "
+                            f"valid fraction is {smallest_fraction(present):g} (one example per class).")
     if problems:
         raise ConfigError(problems)
     splits = {**datamodule.splits, **{f"extra test {n}": e.split for n, e in datamodule.extra_tests.items()}}

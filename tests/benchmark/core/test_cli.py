@@ -83,3 +83,27 @@ def test_params_method_options_reach_every_method_with_the_option_or_the_one_nam
     assert params.options_for("lora", given) == {"rank": 16}
     assert params.options_for("vpt_deep", given) == {"prompt_length": 7}
     assert params.options_for("linear", given) == {}
+
+
+def test_every_run_setting_is_one_flag_with_its_declared_name_default_and_check(capsys):
+    """RunConfig declares each setting once (benchmark/core/config.py): the run's CLI is generated from it."""
+    from dataclasses import fields
+
+    from benchmark.core.config import RunConfig
+    from benchmark.run import parser
+
+    dests = {action.dest for action in parser()._actions} - {"help", "method_options_list"}
+    assert dests == {f.name for f in fields(RunConfig)}
+    assert config_from_args([]) == RunConfig()  # every default is the field's own
+    cfg = config_from_args(["--fraction", "0.2", "--results", "/x", "--wd", "0.1", "--scratch", "--no-feature-cache",
+                            "--options", "prompt_length=5", "--extra-test", "a=/d", "--backbone-args", "img_size=224",
+                            "--optimizer", "sgd", "--batch-size", "8"])
+    assert (cfg.train_fraction, cfg.results_dir, cfg.weight_decay, cfg.pretrained, cfg.feature_cache) == \
+        (0.2, "/x", 0.1, False, False)
+    assert (cfg.options, cfg.extra_test, cfg.backbone_kwargs, cfg.optimizer, cfg.batch_size) == \
+        ({"prompt_length": 5}, {"a": "/d"}, {"img_size": 224}, "sgd", 8)
+    for bad, says in ((["--fraction", "2"], "FRACTION must be in (0, 1]"), (["--optimizer", "adam"], "invalid choice"),
+                      (["--epochs", "x"], "invalid int value: 'x'")):
+        with pytest.raises(SystemExit):
+            config_from_args(bad)
+        assert says in capsys.readouterr().err

@@ -19,14 +19,15 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
+from backbones import create_backbone, data_config
 from benchmark.core.config import EMBEDDED_WEIGHTS, REPO_ROOT, RunConfig
 from benchmark.core.errors import ConfigError, ConfigWarning
-from benchmark.core.validate import check_wandb, smallest_fraction, validate_config, validate_data
+from benchmark.core.validate import check_wandb, validate_config, validate_data
 from benchmark.run import main
 from datamodules import create_datamodule, list_datasets, register_dataset
-from datamodules.base import SPLITS, FractionDataModule, LabelledSplit
+from datamodules.base import SPLITS, FractionDataModule, smallest_fraction
 from datamodules.checks import load_image, require_files
-from methods import create_backbone, data_config
+from datamodules.labelled_split import LabelledSplit
 
 IMAGE_LIST = "test_image_list"  # a fixture dataset family: <root>/<split>.txt with "<relative path> <label>"
 
