@@ -18,7 +18,7 @@ ARGS = $(strip $(foreach v,$(filter-out PYTHON_SYS,$(.VARIABLES)),$(if $(filter 
 	test-slow mutation lint format clean
 
 help: ## Show the targets and the methods
-	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-13s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-13s %s\n", $$1, $$2}'
 	@if [ -x $(PY) ]; then $(PY) -m benchmark.params --list-methods; fi
 
 $(STAMP): pyproject.toml
@@ -40,53 +40,38 @@ bench: install data ## One run: make bench METHOD=vpt_deep FRACTION=0.1 [DATASET
 grid: install data ## A resumable grid: make grid METHODS=a,b FRACTIONS=0.1,1 (or SHOTS=1,2,4) SEEDS=0,1 DATASETS= [OPTIONS="k=v1,v2" SEARCH=1 SHARD=i/n JOBS=2]
 	$(PY) -m benchmark.grid $(ARGS)
 
-fig3: install data ## The embedded Fig. 3 (6 methods x 5 fractions x 2 tasks), then its report
-	$(PY) -m benchmark.grid --fig3 $(ARGS) || [ $$? -eq 1 ]  # 1: some runs failed; the report draws the rest
-	$(PY) -m benchmark.report --fig3 $(filter --results=% --results-dir=% --wandb=% --recipe=% --epochs=%,$(ARGS))
-
-zoo: install data ## Every method on the embedded tasks at 100% of the data, then the report with the zoo figure
-	$(PY) -m benchmark.grid --zoo $(ARGS) || [ $$? -eq 1 ]
-	$(PY) -m benchmark.report --zoo $(filter --results=% --results-dir=% --wandb=% --recipe=% --epochs=%,$(ARGS))
+fig3 zoo: install data ## fig3: the embedded Fig. 3 (6 methods x 5 fractions x 2 tasks); zoo: every method at 100%; then the report
+	$(PY) -m benchmark.grid --$@ $(ARGS) || [ $$? -eq 1 ]  # 1: some runs failed; the report draws the rest
+	$(PY) -m benchmark.report --$@ $(filter --results=% --results-dir=% --wandb=% --recipe=% --epochs=%,$(ARGS))
 
 report: install ## Fig. 3, parameter plot and tables from the results -> results/figures [DATASETS= METHODS= RECIPE= EPOCHS= WANDB=1]
 	$(PY) -m benchmark.report $(ARGS)
-
 sweep-config: install ## The W&B sweep YAML of a grid (the grid's variables) -> results/sweep.yaml
 	$(PY) -m benchmark.sweep $(ARGS)
-
 params: install ## Tuned-parameter counts per method [BACKBONE=vit_base_patch16_224 NUM_CLASSES=200 METHOD_ARGS=]
 	$(PY) -m benchmark.params $(ARGS)
-
 perf: install data ## Cost per method -> results/perf.csv [BACKBONE= METHODS= BATCH_SIZE= PRECISION= COMPILE=1 REPEATS=] [LOADER_BENCHMARK=1]
 	$(PY) -m benchmark.perf $(ARGS)
-
 gpu-check: install ## On one GPU in <= 8 min: every method's img/s and memory, the loader, one run -> results/gpu_check.csv (CPU: tiny)
 	$(PY) -m benchmark.gpu_check $(ARGS)
-
 pretrain: install data ## Re-pretrain the embedded backbone on Fashion-MNIST (writes results/embedded/)
 	OMP_NUM_THREADS=1 $(PY) -m benchmark.pretrain $(ARGS)
-
 prepare: install ## FGVC JSON splits from an original release: make prepare DATASET=cub RAW=<dir> [DATA_ROOT=<out>]
 	$(PY) -m benchmark.prepare $(ARGS)
-
 splits: install ## FGVC train_<p>.json fraction files: make splits DATASET=cub DATA_ROOT=<dir> [FRACTIONS=]
 	$(PY) -m benchmark.splits $(ARGS)
 
 test: install data ## The fast test suite (slow tests excluded)
 	$(PY) -m pytest -m "not slow" -q
-
 test-slow: install data ## The slow tests only
 	$(PY) -m pytest -m slow -q
-
-mutation: install data ## Planted one-line bugs against the fast suite [JOBS=1]
+mutation: install data ## Planted one-line bugs against the fast suite [JOBS=1 CHANGED=1: only the changed modules' mutants]
 	$(PY) tests/mutation/run.py $(ARGS)
 
 lint: install ## ruff check
 	$(PY) -m ruff check backbones methods datamodules benchmark tests
-
 format: install ## ruff format + import order
 	$(PY) -m ruff check --fix --select I backbones methods datamodules benchmark tests
 	$(PY) -m ruff format backbones methods datamodules benchmark tests
-
 clean: ## Remove run outputs (keeps .venv and the committed reference results)
 	rm -rf results/runs results/logs results/splits results/cache results/claims results/summary.csv

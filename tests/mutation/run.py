@@ -280,10 +280,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the first run of the unmutated suite (which must pass, else every mutant "
                              "would count as killed)")
+    parser.add_argument("--changed", metavar="BASE", help="only the mutants of files that differ from the git "
+                        "revision BASE (committed since, staged, unstaged or new); 1 means HEAD: `make mutation "
+                        "CHANGED=1` checks the modules an uncommitted change touches")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
     return args
+
+
+def changed_files(base: str) -> set[str]:
+    """Repository paths that differ from the revision `base`: committed since, staged, unstaged, or untracked."""
+    git = ["git", "-C", str(ROOT)]
+    try:
+        diff = subprocess.run([*git, "diff", "--name-only", base], capture_output=True, text=True, check=True).stdout
+        new = subprocess.run([*git, "ls-files", "--others", "--exclude-standard"], capture_output=True, text=True,
+                             check=True).stdout
+    except subprocess.CalledProcessError as err:
+        raise MutantError(f"--changed {base}: git cannot compare with it ({err.stderr.strip()})") from None
+    return set(diff.split()) | set(new.split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,12 +309,18 @@ def main(argv: list[str] | None = None) -> int:
         missing = [str(p) for p in paths if not p.is_file()]
         if missing or not paths:
             raise MutantError(f"no such mutant file(s): {', '.join(missing)}" if missing else "no mutant files found")
-        mutants = load_mutants(paths)
+        mutants = load_mutants(paths, ROOT)
         only = [i.strip() for i in args.only.split(",") if i.strip()]
         unknown = sorted(set(only) - {m.id for m in mutants})
         if unknown:
             raise MutantError(f"--only names unknown mutant(s): {', '.join(unknown)}")
         mutants = [m for m in mutants if not only or m.id in only]
+        if args.changed:
+            touched = changed_files("HEAD" if args.changed.strip() in ("1", "true", "yes") else args.changed.strip())
+            mutants = [m for m in mutants if m.file in touched]
+            if not mutants:
+                print(f"mutation: no mutant plants a bug in the changed files ({', '.join(sorted(touched)) or 'none'})")
+                return 0
         if not mutants:
             raise MutantError("the mutant files hold no mutants")
     except MutantError as err:

@@ -148,3 +148,29 @@ def test_first_failure_is_read_from_pytests_short_summary():
     assert harness.first_failure(output) == "tests/methods/test_methods.py::test_vpt_init_bound[grey]"
     assert harness.first_failure("ERROR tests/test_x.py - ImportError\n") == "tests/test_x.py"
     assert harness.first_failure("5 passed in 1.2s\n") == ""
+
+
+def test_changed_selects_the_mutants_of_files_that_differ_from_the_base(tmp_path, monkeypatch, capsys):
+    """`make mutation CHANGED=1`: only mutants of files changed since HEAD (edited, staged or new) are planted."""
+    import subprocess
+
+    root = tmp_path / "repo"
+    (root / "pkg").mkdir(parents=True)
+    for name in ("a.py", "b.py"):
+        (root / "pkg" / name).write_text(SOURCE)
+    git = ["git", "-C", str(root), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "base"], check=True)
+    (root / "pkg" / "b.py").write_text(SOURCE + "# edited\n")
+    (root / "pkg" / "c.py").write_text(SOURCE)
+    monkeypatch.setattr(harness, "ROOT", root)
+    assert harness.changed_files("HEAD") == {"pkg/b.py", "pkg/c.py"}
+    entries = "".join(f'- id: m-{name}\n  file: pkg/{name}.py\n  find: "6.0 /"\n  replace: "3.0 /"\n  rule: r\n'
+                      for name in ("a", "b", "c"))
+    path = mutant_file(tmp_path, entries)
+    assert harness.main(["--files", str(path), "--changed", "1", "--list"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == ["m-b", "m-c"]
+    with pytest.raises(harness.MutantError, match="--changed nope"):
+        harness.changed_files("nope")
