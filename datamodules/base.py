@@ -99,7 +99,7 @@ class FractionDataModule(L.LightningDataModule):
     # from train: a warning there, an error for datasets whose splits must cover every class.
     sparse_classes: bool = False
     # True when the training split's transform is deterministic (no augmentation): a frozen backbone then gives
-    # the same features every epoch, so the linear probe may train on cached ones (benchmark/feature_cache.py).
+    # the same features every epoch, so the linear probe may train on cached ones (benchmark/core/features.py).
     deterministic_train_transform: bool = False
 
     def __init__(self, *, data_config: dict, train_fraction: float = 1.0, seed: int = 0, batch_size: int = 64,

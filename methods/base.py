@@ -132,7 +132,8 @@ class TuningModule(L.LightningModule):
 
     method_name: ClassVar[str] = ""  # set by @register_method
     options_cls: ClassVar[type] = NoOptions
-    # What figures and tables show, owned here and read through the registry (methods.registry.method_facts).
+    # What figures and tables show, owned here and read through the registry (methods.registry: label, color,
+    # table_order, fig3_methods).
     label: ClassVar[str] = ""  # e.g. "VPT-deep"; "" = the registered name
     color: ClassVar[str] = "#7f7f7f"
     paper_row: ClassVar[int | None] = None  # row in VPT's Table 1 (Jia et al., 2022); None: not in the paper

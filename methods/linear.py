@@ -4,7 +4,7 @@ The frozen backbone runs in eval mode under `torch.inference_mode`: no autograd 
 activations for it, so a linear-probe step costs one inference forward plus a matmul.
 
 Everything before the head is a fixed function of the image, so its output (the pooled, normed
-"pre-logits") can be computed once and cached (benchmark/feature_cache.py): `read_features(True)` makes the
+"pre-logits") can be computed once and cached (benchmark/core/features.py): `read_features(True)` makes the
 module take those (B, D) features as input instead of images, and the head sees exactly the same values.
 The head then trains with the ordinary Trainer on those tensors.
 """

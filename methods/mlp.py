@@ -18,7 +18,7 @@ On a ConvNet the MLP replaces the classifier after the pooling (ResNet's `fc`, C
 head norm), with the pooled width as D (the VPT code's ResNet/ConvNeXt heads: MLP_NUM hidden layers of out_dim).
 
 The backbone is the linear probe's: eval mode, `torch.inference_mode`, and the same cached pre-logit
-features may stand in for it (benchmark/feature_cache.py).
+features may stand in for it (benchmark/core/features.py).
 """
 
 from dataclasses import dataclass, field

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from filelock import SoftFileLease, Timeout
 
-from benchmark.core.store import atomic_write_json, read_result
+from benchmark.core.store import atomic_write_json, read_result, results_path
 
 # A live owner refreshes its marker every HEARTBEAT_SECONDS; a peer takes over a marker left unrefreshed for
 # LEASE_SECONDS. The lease is far above the heartbeat plus NFS's attribute cache (up to 60 s, acregmax): a peer on
@@ -49,7 +49,7 @@ CLAIMS_DIR = "claims"
 
 
 def claim_path(results_dir: str | Path, run_id: str) -> Path:
-    return Path(results_dir) / CLAIMS_DIR / f"{run_id}.lock"
+    return results_path(results_dir, CLAIMS_DIR, f"{run_id}.lock")
 
 
 def attempt_name() -> str:

@@ -68,7 +68,7 @@ def apply_speed_options(model: L.LightningModule, *, compile: bool, checkpointin
         model.compile(**({"backend": compile_backend} if compile_backend else {}))
 
 def with_feature_cache(cfg: RunConfig, model: L.LightningModule, datamodule, trainer: L.Trainer):
-    """The linear probe on a deterministic transform trains on cached features (benchmark/feature_cache.py),
+    """The linear probe on a deterministic transform trains on cached features (benchmark/core/features.py),
     computed on this process's device (the trainer's root device; in a DDP run each rank has its own GPU)."""
     if not (cfg.feature_cache and can_cache(model, datamodule)):
         return datamodule
