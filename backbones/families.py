@@ -133,3 +133,31 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
 def family_of(model: nn.Module) -> Family | None:
     """The row of a built timm model's family, or None when the suite has no methods for it."""
     return next((family for family in FAMILIES.values() if family.matches(model)), None)
+
+
+def family_table() -> str:
+    """The rows as a Markdown table, one column per family: what docs/backbones.md shows (`python -m benchmark.params
+    --family-table` prints it; tests/backbones/test_families.py checks the docs hold the current one)."""
+
+    def cell(value) -> str:
+        if value is None or value == ():
+            return "–"
+        if isinstance(value, tuple):
+            return ", ".join(cell(item) for item in value)
+        if isinstance(value, type):
+            return f"`{value.__name__}`"
+        return f"`{value}`".replace("|", "\\|")
+
+    fields = {
+        "recognised as (isinstance)": lambda f: f.classes, "block (module name)": lambda f: f.block,
+        "stage": lambda f: f.stage, "merge (between stages)": lambda f: f.merge, "plain block": lambda f: f.plain_block,
+        "width (from a block)": lambda f: f.width, "norms (before attention, MLP)": lambda f: f.norms,
+        "attention linears": lambda f: f.attention_layers, "MLP linears": lambda f: f.mlp_layers,
+        "after the blocks": lambda f: f.after_blocks,
+        "attention targets (peft)": lambda f: f.targets(*f.attention_layers) if f.attention else None,
+    }
+    lines = ["| Row | " + " | ".join(f"`{name}`" for name in FAMILIES) + " |", "|:---|" + ":---|" * len(FAMILIES),
+             "| covers | " + " | ".join(family.covers for family in FAMILIES.values()) + " |"]
+    for title, value in fields.items():
+        lines.append(f"| {title} | " + " | ".join(cell(value(family)) for family in FAMILIES.values()) + " |")
+    return "\n".join(lines) + "\n"

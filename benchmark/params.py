@@ -5,9 +5,9 @@
 
 A method option `key=value` applies to every method that has the option; `method.key=value` to that method only
 (both partial_k and mlp_k have a `k`). By default every method that supports the backbone's family is counted;
-`--support-matrix` prints which methods support which family. Models are built on PyTorch's meta device from the
-architecture alone (pretrained=False, no weights, no memory for values), so a ViT-B count takes about a second per
-method and needs no download.
+`--support-matrix` prints which methods support which family, `--family-table` each family's row. Models are built
+on PyTorch's meta device from the architecture alone (pretrained=False, no weights, no memory for values), so a ViT-B
+count takes about a second per method and needs no download.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import fields
 import pandas as pd
 import torch
 
-from backbones import FAMILIES, create_backbone, family_of
+from backbones import FAMILIES, create_backbone, family_of, family_table
 from benchmark.core.cli import add_switch, comma_list, method_options
 from methods import create_method, get_method_class, list_methods
 from methods.registry import label, methods_for_family, support_matrix
@@ -80,6 +80,7 @@ def parser() -> argparse.ArgumentParser:
     add_switch(p, "--csv", help="print CSV instead of a table")
     p.add_argument("--list-methods", action="store_true", help="list the registered methods and exit")
     add_switch(p, "--support-matrix", help="print the methods x backbone-families table (Markdown) and exit")
+    add_switch(p, "--family-table", help="print the backbone families' rows (Markdown) and exit")
     return p
 
 
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.support_matrix:
         print(support_markdown(), end="")
+        return 0
+    if args.family_table:
+        print(family_table(), end="")
         return 0
     if args.num_classes < 1:
         print(f"error: --num-classes must be >= 1, got {args.num_classes}.", file=sys.stderr)

@@ -7,7 +7,6 @@ from methods import adaptformer, houlsby, convpass, repadapter  # noqa: F401, I0
 from methods import ln_tune, ssf, difffit, fact  # noqa: F401, I001 — issue 16's scale/shift and factor methods
 from methods import sidetune, vqt  # noqa: F401, I001 — the zoo (issue 16)
 from methods import peft_tuners  # noqa: F401, I001 — peft's tuners, after the hand-written ones
-from backbones import create_backbone, data_config, load_weights  # noqa: F401 — until the tests import backbones
 from methods.base import OptimConfig, TuningModule
 from methods.registry import get_method_class, list_methods, register_method
 
@@ -19,5 +18,4 @@ def create_method(name: str, backbone, num_classes: int, optim: OptimConfig | No
     return get_method_class(name).from_options(backbone, num_classes, optim, head_init=head_init, **options)
 
 
-__all__ = ["OptimConfig", "TuningModule", "create_backbone", "create_method", "data_config", "get_method_class",
-           "list_methods", "load_weights", "register_method"]
+__all__ = ["OptimConfig", "TuningModule", "create_method", "get_method_class", "list_methods", "register_method"]

@@ -9,10 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from backbones import create_backbone, data_config
 from benchmark.core.config import EMBEDDED_BACKBONE, RunConfig
 from benchmark.core.pipeline import run
 from datamodules import create_datamodule
-from methods import create_backbone, data_config, list_methods
+from methods import list_methods
 from methods.registry import methods_for_family
 from tests.helpers.data import make_fgvc, make_folder, make_vtab
 from tests.helpers.models import TINY_BACKBONES, TINY_CONVNETS, TINY_METHOD_OPTIONS, TINY_VIT

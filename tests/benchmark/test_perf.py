@@ -259,8 +259,8 @@ def test_vpt_deep_keeps_plain_blocks_without_fused_attention(tiny_batch):
 @pytest.mark.parametrize("method", list_methods())
 def test_synthetic_batches_have_the_backbones_input_shape_for_every_method(method):
     """A method may wrap the patch conv (SSF): the perf batches still take the embedded ViT's 1 x 28 x 28 input."""
+    from backbones import create_backbone
     from benchmark.costs.model_costs import synthetic_batches
-    from methods import create_backbone
 
     model = create_method(method, create_backbone("vit_embedded_p7_28"), 5)
     images, labels = synthetic_batches(model, PerfConfig(method=method, batch_size=3, num_classes=5)).tensors

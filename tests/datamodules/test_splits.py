@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
+from backbones import create_backbone, data_config
 from datamodules import create_datamodule, fraction_indices
 from datamodules.base import examples_to_keep
-from methods import create_backbone, data_config
 
 FRACTIONS = [0.01, 0.1, 0.2, 0.4, 0.8, 1.0]
 

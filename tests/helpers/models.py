@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from methods import create_backbone
+from backbones import create_backbone
 
 CONV_32PX = {"input_size": (3, 32, 32)}
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-# One tiny random-init timm model per backbone family (methods.backbone.FAMILIES), all on 32 px RGB images.
+# One tiny random-init timm model per backbone family (backbones.FAMILIES), all on 32 px RGB images.
 TINY_BACKBONES = {
     "vit": ("vit_tiny_patch16_224", TINY_VIT),
     "swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, embed_dim=24, depths=(2, 2), num_heads=(1, 2),

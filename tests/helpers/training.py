@@ -10,7 +10,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from methods import OptimConfig, create_method, data_config
+from backbones import data_config
+from methods import OptimConfig, create_method
 from tests.helpers.data import PatternDataModule
 from tests.helpers.models import make_tiny_vit
 

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import ResPostBlock
 
-from methods import create_backbone, create_method
+from backbones import create_backbone
+from methods import create_method
 from tests.helpers.models import make_tiny_vit
 from tests.helpers.training import assert_identity_at_init, assert_trains_exactly
 from tests.helpers.vit import DEPTH, HEAD, D, embed, vit_b_tuned

@@ -19,9 +19,7 @@ from tests.helpers.models import TINY_BACKBONES, TINY_METHOD_OPTIONS, make_tiny
     ("swin_tiny_patch4_window7_224", "swin"), ("resnet18", "convnet"), ("convnext_atto", "convnet"),
     ("efficientnet_b0", None), ("mobilenetv3_small_100", None),
 ])
-def test_family_of_a_timm_model(name, family):
-    import methods  # noqa: F401 — registers the embedded ViT with timm
-
+def test_family_of_a_timm_model(name, family):  # importing backbones registered the embedded ViT with timm
     with torch.device("meta"):
         assert getattr(family_of(timm.create_model(name, pretrained=False)), "name", None) == family
 

@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 import benchmark.core.pipeline as pipeline
+from backbones import create_backbone, data_config
 from benchmark.core.config import RunConfig
 from benchmark.core.validate import planned_data_config
 from benchmark.run import main
-from methods import create_backbone, create_method, data_config, list_methods
+from methods import create_method, list_methods
 from methods.base import TuningModule
 from tests.helpers.models import make_tiny_vit
 

@@ -10,8 +10,9 @@ import math
 import pytest
 import torch
 
+from backbones import create_backbone
 from benchmark.params import count_params
-from methods import create_backbone, create_method
+from methods import create_method
 from tests.helpers.models import CONV_32PX, TINY_CONVNETS, make_tiny_convnet, make_tiny_vit
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # timm's ResNet/ConvNeXt data config

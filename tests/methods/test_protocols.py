@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from methods import create_backbone, create_method, data_config
+from backbones import create_backbone, data_config
+from methods import create_method
 from tests.helpers.models import make_tiny_vit
 
 

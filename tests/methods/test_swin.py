@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from methods import create_backbone, create_method
+from backbones import create_backbone
+from methods import create_method
 from tests.helpers.models import make_tiny
 from tests.helpers.swin import DEPTHS, HEAD, WIDTHS, block_params, layer_norm, linear, region, swin_b_total
 

@@ -20,7 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from methods import create_backbone, create_method
+from backbones import create_backbone
+from methods import create_method
 from tests.helpers.models import TINY_METHOD_OPTIONS, make_tiny
 from tests.helpers.sidetune import sidetune_count
 from tests.helpers.swin import layer_norm, linear, region, swin_b_total

@@ -11,7 +11,8 @@ import pytest
 import torch
 from timm.models.vision_transformer import Block
 
-from methods import create_backbone, create_method
+from backbones import create_backbone
+from methods import create_method
 from tests.helpers.models import make_tiny_vit
 from tests.helpers.vit import block_inputs, embed
 

@@ -12,12 +12,13 @@ from collections import Counter
 import lightning as L
 import pytest
 
+from backbones import data_config
 from benchmark.core.distributed import ProcessShardedData, for_this_process, per_process_batch_size
 from benchmark.core.errors import ConfigError
 from benchmark.core.features import cached_datamodule
 from benchmark.run import main
 from datamodules import create_datamodule
-from methods import create_method, data_config
+from methods import create_method
 from tests.helpers.models import make_tiny_vit
 from tests.helpers.runs import run_both
 

@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from backbones import data_config
 from benchmark.analysis import ablations, tables
 from benchmark.core.config import RunConfig
 from benchmark.core.distributed import each_example_once
@@ -30,7 +31,6 @@ from datamodules import create_datamodule
 from datamodules.checks import DataError
 from datamodules.embedded import carve, load_digits_uint8
 from datamodules.extra_test import ExtraTestSet, restricted_argmax, scan_class_folders
-from methods import data_config
 from tests.helpers.data import make_folder
 from tests.helpers.models import TINY_VIT
 from tests.helpers.runs import make_dry_run, run_both

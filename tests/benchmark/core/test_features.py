@@ -10,10 +10,11 @@ import lightning as L
 import pytest
 import torch
 
+from backbones import data_config
 from benchmark.core.config import RunConfig
 from benchmark.core.features import CachedFeatureDataModule, cached_datamodule, can_cache, tensor_digest
 from benchmark.core.pipeline import run
-from methods import OptimConfig, create_method, data_config
+from methods import OptimConfig, create_method
 from tests.helpers.data import PatternDataModule, make_vtab
 from tests.helpers.models import make_tiny_vit
 from tests.helpers.training import setup_probe

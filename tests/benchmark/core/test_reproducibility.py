@@ -17,7 +17,8 @@ from torch.utils.data import Dataset
 
 from benchmark.core.config import REPO_ROOT, RunConfig
 from benchmark.core.pipeline import run
-from datamodules.base import FractionDataModule, LabelledSplit
+from datamodules.base import FractionDataModule
+from datamodules.labelled_split import LabelledSplit
 
 # sha256 of the digits split at fraction 0.1, seed 0 (ids and labels). Pinned so that a change of numpy's
 # PCG64 stream, of the digits carving or of the split algorithm shows up as a failure: the published splits

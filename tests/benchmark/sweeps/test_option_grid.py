@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from backbones import create_backbone
 from benchmark.analysis import ablations, outputs
 from benchmark.core.cli import one_option_point, option_grid
 from benchmark.core.config import RunConfig
@@ -22,7 +23,6 @@ from benchmark.run import config_from_args
 from benchmark.sweeps.runner import GridRunner, run_grid
 from benchmark.sweeps.search import run_search
 from benchmark.sweeps.spec import GridSpec, describe
-from methods import create_backbone
 from tests.helpers.runs import FakeTraining, make_dry_run
 
 BACKBONE = "vit_embedded_p7_28"

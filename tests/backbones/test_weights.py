@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from backbones import create_backbone, data_config
 from benchmark.core.config import RunConfig
 from benchmark.core.pipeline import run
-from methods import create_backbone, data_config
 from tests.helpers.models import TINY_VIT, make_tiny_vit
 
 

@@ -1,4 +1,4 @@
-"""Self-supervised and CLIP ViTs (methods/ssl_vits.py) on random-init geometries: each checkpoint's architecture
+"""Self-supervised and CLIP ViTs (backbones/ssl_vits.py) on random-init geometries: each checkpoint's architecture
 kwargs as timm configures it, at tiny widths and depths. What the head reads (MAE: mean of the patch tokens,
 fc_norm; MoCo v3, DINOv2, CLIP: CLS after norm), each one's mean/std as the datamodule gets it, MoCo v3's key
 mapping on a fake official checkpoint, MAE's norm -> fc_norm, DINOv2 at 224 px with registers and the VPT layout,
@@ -16,11 +16,12 @@ import torchvision.transforms as T
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from backbones import create_backbone, data_config
 from benchmark.core.config import RunConfig
 from benchmark.core.validate import check_backbone_name, planned_data_config
 from benchmark.run import config_from_args
 from datamodules.files import fgvc_transform
-from methods import create_backbone, create_method, data_config, get_method_class, list_methods
+from methods import create_method, get_method_class, list_methods
 from tests.helpers.models import TINY_VIT
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
