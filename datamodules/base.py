@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from datamodules.checks import DataError
-from datamodules.extra_test import ExtraTestSet, scan_class_folders
+from datamodules.extra_test_sets import ExtraTestSet, scan_class_folders
 from datamodules.labelled_split import LabelledSplit
 
 SPLITS = ("train", "val", "test")

@@ -1,5 +1,5 @@
 """One split as a Dataset plus its labels and example ids: what the split logic (datamodules/base.py) and the extra
-test sets (datamodules/extra_test.py) both read, below both of them."""
+test sets (datamodules/extra_test_sets.py) both read, below both of them."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from benchmark.core.claims import Holder, RunClaim
 from benchmark.core.config import RunConfig, option_text, options_label
 from benchmark.core.distributed import for_this_process, per_process_batch_size
 from benchmark.core.errors import ConfigError, ConfigWarning
-from benchmark.core.extra_test import evaluate_extra_tests, result_key
+from benchmark.core.extra_test_eval import evaluate_extra_tests, result_key
 from benchmark.core.features import cached_datamodule, can_cache
 from benchmark.core.images import cached_image_datamodule, image_cache_dir
 from benchmark.core.provenance import git_commit, git_dirty, peak_memory_mb, versions

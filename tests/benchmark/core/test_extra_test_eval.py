@@ -22,7 +22,7 @@ from benchmark.analysis import ablations, tables
 from benchmark.core.config import RunConfig
 from benchmark.core.distributed import each_example_once
 from benchmark.core.errors import ConfigError
-from benchmark.core.extra_test import ExtraTestEvaluation
+from benchmark.core.extra_test_eval import ExtraTestEvaluation
 from benchmark.core.pipeline import run
 from benchmark.run import config_from_args
 from benchmark.run import main as run_main
@@ -30,7 +30,7 @@ from benchmark.sweeps.search import final_config, point_config
 from datamodules import create_datamodule
 from datamodules.checks import DataError
 from datamodules.embedded import carve, load_digits_uint8
-from datamodules.extra_test import ExtraTestSet, restricted_argmax, scan_class_folders
+from datamodules.extra_test_sets import ExtraTestSet, restricted_argmax, scan_class_folders
 from tests.helpers.data import make_folder
 from tests.helpers.models import TINY_VIT
 from tests.helpers.runs import make_dry_run, run_both

@@ -1,4 +1,4 @@
-"""The extra test sets of a run (EXTRA_TEST=name=dir,...: the domain-shift protocol, datamodules/extra_test.py),
+"""The extra test sets of a run (EXTRA_TEST=name=dir,...: the domain-shift protocol, datamodules/extra_test_sets.py),
 evaluated after training with Lightning's multiple test dataloaders: one `trainer.test` over a list of loaders, one
 accuracy per loader. A set that holds only some of the training classes is scored with its logits restricted to
 those classes (ImageNet-A / -R: 200 of ImageNet's 1,000)."""
@@ -12,7 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from benchmark.core.distributed import each_example_once
 from datamodules.base import FractionDataModule
-from datamodules.extra_test import restricted_argmax
+from datamodules.extra_test_sets import restricted_argmax
 
 
 def result_key(name: str) -> str:
