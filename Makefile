@@ -62,7 +62,7 @@ splits: install ## FGVC train_<p>.json fraction files: make splits DATASET=cub D
 	$(PY) -m benchmark.splits $(ARGS)
 
 test: install data ## The fast test suite (slow tests excluded)
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q -n 2  # two one-thread workers (tests/conftest.py): the two cores
 test-slow: install data ## The slow tests only
 	$(PY) -m pytest -m slow -q
 mutation: install data ## Planted one-line bugs against the fast suite [JOBS=1 CHANGED=1: only the changed modules' mutants]

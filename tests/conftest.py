@@ -42,3 +42,13 @@ def tiny_batch():
 def own_checked_images_cache(tmp_path, monkeypatch):
     """Each test remembers decoded image lists in its own folder, never in ~/.cache (datamodules/checks.py)."""
     monkeypatch.setenv("VPT_BENCH_CACHE", str(tmp_path / "vpt-bench-cache"))
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs two workers), each worker takes one core: the tiny models' steps are
+    dispatch-bound, so two one-thread workers finish sooner than one two-thread process (benchmark/sweeps/runner.py
+    measured the same for grids)."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
