@@ -14,7 +14,7 @@ from benchmark.core.cli import extra_test_sets, method_options, one_option_point
 from benchmark.core.errors import ConfigError
 from benchmark.core.store import check_results_dir
 from datamodules import EMBEDDED_DATASETS
-from methods.base import HEAD_INITS, LR_MAX
+from methods.base import HEAD_INITS, LR_MAX, OptimConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPES_DIR = REPO_ROOT / "benchmark" / "recipes"
@@ -205,6 +205,11 @@ class RunConfig:
         if recipe.get("lr_scaling") == "batch/256" and self.lr is None:  # paper: lr = base_lr * batch / 256
             cfg.lr = recipe["lr"] * cfg.batch_size / 256
         return cfg
+
+    def optim_config(self) -> OptimConfig:
+        """The optimizer and schedule of a resolved config, as the method's training step reads them."""
+        return OptimConfig(optimizer=self.optimizer, lr=self.lr, weight_decay=self.weight_decay,
+                           warmup_epochs=self.warmup_epochs, max_epochs=self.epochs)
 
     def run_id(self) -> str:
         """Path of this run's result below results/runs, without suffix."""

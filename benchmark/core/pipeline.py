@@ -40,7 +40,7 @@ from benchmark.core.trainer import attempt_log_dir, make_trainer
 from benchmark.core.validate import planned_data_config, validate_config, validate_data
 from datamodules import create_datamodule
 from datamodules.checks import DataError
-from methods import OptimConfig, create_method
+from methods import create_method
 
 
 def build_datamodule(cfg: RunConfig, data_cfg: dict):
@@ -51,9 +51,8 @@ def build_datamodule(cfg: RunConfig, data_cfg: dict):
 def build_model(cfg: RunConfig, num_classes: int) -> methods.TuningModule:
     """The backbone with its weights (read from a file or fetched from the hub) wrapped by the method."""
     backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights, **cfg.backbone_kwargs)
-    optim = OptimConfig(optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                        warmup_epochs=cfg.warmup_epochs, max_epochs=cfg.epochs)
-    model = create_method(cfg.method, backbone, num_classes, optim, head_init=cfg.head_init, **cfg.method_options)
+    model = create_method(cfg.method, backbone, num_classes, cfg.optim_config(), head_init=cfg.head_init,
+                          **cfg.method_options)
     apply_speed_options(model, compile=cfg.compile, checkpointing=cfg.checkpointing)
     return model
 

@@ -36,7 +36,7 @@ from datamodules import get_datamodule_class, list_datasets
 from datamodules.base import asked_examples, smallest_fraction
 from datamodules.checks import check_image_files, prepare_hint
 from datamodules.files import ImageFilesDataModule
-from methods import OptimConfig, create_method, get_method_class
+from methods import create_method, get_method_class
 from methods.base import HEAD_INITS, optim_problems
 
 
@@ -168,12 +168,10 @@ def planned_data_config(cfg: RunConfig) -> dict:
 def check_model_builds(cfg: RunConfig) -> list[str]:
     """Build the backbone and the method on the `meta` device: catches a non-ViT backbone and options that do
     not fit its geometry (e.g. an adapter reduction that does not divide the width) without allocating memory."""
-    optim = OptimConfig(optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                        warmup_epochs=cfg.warmup_epochs, max_epochs=cfg.epochs)
     try:
         backbone = meta_backbone(cfg)
         with torch.device("meta"):
-            create_method(cfg.method, backbone, 2, optim, head_init=cfg.head_init, **cfg.method_options)
+            create_method(cfg.method, backbone, 2, cfg.optim_config(), head_init=cfg.head_init, **cfg.method_options)
     except (TypeError, ValueError, RuntimeError) as err:
         texts = {key: value for key, value in cfg.backbone_kwargs.items() if isinstance(value, str)}
         if isinstance(err, TypeError) and texts:  # e.g. img_size=abc: timm's message is Python's operator error
