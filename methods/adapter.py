@@ -11,22 +11,21 @@ The VPT code zero-initialises both projections, which makes every gradient zero 
 `down` is 0, so `up` sees no input, and `up` is 0, so `down` sees no error): its adapters never learn.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from methods.base import TuningModule
+from methods.options import Options, option
 from methods.registry import register_method
 
 
 @dataclass
-class AdapterOptions:
-    reduction: int = field(default=8, metadata={"help": "bottleneck width = embed_dim // reduction (paper: 8)"})
-
-    def __post_init__(self):
-        if int(self.reduction) != self.reduction or self.reduction < 1:
-            raise ValueError(f"adapter reduction must be a positive integer, got {self.reduction}.")
+class AdapterOptions(Options):
+    method = "adapter"
+    # that it divides the backbone's width is checked in adapt(), which has the backbone
+    reduction: int = option(8, "bottleneck width = embed_dim // reduction (paper: 8)", kind=int, positive=True)
 
 
 class Adapter(nn.Module):

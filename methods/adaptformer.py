@@ -36,7 +36,7 @@ dropout rate, 0 in its runs). Swin-B, 200 classes: sum over blocks of (129 C + 6
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -44,22 +44,19 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from methods.base import TuningModule, is_number
+from methods.base import TuningModule
+from methods.options import Options, option
 from methods.registry import register_method
 
 ADAPTER_DROPOUT = 0.1  # the code's Adapter(..., dropout=0.1) in models/custom_modules.py
 
 
 @dataclass
-class AdaptFormerOptions:
-    bottleneck: int = field(default=64, metadata={"help": "bottleneck width of each AdaptMLP (the code's ffn_num: 64)"})
-    scale: float = field(default=0.1, metadata={"help": "fixed scale s of the branch's output (the code's 0.1)"})
-
-    def __post_init__(self):
-        if not isinstance(self.bottleneck, int) or isinstance(self.bottleneck, bool) or self.bottleneck < 1:
-            raise ValueError(f"adaptformer bottleneck must be an integer >= 1, got {self.bottleneck!r}.")
-        if not (is_number(self.scale) and self.scale > 0):
-            raise ValueError(f"adaptformer scale must be a number > 0, got {self.scale!r}.")
+class AdaptFormerOptions(Options):
+    method = "adaptformer"
+    bottleneck: int = option(64, "bottleneck width of each AdaptMLP (the code's ffn_num: 64)", kind=int, low=1)
+    scale: float = option(0.1, "fixed scale s of the branch's output (the code's 0.1)", kind=float, low=0,
+                          low_open=True)
 
 
 class AdaptMLP(nn.Module):

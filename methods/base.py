@@ -17,6 +17,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from backbones import Family, family_of
+from methods.options import Options
 from methods.registry import methods_for_family
 
 # Accepted ranges: wide enough for every recipe of the paper (SGD base lrs up to 50, scaled by batch/256), narrow
@@ -66,7 +67,7 @@ def optim_problems(optimizer, lr, weight_decay, warmup_epochs, max_epochs) -> li
 
 
 @dataclass
-class NoOptions:
+class NoOptions(Options):
     """For methods with nothing to configure."""
 
 
@@ -131,7 +132,7 @@ class TuningModule(L.LightningModule):
     """
 
     method_name: ClassVar[str] = ""  # set by @register_method
-    options_cls: ClassVar[type] = NoOptions
+    options_cls: ClassVar[type[Options]] = NoOptions  # a methods.options.Options dataclass: each field checked
     # What figures and tables show, owned here and read through the registry (methods.registry: label, color,
     # table_order, fig3_methods).
     label: ClassVar[str] = ""  # e.g. "VPT-deep"; "" = the registered name

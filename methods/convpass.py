@@ -34,7 +34,7 @@ blocks of 2 ((8 C + 8) + (8*8*9 + 8) + (8 C + C)) + head = 642,504.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -42,27 +42,21 @@ from timm.models.swin_transformer import SwinTransformerBlock
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from methods.base import TuningModule, is_number
+from methods.base import TuningModule
+from methods.options import Options, option
 from methods.registry import register_method
 
 BYPASS_DROPOUT = 0.1  # the code's Convpass: nn.Dropout(0.1) before `up`
 
 
 @dataclass
-class ConvpassOptions:
-    dim: int = field(default=8, metadata={"help": "bypass width: down D -> dim, 3x3 conv dim -> dim, up dim -> D (8)"})
-    scale: float = field(default=1.0, metadata={
-        "help": "scale s of each bypass's output (code default 1; its VTAB configs pick one of 0.01-100 per task)"})
-    xavier_init: bool = field(default=False, metadata={
-        "help": "Xavier-uniform conv kernel instead of the identity at the centre tap (the code's option, off)"})
-
-    def __post_init__(self):
-        if not isinstance(self.dim, int) or isinstance(self.dim, bool) or self.dim < 1:
-            raise ValueError(f"convpass dim must be an integer >= 1, got {self.dim!r}.")
-        if not (is_number(self.scale) and self.scale > 0):
-            raise ValueError(f"convpass scale must be a number > 0, got {self.scale!r}.")
-        if not isinstance(self.xavier_init, bool):
-            raise ValueError(f"convpass xavier_init must be true or false, got {self.xavier_init!r}.")
+class ConvpassOptions(Options):
+    method = "convpass"
+    dim: int = option(8, "bypass width: down D -> dim, 3x3 conv dim -> dim, up dim -> D (8)", kind=int, low=1)
+    scale: float = option(1.0, "scale s of each bypass's output (code default 1; its VTAB configs pick one of 0.01-100 "
+                          "per task)", kind=float, low=0, low_open=True)
+    xavier_init: bool = option(False, "Xavier-uniform conv kernel instead of the identity at the centre tap (the "
+                               "code's option, off)", kind=bool)
 
 
 class QuickGELU(nn.Module):

@@ -23,46 +23,39 @@ doubles at every stage (and neither the official code nor PETL_Vision / V-PETL B
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from methods.base import TuningModule
+from methods.options import Options, option
 from methods.registry import register_method
 
 SITES_PER_BLOCK = 12  # q, k, v, o, then fc1 and fc2 as 4 chunks each: the code's 4 + 8 columns of P per block
 
 
-def check_fact(dim, scale, dropout) -> None:
-    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-        raise ValueError(f"FacT dim must be a positive integer (the factor rank d, e.g. 8), got {dim!r}.")
-    if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"FacT scale must be a positive number (the code's s: 0.01-100), got {scale!r}.")
-    if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1):
-        raise ValueError(f"FacT dropout must be a number in [0, 1), got {dropout!r}.")
+@dataclass
+class FacTTTOptions(Options):
+    method = "FacT"
+    dim: int = option(8, "factor rank d (official VTAB configs: 4-16; cifar 8)", kind=int, positive=True,
+                      hint="the factor rank d, e.g. 8")
+    scale: float = option(1.0, "s, the update's scale (official configs: 0.01-100)", kind=float, positive=True,
+                          hint="the code's s: 0.01-100")
+    dropout: float = option(0.1, "dropout on the core's output (official: 0.1)", kind=float, low=0, high=1,
+                            high_open=True)
 
 
 @dataclass
-class FacTTTOptions:
-    dim: int = field(default=8, metadata={"help": "factor rank d (official VTAB configs: 4-16; cifar 8)"})
-    scale: float = field(default=1.0, metadata={"help": "s, the update's scale (official configs: 0.01-100)"})
-    dropout: float = field(default=0.1, metadata={"help": "dropout on the core's output (official: 0.1)"})
-
-    def __post_init__(self):
-        check_fact(self.dim, self.scale, self.dropout)
-
-
-@dataclass
-class FacTTKOptions:
-    dim: int = field(default=32, metadata={"help": "factor rank d (official VTAB configs: 16 or 32)"})
-    scale: float = field(default=10.0, metadata={"help": "s, the update's scale (official configs: 0.01-100)"})
-    dropout: float = field(default=0.1, metadata={"help": "dropout on the core's output (official: 0.1)"})
-
-    def __post_init__(self):
-        check_fact(self.dim, self.scale, self.dropout)
+class FacTTKOptions(Options):
+    method = "FacT"
+    dim: int = option(32, "factor rank d (official VTAB configs: 16 or 32)", kind=int, positive=True,
+                      hint="the factor rank d, e.g. 8")
+    scale: float = option(10.0, "s, the update's scale (official configs: 0.01-100)", kind=float, positive=True,
+                          hint="the code's s: 0.01-100")
+    dropout: float = option(0.1, "dropout on the core's output (official: 0.1)", kind=float, low=0, high=1,
+                            high_open=True)
 
 
 class FacTFactors(nn.Module):

@@ -8,23 +8,21 @@ On a ConvNet it does nothing: the VPT code fine-tunes its ResNets (torchvision) 
 the paper recipe's 0.1 is the ViT config's.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
 from methods.base import TuningModule
+from methods.options import Options, option
 from methods.registry import register_method
 
 
 @dataclass
-class FullOptions:
-    dropout: float = field(default=0.0, metadata={
-        "help": "dropout in every ViT MLP (after the activation and after fc2) and after the position embedding "
-                "(VPT code: 0.1); none on ConvNets, as the VPT code's"})
-
-    def __post_init__(self):
-        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
-            raise ValueError(f"full dropout must be a number in [0, 1), got {self.dropout!r}.")
+class FullOptions(Options):
+    method = "full"
+    dropout: float = option(0.0, "dropout in every ViT MLP (after the activation and after fc2) and after the position "
+                            "embedding (VPT code: 0.1); none on ConvNets, as the VPT code's",
+                            kind=float, low=0, high=1, high_open=True)
 
 
 @register_method("full")

@@ -35,7 +35,7 @@ sum over blocks of 2 (129 C + 64) + 57,600 LayerNorm values + head = 3,369,928 (
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -45,20 +45,16 @@ from torch import nn
 
 from methods.adapter import Adapter
 from methods.base import TuningModule
+from methods.options import Options, option
 from methods.registry import register_method
 
 
 @dataclass
-class HoulsbyOptions:
-    bottleneck: int = field(default=64, metadata={"help": "bottleneck width m of each adapter (adapter-bert: 64)"})
-    train_norms: bool = field(default=True, metadata={
-        "help": "also train every LayerNorm's weight and bias (the paper: yes; PETL_Vision's version: no)"})
-
-    def __post_init__(self):
-        if not isinstance(self.bottleneck, int) or isinstance(self.bottleneck, bool) or self.bottleneck < 1:
-            raise ValueError(f"houlsby bottleneck must be an integer >= 1, got {self.bottleneck!r}.")
-        if not isinstance(self.train_norms, bool):
-            raise ValueError(f"houlsby train_norms must be true or false, got {self.train_norms!r}.")
+class HoulsbyOptions(Options):
+    method = "houlsby"
+    bottleneck: int = option(64, "bottleneck width m of each adapter (adapter-bert: 64)", kind=int, low=1)
+    train_norms: bool = option(True, "also train every LayerNorm's weight and bias (the paper: yes; PETL_Vision's "
+                               "version: no)", kind=bool)
 
 
 class HoulsbyBlock(Block):

@@ -13,31 +13,25 @@ place and subtracting afterwards, as peft does, drifts W by rounding at every va
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from methods.base import MergeForEvalTuning
+from methods.options import Options, option
 from methods.registry import register_method
 
 
 @dataclass
-class LoRAOptions:
-    rank: int = field(default=8, metadata={"help": "rank r of each update B A (LoRA paper: 1-64; 8 is common)"})
-    alpha: float = field(default=16.0, metadata={"help": "the update is scaled by alpha / rank"})
-    merge_for_eval: bool = field(default=True, metadata={
-        "help": "evaluate with W + (alpha / r) B A precomputed (same outputs, faster); W itself is never changed"})
-
-    def __post_init__(self):
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            raise ValueError(f"LoRA rank must be a positive integer (e.g. rank=8), got {self.rank!r}.")
-        if not (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)
-                and math.isfinite(self.alpha) and self.alpha > 0):
-            raise ValueError(f"LoRA alpha must be a positive number (the scale is alpha / rank), got {self.alpha!r}.")
-        if not isinstance(self.merge_for_eval, bool):
-            raise ValueError(f"merge_for_eval must be true or false, got {self.merge_for_eval!r}.")
+class LoRAOptions(Options):
+    rank: int = option(8, "rank r of each update B A (LoRA paper: 1-64; 8 is common)", kind=int, positive=True,
+                       hint="e.g. rank=8")
+    alpha: float = option(16.0, "the update is scaled by alpha / rank", kind=float, positive=True,
+                          hint="the scale is alpha / rank")
+    merge_for_eval: bool = option(True, "evaluate with W + (alpha / r) B A precomputed (same outputs, faster); W "
+                                  "itself is never changed", kind=bool)
 
 
 class LoRALinear(nn.Module):

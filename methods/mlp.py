@@ -21,25 +21,22 @@ The backbone is the linear probe's: eval mode, `torch.inference_mode`, and the s
 features may stand in for it (benchmark/core/features.py).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
 from methods.linear import LinearProbe
+from methods.options import Options, option
 from methods.registry import register_method
 
 
 @dataclass
-class MLPOptions:
-    k: int = field(default=3, metadata={"help": "layers in the head, k - 1 of them hidden with the embedding width "
-                                                "(paper: MLP-3)"})
-    dropout: float = field(default=0.1, metadata={"help": "dropout after each hidden layer (VPT code: 0.1)"})
-
-    def __post_init__(self):
-        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
-            raise ValueError(f"mlp_k needs an integer k >= 1 head layers (k=1 is the linear probe), got k={self.k!r}.")
-        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
-            raise ValueError(f"mlp_k dropout must be a number in [0, 1), got {self.dropout!r}.")
+class MLPOptions(Options):
+    method = "mlp_k"
+    k: int = option(3, "layers in the head, k - 1 of them hidden with the embedding width (paper: MLP-3)", kind=int,
+                    low=1, hint="head layers; k=1 is the linear probe")
+    dropout: float = option(0.1, "dropout after each hidden layer (VPT code: 0.1)", kind=float, low=0, high=1,
+                            high_open=True)
 
 
 def mlp_head(dim: int, num_classes: int, layers: int, dropout: float) -> nn.Sequential:

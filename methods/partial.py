@@ -18,21 +18,19 @@ head norm that follows them (the VPT code's ConvNeXt `tune_norm`). Its ConvNeXt 
 block; stages are ours, the same unit for both ConvNets.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from methods.base import TuningModule
+from methods.options import Options, option
 from methods.registry import register_method
 
 
 @dataclass
-class PartialOptions:
-    k: int = field(default=1, metadata={
-        "help": "how many of the last blocks (ViT) or stages (ConvNet) train (paper: Partial-1)"})
-
-    def __post_init__(self):
-        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
-            raise ValueError(f"partial_k needs an integer k >= 1 blocks to tune (k=0 is the linear probe: use "
-                             f"method 'linear'), got k={self.k!r}.")
+class PartialOptions(Options):
+    method = "partial_k"
+    # k up to the backbone's depth is checked in adapt(), which has the backbone
+    k: int = option(1, "how many of the last blocks (ViT) or stages (ConvNet) train (paper: Partial-1)", kind=int,
+                    low=1, hint="blocks to tune; k=0 is the linear probe: use method 'linear'")
 
 
 @register_method("partial_k")

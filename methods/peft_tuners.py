@@ -35,9 +35,8 @@ the `lora` name's tests, results and checkpoints rely on (docs/methods.md, "peft
 
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import peft
@@ -47,17 +46,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from methods.base import TuningModule
+from methods.options import Options, option
 from methods.registry import register_method
-
-
-def check_positive_int(method: str, name: str, value, hint: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{method} {name} must be a positive integer ({hint}), got {value!r}.")
-
-
-def check_positive_number(method: str, name: str, value, hint: str) -> None:
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{method} {name} must be a positive number ({hint}), got {value!r}.")
 
 
 class PeftTuning(TuningModule):
@@ -107,13 +97,11 @@ class PeftTuning(TuningModule):
 
 
 @dataclass
-class DoRAOptions:
-    rank: int = field(default=8, metadata={"help": "rank r of the direction update B A (DoRA paper: as LoRA, 8)"})
-    alpha: float = field(default=16.0, metadata={"help": "the direction update is scaled by alpha / rank (as LoRA)"})
-
-    def __post_init__(self):
-        check_positive_int("DoRA", "rank", self.rank, "e.g. rank=8")
-        check_positive_number("DoRA", "alpha", self.alpha, "the scale is alpha / rank")
+class DoRAOptions(Options):
+    rank: int = option(8, "rank r of the direction update B A (DoRA paper: as LoRA, 8)", kind=int, positive=True,
+                       hint="e.g. rank=8")
+    alpha: float = option(16.0, "the direction update is scaled by alpha / rank (as LoRA)", kind=float, positive=True,
+                          hint="the scale is alpha / rank")
 
 
 @register_method("dora")
@@ -137,7 +125,7 @@ class DoRATuning(PeftTuning):
 
 
 @dataclass
-class IA3Options:
+class IA3Options(Options):
     """IA3 has no hyper-parameter beyond where its vectors go (its paper fixes that)."""
 
 
@@ -169,14 +157,10 @@ class IA3Tuning(PeftTuning):
 
 
 @dataclass
-class LyCORISOptions:
-    rank: int = field(default=8, metadata={"help": "rank r of each factor (peft's default: 8)"})
-    alpha: float = field(default=8.0, metadata={"help": "the update is scaled by alpha / rank (peft's default: 8)"})
-
-    def __post_init__(self):
-        name = type(self).__name__.removesuffix("Options")
-        check_positive_int(name, "rank", self.rank, "e.g. rank=8")
-        check_positive_number(name, "alpha", self.alpha, "the scale is alpha / rank")
+class LyCORISOptions(Options):
+    rank: int = option(8, "rank r of each factor (peft's default: 8)", kind=int, positive=True, hint="e.g. rank=8")
+    alpha: float = option(8.0, "the update is scaled by alpha / rank (peft's default: 8)", kind=float, positive=True,
+                          hint="the scale is alpha / rank")
 
 
 @dataclass
@@ -229,13 +213,11 @@ class LoKrTuning(PeftTuning):
 
 
 @dataclass
-class VeRAOptions:
-    rank: int = field(default=256, metadata={"help": "rank r of the shared frozen random A, B (peft's default: 256)"})
-    d_initial: float = field(default=0.1, metadata={"help": "initial value of every entry of d (VeRA paper: 0.1)"})
-
-    def __post_init__(self):
-        check_positive_int("VeRA", "rank", self.rank, "e.g. rank=256")
-        check_positive_number("VeRA", "d_initial", self.d_initial, "the paper's 0.1")
+class VeRAOptions(Options):
+    rank: int = option(256, "rank r of the shared frozen random A, B (peft's default: 256)", kind=int, positive=True,
+                       hint="e.g. rank=256")
+    d_initial: float = option(0.1, "initial value of every entry of d (VeRA paper: 0.1)", kind=float, positive=True,
+                              hint="the paper's 0.1")
 
 
 @register_method("vera")
@@ -264,12 +246,10 @@ class VeRATuning(PeftTuning):
 
 
 @dataclass
-class BOFTOptions:
-    block_size: int = field(default=4, metadata={
-        "help": "size b of each orthogonal block; must divide every adapted layer's input width (peft's default: 4)"})
-
-    def __post_init__(self):
-        check_positive_int("BOFT", "block_size", self.block_size, "e.g. block_size=4")
+class BOFTOptions(Options):
+    # that it divides the adapted widths is checked in inject(), which has the backbone
+    block_size: int = option(4, "size b of each orthogonal block; must divide every adapted layer's input width "
+                             "(peft's default: 4)", kind=int, positive=True, hint="e.g. block_size=4")
 
 
 @register_method("boft")
@@ -314,14 +294,12 @@ class BOFTTuning(PeftTuning):
 
 
 @dataclass
-class FourierFTOptions:
-    n_frequency: int = field(default=1000, metadata={
-        "help": "spectral coefficients learned per layer, at random fixed frequencies (peft's default: 1000)"})
-    scaling: float = field(default=150.0, metadata={"help": "dW = scaling * Re(IDFT(spectrum)) (peft's default 150)"})
-
-    def __post_init__(self):
-        check_positive_int("FourierFT", "n_frequency", self.n_frequency, "e.g. n_frequency=1000")
-        check_positive_number("FourierFT", "scaling", self.scaling, "peft's default 150")
+class FourierFTOptions(Options):
+    # at most the smallest adapted weight's entries: checked in inject(), which has the backbone
+    n_frequency: int = option(1000, "spectral coefficients learned per layer, at random fixed frequencies (peft's "
+                              "default: 1000)", kind=int, positive=True, hint="e.g. n_frequency=1000")
+    scaling: float = option(150.0, "dW = scaling * Re(IDFT(spectrum)) (peft's default 150)", kind=float, positive=True,
+                            hint="peft's default 150")
 
 
 @register_method("fourierft")

@@ -36,7 +36,7 @@ exactly). Swin-B, 200 classes: sum over blocks of 2 ((8 C + 8) + (8 C / 2 + C)) 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -45,35 +45,30 @@ from timm.models.swin_transformer import SwinTransformerBlock
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from methods.base import MergeForEvalTuning, is_number
+from methods.base import MergeForEvalTuning
+from methods.options import Options, option
 from methods.registry import register_method
 
 ADAPTER_DROPOUT = 0.1  # the code's RepAdapter: nn.Dropout(0.1) between its two projections
 
 
-def positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 @dataclass
-class RepAdapterOptions:
-    hidden_dim: int = field(default=8, metadata={"help": "adapter width: down D -> hidden_dim (the code's dim: 8)"})
-    groups: int = field(default=2, metadata={"help": "groups of the up projection (the code's 2); divides both widths"})
-    scale: float = field(default=1.0, metadata={
-        "help": "scale s of the adapter's update (code default 1; its VTAB configs pick one of 0.1-10 per task)"})
-    merge_for_eval: bool = field(default=True, metadata={
-        "help": "evaluate with the adapters folded into copies of qkv / fc1 (same outputs, faster); weights unchanged"})
+class RepAdapterOptions(Options):
+    method = "repadapter"
+    hidden_dim: int = option(8, "adapter width: down D -> hidden_dim (the code's dim: 8)", kind=int, low=1)
+    groups: int = option(2, "groups of the up projection (the code's 2); divides both widths", kind=int, low=1,
+                         hint="dividing hidden_dim")
+    scale: float = option(1.0, "scale s of the adapter's update (code default 1; its VTAB configs pick one of 0.1-10 "
+                          "per task)", kind=float, low=0, low_open=True)
+    merge_for_eval: bool = option(True, "evaluate with the adapters folded into copies of qkv / fc1 (same outputs, "
+                                  "faster); weights unchanged", kind=bool)
 
     def __post_init__(self):
-        if not positive_int(self.hidden_dim):
-            raise ValueError(f"repadapter hidden_dim must be an integer >= 1, got {self.hidden_dim!r}.")
-        if not positive_int(self.groups) or self.hidden_dim % self.groups:
+        super().__post_init__()
+        # a rule joining two fields; dividing the embedding width too is checked in adapt(), which has the backbone
+        if self.hidden_dim % self.groups:
             raise ValueError(f"repadapter groups must be an integer >= 1 dividing hidden_dim={self.hidden_dim}, "
                              f"got {self.groups!r}.")
-        if not (is_number(self.scale) and self.scale > 0):
-            raise ValueError(f"repadapter scale must be a number > 0, got {self.scale!r}.")
-        if not isinstance(self.merge_for_eval, bool):
-            raise ValueError(f"repadapter merge_for_eval must be true or false, got {self.merge_for_eval!r}.")
 
 
 class GroupedLinear(nn.Module):

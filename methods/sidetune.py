@@ -31,7 +31,7 @@ no parameters), the projection, the scalar alpha and the head; the backbone is f
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -41,6 +41,7 @@ from torch import nn
 
 from methods.base import TuningModule
 from methods.linear import no_autograd
+from methods.options import Options, option
 from methods.registry import register_method
 
 SIDE_MIN_SIZE = 63  # AlexNet features: 63 px -> 15 -> 7 -> 3 -> 1; 62 px leaves the last max-pool an empty map
@@ -49,27 +50,21 @@ SIDE_CHANNELS = 256 * 6 * 6  # AlexNet features' 256 maps, adaptive-average-pool
 
 
 @dataclass
-class SidetuneOptions:
-    side_input_size: int = field(default=224, metadata={
-        "help": f"images are resized (bilinear) to this square size for the side network, {SIDE_MIN_SIZE}.."
-                f"{SIDE_MAX_SIZE} (AlexNet's 224; ours: the VPT code feeds its 224 px input unresized)"})
-    side_pretrained: bool = field(default=False, metadata={
-        "help": "start the side network from torchvision's ImageNet AlexNet (the VPT code's; needs the download "
-                "or torch's hub cache)"})
-    side_weights: str | None = field(default=None, metadata={
-        "help": "a local torchvision AlexNet state-dict file (.pth) whose features.* start the side network"})
+class SidetuneOptions(Options):
+    method = "sidetune"
+    side_input_size: int = option(224, f"images are resized (bilinear) to this square size for the side network, "
+                                  f"{SIDE_MIN_SIZE}..{SIDE_MAX_SIZE} (AlexNet's 224; ours: the VPT code feeds its 224 "
+                                  f"px input unresized)", kind=int, low=SIDE_MIN_SIZE, high=SIDE_MAX_SIZE,
+                                  hint=f"AlexNet needs at least {SIDE_MIN_SIZE} px")
+    side_pretrained: bool = option(False, "start the side network from torchvision's ImageNet AlexNet (the VPT code's; "
+                                   "needs the download or torch's hub cache)", kind=bool)
+    side_weights: str | Path | None = option(None, "a local torchvision AlexNet state-dict file (.pth) whose "
+                                             "features.* start the side network", kind=Path,
+                                             hint="a torchvision AlexNet state dict, .pth")
 
     def __post_init__(self):
-        size = self.side_input_size
-        if not (isinstance(size, int) and not isinstance(size, bool) and SIDE_MIN_SIZE <= size <= SIDE_MAX_SIZE):
-            raise ValueError(f"sidetune side_input_size must be an integer in [{SIDE_MIN_SIZE}, {SIDE_MAX_SIZE}] "
-                             f"(AlexNet needs at least {SIDE_MIN_SIZE} px), got {size!r}.")
-        if not isinstance(self.side_pretrained, bool):
-            raise ValueError(f"sidetune side_pretrained must be true or false, got {self.side_pretrained!r}.")
-        if self.side_weights is not None and not isinstance(self.side_weights, (str, Path)):
-            raise ValueError(f"sidetune side_weights must be the path of a torchvision AlexNet state-dict file, "
-                             f"got {self.side_weights!r}.")
-        if self.side_pretrained and self.side_weights is not None:
+        super().__post_init__()
+        if self.side_pretrained and self.side_weights is not None:  # a rule joining two fields
             raise ValueError("sidetune takes side_pretrained=true or side_weights=<file>, not both.")
 
 

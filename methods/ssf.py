@@ -24,8 +24,7 @@ pretrained W and b, which stay bit-identical (the discipline of methods/lora.py)
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,24 +32,16 @@ from torch import nn
 
 from backbones import Family
 from methods.base import MergeForEvalTuning
+from methods.options import Options, option
 from methods.registry import register_method
 
 
 @dataclass
-class SSFOptions:
-    init_std: float = field(default=0.02, metadata={
-        "help": "std of the init gamma ~ N(1, s), beta ~ N(0, s) (official code: 0.02; 0 starts exactly as the "
-                "pretrained function)"})
-    merge_for_eval: bool = field(default=True, metadata={
-        "help": "evaluate with gamma, beta folded into copies of the preceding weights (same outputs, faster); the "
-                "pretrained weights themselves are never changed"})
-
-    def __post_init__(self):
-        if not (isinstance(self.init_std, (int, float)) and not isinstance(self.init_std, bool)
-                and math.isfinite(self.init_std) and 0 <= self.init_std <= 1):
-            raise ValueError(f"SSF init_std must be a number in [0, 1] (official: 0.02), got {self.init_std!r}.")
-        if not isinstance(self.merge_for_eval, bool):
-            raise ValueError(f"merge_for_eval must be true or false, got {self.merge_for_eval!r}.")
+class SSFOptions(Options):
+    init_std: float = option(0.02, "std of the init gamma ~ N(1, s), beta ~ N(0, s) (official code: 0.02; 0 starts "
+                             "exactly as the pretrained function)", kind=float, low=0, high=1, hint="official: 0.02")
+    merge_for_eval: bool = option(True, "evaluate with gamma, beta folded into copies of the preceding weights (same "
+                                  "outputs, faster); the pretrained weights themselves are never changed", kind=bool)
 
 
 class ScaleShift(nn.Module):

@@ -34,7 +34,7 @@ supports ViTs and Swins only.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -47,6 +47,7 @@ from torch.utils.checkpoint import checkpoint
 from backbones import data_config
 from methods import pixel_prompts, swin_prompts
 from methods.base import TuningModule
+from methods.options import Options, option
 from methods.registry import register_method
 
 TOKEN_PROMPTS = 50  # p on a ViT when prompt_length is not given
@@ -72,30 +73,22 @@ def parse_layers(value) -> tuple[int, ...]:
 
 
 @dataclass
-class VPTOptions:
-    prompt_length: int | None = field(default=None, metadata={
-        "help": "p: prompt tokens per layer on a ViT (paper searches 1..200; None = 50), pixels (pad) or channels "
-                "(below) on a ConvNet (None = 5, the VPT code's default)"})
-    prompt_dropout: float | None = field(
-        default=None, metadata={"help": "dropout on prompt tokens; None = 0.1 for deep, 0.0 for shallow"})
-    location: str | None = field(default=None, metadata={
-        "help": "where prompts go: prepend (tokens, ViT), pad or below (pixels, ConvNet); None = the family's"})
-    prompt_layers: str | int | list | None = field(default=None, metadata={
-        "help": "VPT-deep on a ViT: the blocks (from 1) that take fresh prompts, e.g. 1-6, 7-12, 1+3+5; None = all "
-                "(the paper's prompt-depth ablation)"})
+class VPTOptions(Options):
+    prompt_length: int | None = option(None, "p: prompt tokens per layer on a ViT (paper searches 1..200; None = 50), "
+                                       "pixels (pad) or channels (below) on a ConvNet (None = 5, the VPT code's "
+                                       "default)", kind=int, positive=True, hint="the paper uses 1-200")
+    prompt_dropout: float | None = option(None, "dropout on prompt tokens; None = 0.1 for deep, 0.0 for shallow",
+                                          kind=float, low=0, high=1, high_open=True)
+    location: str | None = option(None, "where prompts go: prepend (tokens, ViT), pad or below (pixels, ConvNet); "
+                                  "None = the family's", kind=str, choices=LOCATIONS)
+    prompt_layers: str | int | list | None = option(None, "VPT-deep on a ViT: the blocks (from 1) that take fresh "
+                                                    "prompts, e.g. 1-6, 7-12, 1+3+5; None = all (the paper's "
+                                                    "prompt-depth ablation)", kind=None)
 
     def __post_init__(self):
-        if self.prompt_length is not None:
-            if int(self.prompt_length) != self.prompt_length or self.prompt_length < 1:
-                raise ValueError(f"prompt_length must be a positive integer (the paper uses 1-200), "
-                                 f"got {self.prompt_length}.")
-            self.prompt_length = int(self.prompt_length)
-        if self.location is not None and self.location not in LOCATIONS:
-            raise ValueError(f"VPT location must be one of {', '.join(LOCATIONS)}, got {self.location!r}.")
-        if self.prompt_dropout is not None and not 0.0 <= self.prompt_dropout < 1.0:
-            raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}.")
-        if self.prompt_layers is not None:
-            parse_layers(self.prompt_layers)  # raises for a malformed value; the depth is checked with the backbone
+        super().__post_init__()
+        if self.prompt_layers is not None:  # a syntax, not a type or range: parse_layers says what is wrong
+            parse_layers(self.prompt_layers)  # the depth is checked with the backbone (prompted_blocks)
 
 
 class KeyValuePromptBlock(Block):

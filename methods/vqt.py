@@ -31,7 +31,7 @@ runs within windows; the official code queries ViTs only, its Swin file is VPT's
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -42,27 +42,19 @@ from torch import nn
 
 from methods.base import TuningModule
 from methods.linear import no_autograd
+from methods.options import Options, option
 from methods.registry import register_method
 
 
 @dataclass
-class VQTOptions:
-    num_queries: int = field(default=1, metadata={
-        "help": "query tokens per layer, q (official README / demo runs: 1; its config default: 5)"})
-    query_dropout: float = field(default=0.1, metadata={
-        "help": "dropout on the query tokens, in [0, 1) (official run script: 0.1)"})
-    normalize: bool = field(default=True, metadata={
-        "help": "L2-normalise the pooled feature and each layer's query outputs before the head (official: true)"})
-
-    def __post_init__(self):
-        q = self.num_queries
-        if not (isinstance(q, int) and not isinstance(q, bool) and 1 <= q <= 1000):
-            raise ValueError(f"vqt num_queries must be an integer in [1, 1000] (official: 1), got {q!r}.")
-        p = self.query_dropout
-        if not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p < 1):
-            raise ValueError(f"vqt query_dropout must be a number in [0, 1), got {p!r}.")
-        if not isinstance(self.normalize, bool):
-            raise ValueError(f"vqt normalize must be true or false, got {self.normalize!r}.")
+class VQTOptions(Options):
+    method = "vqt"
+    num_queries: int = option(1, "query tokens per layer, q (official README / demo runs: 1; its config default: 5)",
+                              kind=int, low=1, high=1000, hint="official: 1")
+    query_dropout: float = option(0.1, "dropout on the query tokens, in [0, 1) (official run script: 0.1)", kind=float,
+                                  low=0, high=1, high_open=True)
+    normalize: bool = option(True, "L2-normalise the pooled feature and each layer's query outputs before the head "
+                             "(official: true)", kind=bool)
 
 
 def supported(block: nn.Module) -> bool:

@@ -148,10 +148,10 @@ def test_lora_merges_only_during_lightning_evaluation(merge_for_eval, tmp_path):
 
 
 @pytest.mark.parametrize(("method", "options", "message"), [
-    ("partial_k", {"k": 0}, "k >= 1 blocks"),
-    ("partial_k", {"k": "two"}, "integer k >= 1 blocks"),
+    ("partial_k", {"k": 0}, r"partial_k k must be an integer >= 1 \(blocks to tune; .*\), got 0"),
+    ("partial_k", {"k": "two"}, r"partial_k k must be an integer >= 1 .* got 'two'"),
     ("partial_k", {"k": 3}, "exceeds the backbone's 2 blocks; choose k in 1..2"),
-    ("mlp_k", {"k": 0}, "k >= 1 head layers"),
+    ("mlp_k", {"k": 0}, r"mlp_k k must be an integer >= 1 \(head layers; k=1 is the linear probe\), got 0"),
     ("mlp_k", {"dropout": 1.0}, r"dropout must be a number in \[0, 1\)"),
     ("mlp_k", {"dropout": "high"}, r"dropout must be a number in \[0, 1\), got 'high'"),
     ("lora", {"rank": 0}, "rank must be a positive integer"),

@@ -153,7 +153,7 @@ def test_init_and_dropout():
 @pytest.mark.parametrize(("options", "message"), [
     ({"hidden_dim": 0}, "repadapter hidden_dim must be an integer >= 1, got 0."),
     ({"groups": 3}, "repadapter groups must be an integer >= 1 dividing hidden_dim=8, got 3."),
-    ({"groups": 0}, "repadapter groups must be an integer >= 1 dividing hidden_dim=8, got 0."),
+    ({"groups": 0}, "repadapter groups must be an integer >= 1 (dividing hidden_dim), got 0."),
     ({"scale": 0.0}, "repadapter scale must be a number > 0, got 0.0."),
     ({"merge_for_eval": "no"}, "repadapter merge_for_eval must be true or false, got 'no'."),
     ({"hidden_dim": 6, "groups": 3}, "repadapter groups=3 must divide the embedding width 32."),
