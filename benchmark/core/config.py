@@ -165,6 +165,10 @@ class RunConfig:
                                   "frozen features (0: run the backbone every epoch)", off="--no-feature-cache")
     image_cache: bool = setting(False, "image-file datasets: decode and resize each image once into a memory-mapped "
                                 "cache; crop, flip and normalise on the training device (docs/performance.md)")
+    checkpoint: bool = setting(True, "save the tensors the run trained (for Full: the whole model) to "
+                               "<results>/checkpoints/<run_id>.safetensors (0: keep only the result and predictions)")
+    audit: bool = setting(False, "also score the test set after every epoch (the result's curves.test_top1), for "
+                          "the selection audit; never used to choose anything")
     wandb: bool = setting(False, "log to Weights & Biases")
     force: bool = setting(False, "rerun even if a result exists")
 

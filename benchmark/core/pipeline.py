@@ -5,6 +5,7 @@ record the result. Bad input raises ConfigError before anything costly; a failur
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
@@ -16,6 +17,15 @@ from lightning.pytorch.utilities import rank_zero_only
 
 import methods
 from backbones import create_backbone
+from benchmark.core.artifacts import (
+    EpochCurves,
+    TestLogits,
+    checkpoint_path,
+    predictions_path,
+    save_checkpoint,
+    save_predictions,
+    weights_source,
+)
 from benchmark.core.callbacks import NonFiniteLossError
 from benchmark.core.claims import Holder, RunClaim
 from benchmark.core.config import RunConfig, option_text, options_label
@@ -150,6 +160,32 @@ def record_failure(cfg: RunConfig, path, started: float, err: Exception) -> dict
     return result
 
 
+def save_artifacts(cfg: RunConfig, model: methods.TuningModule, source, result: dict, logits, labels) -> dict:
+    """The run's checkpoint (unless CHECKPOINT=0) and test predictions, each written atomically
+    (benchmark/core/artifacts.py); returns the result's fields naming them, paths relative to the results folder."""
+    test = source.splits["test"]
+    fields = {"checkpoint": None}
+    if result["world_size"] == 1:  # a DDP rank holds every world-size-th test image only
+        if labels.tolist() != test.labels.tolist():
+            raise RuntimeError("the test loader's labels are not the test split's, in order: the predictions could "
+                               "not be matched to image ids")
+        where = predictions_path(cfg.results_dir, cfg.run_id())
+        fields |= {"predictions": os.path.relpath(where, cfg.results_dir),
+                   "predictions_bytes": save_predictions(where, logits, labels, test.ids)}
+    else:
+        fields["predictions"] = None
+    if cfg.checkpoint:
+        where = checkpoint_path(cfg.results_dir, cfg.run_id())
+        metadata = {"run_id": cfg.run_id(), "method": cfg.method, "method_options": cfg.method_options,
+                    "head_init": cfg.head_init, "backbone": cfg.backbone, "backbone_kwargs": cfg.backbone_kwargs,
+                    "weights": weights_source(cfg), "num_classes": source.num_classes,
+                    "class_names": list(source.class_names), "whole_model": not model.frozen_backbone,
+                    "test_top1": result["test_top1"], "git_commit": result["git_commit"], "config": asdict(cfg)}
+        fields |= {"checkpoint": os.path.relpath(where, cfg.results_dir),
+                   **save_checkpoint(where, model, metadata)}
+    return fields
+
+
 def save_result(cfg: RunConfig, path, result: dict, started: float) -> dict:
     """Write a finished run's result; where the disk refuses it, print the whole record on stderr (a log keeps what
     was learned) and record the run as failed with the reason, so the next call retrains it."""
@@ -249,7 +285,10 @@ def train_and_record(cfg: RunConfig, trainer: L.Trainer, path, started: float) -
         cached = with_feature_cache(cfg, model, datamodule, trainer)
         datamodule = with_image_cache(cfg, datamodule) if cached is datamodule else cached
         loaders = for_this_process(datamodule, trainer, cfg.seed)
+        curves, test_logits = EpochCurves(cfg.audit, loaders), TestLogits()
+        trainer.callbacks.extend([curves, test_logits])
         val_top1, test_top1 = fit_and_test(cfg, trainer, model, loaders)
+        logits, labels = test_logits.collected()  # before the extra test sets' own trainer.test
         extra = evaluate_extra_tests(trainer, model, source)
     except Exception as err:  # noqa: BLE001 — recorded as a failed result; KeyboardInterrupt/SystemExit pass
         return record_failure(cfg, path, started, err)
@@ -258,10 +297,14 @@ def train_and_record(cfg: RunConfig, trainer: L.Trainer, path, started: float) -
         "tuned_params": model.tuned_params, "total_params": model.total_params,
         "tuned_percent": 100 * model.tuned_params / model.total_params,
         "log_dir": attempt_log_dir(cfg, trainer),  # this attempt's metrics.csv, relative to the results folder
-        "val_top1": val_top1, "test_top1": test_top1, **extra, "world_size": trainer.world_size, "status": "ok",
-        "config": asdict(cfg),
+        "val_top1": val_top1, "test_top1": test_top1, **extra, "world_size": trainer.world_size,
+        "curves": curves.curves, "status": "ok", "config": asdict(cfg),
     }
     if trainer.is_global_zero:
+        try:
+            result |= save_artifacts(cfg, model, source, result, logits, labels)
+        except OSError as err:  # a full disk: the run is recorded as failed, so the next call retrains it
+            return record_failure(cfg, path, started, err)
         result = save_result(cfg, path, result, started)
         if result["status"] != "ok":
             return result
