@@ -5,18 +5,16 @@ bit-identical."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import ResPostBlock
-from torch.utils.data import TensorDataset
 
 from methods import create_method
 from tests.helpers.models import make_tiny_vit
-from tests.helpers.training import assert_identity_at_init, assert_trains_exactly, evaluate
+from tests.helpers.training import assert_identity_at_init, assert_trains_exactly
 from tests.helpers.vit import DEPTH, HEAD, D, embed, rep_adapter, vit_b_tuned
 
 
@@ -109,27 +107,6 @@ def test_folded_weights_by_hand():
         torch.testing.assert_close(bias, qkv.bias + 0.7 * qkv.weight @ (dense_up @ a.down.bias + a.up.bias))
     model.train()  # training resumes unmerged
     assert not any(b.merged for b in model.backbone.blocks)
-
-
-def validate(model, data, tmp_path) -> tuple[torch.Tensor, set]:
-    _, logits, merged = evaluate(model, data, tmp_path, lambda m: all(block.merged for block in m.backbone.blocks),
-                                 test=False)
-    return logits, merged
-
-
-def test_merged_evaluation_under_a_trainer_equals_unmerged(tmp_path):
-    torch.manual_seed(0)
-    model = trained(create_method("repadapter", make_tiny_vit(), num_classes=3))
-    unmerged_model = copy.deepcopy(model)
-    unmerged_model.options.merge_for_eval = False
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    data = TensorDataset(torch.randn(6, 3, 32, 32), torch.randint(0, 3, (6,)))
-    merged_logits, merged_state = validate(model, data, tmp_path)
-    unmerged_logits, unmerged_state = validate(unmerged_model, data, tmp_path)
-    assert merged_state == {True} and unmerged_state == {False}
-    torch.testing.assert_close(merged_logits, unmerged_logits, rtol=1e-5, atol=1e-5)
-    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
-    assert not any(block.merged for block in model.backbone.blocks)  # the copies are dropped after evaluation
 
 
 def test_init_and_dropout():

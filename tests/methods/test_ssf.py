@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from methods import create_method
 from methods.ssf import ScaleShift, SSFTuning
 from tests.helpers.models import make_tiny_vit
-from tests.helpers.training import evaluate as evaluate_merged
 from tests.helpers.training import train_steps
 
 D, C, DEPTH = 768, 200, 12
@@ -161,28 +160,6 @@ def test_fold_without_a_bias():
         torch.testing.assert_close(qkv(x), expected, rtol=0, atol=1e-5)
         qkv.merge()
         torch.testing.assert_close(qkv(x), expected, rtol=0, atol=1e-5)
-
-
-def evaluate(model, data, tmp_path):
-    return evaluate_merged(model, data, tmp_path, lambda m: all(layer.merged is not None for layer in m.ssf_layers()))
-
-
-def test_merged_evaluation_equals_unmerged_under_a_trainer(tmp_path):
-    torch.manual_seed(0)
-    model = create_method("ssf", make_tiny_vit(), num_classes=3)
-    perturb(model)
-    unmerged_model = copy.deepcopy(model)
-    unmerged_model.options.merge_for_eval = False
-    base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    data = TensorDataset(torch.randn(10, 3, 32, 32), torch.randint(0, 3, (10,)))
-    merged_metrics, merged_logits, merged_state = evaluate(model, data, tmp_path)
-    unmerged_metrics, unmerged_logits, unmerged_state = evaluate(unmerged_model, data, tmp_path)
-    assert merged_state == {True} and unmerged_state == {False}
-    torch.testing.assert_close(merged_logits, unmerged_logits, rtol=1e-5, atol=1e-5)
-    for key, value in merged_metrics.items():
-        assert value == pytest.approx(unmerged_metrics[key], abs=1e-5), key
-    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
-    assert all(layer.merged is None for layer in model.ssf_layers())
 
 
 def test_merges_only_during_evaluation_when_fitting(tmp_path):
