@@ -205,7 +205,10 @@ def train_heads(first: RunConfig, configs: list[RunConfig], one_pass: RunConfig,
         "one_pass": {"heads": len(configs), "wall_seconds": seconds, "run_id": one_pass.run_id()},
         "n_train": datamodule.n_train, "num_classes": datamodule.num_classes, "tuned_params": model.tuned_params,
         "total_params": model.total_params, "tuned_percent": 100 * model.tuned_params / model.total_params,
-        "log_dir": attempt_log_dir(one_pass, trainer), "world_size": 1}
+        "log_dir": attempt_log_dir(one_pass, trainer), "world_size": 1,
+        # A head of a shared pass keeps no weights, predictions or curves of its own yet (issue 28): said, not absent.
+        "checkpoint": None, "checkpoint_bytes": None, "checkpoint_sha256": None, "predictions": None,
+        "predictions_bytes": None, "curves": None}
     results = []
     for n, cfg in enumerate(configs):
         result = shared | {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
