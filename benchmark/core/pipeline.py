@@ -141,9 +141,25 @@ def run_record(cfg: RunConfig, started: float) -> dict:
             "wall_seconds": time.time() - started, "peak_memory_mb": peak_memory_mb(), "git_commit": git_commit(),
             "git_dirty": git_dirty(), "versions": versions()}
 
+def interruption_behind(err: BaseException) -> BaseException | None:
+    """A stop (Ctrl+C, a grid's SIGINT/SIGTERM) that an error in the cleanup it set off has hidden: the first
+    BaseException that is not an Exception in `err`'s context chain. Seen when the signal lands while Lightning's rich
+    progress bar starts its thread: the teardown's join then raises RuntimeError over the grid's stop."""
+    seen = err.__context__
+    while seen is not None:
+        if not isinstance(seen, Exception):
+            return seen
+        seen = seen.__context__
+    return None
+
+
 def record_failure(cfg: RunConfig, path, started: float, err: Exception) -> dict:
     """A training failure becomes a `status: failed` result (written atomically) so a grid records it and moves on.
-    Where even that cannot be written (a full disk), the failure is said on stderr and the previous file stays."""
+    Where even that cannot be written (a full disk), the failure is said on stderr and the previous file stays. An
+    error that hides a stop is no failure of the run: the stop goes on and nothing is recorded (the next call redoes
+    the run)."""
+    if (stop := interruption_behind(err)) is not None:
+        raise stop
     if not isinstance(err, NonFiniteLossError) and not is_storage_error(err):  # expected failures need no traceback
         traceback.print_exc()
     error = storage_problem(err, cfg.results_dir) if is_storage_error(err) else str(err)

@@ -164,3 +164,25 @@ def test_existing_result_with_other_settings_is_kept_and_the_difference_named(tm
     assert "Result exists, nothing to do" in out and "FORCE=1" in out
     assert f"other settings (lr {earlier.lr!r} -> 0.01)" in out and "TAG=" in out
     assert path.read_bytes() == before
+
+
+def test_an_error_that_hides_a_stop_lets_the_stop_through_and_records_nothing(tmp_path):
+    """A grid's SIGINT landing while Lightning's progress bar starts its thread: the teardown's join raises
+    RuntimeError over the stop. That is no failure of the run: the stop goes on, no failed record is written."""
+    from benchmark.core.pipeline import record_failure
+    from benchmark.core.store import result_path
+
+    cfg = RunConfig(method="linear", epochs=1, results_dir=str(tmp_path)).resolved()
+    path = result_path(tmp_path, cfg.run_id())
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("cannot join thread before it is started")  # noqa: B904 — as threading raises it
+    except RuntimeError as err:
+        hiding = err
+    with pytest.raises(KeyboardInterrupt):
+        record_failure(cfg, path, 0.0, hiding)
+    assert not path.exists()
+    plain = RuntimeError("a real failure")  # no stop behind it: recorded as before
+    assert record_failure(cfg, path, 0.0, plain)["status"] == "failed" and path.exists()
