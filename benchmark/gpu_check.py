@@ -12,32 +12,44 @@ import argparse
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
-from benchmark.core.cli import comma_list
+from benchmark.core.cli import add_settings, comma_list
+from benchmark.core.config import setting
 from benchmark.costs.device_check import check_size, run_check
+
+
+def positive_seconds(text: str) -> float:
+    seconds = float(text)
+    if not seconds > 0:
+        raise ValueError(f"BUDGET_S must be a positive number of seconds, got {text}; e.g. BUDGET_S=420")
+    return seconds
+
+
+@dataclass
+class GpuCheckSettings:
+    """The flags of `make gpu-check`, each declared once (benchmark.core.cli.add_settings)."""
+
+    out: str = setting("results/gpu_check.csv", "the CSV of the measurements")
+    budget_s: float | None = setting(None, "stop cleanly after this many seconds of measuring (default: 420 on a GPU, "
+                                     "so the whole script fits 8 minutes; 600 on a CPU)", parse=positive_seconds)
+    methods: list | None = setting(None, "a subset of the registered methods (default: all)", parse=comma_list(str))
+    workdir: str | None = setting(None, "where the JPEG folder, caches and the run go (default: a temporary folder)")
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="results/gpu_check.csv")
-    p.add_argument("--budget-s", type=float, help="stop cleanly after this many seconds of measuring (default: 420 on "
-                                                  "a GPU, so the whole script fits 8 minutes; 600 on a CPU)")
-    p.add_argument("--methods", type=comma_list(str), help="a subset of the registered methods (default: all)")
-    p.add_argument("--workdir", help="where the JPEG folder, caches and the run go (default: a temporary folder)")
+    add_settings(p, GpuCheckSettings)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = GpuCheckSettings(**vars(parser().parse_args(argv)))
     from methods import list_methods
 
     unknown = sorted(set(args.methods or []) - set(list_methods()))
     if unknown:
         print(f"error: unknown method(s) {unknown}; METHODS takes a comma list of {', '.join(list_methods())}.",
-              file=sys.stderr)
-        return 2
-    if args.budget_s is not None and not args.budget_s > 0:
-        print(f"error: BUDGET_S must be a positive number of seconds, got {args.budget_s}; e.g. BUDGET_S=420.",
               file=sys.stderr)
         return 2
     size = check_size()

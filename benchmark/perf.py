@@ -25,15 +25,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from benchmark.analysis.tables import markdown
-from benchmark.core.cli import add_method_options, add_switch, merged_method_options
-from benchmark.core.config import EMBEDDED_BACKBONE, REPO_ROOT
+from benchmark.core.cli import add_settings, comma_list, settings_from_args
+from benchmark.core.config import EMBEDDED_BACKBONE, REPO_ROOT, setting
 from benchmark.core.store import atomic_write_text
 from benchmark.costs.model_costs import (
     LOADER_DATASET,
@@ -225,51 +225,58 @@ def loader_benchmark_to_csv(args, out: Path) -> pd.DataFrame:
           f"{summary['cache_loader_only_img_per_s']:,.0f} ({summary['cache_loader_only_ratio']:.2f}x) -> {out}")
     return frame
 
-def parser() -> argparse.ArgumentParser:
-    from methods import list_methods
+@dataclass
+class PerfSettings:
+    """The flags of `make perf` / `python -m benchmark.perf`, each declared once (benchmark.core.cli.add_settings)."""
 
+    backbone: str = setting(EMBEDDED_BACKBONE, "timm ViT name (random init: weights cost nothing)")
+    methods: list | None = setting(None, "comma-separated methods (default: every registered method)",
+                                   parse=comma_list(str))
+    batch_size: int | None = setting(None, "default: 64 (embedded backbone), 8 otherwise")
+    img_size: int | None = setting(None, "default: the backbone's")
+    num_classes: int = setting(100, "classes of the new head")
+    steps: int = setting(10, "timed steps per method (median reported)")
+    warmup: int = setting(2, "untimed steps before them")
+    repeats: int | None = setting(None, "run the method list (or the cache or search benchmark's modes) this many "
+                                  "times, interleaved, and report medians (default 1; --linear-search: 3; "
+                                  "--loader-benchmark: 5)")
+    precision: str = setting("32", "Lightning precision: 32, bf16-mixed, 16-mixed")
+    compile: bool = setting(False, "torch.compile each model")
+    checkpointing: bool = setting(False, "gradient checkpointing of the backbone blocks")
+    method_options: dict = setting(help="method option for every method that has it, e.g. prompt_length=50",
+                                   factory=dict)
+    profile: bool = setting(False, "also print each method's time by operator")
+    out: str = setting("results/perf.csv", "the CSV the rows are merged into (the benchmarks write beside it)")
+    figures: str = setting("results/figures", "where the figure goes")
+    feature_cache_benchmark: bool = setting(False, "instead: the linear probe end to end with and without the "
+                                            "feature cache")
+    loader_benchmark: bool = setting(False, "instead: training-loader images/s, PIL path vs decoded-image cache, on "
+                                     "a generated JPEG folder")
+    workers: int = setting(2, "with --loader-benchmark: loader workers")
+    images: int = setting(512, "with --loader-benchmark: training JPEGs")
+    linear_search: bool = setting(False, "instead: the linear probe's 40-point lr x wd grid in one pass vs one run "
+                                  "and vs 40 runs")
+    separate_repeats: int = setting(1, "with --linear-search: repeats that also time the 40 separate runs")
+    recipe: str | None = setting(None, "with --linear-search: the runs' recipe (default: the embedded default's)")
+    epochs: int | None = setting(None, "with --feature-cache-benchmark (default 100) or --linear-search (default: "
+                                 "the recipe's)")
+    fractions: list = setting(help="with --feature-cache-benchmark or --linear-search: comma-separated",
+                              factory=lambda: [0.1, 1.0], parse=comma_list(float))
+    worker: str | None = setting(None, argparse.SUPPRESS)  # one method's PerfConfig as JSON: a child process
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", default=EMBEDDED_BACKBONE, help="timm ViT name (random init: weights cost nothing)")
-    p.add_argument("--methods", default=",".join(list_methods()), help="comma-separated methods")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 64 (embedded backbone), 8 otherwise")
-    p.add_argument("--img-size", type=int, default=None, help="default: the backbone's")
-    p.add_argument("--num-classes", type=int, default=100)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per method (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
-    p.add_argument("--repeats", type=int,
-                   help="run the method list (or the cache or search benchmark's modes) this many times, "
-                        "interleaved, and report medians (default 1; --linear-search: 3)")
-    p.add_argument("--precision", default="32", help="Lightning precision: 32, bf16-mixed, 16-mixed")
-    add_switch(p, "--compile", help="torch.compile each model")
-    add_switch(p, "--checkpointing", help="gradient checkpointing of the backbone blocks")
-    add_method_options(p, "method option for every method that has it, e.g. prompt_length=50")
-    add_switch(p, "--profile", help="also print each method's time by operator")
-    p.add_argument("--out", default="results/perf.csv")
-    p.add_argument("--figures", default="results/figures")
-    add_switch(p, "--feature-cache-benchmark",
-               help="instead: the linear probe end to end with and without the feature cache")
-    add_switch(p, "--loader-benchmark",
-               help="instead: training-loader images/s, PIL path vs decoded-image cache, on a generated JPEG folder")
-    p.add_argument("--workers", type=int, default=2, help="with --loader-benchmark: loader workers (default 2)")
-    p.add_argument("--images", type=int, default=512, help="with --loader-benchmark: training JPEGs (default 512)")
-    add_switch(p, "--linear-search",
-               help="instead: the linear probe's 40-point lr x wd grid in one pass vs one run and vs 40 runs")
-    p.add_argument("--separate-repeats", type=int, default=1,
-                   help="with --linear-search: repeats that also time the 40 separate runs")
-    p.add_argument("--recipe", help="with --linear-search: the runs' recipe (default: the embedded default's)")
-    p.add_argument("--epochs", type=int, help="with --feature-cache-benchmark (default 100) or --linear-search "
-                                              "(default: the recipe's)")
-    p.add_argument("--fractions", default="0.1,1.0",
-                   help="with --feature-cache-benchmark or --linear-search: comma-separated")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    add_settings(p, PerfSettings)
     return p
 
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = PerfSettings(**settings_from_args(parser().parse_args(argv)))
     if args.worker:  # one method, in this (fresh) process; the parent reads the marked line
         print(RESULT_MARK + json.dumps(measure_method(PerfConfig(**json.loads(args.worker)))), flush=True)
         return 0
-    fractions = [float(f) for f in args.fractions.replace(",", " ").split()]
+    fractions = args.fractions
     args.repeats = args.repeats or (3 if args.linear_search else 5 if args.loader_benchmark else 1)
     if args.linear_search:
         frame = linear_search_benchmark(fractions, Path(args.out).with_name("perf_linear_search.csv"), args.repeats,
@@ -289,13 +296,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from methods import list_methods
 
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.methods = args.methods or list_methods()
     unknown = sorted(set(args.methods) - set(list_methods()))
     if unknown:
         raise SystemExit(f"error: unknown method(s) {unknown}; METHODS takes a comma-separated subset of "
                          f"{', '.join(list_methods())}.")
     args.batch_size = args.batch_size or (64 if args.backbone == EMBEDDED_BACKBONE else 8)
-    args.method_options = merged_method_options(args)
     os.makedirs(args.figures, exist_ok=True)
     frame = measure_all(args)
     merge_rows(Path(args.out), frame)

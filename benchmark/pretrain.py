@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -21,8 +22,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from backbones import create_backbone, data_config
-from benchmark.core.cli import add_switch
-from benchmark.core.config import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS
+from benchmark.core.cli import add_settings
+from benchmark.core.config import EMBEDDED_BACKBONE, EMBEDDED_WEIGHTS, setting
 from benchmark.core.provenance import git_commit, versions
 from benchmark.core.store import atomic_write_json
 from datamodules.embedded import FMNIST_CLASSES, FMNIST_DIR, PRETRAIN_CLASSES, FashionPretrainDataModule
@@ -86,17 +87,24 @@ def pretrain(epochs: int, lr: float, weight_decay: float, batch_size: int, seed:
     return record
 
 
+@dataclass
+class PretrainSettings:
+    """The flags of `make pretrain`, each declared once (benchmark.core.cli.add_settings); the defaults made the
+    committed embedded weights (results/embedded/)."""
+
+    epochs: int = setting(5, "epochs over the pretraining classes of Fashion-MNIST")
+    lr: float = setting(1e-3, "AdamW learning rate")
+    weight_decay: float = setting(0.05, "AdamW weight decay", flags=("--weight-decay", "--wd"))
+    batch_size: int = setting(128, "images per step")
+    seed: int = setting(0, "seeds the init and the data order")
+    augment: bool = setting(True, "random shifts/flips (0: none)", off="--no-augment")
+    out: Path = setting(EMBEDDED_WEIGHTS.parent, "the folder of the weights and their record")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", "--wd", type=float, default=0.05)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    add_switch(p, "--augment", default=True, help="random shifts/flips (0: none)")
-    p.add_argument("--no-augment", dest="augment", action="store_false", help="--augment=0")
-    p.add_argument("--out", type=Path, default=EMBEDDED_WEIGHTS.parent)
-    args = p.parse_args(argv)
+    add_settings(p, PretrainSettings)
+    args = PretrainSettings(**vars(p.parse_args(argv)))
     pretrain(args.epochs, args.lr, args.weight_decay, args.batch_size, args.seed, args.out, args.augment)
     return 0
 

@@ -104,7 +104,9 @@ def test_cpu_form_measures_every_registered_method(tmp_path):
 def test_entry_point_rejects_unknown_methods_and_a_bad_budget(capsys):
     assert gpu_check.main(["--methods", "vpt_deeep"]) == 2
     assert "unknown method(s) ['vpt_deeep']" in capsys.readouterr().err
-    assert gpu_check.main(["--budget-s", "0"]) == 2
+    with pytest.raises(SystemExit) as stopped:  # argparse's exit: the flag's own check, before anything runs
+        gpu_check.main(["--budget-s", "0"])
+    assert stopped.value.code == 2
     assert "BUDGET_S must be a positive number of seconds" in capsys.readouterr().err
 
 
