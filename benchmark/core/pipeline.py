@@ -176,7 +176,8 @@ def record_failure(cfg: RunConfig, path, started: float, err: Exception) -> dict
     return result
 
 
-def save_artifacts(cfg: RunConfig, model: methods.TuningModule, source, result: dict, logits, labels) -> dict:
+def save_artifacts(cfg: RunConfig, run_id: str, model: methods.TuningModule, source, result: dict, logits,
+                   labels) -> dict:
     """The run's checkpoint (unless CHECKPOINT=0) and test predictions, each written atomically
     (benchmark/core/artifacts.py); returns the result's fields naming them, paths relative to the results folder."""
     test = source.splits["test"]
@@ -185,14 +186,14 @@ def save_artifacts(cfg: RunConfig, model: methods.TuningModule, source, result: 
         if labels.tolist() != test.labels.tolist():
             raise RuntimeError("the test loader's labels are not the test split's, in order: the predictions could "
                                "not be matched to image ids")
-        where = predictions_path(cfg.results_dir, cfg.run_id())
+        where = predictions_path(cfg.results_dir, run_id)
         fields |= {"predictions": os.path.relpath(where, cfg.results_dir),
                    "predictions_bytes": save_predictions(where, logits, labels, test.ids)}
     else:
         fields["predictions"] = None
     if cfg.checkpoint:
-        where = checkpoint_path(cfg.results_dir, cfg.run_id())
-        metadata = {"run_id": cfg.run_id(), "method": cfg.method, "method_options": cfg.method_options,
+        where = checkpoint_path(cfg.results_dir, run_id)
+        metadata = {"run_id": run_id, "method": cfg.method, "method_options": cfg.method_options,
                     "head_init": cfg.head_init, "backbone": cfg.backbone, "backbone_kwargs": cfg.backbone_kwargs,
                     "weights": weights_source(cfg), "num_classes": source.num_classes,
                     "class_names": list(source.class_names), "whole_model": not model.frozen_backbone,
@@ -239,11 +240,11 @@ def finished_meanwhile(path, seen: dict | None, force: bool) -> FoundResult | No
     return None
 
 
-def claimed_result(cfg: RunConfig, path, holder: Holder | None, started: float) -> dict:
+def claimed_result(cfg: RunConfig, run_id: str, path, holder: Holder | None, started: float) -> dict:
     """A run that another live process holds: nothing is trained or written here. Says who trains it and where."""
     who = holder.describe() if holder else "another process"
     log = f" (its log: {cfg.results_dir}/{holder.log_dir})" if holder and holder.log_dir else ""
-    print(f"Claimed by another process, nothing to do here: {who} trains {cfg.run_id()}; its result will appear at "
+    print(f"Claimed by another process, nothing to do here: {who} trains {run_id}; its result will appear at "
           f"{path}{log}.")
     return run_record(cfg, started) | {"status": "claimed", "claimed_by": holder.record() if holder else None,
                                        "config": asdict(cfg)}
@@ -256,7 +257,8 @@ def run(cfg: RunConfig) -> dict:
     (NaN loss, out of memory, ...) is returned and written as `status: failed` with the error.
     """
     cfg = validate_config(cfg)
-    path = result_path(cfg.results_dir, cfg.run_id())
+    run_id = cfg.run_id()  # the run's name, once: every file of the run is named by it
+    path = result_path(cfg.results_dir, run_id)
     existing = read_result(path)
     if finished_ok(existing) and not cfg.force:
         print(f"Result exists, nothing to do: {path} (test top-1 {existing['test_top1']:.2f}). Use FORCE=1 to rerun.")
@@ -276,27 +278,27 @@ def run(cfg: RunConfig) -> dict:
     trainer = make_trainer(cfg)
     # Claimed before anything costly, by rank 0 only (other ranks are its re-launched copies): another process that
     # holds the run trains it (benchmark/core/claims.py). Released however the run ends.
-    claim = RunClaim(cfg.results_dir, cfg.run_id()) if trainer.is_global_zero else None
+    claim = RunClaim(cfg.results_dir, run_id) if trainer.is_global_zero else None
     if claim is not None and not claim.acquire(log_dir=attempt_log_dir(cfg, trainer)):
-        return claimed_result(cfg, path, claim.refused_by, started)
+        return claimed_result(cfg, run_id, path, claim.refused_by, started)
     try:
         found = finished_meanwhile(path, existing, cfg.force) if claim is not None else None
         if found is not None:
             print(f"Result finished meanwhile by another process, nothing to do: {path}.")
             return found
-        return train_and_record(cfg, trainer, path, started)
+        return train_and_record(cfg, run_id, trainer, path, started)
     finally:
         if claim is not None:
             claim.release()
 
 
-def train_and_record(cfg: RunConfig, trainer: L.Trainer, path, started: float) -> dict:
+def train_and_record(cfg: RunConfig, run_id: str, trainer: L.Trainer, path, started: float) -> dict:
     """The rest of `run`, once this process may train the run: data and model, fit and test, the result."""
     per_process_batch_size(cfg.batch_size, trainer.world_size)  # a global batch the processes cannot share
     model, datamodule = prepare(cfg)
     try:
         if trainer.is_global_zero:
-            atomic_write_json(split_path(cfg.results_dir, cfg.run_id()), datamodule.split_record())
+            atomic_write_json(split_path(cfg.results_dir, run_id), datamodule.split_record())
         source = datamodule  # the image splits (and extra test sets), whatever the caches make of them
         cached = with_feature_cache(cfg, model, datamodule, trainer)
         datamodule = with_image_cache(cfg, datamodule) if cached is datamodule else cached
@@ -318,7 +320,7 @@ def train_and_record(cfg: RunConfig, trainer: L.Trainer, path, started: float) -
     }
     if trainer.is_global_zero:
         try:
-            result |= save_artifacts(cfg, model, source, result, logits, labels)
+            result |= save_artifacts(cfg, run_id, model, source, result, logits, labels)
         except OSError as err:  # a full disk: the run is recorded as failed, so the next call retrains it
             return record_failure(cfg, path, started, err)
         result = save_result(cfg, path, result, started)

@@ -161,11 +161,12 @@ def train_in_one_pass(configs: list[RunConfig], name: str) -> list[dict] | None:
     claims, results = [], []
     try:
         for cfg in configs:
-            path = result_path(cfg.results_dir, cfg.run_id())
+            run_id = cfg.run_id()
+            path = result_path(cfg.results_dir, run_id)
             seen = read_result(path)
-            claim = RunClaim(cfg.results_dir, cfg.run_id())
+            claim = RunClaim(cfg.results_dir, run_id)
             if not claim.acquire():
-                results.append(claimed_result(cfg, path, claim.refused_by, started))
+                results.append(claimed_result(cfg, run_id, path, claim.refused_by, started))
                 continue
             claims.append(claim)
             results.append(finished_meanwhile(path, seen, cfg.force))

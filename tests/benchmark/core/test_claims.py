@@ -152,8 +152,8 @@ def training(monkeypatch):
     as a run's) and lists the runs it trained."""
     trained = []
 
-    def train_and_record(cfg, trainer, path, started):
-        trained.append(cfg.run_id())
+    def train_and_record(cfg, run_id, trainer, path, started):
+        trained.append(run_id)
         return fake_result(cfg)
 
     monkeypatch.setattr(pipeline, "train_and_record", train_and_record)
@@ -269,11 +269,11 @@ def both_training_at_once(monkeypatch) -> None:
     barrier, first_done = threading.Barrier(2, timeout=60), threading.local()
     fake = pipeline.train_and_record
 
-    def train_and_record(cfg, trainer, path, started):
+    def train_and_record(cfg, run_id, trainer, path, started):
         if not getattr(first_done, "value", False):
             first_done.value = True
             barrier.wait()
-        return fake(cfg, trainer, path, started)
+        return fake(cfg, run_id, trainer, path, started)
 
     monkeypatch.setattr(pipeline, "train_and_record", train_and_record)
 
