@@ -146,6 +146,11 @@ class TuningModule(L.LightningModule):
     # The backbone families (backbones.FAMILIES) the method is defined for; any other is refused before a
     # model is built (benchmark.core.validate builds on the meta device) with the families it supports named.
     families: ClassVar[tuple[str, ...]] = ("vit",)
+    # True where the method decides what it tunes from the run's training data before the first step (SCT's salient
+    # channels, GPS's gradient-chosen weights): `select_from_data` then gets the run's training loader once, in
+    # Lightning's `on_train_start` (after the optimizer is built: a selection fills index buffers, never changes which
+    # tensors train, so the optimizer and `tuned_params` are fixed from construction on).
+    selects_from_data: ClassVar[bool] = False
 
     def __init__(self, backbone: nn.Module, num_classes: int, optim: OptimConfig | None = None,
                  options: Any = None, *, head_init: str = "pytorch"):
@@ -159,6 +164,8 @@ class TuningModule(L.LightningModule):
         self.options = options if options is not None else self.options_cls()
         self.backbone.requires_grad_(False)
         self.adapt()
+        if self.selects_from_data:  # saved with the tuned tensors: a rebuilt model keeps its selection
+            self.register_buffer("selected", torch.tensor(False))
         self.backbone.get_classifier().requires_grad_(True)  # every protocol trains a fresh head
         init_head(self.classifier_layer(), head_init)
         # A plain list (not registered as submodules): only the train() override below reads it.
@@ -199,6 +206,34 @@ class TuningModule(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_head(self.forward_features(x))  # (B, C)
+
+    def select_from_data(self, loader) -> None:
+        """Choose what trains from the training data (`selects_from_data` methods): `loader` yields batches as the
+        run's training loader does; `batch_on_device` moves one as a training step gets it."""
+        raise NotImplementedError(f"{type(self).__name__} sets selects_from_data but defines no select_from_data.")
+
+    def batch_on_device(self, batch):
+        """A loader's batch as a training step sees it: on this module's device, through the datamodule's transfer
+        hooks (the image cache crops there) when a Trainer runs the module."""
+        try:
+            strategy = self.trainer.strategy
+        except RuntimeError:  # Lightning's word for "not attached to a Trainer"
+            return [t.to(self.device) if isinstance(t, torch.Tensor) else t for t in batch]
+        return strategy.batch_to_device(batch)
+
+    def summed_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` added over a multi-process run's processes (each saw its share of the data); as is in one."""
+        try:
+            return self.trainer.strategy.reduce(tensor, reduce_op="sum")
+        except RuntimeError:  # not attached to a Trainer
+            return tensor
+
+    def on_train_start(self) -> None:
+        # the training loader exists from here on (Lightning sets it up after on_fit_start); a rebuilt or resumed
+        # model whose selection was saved (`selected`) keeps it
+        if self.selects_from_data and not bool(self.selected):
+            self.select_from_data(self.trainer.train_dataloader)
+            self.selected.fill_(True)
 
     # --- parameter accounting --------------------------------------------------------------------
     @property

@@ -25,7 +25,8 @@ TINY_CONVNETS = {
 
 # Method options a tiny backbone needs where a method's default does not fit it: FourierFT's 1,000 frequencies per
 # layer exceed the tiny Swin's smallest adapted weight (stage 0's attn.proj, 24 x 24 = 576 entries).
-TINY_METHOD_OPTIONS = {("fourierft", "swin"): {"n_frequency": 500}}
+TINY_METHOD_OPTIONS = {("sct", "vit"): {"channels": 8},  # SCT's 96 salient channels exceed the tiny width 32
+                       ("fourierft", "swin"): {"n_frequency": 500}}
 
 
 def make_tiny_vit(**overrides):
