@@ -1,10 +1,13 @@
 """The report: Fig. 3, the parameter plot, the zoo figure and a Table-1 style table, drawn from the results alone.
 
     python -m benchmark.report [--results-dir results] [--out results/figures] [--datasets a,b] [--backbone X]
-                               [--recipe quick] [--epochs 20] [--fraction 1.0] [--wandb]
+                               [--recipe quick] [--epochs 20] [--fraction 1.0] [--wandb] [--wise-ft]
 
-It reads run JSONs (refreshing results/summary.csv) — never builds a model — and writes PNG + PDF figures and
-Markdown + CSV tables. The figures follow Jia et al., "Visual Prompt Tuning", ECCV 2022
+It reads run JSONs (refreshing results/summary.csv) — never builds a model unless --wise-ft asks — and writes PNG +
+PDF figures and Markdown + CSV tables. audits.md holds what the runs' saved curves and test logits give (the
+selection audit, McNemar against Full, per-class accuracy, calibration, the seed ensemble;
+benchmark/analysis/audits.py); --wise-ft adds wise_ft.png, the WiSE-FT interpolation of Full and the merging
+methods (benchmark/analysis/interpolation.py). The figures follow Jia et al., "Visual Prompt Tuning", ECCV 2022
 (https://arxiv.org/abs/2203.12119): Fig. 3 compares VPT-deep with Linear, Adapter and Bias over training-data
 fractions, and Table 1 lists mean top-1 per task, tuned parameters and the number of tasks beating Full (and a
 column per extra test set); fig3_table.md gives Fig. 3's numbers, each point's interval and its verdict against
@@ -39,6 +42,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="only runs of this many epochs: needed when a point's seeds mix them")
     p.add_argument("--fraction", type=float, help="train fraction of the table (default: the largest present)")
     add_switch(p, "--wandb", help="log figures and tables to a W&B report run")
+    p.add_argument("--wise-ft", action="store_true",
+                   help="also WiSE-FT (wise_ft.png): rebuilds Full and the merging methods from their checkpoints and "
+                        "scores them at weights interpolated with the pretrained ones; the one option that builds "
+                        "models")
     p.add_argument("--fig3", action="store_true",
                    help="the embedded Fig. 3: the embedded tasks, the paper's six methods, the embedded backbone")
     p.add_argument("--zoo", action="store_true",
@@ -55,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results_dir = check_results_dir(args.results_dir)
         written = write_report(results_dir, args.out, args.datasets, args.methods, args.backbone, args.fraction,
-                               args.wandb, recipe=args.recipe, epochs=args.epochs)
+                               args.wandb, recipe=args.recipe, epochs=args.epochs, wise_ft=args.wise_ft)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from benchmark.analysis.ablations import with_extra_test_columns, write_ablations
@@ -18,8 +19,10 @@ from benchmark.analysis.aggregate import (
     selected_hparams,
     skipped_line,
     skipped_runs,
+    table_fraction,
     zoo_points,
 )
+from benchmark.analysis.audits import audit_frames, audits_markdown
 from benchmark.analysis.paper import paper_comparison, unmatched
 from benchmark.analysis.plots import plot_fig3, plot_params, plot_zoo
 from benchmark.analysis.tables import fractions_markdown, table_markdown
@@ -51,10 +54,11 @@ def write_skipped(summary: pd.DataFrame, out: Path, results_dir: str | Path) -> 
 def write_report(results_dir: str | Path = "results", out_dir: str | Path | None = None,
                  datasets: list[str] | None = None, methods: list[str] | None = None, backbone: str | None = None,
                  fraction: float | None = None, use_wandb: bool = False, *, recipe: str | None = None,
-                 epochs: int | None = None) -> dict[str, Path]:
-    """Fig. 3, the parameter plot, the zoo figure (PNG + PDF) and the tables (Markdown + CSV) into `out_dir`; the
-    few-shot and ablation figures where the results hold such grids (then they alone, if nothing else). First
-    skipped.csv, every run file or run left out and why, and one line on stderr when there is any."""
+                 epochs: int | None = None, wise_ft: bool = False) -> dict[str, Path]:
+    """Fig. 3, the parameter plot, the zoo figure (PNG + PDF) and the tables (Markdown + CSV) into `out_dir`, with
+    the audits of what the runs kept (audits.md and its CSVs); the few-shot and ablation figures where the results
+    hold such grids (then they alone, if nothing else). First skipped.csv, every run file or run left out and why,
+    and one line on stderr when there is any. `wise_ft`: also wise_ft.png/.pdf/.csv, which rebuilds models."""
     out = Path(out_dir or Path(results_dir) / "figures")
     out.mkdir(parents=True, exist_ok=True)
     summary = load_summary(results_dir)
@@ -83,6 +87,10 @@ def write_report(results_dir: str | Path = "results", out_dir: str | Path | None
               "selected_hparams": hparams}
     if not paper.empty:
         frames["paper_comparison"] = paper
+    audits = audit_frames(final, results_dir)
+    frames |= audits
+    if wise_ft:
+        frames["wise_ft"] = write_wise_ft(final, results_dir, out, table_fraction(final, fraction), written)
     for name, frame in frames.items():
         written[f"{name}.csv"] = out / f"{name}.csv"
         frame.to_csv(written[f"{name}.csv"], index=False)
@@ -90,6 +98,25 @@ def write_report(results_dir: str | Path = "results", out_dir: str | Path | None
     written["table.md"].write_text(table_markdown(table, hparams, paper, unmatched(final)))
     written["fig3_table.md"] = out / "fig3_table.md"
     written["fig3_table.md"].write_text(fractions_markdown(by_fraction))
+    written["audits.md"] = out / "audits.md"
+    written["audits.md"].write_text(audits_markdown(audits, final))
     if use_wandb:
         log_report([p for p in written.values() if p.suffix == ".png"], frames, str(results_dir))
     return written
+
+
+def write_wise_ft(final: pd.DataFrame, results_dir: str | Path, out: Path, fraction: float,
+                  written: dict[str, Path]) -> pd.DataFrame:
+    """wise_ft.png/.pdf from the runs at `fraction` of Full and the merging methods that kept a checkpoint (each
+    rebuilt and scored at every alpha); returns the per-run scores (wise_ft.csv)."""
+    from benchmark.analysis.interpolation import plot_wise_ft, wise_ft, wise_ft_curves
+
+    runs = wise_ft(final[np.isclose(final["train_fraction"], fraction)], results_dir)
+    if runs.empty:
+        raise ValueError(f"--wise-ft needs a checkpoint of Full or a merging method (LoRA, SSF, RepAdapter) at "
+                         f"fraction {fraction:g}: run them with CHECKPOINT=1 (the default), or choose --fraction.")
+    fig = plot_wise_ft(wise_ft_curves(runs))
+    for suffix in ("png", "pdf"):
+        written[f"wise_ft.{suffix}"] = out / f"wise_ft.{suffix}"
+        fig.savefig(written[f"wise_ft.{suffix}"], dpi=150)
+    return runs

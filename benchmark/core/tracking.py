@@ -2,7 +2,9 @@
 
 Runs go to one project (WANDB_PROJECT, default "vpt-bench"), grouped by dataset and tagged by method, so the
 workspace compares methods per dataset without any setup. Lightning's WandbLogger logs the per-epoch
-train/val metrics; `log_result` adds the tuned/total parameter counts and the final test top-1.
+train/val metrics; `log_result` adds the tuned/total parameter counts and the final test top-1, and the run's
+checkpoint as a W&B Artifact (type "model"; offline it waits under the run's folder for `wandb sync`). The report
+run holds the report's figures and tables, the audits among them (benchmark/analysis/audits.py).
 
 Without an API key (no WANDB_API_KEY, no `wandb login`) W&B runs offline: files under ./wandb (or WANDB_DIR),
 uploaded later with `wandb sync wandb/offline-run-*`. Nothing here ever waits for a login prompt.
@@ -11,6 +13,7 @@ uploaded later with `wandb sync wandb/offline-run-*`. Nothing here ever waits fo
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -70,7 +73,31 @@ def log_result(loggers: list, result: dict) -> None:
                                if k in result}, allow_val_change=True)
             run.summary.update({k: result[k] for k in RESULT_FIELDS if result.get(k) is not None})
             run.summary.update({k: v for k, v in result.items() if k.startswith("extra_test/")})  # domain shift
+            log_checkpoint(run, result)
             run.finish(exit_code=0 if result.get("status") == "ok" else 1)
+
+
+def artifact_name(checkpoint: str) -> str:
+    """W&B artifact names take letters, digits, '-', '_' and '.': the checkpoint's path under checkpoints/, its
+    folders joined by '-' (digits-vit_embedded_p7_28-linear-frac0.1_seed0), at most 128 characters."""
+    stem = Path(checkpoint).with_suffix("")
+    parts = stem.parts[1:] if stem.parts and stem.parts[0] == "checkpoints" else stem.parts
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(parts))[-128:]
+
+
+def log_checkpoint(run, result: dict) -> None:
+    """The run's checkpoint (benchmark/core/artifacts.py) as an Artifact of type "model" logged by `run`, with the
+    method, dataset, test top-1 and sha256 as metadata; nothing when the run kept none (CHECKPOINT=0)."""
+    import wandb
+
+    relative, config = result.get("checkpoint"), result.get("config") or {}
+    if not relative:
+        return
+    artifact = wandb.Artifact(artifact_name(relative), type="model", metadata={
+        k: result.get(k) for k in ("method", "dataset", "backbone", "train_fraction", "seed", "test_top1",
+                                   "tuned_params", "checkpoint_sha256")})
+    artifact.add_file(str(Path(config.get("results_dir", ".")) / relative), name=Path(relative).name)
+    run.log_artifact(artifact)
 
 
 def finish_open_run(failed: bool) -> None:

@@ -3,6 +3,8 @@ the sweep config covers the grid."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import struct
 import time
@@ -88,9 +90,25 @@ def test_run_with_wandb_logs_offline_grouped_tagged_with_final_numbers(no_wandb_
     logged = {item.key or "/".join(item.nested_key) for r in by_type("history") for item in r.history.item}
     assert {"train/loss", "train/acc", "val/acc", "test/acc"} <= logged  # per-epoch metrics via Lightning
     assert by_type("exit") and by_type("exit")[0].exit.exit_code == 0
+    # the checkpoint as a model Artifact of this run: one file whose md5 (W&B's digest, base64) is the file's
+    (artifact,) = (r.artifact for r in by_type("artifact"))
+    assert (artifact.name, artifact.type) == (f"digits-{cfg.resolved().backbone}-linear-frac0.1_seed0", "model")
+    (entry,) = artifact.manifest.contents
+    checkpoint = no_wandb_key / "results" / result["checkpoint"]
+    assert entry.path == checkpoint.name
+    assert entry.digest == base64.b64encode(hashlib.md5(checkpoint.read_bytes()).digest()).decode()
+    metadata = json.loads(artifact.metadata)
+    assert metadata["checkpoint_sha256"] == result["checkpoint_sha256"] and metadata["method"] == "linear"
     import wandb
 
     assert wandb.run is None  # closed, so the next run of a grid starts its own
+
+
+def test_artifact_names_are_the_checkpoint_path_in_wandb_characters():
+    assert tracking.artifact_name("checkpoints/vtab/dtd/vit_b/lora/frac1_seed2_p5.safetensors") == \
+        "vtab-dtd-vit_b-lora-frac1_seed2_p5"
+    assert tracking.artifact_name("checkpoints/folder/x:y z/full/frac0.5_seed0.safetensors") == \
+        "folder-x_y_z-full-frac0.5_seed0"
 
 
 def test_run_tags_group_by_dataset_and_tag_by_method():
@@ -133,6 +151,7 @@ def test_report_with_wandb_logs_figures_and_tables_offline(no_wandb_key):
     media = run_dir / "files" / "media"
     assert {p.name.split("_")[0] for p in (media / "images").glob("*.png")} == {"fig3", "params", "zoo"}
     tables = {p.name.rsplit("_", 2)[0] for p in (media / "table").glob("*.table.json")}
-    assert tables == {"table", "fig3_table", "fig3_data", "zoo_data", "selected_hparams"}
+    assert tables == {"table", "fig3_table", "fig3_data", "zoo_data", "selected_hparams", "selection_audit", "mcnemar",
+                      "versus_full_images", "prediction_metrics", "per_class"}
     table = json.loads(next((media / "table").glob("table_*.table.json")).read_text())
     assert "beats_full" in table["columns"] and len(table["data"]) == 6
