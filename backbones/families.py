@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from operator import attrgetter
 
+from timm.layers import DropPath, calculate_drop_path_rates
 from timm.models.convnext import ConvNeXt
 from timm.models.resnet import ResNet
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
@@ -38,6 +39,7 @@ class Family:
     mlp: str | None = None  # a block's MLP module
     mlp_linears: tuple[str, ...] = ()  # the MLP's linears in forward order
     after_blocks: tuple[str, ...] = ()  # modules between the last block and the classifier, where the model has them
+    drop_paths: tuple[str, ...] = ()  # a block's drop-path (stochastic depth) modules, one per residual branch
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, self.classes)
@@ -100,6 +102,20 @@ class Family:
             raise ValueError(f"targets of the {self.name} family need at least one layer.")
         return rf"(?:{self.block})\.(?:{'|'.join(re.escape(layer) for layer in layers)})"
 
+    def set_drop_path(self, model: nn.Module, rate: float) -> list[float]:
+        """Stochastic depth on a built model, as timm's create_model(drop_path_rate=rate) builds it: block i of n (in
+        forward order, a Swin's blocks of every stage in one list) drops each residual branch per sample with rate
+        rate * i / (n - 1) (timm's calculate_drop_path_rates), a timm DropPath, or Identity at rate 0. Returns the
+        rates. New modules: a method that sets them after freezing keeps them in train mode while it trains."""
+        if not self.drop_paths:
+            raise ValueError(f"The {self.name} family's row names no drop-path modules; drop_path must be 0.")
+        blocks = self.blocks(model)
+        rates = calculate_drop_path_rates(rate, len(blocks))
+        for block, block_rate in zip(blocks, rates, strict=True):
+            for name in self.drop_paths:
+                setattr(block, name, DropPath(block_rate) if block_rate > 0 else nn.Identity())
+        return rates
+
     def after_blocks_of(self, model: nn.Module) -> list[nn.Module]:
         """The modules between the last block and the classifier that `model` has (e.g. a ViT's `norm`, and
         `fc_norm` / `attn_pool` where built with them)."""
@@ -113,7 +129,8 @@ class Family:
 
 
 TRANSFORMER_BLOCK = dict(width="mlp.fc1.in_features", norms=("norm1", "norm2"), attention="attn",
-                         attention_linears=("qkv", "proj"), mlp="mlp", mlp_linears=("fc1", "fc2"))
+                         attention_linears=("qkv", "proj"), mlp="mlp", mlp_linears=("fc1", "fc2"),
+                         drop_paths=("drop_path1", "drop_path2"))
 
 # The rows, in the order docs and tables list them; a model is of the first family whose classes it is an instance of.
 FAMILIES: dict[str, Family] = {family.name: family for family in (
@@ -153,7 +170,7 @@ def family_table() -> str:
         "stage": lambda f: f.stage, "merge (between stages)": lambda f: f.merge, "plain block": lambda f: f.plain_block,
         "width (from a block)": lambda f: f.width, "norms (before attention, MLP)": lambda f: f.norms,
         "attention linears": lambda f: f.attention_layers, "MLP linears": lambda f: f.mlp_layers,
-        "after the blocks": lambda f: f.after_blocks,
+        "after the blocks": lambda f: f.after_blocks, "drop-paths (stochastic depth)": lambda f: f.drop_paths,
         "attention targets (peft)": lambda f: f.targets(*f.attention_layers) if f.attention else None,
     }
     lines = ["| Row | " + " | ".join(f"`{name}`" for name in FAMILIES) + " |", "|:---|" + ":---|" * len(FAMILIES),

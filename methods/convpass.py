@@ -43,7 +43,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from methods.base import TuningModule
-from methods.options import Options, option
+from methods.options import Options, drop_path_option, option
 from methods.registry import register_method
 
 BYPASS_DROPOUT = 0.1  # the code's Convpass: nn.Dropout(0.1) before `up`
@@ -57,6 +57,7 @@ class ConvpassOptions(Options):
                           "per task)", kind=float, low=0, low_open=True)
     xavier_init: bool = option(False, "Xavier-uniform conv kernel instead of the identity at the centre tap (the "
                                "code's option, off)", kind=bool)
+    drop_path: float = drop_path_option()
 
 
 class QuickGELU(nn.Module):
@@ -161,6 +162,8 @@ class ConvpassTuning(TuningModule):
                 setattr(block, name, bypass.to(device))
             block.s = float(options.scale)
             block.__class__ = self.block_classes[family.name]  # same parameters and state-dict keys, plus the bypasses
+        if options.drop_path:
+            family.set_drop_path(backbone, options.drop_path)  # the bypasses pass their block's drop-path (the code)
 
     def patch_grid(self) -> tuple[tuple[int, int], int]:
         """A ViT's fixed patch grid (rows, columns) and its prefix tokens (CLS, registers)."""

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import TuningModule
-from methods.options import Options, option
+from methods.options import Options, drop_path_option, option
 from methods.registry import register_method
 
 SITES_PER_BLOCK = 12  # q, k, v, o, then fc1 and fc2 as 4 chunks each: the code's 4 + 8 columns of P per block
@@ -45,6 +45,7 @@ class FacTTTOptions(Options):
                           hint="the code's s: 0.01-100")
     dropout: float = option(0.1, "dropout on the core's output (official: 0.1)", kind=float, low=0, high=1,
                             high_open=True)
+    drop_path: float = drop_path_option()
 
 
 @dataclass
@@ -56,6 +57,7 @@ class FacTTKOptions(Options):
                           hint="the code's s: 0.01-100")
     dropout: float = option(0.1, "dropout on the core's output (official: 0.1)", kind=float, low=0, high=1,
                             high_open=True)
+    drop_path: float = drop_path_option()
 
 
 class FacTFactors(nn.Module):
@@ -165,6 +167,8 @@ class FacTTuning(TuningModule):
             block.attn.proj = wrap(block.attn.proj, "proj", first + 3)
             block.mlp.fc1 = wrap(block.mlp.fc1, "fc1", first + 4)
             block.mlp.fc2 = wrap(block.mlp.fc2, "fc2", first + 8)
+        if opts.drop_path:
+            self.family.set_drop_path(backbone, opts.drop_path)  # on the whole branch, frozen part and update alike
 
     def fact_layers(self) -> list[FacTLinear]:
         return [m for m in self.modules() if isinstance(m, FacTLinear)]

@@ -46,7 +46,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from methods.base import MergeForEvalTuning
-from methods.options import Options, option
+from methods.options import Options, drop_path_option, option
 from methods.registry import register_method
 
 ADAPTER_DROPOUT = 0.1  # the code's RepAdapter: nn.Dropout(0.1) between its two projections
@@ -62,6 +62,7 @@ class RepAdapterOptions(Options):
                           "per task)", kind=float, low=0, low_open=True)
     merge_for_eval: bool = option(True, "evaluate with the adapters folded into copies of qkv / fc1 (same outputs, "
                                   "faster); weights unchanged", kind=bool)
+    drop_path: float = drop_path_option()
 
     def __post_init__(self):
         super().__post_init__()
@@ -192,6 +193,8 @@ class RepAdapterTuning(MergeForEvalTuning):
             block.attn.qkv = FoldableLinear(qkv, block.adapter_attn)
             block.mlp.fc1 = FoldableLinear(fc1, block.adapter_mlp)
             block.__class__ = adapted  # same parameters and state-dict keys, plus the two adapters
+        if options.drop_path:
+            family.set_drop_path(self.backbone, options.drop_path)  # on the whole branch, adapter included
 
     def adapters(self) -> list[RepAdapter]:
         return [a for block in self.family.blocks(self.backbone) for a in (block.adapter_attn, block.adapter_mlp)]

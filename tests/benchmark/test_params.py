@@ -21,7 +21,7 @@ def partial(k: int) -> int:
 
 
 def lora(rank: int) -> int:
-    return DEPTH * (rank * (D + 3 * D) + rank * (D + D)) + HEAD  # A (r, in) and B (out, r) on qkv and proj
+    return DEPTH * 2 * rank * (D + D) + HEAD  # targets=qv: A (r, D) and B (D, r) for the q and for the v rows of qkv
 
 
 def mlp(k: int) -> int:
@@ -41,7 +41,7 @@ def test_paper_six_match_the_paper_setting(vit_b_counts):
 
 def test_extra_methods_follow_their_formulas(vit_b_counts):
     assert vit_b_counts.loc["partial_k", "tuned_params"] == partial(1) == 7_243_208
-    assert vit_b_counts.loc["lora", "tuned_params"] == lora(8) == 12 * (8 * (768 + 2304) + 8 * (768 + 768)) + HEAD
+    assert vit_b_counts.loc["lora", "tuned_params"] == lora(8) == 12 * 2 * 8 * (768 + 768) + HEAD  # 294,912 + head
     assert vit_b_counts.loc["mlp_k", "tuned_params"] == mlp(3)
     # added parameters show in the total; re-enabled ones do not
     assert vit_b_counts.loc["lora", "total_params"] == 85_952_456 + lora(8) - HEAD

@@ -36,7 +36,7 @@ def test_extra_methods_registered_after_the_paper_six():
 
 
 CASES = [("partial_k", {}), ("partial_k", {"k": 2}), ("mlp_k", {}), ("mlp_k", {"k": 2}), ("lora", {}),
-         ("lora", {"rank": 2, "alpha": 4})]
+         ("lora", {"rank": 2, "alpha": 4}), ("lora", {"targets": "qkv_proj", "dropout": 0.1})]
 
 
 @pytest.mark.parametrize(("method", "options"), CASES)
@@ -90,8 +90,9 @@ def test_lora_starts_as_the_pretrained_function_and_keeps_state_dict_keys(tiny_b
     model = create_method("lora", backbone, num_classes=3).eval()
     assert set(plain.state_dict()) - {"head.weight", "head.bias"} < set(model.backbone.state_dict())
     layer = model.backbone.blocks[0].attn.qkv
-    assert isinstance(layer, LoRALinear) and layer.lora_A.shape == (8, 32) and layer.lora_B.shape == (96, 8)
-    assert layer.scaling == 2.0 and layer.lora_A.abs().sum() > 0 and layer.lora_B.abs().sum() == 0  # alpha/r = 16/8
+    # the default targets=qv: the q and v thirds of the fused qkv (32 -> 96), each its own rank-8 A and B, stacked
+    assert isinstance(layer, LoRALinear) and layer.lora_A.shape == (2 * 8, 32) and layer.lora_B.shape == (2 * 32, 8)
+    assert layer.scaling == 1.0 and layer.lora_A.abs().sum() > 0 and layer.lora_B.abs().sum() == 0  # alpha/r = 8/8
     features = model.backbone.forward_features(tiny_batch[0])
     assert torch.allclose(features, plain.eval().forward_features(tiny_batch[0]), atol=1e-6)
 

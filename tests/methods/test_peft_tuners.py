@@ -283,7 +283,7 @@ def test_peft_lora_computes_our_lora_bit_for_bit_but_renames_its_tensors(tiny_ba
     """Why `lora` stays hand-written (docs/methods.md): same layers, counts, init and outputs; other names."""
     torch.manual_seed(0)
     backbone = make_tiny_vit()
-    ours = create_method("lora", copy.deepcopy(backbone), num_classes=3).eval()
+    ours = create_method("lora", copy.deepcopy(backbone), num_classes=3, targets="qkv_proj", alpha=16.0).eval()
     theirs = copy.deepcopy(ours.backbone)
     for block in theirs.blocks:  # peft on the very Linears ours wraps
         for name in ("qkv", "proj"):

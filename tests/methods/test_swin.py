@@ -190,7 +190,7 @@ SWIN_B_COUNTS = {
              + 128 + 128 + sum(4 * c for c in WIDTHS[:-1]) + 1024 + HEAD),  # patch proj + norm, merge norms, norm
     "adapter": sum(d * (c * (c // 8) + c // 8 + (c // 8) * c + c) for c, d in zip(WIDTHS, DEPTHS, strict=True))
     + HEAD,
-    "lora": sum(d * 8 * (c + 3 * c + c + c) for c, d in zip(WIDTHS, DEPTHS, strict=True)) + HEAD,  # qkv and proj
+    "lora": sum(d * 2 * 8 * (c + c) for c, d in zip(WIDTHS, DEPTHS, strict=True)) + HEAD,  # q and v rows of qkv
     "partial_k": block_params(1024, 32) + 2 * 1024 + HEAD,  # k = 1: the last block and the final norm
     "mlp_k": 2 * (1024 * 1024 + 1024 + 2 * 1024) + HEAD,  # k = 3: two hidden Linear + LayerNorm layers
 }
@@ -264,13 +264,15 @@ def test_swin_lora_equals_the_backbone_with_merged_window_attention_weights():
         for layer in model.lora_layers():
             torch.nn.init.normal_(layer.lora_B)
     wrapped = {n.removeprefix("backbone.").rsplit(".", 1)[0] for n, _ in model.named_parameters() if "lora_A" in n}
-    assert wrapped == {f"layers.{s}.blocks.{b}.attn.{p}" for s in range(2) for b in range(2) for p in ("qkv", "proj")}
+    assert wrapped == {f"layers.{s}.blocks.{b}.attn.qkv" for s in range(2) for b in range(2)}  # targets=qv
     plain.reset_classifier(3)
     plain.head.fc.load_state_dict(model.backbone.get_classifier().state_dict())
     with torch.no_grad():
-        for name in wrapped:
-            layer = model.backbone.get_submodule(name)
-            plain.get_submodule(name).weight += layer.scaling * layer.lora_B @ layer.lora_A
+        for name in wrapped:  # the q rows [0, C) and v rows [2C, 3C) of qkv, each its own A (8, C) and B (C, 8)
+            layer, weight = model.backbone.get_submodule(name), plain.get_submodule(name).weight
+            c, (a, b) = weight.shape[1], (layer.lora_A, layer.lora_B)
+            weight[:c] += layer.scaling * b[:c] @ a[:8]
+            weight[2 * c:] += layer.scaling * b[c:] @ a[8:]
         images = torch.randn(2, 3, 32, 32)
         torch.testing.assert_close(model(images), plain.eval()(images), rtol=0, atol=1e-5)
 
