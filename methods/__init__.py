@@ -6,6 +6,7 @@ from methods import partial, mlp, lora  # noqa: F401, I001 — beyond the paper'
 from methods import adaptformer, houlsby, convpass, repadapter  # noqa: F401, I001
 from methods import ln_tune, ssf, difffit, fact  # noqa: F401, I001 — issue 16's scale/shift and factor methods
 from methods import sidetune, vqt  # noqa: F401, I001 — the zoo (issue 16)
+from methods import adapter_plus, mona, vfpt, prefix, dtl  # noqa: F401, I001 — issue 29's vision methods
 from methods import e2vpt, sct, selective, gps  # noqa: F401, I001 — issue 29's vision methods (2)
 from methods import peft_tuners  # noqa: F401, I001 — peft's tuners, after the hand-written ones
 from methods.base import OptimConfig, TuningModule

@@ -23,7 +23,10 @@ DROPPY = dict(drop_rate=0.3, proj_drop_rate=0.3, attn_drop_rate=0.3, pos_drop_ra
 OPTIONS = {"vpt_shallow": {"prompt_length": 3, "prompt_dropout": 0.0},
            "vpt_deep": {"prompt_length": 3, "prompt_dropout": 0.0}, "mlp_k": {"dropout": 0.0},
            "fact_tt": {"dropout": 0.0}, "fact_tk": {"dropout": 0.0},  # FacT's own dropout is on its added update
-           "vqt": {"query_dropout": 0.0}}
+           "vqt": {"query_dropout": 0.0},
+           # their own branches' drop-path / dropout (Adapter+'s 0.1, Mona's 0.1, VFPT's prompt dropout)
+           "adapter_plus": {"drop_path": 0.0}, "mona": {"dropout": 0.0},
+           "vfpt": {"prompt_length": 3, "prompt_dropout": 0.0}}
 
 
 def droppy_model(method: str, **options) -> TuningModule:
