@@ -56,6 +56,7 @@ def test_logits_match_a_hand_written_forward(tiny_batch):
             x = x + block.mlp(block.norm2(x))
         expected = backbone.head(backbone.norm(x)[:, 0])
         torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-5)
+        assert model.forward_features(images).shape == (4, 17, TINY_VIT["embed_dim"])  # prompts stripped
 
 
 def test_only_the_prompts_and_head_train(tiny_batch):

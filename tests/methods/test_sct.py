@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from methods import create_method
+from methods.sct import salient_channels
 from tests.helpers.models import make_tiny_vit
 from tests.helpers.vit import DEPTH, HEAD, embed, vit_b_tuned
 
@@ -50,11 +51,15 @@ def reference_channels(plain, dataset: TensorDataset, k: int) -> list[list[int]]
 def built(k: int = K):
     torch.manual_seed(0)
     plain = make_tiny_vit().eval()
+    with torch.no_grad():  # a CLS token loud in channel 0: counted with the patch tokens, it would make 0 salient
+        plain.cls_token[..., 0] = 50.0
     return create_method("sct", copy.deepcopy(plain), num_classes=3, channels=k), plain
 
 
 def test_selection_is_the_hand_computed_salient_channels():
     model, plain = built()
+    for block in model.backbone.blocks:  # maps this large would move the statistics, were they measured with them
+        block.sct.adapt_linear.weight.data.normal_(0, 3)
     model.select_from_data(DataLoader(data(), batch_size=3))  # batches of 3, 3, 1: sums over all of them
     expected = reference_channels(plain, data(), K)
     assert [block.sct.channels.tolist() for block in model.backbone.blocks] == expected
@@ -92,11 +97,19 @@ def test_a_trainer_selects_once_before_the_first_step():
     trainer.fit(model, train_dataloaders=DataLoader(data(), batch_size=4))
     assert bool(model.selected)
     assert [block.sct.channels.tolist() for block in model.backbone.blocks] == reference_channels(plain, data(), K)
-    before = [block.sct.channels.clone() for block in model.backbone.blocks]
-    model.on_train_start()  # a resumed or rebuilt model keeps its selection
-    assert all(torch.equal(a, block.sct.channels) for a, block in zip(before, model.backbone.blocks, strict=True))
+    for block in model.backbone.blocks:  # a saved selection, as a rebuilt or resumed model loads it
+        block.sct.channels.copy_(torch.arange(K))
+    model.on_train_start()  # is kept: no second selection
+    assert all(block.sct.channels.tolist() == list(range(K)) for block in model.backbone.blocks)
 
 
 def test_more_channels_than_the_width_are_refused():
     with pytest.raises(ValueError, match="exceeds the block width 32"):
         create_method("sct", make_tiny_vit(), num_classes=3, channels=33)
+
+
+def test_scores_are_the_mean_over_classes_of_each_class_norm():
+    sum_squares = torch.tensor([[36.0, 0.0, 16.0], [0.0, 0.0, 0.0], [0.0, 25.0, 16.0]])  # class 1 holds no image
+    # norms (6, 0, 4) and (0, 5, 4): mean (3, 2.5, 4); one norm over all images would rank channel 0 first
+    assert salient_channels(sum_squares, torch.tensor([2, 0, 1]), 1).tolist() == [2]
+    assert salient_channels(sum_squares, torch.tensor([2, 0, 1]), 2).tolist() == [0, 2]
