@@ -29,3 +29,6 @@ def test_notebook_redraws_figures_and_table(tmp_path, monkeypatch):
     assert len(images) == 2  # Fig. 3 and the parameter plot
     markdown = "".join(out["data"].get("text/markdown", "") for out in outputs if "data" in out)
     assert "| VPT-deep |" in markdown and "2.5↑ / 0.001" in markdown  # the chosen lr, the top of its grid
+    # the audits: these synthetic runs kept no curves or predictions, and the notebook says so
+    assert "# Audits from what the runs kept" in markdown and "it needs AUDIT=1" in markdown
+    assert "No run kept its predictions" in markdown and "wise_ft.csv: `python -m benchmark.report --wise-ft`" in text
