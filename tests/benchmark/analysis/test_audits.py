@@ -50,6 +50,10 @@ def test_ece_by_hand():
     labels = torch.tensor([0, 0, 0, 0])
     expected = 0.4 * 2 / 4 + 0.35 / 4 + 0.75 / 4
     assert audits.expected_calibration_error(probs, labels) == pytest.approx(100 * expected, abs=1e-4)
+    # 0.82 (right) and 0.88 (wrong) fall in two bins of 1/15 ([0.8, 0.867), [0.867, 0.933)): (0.18 + 0.88) / 2;
+    # ten bins would put both in [0.8, 0.9): |0.5 - 0.85| = 0.35
+    two = torch.tensor([[0.82, 0.18], [0.12, 0.88]])
+    assert audits.expected_calibration_error(two, torch.tensor([0, 0])) == pytest.approx(100 * 0.53, abs=1e-4)
 
 
 def test_class_accuracy_by_hand_and_nan_for_an_absent_class():
@@ -73,6 +77,10 @@ def test_seed_ensemble_is_the_mean_softmax():
     # mean softmax: (0.675, 0.325), (0.6, 0.4), (0.25, 0.75): all right
     assert audits.ensemble_top1([kept(SEED_A), kept(SEED_B)]) == pytest.approx(100.0)
     assert audits.ensemble_top1([kept(SEED_A)]) == pytest.approx(200 / 3)
+    # 3 classes, label 0: the mean softmax (0.455, 0.325, 0.22) picks class 0; the mean of the logits (the product
+    # of the probabilities: 0.009, 0.03, 0.0195) would pick class 1
+    sure, unsure = np.array([[0.9, 0.05, 0.05]]), np.array([[0.01, 0.6, 0.39]])
+    assert audits.ensemble_top1([kept(sure, ids=("x",), labels=[0]), kept(unsure, ids=("x",), labels=[0])]) == 100.0
 
 
 def test_predictions_are_aligned_by_image_id_and_other_images_refused():
@@ -81,6 +89,17 @@ def test_predictions_are_aligned_by_image_id_and_other_images_refused():
     assert ours["ids"].tolist() == ["a", "b", "c"] and ours["labels"].tolist() == LABELS.tolist()
     with pytest.raises(ValueError, match=r"'b.npz' and 'a.npz' hold different test images.*FORCE=1"):
         audits.aligned(kept(SEED_B, ids=("a", "b", "z")), kept(SEED_A), "b.npz", "a.npz")
+
+
+def test_mcnemar_verdicts_count_seeds_below_alpha_by_direction():
+    tests = pd.DataFrame({"dataset": "t", "method": "m", "train_fraction": 1.0, "seed": [0, 1, 2],
+                          "only_method": [0, 6, 1], "only_full": [6, 0, 5], "p_value": [1 / 32, 1 / 32, 14 / 64]})
+    final = pd.DataFrame({"dataset": "t", "method": ["m"] * 3 + ["full"] * 3, "train_fraction": 1.0,
+                          "seed": [0, 1, 2] * 2, "test_top1": [70.0, 72.0, 71.0, 71.0, 71.0, 71.0]})
+    cell = audits.versus_full_cells(tests, final).iloc[0]
+    # seed 0 worse (p 1/32), seed 1 better (p 1/32), seed 2 not significant; differences -1, +1, 0: mean 0
+    assert (cell["better"], cell["worse"], cell["seeds"], cell["max_p"]) == (1, 1, 3, 14 / 64)
+    assert cell["diff"] == 0.0 and cell["vs_full"] == "tie"
 
 
 def test_epoch_audit_by_hand():
