@@ -17,7 +17,7 @@ Choices, and whose:
   houlsby code implementation: std = 0.001"); `init="lora"` is the code's alternative (down Kaiming-uniform, up zero,
   which starts as the pretrained function). With "houlsby" the adapter starts near, not at, the identity.
 - drop-path 0.1 on the adapter's branch in training (the code's adapter drop_path, its `DropPath` per sample);
-  the code also trains the frozen ViT with drop_path_rate 0.1, which a frozen backbone here does not do.
+  the code also trains the frozen ViT with drop_path_rate 0.1: `drop_path=0.1` (RECIPE=paper), 0 by default.
 - bottleneck 8: the code's default (its VTAB/FGVC experiments pick 1-32 per task, conf/experiment/*/adapter_plus_*).
 
 On ViT-B/16 (D = 768, 12 blocks) with 200 classes: 12 * (768*8 + 8 + 8*768 + 768 + 768) + (768*200 + 200)
@@ -40,7 +40,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from methods.base import TuningModule
-from methods.options import Options, option
+from methods.options import Options, drop_path_option, option
 from methods.registry import register_method
 
 HOULSBY_STD = 0.01  # the paper's value; the code's trunc_normal_ cuts at +-2 std
@@ -56,8 +56,9 @@ class AdapterPlusOptions(Options):
     init: str = option("houlsby", "houlsby (both projections trunc-normal std 0.01, the code's) or lora (down "
                        "Kaiming-uniform, up zero: starts as the pretrained function)", kind=str,
                        choices=("houlsby", "lora"))
-    drop_path: float = option(0.1, "drop-path rate on the adapter's branch in training (the code's 0.1)",
-                              kind=float, low=0, high=1, high_open=True)
+    adapter_drop_path: float = option(0.1, "drop-path rate on the adapter's branch in training (the code's 0.1)",
+                                      kind=float, low=0, high=1, high_open=True)
+    drop_path: float = drop_path_option()
 
 
 class AdapterPlus(nn.Module):
@@ -119,9 +120,11 @@ class AdapterPlusTuning(TuningModule):
         adapted = self.block_classes[family.plain_block]
         for block in family.plain_blocks(self.backbone, "adapter_plus"):  # the forwards above extend the plain ones
             adapter = AdapterPlus(family.width_of(block), options.bottleneck, options.scaling, options.init,
-                                  float(options.drop_path))
+                                  float(options.adapter_drop_path))
             block.adapter_plus = adapter.to(next(block.parameters()).device)
             block.__class__ = adapted  # same parameters and state-dict keys, plus `adapter_plus`
+        if options.drop_path:
+            family.set_drop_path(self.backbone, options.drop_path)  # the blocks' own branches (the code's 0.1)
 
     def adapters(self) -> list[AdapterPlus]:
         return [block.adapter_plus for block in self.family.blocks(self.backbone)]

@@ -20,7 +20,7 @@ Choices, and whose:
   the code's `x[:, num_tokens:].mean(dim=1)`, `norm`, `head`; `pool="backbone"` uses the backbone's own head
   (final norm, then its pooling, CLS on ViT-B) instead. With the code's pool the logits differ from the plain
   backbone's from the start, though every token does not.
-- the code trains with drop_path 0.1 in the frozen backbone; a frozen backbone here does not use drop-path.
+- the code trains with drop_path 0.1 in the frozen backbone: `drop_path=0.1` (RECIPE=paper), 0 by default.
 
 On ViT-B/16 (D = 768, 12 blocks) with 200 classes: 12 * 2 * 2 * 768 + (768*200 + 200) = 190,664 tuned parameters
 (36,864 in the side network, the paper's 0.04M); DTL+ adds 768 * 3 * 3 = 6,912. The side network is
@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from methods.base import TuningModule
-from methods.options import Options, option
+from methods.options import Options, drop_path_option, option
 from methods.registry import register_method
 from methods.vpt import parse_layers
 
@@ -56,12 +56,18 @@ class DTLOptions(Options):
                               "--fusion_size 0 in its DTL scripts, 3 in DTL+)", kind=int, low=0)
     pool: str = option("patch_mean", "patch_mean (the code's: mean of the patch tokens, then the final norm) or "
                        "backbone (the backbone's own head)", kind=str, choices=("patch_mean", "backbone"))
+    drop_path: float = drop_path_option()
 
     def __post_init__(self):
         super().__post_init__()
-        for value in (self.read_blocks, self.add_blocks):  # a syntax: parse_layers says what is wrong
-            if value is not None:
-                parse_layers(value)
+        for name in ("read_blocks", "add_blocks"):  # a syntax; the depth is checked with the backbone
+            value = getattr(self, name)
+            try:
+                if value is not None:
+                    parse_layers(value)
+            except ValueError:
+                raise ValueError(f"dtl {name} must be block numbers counted from 1: a range (7-12) or parts joined by "
+                                 f"'+' (1+3+7-9), got {value!r}.") from None
         if self.fusion_size and self.fusion_size % 2 == 0:
             raise ValueError(f"dtl fusion_size must be odd (a 'same'-padded k x k conv, e.g. 3), got "
                              f"{self.fusion_size}.")
@@ -100,6 +106,8 @@ class DTLTuning(TuningModule):
             raise ValueError(f"dtl adds the side output back after block {min(add) + 1}, but the first block that "
                              f"feeds it is {min(read) + 1}: add_blocks must start at or after read_blocks' first.")
         self.add_after = set(add)
+        if options.drop_path:
+            self.family.set_drop_path(backbone, options.drop_path)  # the code's --drop_path 0.1
         device = next(backbone.parameters()).device
         self.dtl_side = nn.ModuleDict({str(i): LowRank(dim, options.rank) for i in read}).to(device)
         self.dtl_fusion = None

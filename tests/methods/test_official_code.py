@@ -25,7 +25,7 @@ OPTIONS = {"vpt_shallow": {"prompt_length": 3, "prompt_dropout": 0.0},
            "fact_tt": {"dropout": 0.0}, "fact_tk": {"dropout": 0.0},  # FacT's own dropout is on its added update
            "vqt": {"query_dropout": 0.0},
            # their own branches' drop-path / dropout (Adapter+'s 0.1, Mona's 0.1, VFPT's prompt dropout)
-           "adapter_plus": {"drop_path": 0.0}, "mona": {"dropout": 0.0},
+           "adapter_plus": {"adapter_drop_path": 0.0}, "mona": {"dropout": 0.0},
            "vfpt": {"prompt_length": 3, "prompt_dropout": 0.0}}
 
 
