@@ -130,10 +130,11 @@ def test_qv_on_a_swin_adapts_q_and_v_of_every_window_attention():
     assert model.tuned_params == sum(2 * R * (c + c) for c in widths) + 48 * 3 + 3
 
 
-def test_qv_refuses_a_qkv_that_is_not_three_equal_parts():
+@pytest.mark.parametrize("out", [2 * D, 3 * 16])  # not q, k and v of the width D, even where 3 divides it
+def test_qv_refuses_a_qkv_that_is_not_three_parts_of_the_width(out):
     backbone = make_tiny_vit()
     for block in backbone.blocks:
-        block.attn.qkv = torch.nn.Linear(D, 2 * D)  # not q, k and v of the width
+        block.attn.qkv = torch.nn.Linear(D, out)
     with pytest.raises(ValueError, match=r"targets=qv adapts the q and v rows of a fused qkv .* use targets=qkv"):
         create_method("lora", backbone, num_classes=3)
 
