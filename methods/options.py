@@ -93,9 +93,9 @@ def option(default, help: str, *, kind: type | None, low: float | None = None, h
 
 def drop_path_option() -> Any:
     """The frozen backbone's stochastic depth while a method trains (backbones.Family.set_drop_path), one declaration
-    for the methods whose official training scripts build the backbone with timm's drop_path_rate (Convpass, FacT,
-    RepAdapter: 0.1, which RECIPE=paper sets). 0, the default, is this suite's protocol for every frozen backbone
-    (the VPT code's: its modules stay deterministic), so that methods compare on one backbone."""
+    for the methods whose official training scripts build the backbone with timm's drop_path_rate (0.1 in Convpass',
+    FacT's and RepAdapter's, among others; RECIPE=paper sets each one's). 0, the default, is this suite's protocol for
+    every frozen backbone (the VPT code's: its modules stay deterministic), so that methods compare on one backbone."""
     return option(0.0, "stochastic depth of the frozen blocks while training, rising to this rate at the last block "
                   "(official code's recipe 0.1; default 0: the suite's frozen backbone)", kind=float, low=0, high=1,
                   high_open=True, hint="the official code's 0.1")
