@@ -47,37 +47,41 @@ from torch import nn
 
 from methods.base import TuningModule
 from methods.options import Options, option
+from methods.peft_table import LAYERS, TUNERS, Tuner, target_names
 from methods.registry import register_method
 
 
 class PeftTuning(TuningModule):
-    """A peft tuner injected into the backbone's linears named by `targets`: a regex over backbone module names, from
-    the family row (backbones.FAMILIES), anchored to the blocks."""
+    """A peft tuner injected into the backbone's modules its row names (methods/peft_table.py: `tuner`): a regex over
+    backbone module names, from the family row (backbones.FAMILIES), anchored to the blocks."""
 
-    families = ("vit", "swin")  # a Swin's blocks (layers.i.blocks.j) have the same four nn.Linear layers
+    tuner: ClassVar[Tuner]  # the row: layers, families, whether it merges (set by `peft_method`)
     # Trained scale vectors that peft stores as (n, 1) or (1, n): timm's rule exempts 1-d tensors (norm weights)
     # from weight decay by their shape, so these are named here to get the same exemption (decay would pull a
     # unit scale towards 0, not towards its start).
     scale_names: ClassVar[tuple[str, ...]] = ()
 
-    def target_layers(self) -> tuple[str, ...]:
-        """The block-relative layers the tuner adapts (default: the attention's, "attn.qkv" and "attn.proj")."""
-        return self.family.attention_layers
-
     @property
     def targets(self) -> str:
-        r"""peft's `target_modules`, `target_layers()` of every block: `(?:blocks\.\d+)\.(?:attn\.qkv|attn\.proj)`."""
-        return self.family.targets(*self.target_layers())
+        r"""peft's `target_modules` regex: the row's layers of every block, `(?:blocks\.\d+)\.(?:attn\.qkv|...)`, or on
+        the convnet family the block modules it adapts, by name."""
+        if self.family.name == "convnet":
+            return "|".join(re.escape(name) for name in self.target_names())
+        return self.family.targets(*LAYERS[self.tuner.layers](self.family))
 
     def peft_config(self) -> peft.PeftConfig:
         """The tuner's peft config for `self.options`, targeting `self.targets`; each subclass builds its own."""
         raise NotImplementedError(f"{type(self).__name__} must say which peft config it injects.")
 
     def adapt(self) -> None:
+        norms = self.tuner.layers == "norms"
+        adaptable = (nn.LayerNorm,) if norms else (nn.Linear, nn.Conv2d) if self.family.name == "convnet" else (
+            nn.Linear,)
         for name in self.target_names():
             layer = self.backbone.get_submodule(name)
-            if type(layer) is not nn.Linear:
-                raise ValueError(f"{self.label} adapts nn.Linear layers; this backbone's {name} is "
+            if not (isinstance(layer, adaptable) if norms else type(layer) in adaptable):
+                kinds = " / ".join(f"nn.{kind.__name__}" for kind in adaptable)
+                raise ValueError(f"{self.label} adapts {kinds} layers; this backbone's {name} is "
                                  f"{type(layer).__name__}.")
         self.inject(self.peft_config())
         self.backbone.__dict__.pop("peft_config", None)  # peft's record of the config; ours lives in self.options
@@ -86,7 +90,7 @@ class PeftTuning(TuningModule):
         peft.inject_adapter_in_model(config, self.backbone)
 
     def target_names(self) -> list[str]:
-        return [name for name, _ in self.backbone.named_modules() if re.fullmatch(self.targets, name)]
+        return target_names(self.backbone, self.family, self.tuner.layers)
 
     def peft_layers(self) -> dict[str, BaseTunerLayer]:
         return {name: m for name, m in self.backbone.named_modules() if isinstance(m, BaseTunerLayer)}
@@ -94,6 +98,18 @@ class PeftTuning(TuningModule):
     def no_weight_decay(self) -> set[str]:
         scales = {name for name, _ in self.named_parameters() if any(f".{s}." in name for s in self.scale_names)}
         return super().no_weight_decay() | scales
+
+
+def peft_method(name: str):
+    """Register a PeftTuning class as its row of TUNERS: name, label, colour, families and identity from the row."""
+
+    def decorate(cls: type[PeftTuning]) -> type[PeftTuning]:
+        row = TUNERS[name]
+        cls.tuner, cls.label, cls.color, cls.families, cls.identity_at_init = (
+            row, row.label, row.color, row.families, row.identity)
+        return register_method(name)(cls)
+
+    return decorate
 
 
 @dataclass
@@ -104,7 +120,7 @@ class DoRAOptions(Options):
                           hint="the scale is alpha / rank")
 
 
-@register_method("dora")
+@peft_method("dora")
 class DoRATuning(PeftTuning):
     """DoRA: weight-decomposed low-rank adaptation (Liu et al., ICML 2024, https://arxiv.org/abs/2402.09353), as
     peft implements it (`LoraConfig(use_dora=True)`).
@@ -116,7 +132,6 @@ class DoRATuning(PeftTuning):
     12 * (8 * (768 + 2304) + 8 * (768 + 768) + 2304 + 768) + 768 * 200 + 200 = 633,032.
     """
 
-    label, color = "DoRA", "#637939"
     options_cls = DoRAOptions
 
     def peft_config(self) -> peft.PeftConfig:
@@ -129,7 +144,7 @@ class IA3Options(Options):
     """IA3 has no hyper-parameter beyond where its vectors go (its paper fixes that)."""
 
 
-@register_method("ia3")
+@peft_method("ia3")
 class IA3Tuning(PeftTuning):
     """(IA)^3: infused adapter by inhibiting and amplifying inner activations (Liu et al., NeurIPS 2022,
     https://arxiv.org/abs/2205.05638), as peft implements it (`IA3Config`).
@@ -144,12 +159,8 @@ class IA3Tuning(PeftTuning):
     12 * (2304 + 3072) + 768 * 200 + 200 = 218,312 (the paper's k, v and FFN vectors alone: 12 * 4608 + head).
     """
 
-    label, color = "IA3", "#8c6d31"
     options_cls = IA3Options
     scale_names = ("ia3_l",)
-
-    def target_layers(self) -> tuple[str, ...]:
-        return self.family.attention_layers[0], self.family.mlp_layers[-1]  # qkv's output, fc2's input
 
     def peft_config(self) -> peft.PeftConfig:
         feedforward = self.family.targets(self.family.mlp_layers[-1])
@@ -168,7 +179,7 @@ class LoHaOptions(LyCORISOptions):
     pass
 
 
-@register_method("loha")
+@peft_method("loha")
 class LoHaTuning(PeftTuning):
     """LoHa: low-rank Hadamard product updates (FedPara, Hyeon-Woo et al., ICLR 2022, https://arxiv.org/abs/2108.06098;
     as the LyCORIS library runs it, Yeh et al., ICLR 2024, https://arxiv.org/abs/2309.14859), as peft implements it
@@ -180,7 +191,6 @@ class LoHaTuning(PeftTuning):
     12 * 2 * 8 * ((2304 + 768) + (768 + 768)) + 768 * 200 + 200 = 1,038,536.
     """
 
-    label, color = "LoHa", "#843c39"
     options_cls = LoHaOptions
 
     def peft_config(self) -> peft.PeftConfig:
@@ -192,7 +202,7 @@ class LoKrOptions(LyCORISOptions):
     pass
 
 
-@register_method("lokr")
+@peft_method("lokr")
 class LoKrTuning(PeftTuning):
     """LoKr: Kronecker-product updates (KronA, Edalati et al., 2022, https://arxiv.org/abs/2212.10650; as the
     LyCORIS library runs it, Yeh et al., ICLR 2024, https://arxiv.org/abs/2309.14859), as peft implements it
@@ -205,7 +215,6 @@ class LoKrTuning(PeftTuning):
     proj 768 = 24 * 32 both ways: 24 * 24 + 32 * 8 + 8 * 32 = 1,088; with 200 classes 12 * 2,880 + 153,800 = 188,360.
     """
 
-    label, color = "LoKr", "#7b4173"
     options_cls = LoKrOptions
 
     def peft_config(self) -> peft.PeftConfig:
@@ -220,7 +229,7 @@ class VeRAOptions(Options):
                               hint="the paper's 0.1")
 
 
-@register_method("vera")
+@peft_method("vera")
 class VeRATuning(PeftTuning):
     """VeRA: vector-based random matrix adaptation (Kopiczko et al., ICLR 2024, https://arxiv.org/abs/2310.11454),
     as peft implements it (`VeraConfig`).
@@ -232,7 +241,6 @@ class VeRATuning(PeftTuning):
     196,808.
     """
 
-    label, color = "VeRA", "#3182bd"
     options_cls = VeRAOptions
 
     def peft_config(self) -> peft.PeftConfig:
@@ -252,7 +260,7 @@ class BOFTOptions(Options):
                              "(peft's default: 4)", kind=int, positive=True, hint="e.g. block_size=4")
 
 
-@register_method("boft")
+@peft_method("boft")
 class BOFTTuning(PeftTuning):
     """BOFT: orthogonal butterfly fine-tuning (Liu et al., ICLR 2024, https://arxiv.org/abs/2311.06243), as peft
     implements it (`BOFTConfig`).
@@ -268,12 +276,8 @@ class BOFTTuning(PeftTuning):
     12 * 28,416 + 768 * 200 + 200 = 494,792.
     """
 
-    label, color = "BOFT", "#e6550d"
     options_cls = BOFTOptions
     scale_names = ("boft_s",)
-
-    def target_layers(self) -> tuple[str, ...]:
-        return self.family.attention_layers + self.family.mlp_layers
 
     def peft_config(self) -> peft.PeftConfig:
         return peft.BOFTConfig(boft_block_size=self.options.block_size, target_modules=self.targets)
@@ -302,7 +306,7 @@ class FourierFTOptions(Options):
                             hint="peft's default 150")
 
 
-@register_method("fourierft")
+@peft_method("fourierft")
 class FourierFTTuning(PeftTuning):
     """FourierFT: Fourier-transform fine-tuning (Gao et al., ICML 2024, https://arxiv.org/abs/2405.03003), as peft
     implements it (`FourierFTConfig`).
@@ -315,9 +319,7 @@ class FourierFTTuning(PeftTuning):
     ViT-B/16, 200 classes: 12 * 2 * 1000 + 768 * 200 + 200 = 177,800.
     """
 
-    label, color = "FourierFT", "#31a354"
     options_cls = FourierFTOptions
-    identity_at_init = False
 
     def peft_config(self) -> peft.PeftConfig:
         return peft.FourierFTConfig(n_frequency=self.options.n_frequency, scaling=float(self.options.scaling),

@@ -6,6 +6,7 @@ registry (the methods of a family, for its refusal message): imports go one way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TypeVar
 
 from backbones import closest_name
@@ -13,6 +14,8 @@ from backbones import closest_name
 MethodClass = TypeVar("MethodClass", bound=type)  # a TuningModule subclass
 
 _METHODS: dict[str, type] = {}
+# "<prefix>:<name>" names resolved by a function instead of the table (`peft:<type>`, methods/peft_zoo.py)
+_PREFIXES: dict[str, Callable[[str], type]] = {}
 
 
 def register_method(name: str):
@@ -35,7 +38,17 @@ def list_methods() -> list[str]:
     return list(_METHODS)
 
 
+def register_prefix(prefix: str, resolve: Callable[[str], type]) -> None:
+    """Resolve every method name "<prefix>:<rest>" by `resolve(rest)`, which returns a class or raises ValueError."""
+    if prefix in _PREFIXES:
+        raise ValueError(f"Method prefix {prefix!r} is already registered.")
+    _PREFIXES[prefix] = resolve
+
+
 def get_method_class(name: str) -> type:
+    prefix, colon, rest = name.partition(":")
+    if colon and prefix in _PREFIXES:
+        return _PREFIXES[prefix](rest)
     if name not in _METHODS:
         known = list_methods()
         raise ValueError(f"Unknown method {name!r}.{closest_name(name, known)} Known methods: {', '.join(known)}.")

@@ -200,6 +200,10 @@ class RunConfig:
         if not cfg.pretrained:
             cfg.weights = None  # the random-init control ignores any weights
         cfg.recipe = cfg.recipe or ("quick" if cfg.embedded else "paper")
+        if ":" in cfg.method:  # METHOD=peft:hra is the registered hra: its recipe entry, its results folder
+            import methods
+
+            cfg.method = methods.get_method_class(cfg.method).method_name
         recipe = load_recipe(cfg.recipe, cfg.method)
         for name in RECIPE_FIELDS:
             if getattr(cfg, name) is None:

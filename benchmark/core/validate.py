@@ -49,7 +49,12 @@ def unknown_name(kind: str, name: str, known: list[str], variable: str) -> str:
 def check_names(cfg: RunConfig) -> list[str]:
     """Method, dataset, recipe and backbone must be known: checked before the recipe is even read."""
     problems = []
-    if cfg.method not in methods.list_methods():
+    if ":" in cfg.method:  # METHOD=peft:<type>: resolved by the method registry, which names the fix
+        try:
+            methods.get_method_class(cfg.method)
+        except ValueError as err:
+            problems.append(str(err))
+    elif cfg.method not in methods.list_methods():
         problems.append(unknown_name("method", cfg.method, methods.list_methods(), "METHOD"))
     if cfg.dataset not in list_datasets():
         problems.append(unknown_name("dataset", cfg.dataset, list_datasets(), "DATASET"))

@@ -27,6 +27,11 @@ TINY_CONVNETS = {
 # layer exceed the tiny Swin's smallest adapted weight (stage 0's attn.proj, 24 x 24 = 576 entries).
 TINY_METHOD_OPTIONS = {("sct", "vit"): {"channels": 8},  # SCT's 96 salient channels exceed the tiny width 32
                        ("fourierft", "swin"): {"n_frequency": 500}}
+# peft tuners whose defaults are sized for ViT-B's 768 (methods/peft_table.py): a rank or group at most the tiny widths
+# (ViT 32; Swin 24 and 48), a vector length and group size dividing them, a frequency count within a 24 x 24 weight.
+TINY_METHOD_OPTIONS |= {(method, kind): options for kind in ("vit", "swin") for method, options in {
+    "miss": {"r": 8}, "road": {"group_size": 8}, "shira": {"r": 4}, "waveft": {"n_frequency": 100},
+    "vblora": {"vector_length": 8}, "psoft": {"r": 8}}.items()}
 
 
 def make_tiny_vit(**overrides):
