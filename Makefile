@@ -15,7 +15,7 @@ flag = --$(shell echo '$(1)' | tr 'A-Z_' 'a-z-')="$($(1))"
 ARGS = $(strip $(foreach v,$(filter-out PYTHON_SYS,$(.VARIABLES)),$(if $(filter command line,$(origin $(v))),$(call flag,$(v)))))
 
 .PHONY: help install data bench grid fig3 zoo report sweep-config params perf gpu-check pretrain prepare splits test \
-	test-slow mutation lint format clean
+	test-slow mutation lint format clean evaluate
 
 help: ## Show the targets and the methods
 	@grep -hE '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-13s %s\n", $$1, $$2}'
@@ -46,6 +46,8 @@ fig3 zoo: install data ## fig3: the embedded Fig. 3 (6 methods x 5 fractions x 2
 
 report: install ## Fig. 3, parameter plot and tables from the results -> results/figures [DATASETS= METHODS= RECIPE= EPOCHS= WANDB=1]
 	$(PY) -m benchmark.report $(ARGS)
+evaluate: install ## Re-score a run from its checkpoint: make evaluate RUN=<result.json> [DATASET= DATA_ROOT= EXTRA_TEST= EXPORT=merged]
+	$(PY) -m benchmark.evaluate $(ARGS)
 sweep-config: install ## The W&B sweep YAML of a grid (the grid's variables) -> results/sweep.yaml
 	$(PY) -m benchmark.sweep $(ARGS)
 params: install ## Tuned-parameter counts per method [BACKBONE=vit_base_patch16_224 NUM_CLASSES=200 METHOD_ARGS=]

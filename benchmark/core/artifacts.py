@@ -15,9 +15,12 @@ in one line naming the file and the fix; benchmark/core/rebuild.py builds the mo
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
+import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -80,10 +83,36 @@ def trained_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], li
     return tensors, buffers
 
 
+def backbone_digest(model: torch.nn.Module, trained: set[str]) -> str:
+    """sha256 over every state-dict tensor of `model` that is not in `trained` (name, dtype, shape, bytes): the
+    frozen rest a checkpoint is applied to. Shared tensors count under each name, so a rebuilt model gives the same
+    digest once the checkpoint's tensors are in it (for Full: the digest of the non-trained buffers only)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name in trained:
+            continue
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def checkpoint_metadata(cfg, model: torch.nn.Module, source, test_top1: float, git_commit: str | None) -> dict:
+    """What rebuilds a run's model from its checkpoint (benchmark/core/rebuild.py) and what evaluate checks a
+    checkpoint against: method and options, head init, backbone, its weights' source, the classes, the run's config.
+    `source` is the run's datamodule (its class names); `cfg` the run's resolved RunConfig."""
+    return {"run_id": cfg.run_id(), "method": cfg.method, "method_options": cfg.method_options,
+            "head_init": cfg.head_init, "backbone": cfg.backbone, "backbone_kwargs": cfg.backbone_kwargs,
+            "weights": weights_source(cfg), "num_classes": source.num_classes,
+            "class_names": list(source.class_names), "whole_model": not model.frozen_backbone,
+            "test_top1": test_top1, "git_commit": git_commit, "config": asdict(cfg)}
+
+
 def checkpoint_bytes(model: torch.nn.Module, metadata: dict) -> bytes:
     tensors, buffers = trained_tensors(model)
     meta = metadata | {"format": FORMAT, "buffers": buffers,
-                       "tuned_params": sum(t.numel() for n, t in tensors.items() if n not in buffers)}
+                       "tuned_params": sum(t.numel() for n, t in tensors.items() if n not in buffers),
+                       "backbone_digest": backbone_digest(model, set(tensors))}
     # safetensors wants contiguous tensors that share no memory; clone() gives each its own
     data = {name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}
     return save_safetensors(data, metadata={META_KEY: json.dumps(meta, default=str)})
@@ -156,6 +185,71 @@ def load_predictions(path: str | Path) -> dict[str, np.ndarray]:
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"Predictions file {str(path)!r} cannot be read ({type(err).__name__}: {str(err)[:80]}): "
                           "rerun the run with FORCE=1 to write it again.") from None
+
+
+def check_predictions(path: str | Path, ids, labels) -> dict[str, np.ndarray]:
+    """The predictions file at `path`, refused (ConfigError, one line naming the file and the fix) when its image ids
+    or labels are not `ids` and `labels`, in order: the test set it is read against (the run's, or the one the data
+    folder holds now)."""
+    found = load_predictions(path)
+    ids, labels = [str(i) for i in ids], [int(y) for y in labels]
+    kept = found["ids"].tolist()
+    if kept != ids:
+        differ = sum(a != b for a, b in zip(kept, ids, strict=False)) + abs(len(kept) - len(ids))
+        raise ConfigError(f"Predictions file {str(path)!r} holds {len(kept)} image ids, this test set {len(ids)}, "
+                          f"{differ} of them differ: point DATA_ROOT= at the data the run used, or rerun the run "
+                          "with FORCE=1.")
+    if found["labels"].tolist() != labels:
+        raise ConfigError(f"Predictions file {str(path)!r} has other labels than this test set for the same image "
+                          "ids: point DATA_ROOT= at the data the run used, or rerun the run with FORCE=1.")
+    return found
+
+
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what peft's save_pretrained writes (and a README)
+
+
+def peft_adapter_path(results_dir: str | Path, run_id: str) -> Path:
+    """The folder of a peft tuner's adapter in peft's own format, beside its checkpoint."""
+    return results_path(results_dir, "checkpoints", f"{run_id}.peft")
+
+
+def save_peft_adapter(folder: str | Path, model: torch.nn.Module, backbone: str) -> bool:
+    """A peft tuner's trained adapter and head in peft's own format (adapter_config.json + adapter_model.safetensors,
+    as `PeftModel.save_pretrained` writes them; the head as `modules_to_save`), so that
+    `PeftModel.from_pretrained(<the pretrained timm backbone with num_classes=C>, folder)` loads it.
+    peft's writer does it: a copy of the backbone with each peft layer replaced by its base layer (the pretrained
+    model again: some tuners initialise from its weights) is wrapped by `peft.get_peft_model`, given this model's
+    trained tensors and saved. Each file is written atomically. Returns False (writing nothing) for a method that is
+    not a peft tuner."""
+    import peft  # only peft tuners need it here
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from methods.peft_tuners import PeftTuning
+
+    if not isinstance(model, PeftTuning):
+        return False
+    head = model.backbone.pretrained_cfg["classifier"]
+    config = model.peft_config()
+    config.modules_to_save = [head]
+    plain = copy.deepcopy(model.backbone).cpu()
+    for name, layer in [(n, m) for n, m in plain.named_modules() if isinstance(m, BaseTunerLayer)]:
+        plain.set_submodule(name, layer.get_base_layer())
+    plain.__dict__.pop("peft_config", None)
+    plain.name_or_path = backbone  # what peft records as base_model_name_or_path
+    wrapped = peft.get_peft_model(plain, config)
+    targets = {**dict(wrapped.base_model.model.named_parameters()), **dict(wrapped.base_model.model.named_buffers())}
+    tensors, _ = trained_tensors(model)
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            name = name.removeprefix("backbone.")
+            key = name if name in targets else name.replace(f"{head}.", f"{head}.modules_to_save.default.", 1)
+            targets[key].copy_(tensor)
+    with tempfile.TemporaryDirectory() as scratch:
+        wrapped.save_pretrained(scratch, save_embedding_layers=False)
+        for name in PEFT_FILES:
+            data = (Path(scratch) / name).read_bytes()
+            atomic_write(Path(folder) / name, lambda f, data=data: f.write(data))
+    return True
 
 
 class TestLogits(L.Callback):

@@ -21,6 +21,7 @@ with batch size 1.
 from __future__ import annotations
 
 import lightning as L
+import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
 
@@ -94,3 +95,26 @@ def for_this_process(datamodule: L.LightningDataModule, trainer: L.Trainer, seed
     if trainer.world_size == 1:
         return datamodule
     return ProcessShardedData(datamodule, trainer.world_size, trainer.global_rank, seed)
+
+
+def gather_in_test_order(all_gather, logits: torch.Tensor, labels: torch.Tensor, world_size: int, rank: int,
+                         n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every process's test logits (B_r, C) and labels, as one (n, C) and (n,) in the test set's order: process r
+    scored the examples its `each_example_once` sampler gave it. `all_gather` is Lightning's strategy.all_gather
+    (a (world size, ...) stack of equal shapes), so each share is padded to the longest first. One process: as is."""
+    if world_size == 1:
+        return logits, labels
+    shares = [list(UnrepeatedDistributedSampler(range(n), num_replicas=world_size, rank=r, shuffle=False))
+              for r in range(world_size)]
+    longest = max(len(share) for share in shares)
+    if len(labels) != len(shares[rank]):
+        raise RuntimeError(f"process {rank} scored {len(labels)} test examples, its share is {len(shares[rank])}")
+    pad = longest - len(labels)
+    every_logits = all_gather(torch.nn.functional.pad(logits, (0, 0, 0, pad)))  # (W, longest, C)
+    every_labels = all_gather(torch.nn.functional.pad(labels, (0, pad), value=-1))  # (W, longest)
+    ordered_logits = logits.new_empty((n, logits.shape[1]))
+    ordered_labels = labels.new_empty((n,))
+    for r, share in enumerate(shares):
+        ordered_logits[share] = every_logits[r, :len(share)].to(logits.device)
+        ordered_labels[share] = every_labels[r, :len(share)].to(labels.device)
+    return ordered_logits, ordered_labels

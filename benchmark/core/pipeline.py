@@ -20,16 +20,18 @@ from backbones import create_backbone
 from benchmark.core.artifacts import (
     EpochCurves,
     TestLogits,
+    checkpoint_metadata,
     checkpoint_path,
+    peft_adapter_path,
     predictions_path,
     save_checkpoint,
+    save_peft_adapter,
     save_predictions,
-    weights_source,
 )
 from benchmark.core.callbacks import NonFiniteLossError
 from benchmark.core.claims import Holder, RunClaim
 from benchmark.core.config import RunConfig, option_text, options_label
-from benchmark.core.distributed import for_this_process, per_process_batch_size
+from benchmark.core.distributed import for_this_process, gather_in_test_order, per_process_batch_size
 from benchmark.core.errors import ConfigError, ConfigWarning
 from benchmark.core.extra_test_eval import evaluate_extra_tests, result_key
 from benchmark.core.features import cached_datamodule, can_cache
@@ -99,6 +101,14 @@ def with_image_cache(cfg: RunConfig, datamodule):
         warnings.warn(f"IMAGE_CACHE: {problem}; this run decodes the image files instead.", ConfigWarning,
                       stacklevel=2)
         return datamodule
+
+def gathered_test_predictions(trainer: L.Trainer, logits, labels, n: int):
+    """The test logits and labels of every process in test-set order (a collective: every rank calls it, before
+    the extra test sets' own trainer.test), on the CPU."""
+    device = trainer.strategy.root_device
+    logits, labels = gather_in_test_order(trainer.strategy.all_gather, logits.to(device), labels.to(device),
+                                          trainer.world_size, trainer.global_rank, n)
+    return logits.cpu(), labels.cpu()
 
 def fit_and_test(cfg: RunConfig, trainer: L.Trainer, model: L.LightningModule, loaders) -> tuple[float, float]:
     """(val top-1, test top-1) in %: the final epoch's val accuracy, then the test accuracy."""
@@ -181,25 +191,19 @@ def save_artifacts(cfg: RunConfig, run_id: str, model: methods.TuningModule, sou
     """The run's checkpoint (unless CHECKPOINT=0) and test predictions, each written atomically
     (benchmark/core/artifacts.py); returns the result's fields naming them, paths relative to the results folder."""
     test = source.splits["test"]
-    fields = {"checkpoint": None}
-    if result["world_size"] == 1:  # a DDP rank holds every world-size-th test image only
-        if labels.tolist() != test.labels.tolist():
-            raise RuntimeError("the test loader's labels are not the test split's, in order: the predictions could "
-                               "not be matched to image ids")
-        where = predictions_path(cfg.results_dir, run_id)
-        fields |= {"predictions": os.path.relpath(where, cfg.results_dir),
-                   "predictions_bytes": save_predictions(where, logits, labels, test.ids)}
-    else:
-        fields["predictions"] = None
+    if labels.tolist() != test.labels.tolist():  # gathered in test order from every process of a DDP run
+        raise RuntimeError("the test loader's labels are not the test split's, in order: the predictions could "
+                           "not be matched to image ids")
+    where = predictions_path(cfg.results_dir, run_id)
+    fields = {"checkpoint": None, "predictions": os.path.relpath(where, cfg.results_dir),
+              "predictions_bytes": save_predictions(where, logits, labels, test.ids)}
     if cfg.checkpoint:
         where = checkpoint_path(cfg.results_dir, run_id)
-        metadata = {"run_id": run_id, "method": cfg.method, "method_options": cfg.method_options,
-                    "head_init": cfg.head_init, "backbone": cfg.backbone, "backbone_kwargs": cfg.backbone_kwargs,
-                    "weights": weights_source(cfg), "num_classes": source.num_classes,
-                    "class_names": list(source.class_names), "whole_model": not model.frozen_backbone,
-                    "test_top1": result["test_top1"], "git_commit": result["git_commit"], "config": asdict(cfg)}
+        metadata = checkpoint_metadata(cfg, model, source, result["test_top1"], result["git_commit"])
         fields |= {"checkpoint": os.path.relpath(where, cfg.results_dir),
                    **save_checkpoint(where, model, metadata)}
+        # a peft tuner also in peft's own format, beside it (PeftModel.from_pretrained reads it)
+        save_peft_adapter(peft_adapter_path(cfg.results_dir, run_id), model, cfg.backbone)
     return fields
 
 
@@ -306,7 +310,7 @@ def train_and_record(cfg: RunConfig, run_id: str, trainer: L.Trainer, path, star
         curves, test_logits = EpochCurves(cfg.audit, loaders), TestLogits()
         trainer.callbacks.extend([curves, test_logits])
         val_top1, test_top1 = fit_and_test(cfg, trainer, model, loaders)
-        logits, labels = test_logits.collected()  # before the extra test sets' own trainer.test
+        logits, labels = gathered_test_predictions(trainer, *test_logits.collected(), len(source.splits['test'].labels))
         extra = evaluate_extra_tests(trainer, model, source)
     except Exception as err:  # noqa: BLE001 — recorded as a failed result; KeyboardInterrupt/SystemExit pass
         return record_failure(cfg, path, started, err)
