@@ -53,6 +53,8 @@ def built(k: int = K):
     plain = make_tiny_vit().eval()
     with torch.no_grad():  # a CLS token loud in channel 0: counted with the patch tokens, it would make 0 salient
         plain.cls_token[..., 0] = 50.0
+        for block in plain.blocks:  # a loud attention branch: norm2's input (after it) ranks unlike norm1's
+            block.attn.proj.weight.mul_(30.0)
     return create_method("sct", copy.deepcopy(plain), num_classes=3, channels=k), plain
 
 
