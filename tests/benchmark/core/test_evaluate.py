@@ -96,9 +96,16 @@ def test_a_checkpoint_on_another_backbone_is_refused(tmp_path):
 
 
 MERGING = {"lora", "ssf", "repadapter"}  # the merge-for-eval methods: they must export
+# In the fast suite: the merging methods, plain ones, refused ones and peft tuners of three kinds (low-rank, a fixed
+# frozen random projection, an orthogonal rotation); every method in `make test-slow`.
+FAST = MERGING | {"full", "bias", "vpt_deep", "adapter", "dora", "vera", "boft"}
 
 
-@pytest.mark.parametrize("method", VIT_METHODS)
+def fast_or_slow(methods: list[str]) -> list:
+    return [m if m in FAST else pytest.param(m, marks=pytest.mark.slow) for m in methods]
+
+
+@pytest.mark.parametrize("method", fast_or_slow(VIT_METHODS))
 def test_a_merged_export_is_a_plain_timm_model_with_the_trained_logits(method, tmp_path):
     """Every method either exports (a state dict timm's own model loads strictly, giving the trained logits) or is
     refused in one line; the merge-for-eval methods and peft's tuners export."""
@@ -121,7 +128,8 @@ def test_a_merged_export_is_a_plain_timm_model_with_the_trained_logits(method, t
         assert not any(("lora_" in k or "ssf_" in k or "adapter" in k) for k in state)
 
 
-@pytest.mark.parametrize("method", [m for m in VIT_METHODS if issubclass(get_method_class(m), PeftTuning)])
+@pytest.mark.parametrize("method", fast_or_slow([m for m in VIT_METHODS
+                                                 if issubclass(get_method_class(m), PeftTuning)]))
 def test_a_peft_tuner_saves_an_adapter_that_peft_loads(method, tmp_path):
     """adapter_config.json + adapter_model.safetensors: PeftModel.from_pretrained on a fresh timm model with the same
     pretrained weights gives the trained logits."""
