@@ -2,12 +2,15 @@
 
     python -m benchmark.report [--results-dir results] [--out results/figures] [--datasets a,b] [--backbone X]
                                [--recipe quick] [--epochs 20] [--fraction 1.0] [--wandb] [--wise-ft]
+                               [--leaderboard [--perf results/perf.csv]]
 
 It reads run JSONs (refreshing results/summary.csv) — never builds a model unless --wise-ft asks — and writes PNG +
 PDF figures and Markdown + CSV tables. audits.md holds what the runs' saved curves and test logits give (the
 selection audit, McNemar against Full, per-class accuracy, calibration, the seed ensemble;
 benchmark/analysis/audits.py); --wise-ft adds wise_ft.png, the WiSE-FT interpolation of Full and the merging
-methods (benchmark/analysis/interpolation.py). The figures follow Jia et al., "Visual Prompt Tuning", ECCV 2022
+methods (benchmark/analysis/interpolation.py); --leaderboard adds leaderboard.md, every method ranked per dataset,
+suite and overall with its interval, budget and costs, and its Pareto figures (benchmark/analysis/leaderboard.py,
+docs/leaderboard.md). The figures follow Jia et al., "Visual Prompt Tuning", ECCV 2022
 (https://arxiv.org/abs/2203.12119): Fig. 3 compares VPT-deep with Linear, Adapter and Bias over training-data
 fractions, and Table 1 lists mean top-1 per task, tuned parameters and the number of tasks beating Full (and a
 column per extra test set); fig3_table.md gives Fig. 3's numbers, each point's interval and its verdict against
@@ -46,6 +49,8 @@ def parser() -> argparse.ArgumentParser:
                    help="also WiSE-FT (wise_ft.png): rebuilds Full and the merging methods from their checkpoints and "
                         "scores them at weights interpolated with the pretrained ones; the one option that builds "
                         "models")
+    add_switch(p, "--leaderboard", help="also the leaderboard (leaderboard.md/.csv, leaderboard_*.png)")
+    p.add_argument("--perf", help="the leaderboard's costs: a `make perf` CSV (default: <results-dir>/perf.csv)")
     p.add_argument("--fig3", action="store_true",
                    help="the embedded Fig. 3: the embedded tasks, the paper's six methods, the embedded backbone")
     p.add_argument("--zoo", action="store_true",
@@ -62,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results_dir = check_results_dir(args.results_dir)
         written = write_report(results_dir, args.out, args.datasets, args.methods, args.backbone, args.fraction,
-                               args.wandb, recipe=args.recipe, epochs=args.epochs, wise_ft=args.wise_ft)
+                               args.wandb, recipe=args.recipe, epochs=args.epochs, wise_ft=args.wise_ft,
+                               leaderboard=args.leaderboard, perf=args.perf)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ from benchmark.analysis.aggregate import (
     zoo_points,
 )
 from benchmark.analysis.audits import audit_frames, audits_markdown
+from benchmark.analysis.leaderboard import write_leaderboard
 from benchmark.analysis.paper import paper_comparison, unmatched
 from benchmark.analysis.plots import plot_fig3, plot_params, plot_zoo
 from benchmark.analysis.tables import fractions_markdown, table_markdown
@@ -54,11 +55,13 @@ def write_skipped(summary: pd.DataFrame, out: Path, results_dir: str | Path) -> 
 def write_report(results_dir: str | Path = "results", out_dir: str | Path | None = None,
                  datasets: list[str] | None = None, methods: list[str] | None = None, backbone: str | None = None,
                  fraction: float | None = None, use_wandb: bool = False, *, recipe: str | None = None,
-                 epochs: int | None = None, wise_ft: bool = False) -> dict[str, Path]:
+                 epochs: int | None = None, wise_ft: bool = False, leaderboard: bool = False,
+                 perf: str | Path | None = None) -> dict[str, Path]:
     """Fig. 3, the parameter plot, the zoo figure (PNG + PDF) and the tables (Markdown + CSV) into `out_dir`, with
     the audits of what the runs kept (audits.md and its CSVs); the few-shot and ablation figures where the results
     hold such grids (then they alone, if nothing else). First skipped.csv, every run file or run left out and why,
-    and one line on stderr when there is any. `wise_ft`: also wise_ft.png/.pdf/.csv, which rebuilds models."""
+    and one line on stderr when there is any. `wise_ft`: also wise_ft.png/.pdf/.csv, which rebuilds models.
+    `leaderboard`: also leaderboard.md/.csv and its figures, the costs from `perf` (default <results_dir>/perf.csv)."""
     out = Path(out_dir or Path(results_dir) / "figures")
     out.mkdir(parents=True, exist_ok=True)
     summary = load_summary(results_dir)
@@ -100,6 +103,10 @@ def write_report(results_dir: str | Path = "results", out_dir: str | Path | None
     written["fig3_table.md"].write_text(fractions_markdown(by_fraction))
     written["audits.md"] = out / "audits.md"
     written["audits.md"].write_text(audits_markdown(audits, final))
+    if leaderboard:  # benchmark/analysis/leaderboard.py; docs/leaderboard.md
+        files, frames["leaderboard"] = write_leaderboard(final, summary, out, results_dir,
+                                                         perf or Path(results_dir) / "perf.csv")
+        written |= files
     if use_wandb:
         log_report([p for p in written.values() if p.suffix == ".png"], frames, str(results_dir))
     return written
