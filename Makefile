@@ -44,7 +44,7 @@ fig3 zoo: install data ## fig3: the embedded Fig. 3 (6 methods x 5 fractions x 2
 	$(PY) -m benchmark.grid --$@ $(ARGS) || [ $$? -eq 1 ]  # 1: some runs failed; the report draws the rest
 	$(PY) -m benchmark.report --$@ $(filter --results=% --results-dir=% --wandb=% --recipe=% --epochs=%,$(ARGS))
 
-report: install ## Fig. 3, parameter plot and tables from the results -> results/figures [DATASETS= METHODS= RECIPE= EPOCHS= WANDB=1]
+report: install ## Fig. 3, parameter plot and tables from the results -> results/figures [DATASETS= METHODS= RECIPE= EPOCHS= WANDB=1 LEADERBOARD=1 PERF=]
 	$(PY) -m benchmark.report $(ARGS)
 evaluate: install ## Re-score a run from its checkpoint: make evaluate RUN=<result.json> [DATASET= DATA_ROOT= EXTRA_TEST= EXPORT=merged]
 	$(PY) -m benchmark.evaluate $(ARGS)
