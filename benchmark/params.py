@@ -5,7 +5,8 @@
 
 A method option `key=value` applies to every method that has the option; `method.key=value` to that method only
 (both partial_k and mlp_k have a `k`). By default every method that supports the backbone's family is counted;
-`--support-matrix` prints which methods support which family, `--family-table` each family's row. Models are built
+`--support-matrix` prints which methods support which family, `--family-table` each family's row, `--peft-table` the
+peft tuners' table (methods/peft_table.py: layers, options, families, merging; docs/methods.md). Models are built
 on PyTorch's meta device from the architecture alone (pretrained=False, no weights, no memory for values), so a ViT-B
 count takes about a second per method and needs no download.
 """
@@ -64,6 +65,24 @@ def support_markdown() -> str:
     return header + "\n".join(rows) + "\n"
 
 
+def peft_markdown() -> str:
+    """The peft tuners' table of docs/methods.md, from methods/peft_table.py's rows (and the types it refuses)."""
+    from methods.peft_table import TUNERS, UNSUPPORTED, PeftOptions
+
+    lines = ["| Method | peft type | Layers (default targets) | Options not peft's | Families | Merges | Starts as "
+             "backbone | Paper |", "|:---|:---|:---|:---|:---|:---:|:---:|:---|"]
+    for name, row in TUNERS.items():
+        options = ", ".join(f"`{key}={value}`" for key, value in row.defaults.items()) or "–"
+        if not issubclass(get_method_class(name).options_cls, PeftOptions):
+            options = "its own (below)"  # the seven hand-tuned wrappers of methods/peft_tuners.py
+        lines.append(f"| `{name}` ({row.label}) | `peft:{row.peft_type}` | {row.layers} | {options} | "
+                     f"{', '.join(row.families)} | {'✓' if row.merges else '–'} | {'✓' if row.identity else '–'} | "
+                     f"{row.paper} |")
+    lines += ["", "Refused (`METHOD=peft:<type>` says why):", ""]
+    lines += [f"- `{peft_type}`: {why}." for peft_type, why in UNSUPPORTED.items()]
+    return "\n".join(lines) + "\n"
+
+
 def readable(table: pd.DataFrame) -> str:
     return table.to_string(index=False, formatters={"tuned_params": "{:,d}".format, "total_params": "{:,d}".format,
                                                     "tuned_percent": "{:.4f}".format})
@@ -81,6 +100,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--list-methods", action="store_true", help="list the registered methods and exit")
     add_switch(p, "--support-matrix", help="print the methods x backbone-families table (Markdown) and exit")
     add_switch(p, "--family-table", help="print the backbone families' rows (Markdown) and exit")
+    add_switch(p, "--peft-table", help="print the peft tuners' table (Markdown) and exit")
     return p
 
 
@@ -94,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.family_table:
         print(family_table(), end="")
+        return 0
+    if args.peft_table:
+        print(peft_markdown(), end="")
         return 0
     if args.num_classes < 1:
         print(f"error: --num-classes must be >= 1, got {args.num_classes}.", file=sys.stderr)

@@ -121,7 +121,8 @@ TUNERS: dict[str, Tuner] = {row.name: row for row in (
     tuner("hira", "hira", "HiRA", "#377eb8", "Huang et al., ICLR 2025, https://openreview.net/forum?id=TwJrTz9cRS",
           conv=True),
     tuner("hra", "hra", "HRA", "#4daf4a", "Yuan et al., NeurIPS 2024, https://arxiv.org/abs/2405.17484", conv=True),
-    tuner("lily", "lily", "Lily", "#984ea3", "Zhong et al., 2024, https://arxiv.org/abs/2407.09946"),
+    tuner("lily", "lily", "Lily", "#984ea3", "Zhong et al., 2024, https://arxiv.org/abs/2407.09946",
+          merges=False),  # its B experts are shared across blocks: peft's merge does not reproduce the forward
     tuner("ln_tuning", "ln_tuning", "LN-tuning (peft)", "#ff7f00", "Qi et al., 2024, https://arxiv.org/abs/2312.11420",
           layers="norms", merges=False),  # trains copies of the norms: nothing to fold
     tuner("miss", "miss", "MiSS", "#a65628", "Kang et al., 2024, https://arxiv.org/abs/2409.15371"),
