@@ -378,8 +378,10 @@ def plot_front(rows: pd.DataFrame, x: str, xlabel: str, title: str, smaller_is_b
     ax.step(front[x], front["mean"], where="post" if smaller_is_better else "pre", color="0.3", ls="--", lw=1,
             label="Pareto front", zorder=0)
     ax.set_xscale("log")
-    for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):  # 2000, not 2×10³
-        axis(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 2000, not 2×10³
+    # minor ticks labelled only within one decade, where no major tick but one may show; over more they would crowd
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if np.log10(np.divide(*ax.get_xlim()[::-1])) <= 1
+                                               else ""))
     ax.set_xlabel(xlabel)
     seeds = int(rows["n_seeds"].max())
     ax.set_ylabel(f"test top-1 (%){f', mean ± 95% CI over {seeds} seeds' if seeds > 1 else ''}")

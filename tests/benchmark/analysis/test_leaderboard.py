@@ -166,10 +166,10 @@ def test_merging_is_the_class_fact_and_its_switch():
 
 def test_labels_of_crowded_points_do_not_overlap():
     rows = pd.DataFrame({"method": ["full", "linear", "bias", "adapter", "vpt_shallow", "vpt_deep"],
-                         "tuned_percent": [0.10, 0.11, 0.12, 0.13, 0.5, 0.52], "mean": [80, 80.2, 80.1, 79.9, 81, 81.1],
+                         "tuned_percent": [0.100, 0.101, 0.102, 0.103, 10, 100], "mean": [80, 80.01, 80.02, 80, 70, 90],
                          "ci_low": np.nan, "ci_high": np.nan, "n_seeds": 1, "unequal_budget": False})
     rows["label"] = rows["method"] + " with a long label"
-    fig = lb.plot_front(rows, "tuned_percent", "x", "title", smaller_is_better=True)
+    fig = lb.plot_front(rows, "tuned_percent", "x", "title", smaller_is_better=True)  # unadjusted: 6 overlaps
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     boxes = [t.get_window_extent(renderer) for t in fig.axes[0].texts]
