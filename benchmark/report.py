@@ -45,10 +45,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="only runs of this many epochs: needed when a point's seeds mix them")
     p.add_argument("--fraction", type=float, help="train fraction of the table (default: the largest present)")
     add_switch(p, "--wandb", help="log figures and tables to a W&B report run")
-    p.add_argument("--wise-ft", action="store_true",
-                   help="also WiSE-FT (wise_ft.png): rebuilds Full and the merging methods from their checkpoints and "
-                        "scores them at weights interpolated with the pretrained ones; the one option that builds "
-                        "models")
+    add_switch(p, "--wise-ft",
+               help="also WiSE-FT (wise_ft.png): rebuilds Full and the merging methods from their checkpoints and "
+                    "scores them at weights interpolated with the pretrained ones; the one option that builds models")
     add_switch(p, "--leaderboard", help="also the leaderboard (leaderboard.md/.csv, leaderboard_*.png)")
     p.add_argument("--perf", help="the leaderboard's costs: a `make perf` CSV (default: <results-dir>/perf.csv)")
     p.add_argument("--fig3", action="store_true",
