@@ -15,7 +15,7 @@ flag = --$(shell echo '$(1)' | tr 'A-Z_' 'a-z-')="$($(1))"
 ARGS = $(strip $(foreach v,$(filter-out PYTHON_SYS,$(.VARIABLES)),$(if $(filter command line,$(origin $(v))),$(call flag,$(v)))))
 
 .PHONY: help install data bench grid fig3 zoo report sweep-config params perf gpu-check pretrain prepare splits test \
-	test-slow mutation lint format clean evaluate
+	test-slow mutation lint format clean evaluate leaderboard
 
 help: ## Show the targets and the methods
 	@grep -hE '^[a-z0-9 -]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-13s %s\n", $$1, $$2}'
@@ -40,9 +40,9 @@ bench: install data ## One run: make bench METHOD=vpt_deep FRACTION=0.1 [DATASET
 grid: install data ## A resumable grid: make grid METHODS=a,b FRACTIONS=0.1,1 (or SHOTS=1,2,4) SEEDS=0,1 DATASETS= [OPTIONS="k=v1,v2" SEARCH=1 SHARD=i/n JOBS=2]
 	$(PY) -m benchmark.grid $(ARGS)
 
-fig3 zoo: install data ## fig3: the embedded Fig. 3 (6 methods x 5 fractions x 2 tasks); zoo: every method at 100%; then the report
+fig3 zoo leaderboard: install data ## fig3: the embedded Fig. 3; zoo: every method at 100%; leaderboard: every method, one search budget [SEARCH=halving DATASETS=vtab-1k DRY_RUN=1]; then the report
 	$(PY) -m benchmark.grid --$@ $(ARGS) || [ $$? -eq 1 ]  # 1: some runs failed; the report draws the rest
-	$(PY) -m benchmark.report --$@ $(filter --results=% --results-dir=% --wandb=% --recipe=% --epochs=%,$(ARGS))
+	$(if $(filter 1,$(DRY_RUN)),,$(PY) -m benchmark.report --$@ $(filter --results=% --results-dir=% --wandb=% --recipe=% --epochs=% --perf=%,$(ARGS)))
 
 report: install ## Fig. 3, parameter plot and tables from the results -> results/figures [DATASETS= METHODS= RECIPE= EPOCHS= WANDB=1 LEADERBOARD=1 PERF=]
 	$(PY) -m benchmark.report $(ARGS)

@@ -10,9 +10,14 @@ JSON per run.
 - A failing run is recorded as `status: failed` with its error and the grid goes on.
 - SIGINT / SIGTERM (Ctrl+C, SLURM preemption) stop the grid at once: the run in progress is dropped
   (result files are written atomically, so it leaves nothing half-written) and the next call redoes it.
-- `--search` runs the paper's selection protocol per (dataset, method, fraction): benchmark/sweeps/search.py.
+- `--search` runs the paper's selection protocol per (dataset, method, fraction): benchmark/sweeps/search.py;
+  `--search halving` (SEARCH=halving) chooses by successive halving over its points (benchmark/sweeps/halving.py).
+- `--leaderboard` (`make leaderboard`): every method under the same search budget (benchmark/sweeps/budget.py),
+  every registered method at 10% and 100% of the data with seeds 0,1,2 unless METHODS/FRACTIONS/SEEDS say otherwise.
+- DATASETS may name suites: `vtab-1k` (the 19 VTAB-1k tasks), `fgvc` (the five FGVC tasks): datamodules/suites.py.
+- `--dry-run` (DRY_RUN=1) checks every run and prints how many would start and the first few; nothing trains.
 - `--shard i/n` (SHARD=i/n) runs only the i-th of n disjoint parts of the grid, so n processes (a SLURM job
-  array, several machines) share one grid and one results folder: see `Shard`.
+  array, several machines) share one grid and one results folder: see `Shard`; a search is dealt out by cells.
 - `--jobs n` (JOBS=n) trains n runs at a time in n worker processes on this machine, each with cpu_count / n
   threads (`make fig3` uses 2): see `run_in_workers`; with `--search`, n cells at a time (`search_in_workers`).
 - Afterwards results/summary.csv holds one row per run.
@@ -24,15 +29,30 @@ import argparse
 import sys
 
 import methods
-from benchmark.core.cli import add_switch, comma_list, option_grid
+from benchmark.core.cli import add_switch, comma_list, on_off, option_grid
 from benchmark.core.config import RunConfig, check_fraction, check_shots
 from benchmark.core.errors import ConfigError
 from benchmark.core.store import is_storage_error, storage_problem
 from benchmark.run import config_from_args
-from benchmark.sweeps.runner import GridInterrupted, run_grid, stop_on_signals
-from benchmark.sweeps.search import SearchGrid, run_search
-from benchmark.sweeps.spec import FIG3_FRACTIONS, PAPER_METHODS, ZOO_FRACTIONS, GridSpec, Shard
+from benchmark.sweeps.budget import MAX_WIDENINGS
+from benchmark.sweeps.runner import GridInterrupted, plan_grid, run_grid, stop_on_signals
+from benchmark.sweeps.search import SearchGrid, plan_search, run_search
+from benchmark.sweeps.spec import FIG3_FRACTIONS, PAPER_METHODS, ZOO_FRACTIONS, GridSpec, Shard, describe
 from datamodules import EMBEDDED_DATASETS
+
+LEADERBOARD_FRACTIONS = (0.1, 1.0)  # the leaderboard's default data: a low-data and a full-data column
+LEADERBOARD_SEEDS = (0, 1, 2)  # its finals: three seeds, for a 95% interval per method
+DRY_RUN_SHOWN = 5  # runs a dry run names
+
+
+def search_mode(text: str) -> str:
+    """SEARCH=: 0 (none: ''), 1 ('full': the whole lr x wd grid) or halving ('halving')."""
+    if str(text).strip().lower() in ("full", "halving"):
+        return str(text).strip().lower()
+    try:
+        return "full" if on_off(text) else ""
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"SEARCH must be 0, 1 or halving, got {text!r}") from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -52,13 +72,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=comma_list(int), default=[0], help="comma list of seeds (default: 0)")
     p.add_argument("--datasets", type=comma_list(str), default=list(EMBEDDED_DATASETS),
                    help="comma list of datasets (default: the embedded tasks)")
-    add_switch(p, "--search", help="the paper's selection protocol: lr x wd search on val, then final runs on "
-               "train+val")
+    p.add_argument("--search", nargs="?", const="full", default="", type=search_mode, metavar="0|1|halving",
+                   help="the paper's selection protocol: lr x wd search on val, then final runs on train+val; "
+                   "halving: successive halving over the search points (cheaper)")
     p.add_argument("--search-lrs", type=comma_list(float), help="override the search's lr grid")
     p.add_argument("--search-wds", type=comma_list(float), help="override the search's weight-decay grid")
     p.add_argument("--search-lr-factors", type=comma_list(float),
                    help="search each recipe's lr times these factors, e.g. 0.04,0.2,1,5,25 (default for the quick "
                    "recipes: 0.2,1,5); one list fits a grid of methods whose lrs differ")
+    p.add_argument("--search-widen", type=int,
+                   help=f"leaderboard: times a cell whose chosen lr is an edge of its grid gets one more lr beyond it "
+                   f"(default {MAX_WIDENINGS})")
+    add_switch(p, "--dry-run", help="check every run and print how many would start and the first few; train nothing")
     return p
 
 def base_config(run_args: list[str]) -> RunConfig:
@@ -79,7 +104,15 @@ def default_jobs(args: argparse.Namespace) -> int:
     2 x 1 thread than 1 x 2 threads), 1 otherwise."""
     if args.jobs is not None:
         return args.jobs
+    if args.leaderboard:
+        return 2 if all(d in EMBEDDED_DATASETS for d in args.datasets) else 1
     return 2 if args.fig3 or args.zoo else 1
+
+
+def switched_on(argv: list[str], flag: str) -> bool:
+    """Whether `flag` is on in `argv`, alone or as make passes it (`--flag=1`)."""
+    return any(a == flag or (a.startswith(flag + "=") and a.split("=", 1)[1].strip().lower() in ("1", "true", "yes"))
+               for a in argv)
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     """The grid's own options (with JOBS= resolved) and the run options it passes through."""
@@ -90,8 +123,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                    "cells) at a time (the small model trains faster as 2 x 1 thread than 1 x 2 threads)")
     p.add_argument("--zoo", action="store_true", help="the embedded zoo: every registered method at 100%% of the "
                    "training data (METHODS= and FRACTIONS= still override), two runs at a time")
-    if "--zoo" in (sys.argv[1:] if argv is None else argv):
+    add_switch(p, "--leaderboard", help="every method under the same search budget (benchmark/sweeps/budget.py): "
+               "every registered method at 10%% and 100%% of the data, seeds 0,1,2 (METHODS=, FRACTIONS=, SEEDS= "
+               "override)")
+    given = sys.argv[1:] if argv is None else argv
+    if "--zoo" in given:
         p.set_defaults(methods=methods.list_methods(), fractions=list(ZOO_FRACTIONS))
+    if switched_on(given, "--leaderboard"):
+        p.set_defaults(methods=methods.list_methods(), fractions=list(LEADERBOARD_FRACTIONS),
+                       seeds=list(LEADERBOARD_SEEDS))
     args, run_args = p.parse_known_args(argv)
     args.jobs = default_jobs(args)
     return args, run_args
@@ -108,6 +148,42 @@ def grid_spec(args: argparse.Namespace, run_args: list[str], argv: list[str] | N
     return GridSpec(args.methods, args.fractions, args.seeds, args.datasets, base, shots=args.shots,
                     options=args.options)
 
+def search_grid(args: argparse.Namespace) -> SearchGrid | None:
+    """The search the command asks for (the leaderboard's equal budget, SEARCH=1 or halving), or None: a plain grid."""
+    if args.leaderboard:
+        if args.search_lrs:
+            raise ConfigError("The leaderboard centres every method's lrs on its own recipe lr: drop SEARCH_LRS= and "
+                              "give SEARCH_LR_FACTORS= (e.g. 0.2,1,5) instead.")
+        widen = MAX_WIDENINGS if args.search_widen is None else args.search_widen
+        return SearchGrid.equal_budget(args.search_wds, args.search_lr_factors, halving=args.search == "halving",
+                                       widen=widen)
+    if args.search_widen is not None:
+        raise ConfigError("SEARCH_WIDEN= is the leaderboard's rule: use it with `make leaderboard` (--leaderboard).")
+    if args.search:
+        return SearchGrid.override(args.search_lrs, args.search_wds, args.search_lr_factors,
+                                   halving=args.search == "halving")
+    if args.search_lrs or args.search_wds or args.search_lr_factors:
+        raise ConfigError("--search-lrs/--search-wds/--search-lr-factors (SEARCH_LRS/SEARCH_WDS/"
+                          "SEARCH_LR_FACTORS) need --search (SEARCH=1).")
+    return None
+
+def dry_run(spec: GridSpec, grid: SearchGrid | None, shard: Shard | None) -> int:
+    """Print the runs the grid would start (how many, the first few) after checking every one; train nothing."""
+    if grid is None:
+        known = plan_grid(spec, shard)
+        count, note = len(known), ""
+    else:
+        known, count, cells = plan_search(spec, grid, shard)
+        note = f" in {cells} search cells (search points, then finals"
+        note += ("; later halving rungs counted, named once the earlier ones are done" if grid.halving else "")
+        note += (f"; up to {grid.widen} widening(s) per cell at an lr edge, not counted" if grid.widen else "") + ")"
+    print(f"Dry run: {count} runs would start{note}; nothing trained.")
+    for cfg in known[:DRY_RUN_SHOWN]:
+        print(f"  {describe(cfg)}")
+    if count > DRY_RUN_SHOWN:
+        print(f"  ... and {count - min(len(known), DRY_RUN_SHOWN)} more")
+    return 0
+
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 every run ok, 1 some failed (recorded), 2 bad input (nothing ran), 128+signal if stopped."""
     args, run_args = parse_args(argv)
@@ -117,18 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         with stop_on_signals():
             if args.jobs < 1:
                 raise ConfigError(f"JOBS must be a whole number >= 1 (runs trained at a time), got {args.jobs}.")
-            if args.search:
-                if args.shard:
-                    raise ConfigError("SHARD= splits plain grids, not SEARCH=1 ones (a final run needs its cell's "
-                                      "whole search). On one machine JOBS=n searches n cells at a time; across "
-                                      "machines split a search by DATASETS= or METHODS=, all writing to one RESULTS "
-                                      "folder.")
-                grid = SearchGrid.override(args.search_lrs, args.search_wds, args.search_lr_factors)
-                runner = run_search(spec, grid, jobs=args.jobs)
+            grid = search_grid(args)
+            if args.dry_run:
+                return dry_run(spec, grid, args.shard)
+            if grid is not None:
+                runner = run_search(spec, grid, jobs=args.jobs, shard=args.shard)
             else:
-                if args.search_lrs or args.search_wds or args.search_lr_factors:
-                    raise ConfigError("--search-lrs/--search-wds/--search-lr-factors (SEARCH_LRS/SEARCH_WDS/"
-                                      "SEARCH_LR_FACTORS) need --search (SEARCH=1).")
                 runner = run_grid(spec, shard=args.shard, jobs=args.jobs)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

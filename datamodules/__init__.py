@@ -7,6 +7,7 @@ from datamodules.embedded import DigitsDataModule, FashionHeldoutDataModule, Fas
 from datamodules.fgvc import FGVC_DATAMODULES
 from datamodules.folder import FolderDataModule
 from datamodules.labelled_split import LabelledSplit
+from datamodules.suites import SUITES, dataset_group, suite_datasets
 from datamodules.vtab import VTAB_DATAMODULES, VTAB_TASKS
 
 _DATASETS: dict[str, type[FractionDataModule]] = {}
@@ -41,6 +42,6 @@ def create_datamodule(name: str, **kwargs) -> FractionDataModule:
     return get_datamodule_class(name)(**kwargs)
 
 
-__all__ = ["EMBEDDED_DATASETS", "FGVC_DATASETS", "VTAB_DATASETS", "FractionDataModule",
-           "LabelledSplit", "create_datamodule", "fraction_indices",
+__all__ = ["EMBEDDED_DATASETS", "FGVC_DATASETS", "SUITES", "VTAB_DATASETS", "FractionDataModule",
+           "LabelledSplit", "create_datamodule", "dataset_group", "fraction_indices", "suite_datasets",
            "get_datamodule_class", "list_datasets", "register_dataset"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -274,12 +276,19 @@ def recipe_entry(path: Path, where: str, entry) -> dict:
     return entry
 
 
+@functools.lru_cache(maxsize=16)
+def parsed_yaml(text: str):
+    """A recipe's text parsed, once per distinct text: a search resolves its recipe several times per run, and
+    parsing quick.yaml is most of that (keyed by the text itself, so an edited file is parsed again)."""
+    return yaml.safe_load(text)
+
+
 def read_recipe(path: Path) -> tuple[dict, dict[str, dict]]:
     """A recipe file's `defaults` and its `methods` entries, every key and method name checked."""
     import methods  # registers every method; imported here so that the config stays cheap to import
 
     try:
-        data = yaml.safe_load(path.read_text())
+        data = copy.deepcopy(parsed_yaml(path.read_text()))  # a copy: callers may change what they get
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -155,9 +155,10 @@ class GridRunner:
             eta = f", ETA {format_seconds(remaining * mean / self.jobs)}"
         return f"[grid {self.done}/{self.total}{eta}]"
 
-    def absorb(self, cell: RunConfig, counts: dict, trained_seconds: list[float]) -> None:
+    def absorb(self, cell: RunConfig, counts: dict, trained_seconds: list[float], added: int = 0) -> None:
         """Add the runs a worker did for one search `cell` (its search points and final runs: `counts` by status, the
-        wall time of each that trained ok) and print one progress line for them."""
+        wall time of each that trained ok, the runs its widening `added` to the plan) and print one progress line."""
+        self.total += added
         for status, count in counts.items():
             self.counts[status] += count
             self.done += count
@@ -179,6 +180,12 @@ def finished_result(cfg: RunConfig) -> dict | None:
 def count_finished(configs: list[RunConfig]) -> int:
     """How many of `configs` the grid will skip as finished (for its ETA)."""
     return sum(finished_result(cfg) is not None for cfg in configs)
+
+def plan_grid(spec: GridSpec, shard: Shard | None = None) -> list[RunConfig]:
+    """The runs `run_grid` would start (of `shard` alone), every one of the grid checked first; nothing trains."""
+    configs = spec.configs()
+    validate_all(configs)
+    return [cfg for cfg in (shard.select(configs) if shard is not None else configs) if finished_result(cfg) is None]
 
 def run_grid(spec: GridSpec, out: TextIO = sys.stdout, shard: Shard | None = None, jobs: int = 1) -> GridRunner:
     """Every run of the grid, or of its `shard` (skipping finished ones), `jobs` at a time; writes summary.csv.

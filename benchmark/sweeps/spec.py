@@ -8,9 +8,13 @@ import itertools
 import re
 from dataclasses import dataclass, field, replace
 
+from backbones import closest_name
 from benchmark.core.config import RunConfig, option_text
 from benchmark.core.errors import ConfigError
 from benchmark.core.validate import validate_config
+from benchmark.sweeps.selected import PREFIX as SELECTED
+from benchmark.sweeps.selected import recipe_for
+from datamodules import SUITES, list_datasets, suite_datasets
 from methods.registry import fig3_methods
 
 FIG3_FRACTIONS = (0.1, 0.2, 0.4, 0.8, 1.0)  # the training-data ratios of Fig. 3 (Jia et al., ECCV 2022)
@@ -26,12 +30,28 @@ def describe(cfg: RunConfig, seed: bool = True) -> str:
     options = "".join(f" {key}={option_text(value)}" for key, value in sorted(cfg.options.items()))
     return f"{cfg.method} {cfg.dataset} {data}{options}{f' seed={cfg.seed}' * seed}{on}{tag}"
 
+def expand_suites(names: list[str]) -> list[str]:
+    """DATASETS with each suite (`vtab-1k`, `fgvc`: datamodules/suites.py) replaced by its datasets, a dataset named
+    twice kept at its first place; a name that is neither a suite nor a dataset is refused with the fix."""
+    known = list_datasets()
+    expanded: dict[str, None] = {}
+    for name in names:
+        if name not in SUITES and name not in known:
+            hint = closest_name(name, [*SUITES, *known])
+            raise ConfigError(f"DATASETS names {name!r}, which is no dataset or suite.{hint} Suites: "
+                              f"{', '.join(SUITES)}; datasets: {', '.join(known)}.")
+        expanded.update(dict.fromkeys(suite_datasets(name) if name in SUITES else [name]))
+    return list(expanded)
+
+
 @dataclass
 class GridSpec:
     """What to sweep; every other run setting comes from `base` (a RunConfig with the CLI's run options).
 
     `shots` (few-shot: k examples per class), when given, replaces `fractions` as the training-data axis; `options`
     (an OPTIONS grid's points, each a dict of method options) is one more axis, each point naming its runs.
+    `datasets` may name suites (`vtab-1k`, `fgvc`), expanded to their datasets; RECIPE=selected:<results> gives
+    each cell the recipe its search chose (benchmark/sweeps/selected.py).
     """
 
     methods: list[str]
@@ -53,6 +73,7 @@ class GridSpec:
                 raise ConfigError(f"{name.upper()} is empty; give at least one value, e.g. {name.upper()}={example}.")
             if len(set(values)) != len(values):
                 raise ConfigError(f"{name.upper()} lists a value twice: {values}.")
+        self.datasets = expand_suites(self.datasets)
 
     def data_points(self) -> list[dict]:
         """The training-data axis as RunConfig fields: a fraction each, or `shots` each (fraction left default)."""
@@ -62,9 +83,10 @@ class GridSpec:
 
     def cells(self) -> list[RunConfig]:
         """Every run but the seeds: dataset x method x data x options (the selection protocol's search cells)."""
-        return [replace(self.base, dataset=d, method=m, **data, options=options)
-                for d, m, data, options in itertools.product(self.datasets, self.methods, self.data_points(),
-                                                             self.options or [self.base.options])]
+        cells = [replace(self.base, dataset=d, method=m, **data, options=options)
+                 for d, m, data, options in itertools.product(self.datasets, self.methods, self.data_points(),
+                                                              self.options or [self.base.options])]
+        return [recipe_for(cell) for cell in cells] if str(self.base.recipe).startswith(SELECTED) else cells
 
     def configs(self) -> list[RunConfig]:
         """Dataset-major order: a stopped grid leaves whole datasets finished, and the report can draw them."""

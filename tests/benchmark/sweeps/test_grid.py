@@ -106,8 +106,11 @@ def test_grid_cli_rejects_bad_input_before_training(tmp_path, capsys):
     assert "give one of them" in capsys.readouterr().err
     assert main(["--jobs", "0", "--results-dir", str(tmp_path)]) == 2
     assert "JOBS must be a whole number >= 1" in capsys.readouterr().err
-    assert main(["--search", "--shard", "0/2", "--results-dir", str(tmp_path)]) == 2
-    assert "SHARD= splits plain grids, not SEARCH=1 ones" in capsys.readouterr().err
+    assert main(["--search-widen", "1", "--results-dir", str(tmp_path)]) == 2
+    assert "SEARCH_WIDEN= is the leaderboard's rule" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--search", "halve"])
+    assert "SEARCH must be 0, 1 or halving" in capsys.readouterr().err
     assert main(["--search", "--jobs", "0", "--results-dir", str(tmp_path)]) == 2
     assert "JOBS must be a whole number >= 1" in capsys.readouterr().err
 

@@ -58,14 +58,6 @@ def test_bad_shard_is_refused_with_the_fix(text, capsys):
     assert "SHARD=0/3, SHARD=1/3 and SHARD=2/3 together run the whole grid" in capsys.readouterr().err
 
 
-def test_search_grids_are_not_sharded(tmp_path, capsys):
-    code = main(["--methods", "linear", "--fractions", "0.1", "--datasets", "digits", "--search", "--shard", "0/2",
-                 "--results-dir", str(tmp_path)])
-    assert code == 2
-    assert "across machines split a search by DATASETS= or METHODS=" in capsys.readouterr().err
-    assert not (tmp_path / "runs").exists()
-
-
 # --- three shards at once over one results folder -------------------------------------------------------------
 TRAINED = re.compile(r"^\[grid \d+/\d+[^\]]*\] (ok|skipped|failed)\s+(.+?): ", re.MULTILINE)
 
