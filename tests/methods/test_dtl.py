@@ -40,8 +40,10 @@ def reference_logits(model, images, read: set[int], add: set[int], fusion=None):
     return backbone.head(backbone.norm(x[:, 1:].mean(dim=1)))
 
 
-@pytest.mark.parametrize(("options", "read", "add"), [({}, {0, 1}, {1}), ({"read_blocks": "2", "add_blocks": "2"},
-                                                                         {1}, {1}), ({"fusion_size": 3}, {0, 1}, {1})])
+@pytest.mark.parametrize(("options", "read", "add"), [
+    ({}, {0, 1}, {1}), ({"read_blocks": "2", "add_blocks": "2"}, {1}, {1}),
+    ({"fusion_size": 3, "add_blocks": "1-2"}, {0, 1}, {0, 1}),  # added after block 1: the CLS row reaches the head
+])
 def test_side_network_sums_block_inputs_and_adds_back_after_the_chosen_blocks(options, read, add):
     torch.manual_seed(0)
     model = create_method("dtl", make_tiny_vit(), num_classes=3, beta=2.0, **options).eval()
