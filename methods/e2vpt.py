@@ -78,7 +78,7 @@ class KeyValuePrompted(Block):
 
 @register_method("e2vpt")
 class E2VPT(TuningModule):
-    label, color = "E²VPT", "#9467bd"
+    label, color = "E²VPT", "#6b6ecf"
     options_cls = E2VPTOptions
     identity_at_init = False  # both prompt kinds change every token from the first step
 

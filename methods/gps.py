@@ -106,7 +106,7 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @register_method("gps")
 class GradientParameterSelection(TuningModule):
-    label, color = "GPS", "#bcbd22"
+    label, color = "GPS", "#b5cf6b"
     options_cls = GPSOptions
     families = ("vit", "swin")
     selects_from_data = True

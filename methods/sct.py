@@ -88,7 +88,7 @@ def salient_channels(sum_squares: torch.Tensor, counts: torch.Tensor, k: int) ->
 
 @register_method("sct")
 class SalientChannelTuning(TuningModule):
-    label, color = "SCT", "#e377c2"
+    label, color = "SCT", "#d6616b"
     options_cls = SCTOptions
     identity_at_init = False  # W ~ trunc-normal(0.02): the map is near, not at, zero
     selects_from_data = True

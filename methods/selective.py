@@ -80,13 +80,13 @@ class SelectiveTuning(TuningModule):
 
 @register_method("attention_tune")
 class AttentionTuning(SelectiveTuning):
-    label, color = "Attention tuning", "#8c564b"
+    label, color = "Attention tuning", "#a55194"
     options_cls = AttentionOptions
     linears = "attention"
 
 
 @register_method("mlp_tune")
 class MLPTuning(SelectiveTuning):
-    label, color = "MLP tuning", "#c49c94"
+    label, color = "MLP tuning", "#ce6dbd"
     options_cls = MLPOptions
     linears = "mlp"
