@@ -20,6 +20,19 @@ from tests.helpers.models import TINY_BACKBONES, TINY_CONVNETS, TINY_METHOD_OPTI
 
 pytestmark = pytest.mark.filterwarnings("ignore:DATASET=.*train.json has 3 classes:UserWarning")
 
+# The fast suite runs the paper's six and one method of each other code path a run takes (a merge-for-eval method,
+# a peft-table tuner, a method that selects from the training data) end to end; every other method, whose own
+# contract (tests/methods/test_zoo_contract.py, tests/benchmark/core/test_evaluate.py) runs in the fast suite, runs
+# end to end in `make test-slow`: a run is seconds, and the zoo has 60+ methods.
+PAPER_SIX = ("full", "linear", "bias", "adapter", "vpt_shallow", "vpt_deep")
+FAST = (*PAPER_SIX, "lora", "hra", "gps")
+
+
+def fast_or_slow(cases, method_of=lambda case: case):
+    """Each case as is when its method is in FAST, else marked slow."""
+    return [case if method_of(case) in FAST else pytest.param(*(case if isinstance(case, tuple) else (case,)),
+                                                              marks=pytest.mark.slow) for case in cases]
+
 
 def check(result: dict, n_test: int) -> None:
     assert result["status"] == "ok", result.get("error")
@@ -36,7 +49,7 @@ def digits_test_size():
     return len(dm.splits["test"].labels)
 
 
-@pytest.mark.parametrize("method", list_methods())
+@pytest.mark.parametrize("method", fast_or_slow(list_methods()))
 def test_on_the_embedded_default(method, digits_test_size, tmp_path):
     cfg = RunConfig(method=method, dataset="digits", train_fraction=0.1, epochs=1, results_dir=str(tmp_path))
     check(run(cfg), digits_test_size)
@@ -50,9 +63,7 @@ def family_roots(tmp_path_factory):
             "folder": make_folder(root / "folder", {"train": 4, "val": 1, "test": 2})}
 
 
-# Every method on the embedded default above in the fast suite; on the file families the paper's six there, every
-# method in `make test-slow`.
-PAPER_SIX = ("full", "linear", "bias", "adapter", "vpt_shallow", "vpt_deep")
+# On the file families the paper's six in the fast suite, every method in `make test-slow`.
 
 
 @pytest.mark.parametrize("family", ["cub", pytest.param("vtab/kitti", marks=pytest.mark.slow),
@@ -92,7 +103,7 @@ def non_vit_run(kind: str, method: str, options: dict, weights, **data) -> dict:
     return result
 
 
-@pytest.mark.parametrize("method", methods_for_family("swin"))
+@pytest.mark.parametrize("method", fast_or_slow(methods_for_family("swin")))
 def test_every_swin_method_on_fgvc_with_local_weights(method, family_roots, local_weights, tmp_path):
     check(non_vit_run("swin", method, {}, local_weights["swin"], dataset="cub", data_root=str(family_roots["cub"]),
                       train_fraction=1.0, results_dir=str(tmp_path / "results")), 9)
@@ -102,7 +113,7 @@ CONVNET_RUNS = [(m, {}) for m in methods_for_family("convnet")] + [("vpt_shallow
 
 
 @pytest.mark.parametrize("kind", list(TINY_CONVNETS))
-@pytest.mark.parametrize(("method", "options"), CONVNET_RUNS)
+@pytest.mark.parametrize(("method", "options"), fast_or_slow(CONVNET_RUNS, lambda case: case[0]))
 def test_every_convnet_method_on_fgvc_with_local_weights(method, options, kind, family_roots, local_weights,
                                                          tmp_path):
     check(non_vit_run(kind, method, options, local_weights[kind], dataset="cub", data_root=str(family_roots["cub"]),
@@ -115,7 +126,7 @@ EMBEDDED_RUNS = ([("swin", m, {}) for m in methods_for_family("swin")]
                  + [(kind, m, options) for kind in TINY_CONVNETS for m, options in CONVNET_RUNS])
 
 
-@pytest.mark.parametrize(("kind", "method", "options"), EMBEDDED_RUNS)
+@pytest.mark.parametrize(("kind", "method", "options"), fast_or_slow(EMBEDDED_RUNS, lambda case: case[1]))
 def test_every_non_vit_method_on_the_embedded_digits_with_local_weights(kind, method, options, digits_test_size,
                                                                           local_weights, tmp_path):
     check(non_vit_run(kind, method, options, local_weights[kind], dataset="digits", train_fraction=0.1,

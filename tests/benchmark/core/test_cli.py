@@ -39,8 +39,8 @@ def test_make_fig3_runs_two_jobs_unless_told_and_reports_the_embedded_figure():
     assert make_dry_run("fig3", "RESULTS_DIR=/tmp/r", "SEARCH=1", step=1) == ["--fig3", "--results-dir=/tmp/r"]
     assert make_dry_run("zoo", "RESULTS_DIR=/tmp/r", step=1) == ["--zoo", "--results-dir=/tmp/r"]
     assert make_dry_run("fig3", "JOBS=1") == ["--fig3", "--jobs=1"]
-    jobs = lambda *a: grid.default_jobs(argparse.Namespace(zoo=False, **dict(zip(("jobs", "fig3", "search"), a,
-                                                                                 strict=True))))
+    jobs = lambda *a: grid.default_jobs(argparse.Namespace(zoo=False, leaderboard=False,
+                                                           **dict(zip(("jobs", "fig3", "search"), a, strict=True))))
     # a searched Fig. 3 too: two cells at a time
     assert (jobs(None, True, False), jobs(None, True, True), jobs(None, False, False), jobs(3, True, True)) == \
         (2, 2, 1, 3)
