@@ -52,7 +52,8 @@ class Rule:
                 return False
         elif self.kind is not None and not isinstance(value, (str, Path) if self.kind is Path else self.kind):
             return False
-        if self.choices is not None and value not in self.choices:
+        if self.choices is not None and not any(value == c and isinstance(value, bool) == isinstance(c, bool)
+                                                for c in self.choices):  # True is not 1, nor 1 True
             return False
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             return False

@@ -20,6 +20,7 @@ convolutions are left out: BOFT, HRA, HiRA and LoRA refuse grouped ones).
 
 from __future__ import annotations
 
+import math
 import re
 import typing
 from dataclasses import MISSING, dataclass, field, fields, make_dataclass
@@ -192,6 +193,88 @@ def rule_of_type(hint) -> dict | None:
     return None
 
 
+# The range of each numeric config field. peft declares none: its __post_init__ checks a few (a rank above zero, a
+# fraction in [0, 1]) and the layers assume the rest; these say what each field means, so that METHOD_ARGS refuses a
+# value the tuner cannot use before any model is built, in the suite's one-line form (methods/options.py).
+PROBABILITY = {"low": 0, "high": 1, "high_open": True}  # a dropout: 1 would drop everything
+FRACTION = {"low": 0, "high": 1}
+POSITIVE = {"positive": True}  # a count, size or rank (integers from 1), or a scale (above 0: 0 disables the update)
+NON_NEGATIVE = {"low": 0}  # a step, warmup, depth, init bound or std, seed (numpy's generators refuse negatives)
+# By tuner and field, where the name alone does not say (or a peft check is narrower than the name's rule).
+FIELD_RANGES = {
+    ("adalora", "tinit"): NON_NEGATIVE, ("adalora", "tfinal"): NON_NEGATIVE,  # warmup steps, 0 = none
+    ("adalora", "orth_reg_weight"): NON_NEGATIVE,  # peft refuses below 0; 0 drops the penalty
+    ("adamss", "init_warmup"): NON_NEGATIVE, ("adamss", "final_warmup"): NON_NEGATIVE,
+    ("adamss", "svd_threshold"): FRACTION,  # a ratio of the singular values kept
+    ("deft", "init_scale"): NON_NEGATIVE,  # scales an init std
+    ("delora", "delora_lambda"): NON_NEGATIVE,  # a bound on ||delta W||_F (trained); 0 starts at the bound zero
+    ("gralora", "hybrid_r"): NON_NEGATIVE,  # 0 = plain GraLoRA, no vanilla-LoRA part
+    ("lily", "num_B"): {"low": 2},  # peft refuses fewer than two shared B experts
+    ("oft", "r"): NON_NEGATIVE, ("oft", "oft_block_size"): NON_NEGATIVE,  # exactly one above 0 (peft checks)
+    ("osf", "effective_rank"): NON_NEGATIVE,  # a number of singular directions, or a fraction of them
+    ("peanut", "depth"): NON_NEGATIVE,  # hidden adapter layers, 0 = none
+    ("psoft", "psoft_svd_lowrank_niter"): NON_NEGATIVE,  # torch.svd_lowrank's power iterations
+    ("psoft", "cayley_neumann_eps"): {"low": 0, "high": 1, "low_open": True, "high_open": True},  # peft: (0, 1)
+    ("road", "group_size"): {"low": 2},  # an even number of elements per rotated pair group (peft checks even)
+    ("supertuning", "sparsity"): PROBABILITY,  # peft: [0, 1)
+    ("frod", "sparse_rate"): FRACTION,  # peft: [0, 1]
+    ("tinylora", "weight_tying"): FRACTION,  # peft: [0, 1], 0 none, 1 full
+    ("unilora", "init_theta_d_bound"): POSITIVE,  # peft refuses 0
+    ("lokr", "decompose_factor"): {"low": -1},  # -1: peft picks the factor
+    ("boft", "boft_block_size"): NON_NEGATIVE, ("boft", "boft_block_num"): NON_NEGATIVE,  # one above 0 (peft)
+    ("boft", "boft_n_butterfly_factor"): POSITIVE,
+}
+# By field name, for every tuner (first match): dropouts, seeds, EMA coefficients, init bounds and stds; then sizes
+# and counts, and scales (alphas, lambdas, the initial d of VeRA-like tuners: 0 leaves nothing to train).
+NAME_RANGES = (
+    (r"(.+_)?dropout", PROBABILITY),
+    (r".*(seed|prng_key)", NON_NEGATIVE),
+    (r"beta\d|.+_beta", PROBABILITY),  # an EMA's coefficient: 1 would never update
+    (r"init_.+_(bound|std)|init_v_bound", NON_NEGATIVE),
+    (r"(.+_)?r|.+_rank|.+_size|.+_length|num_.+|.+_k|topk|u|stride_.+|deltaT|mask_interval|asa_target_subspaces|"
+     r"n_frequency|.+_terms", POSITIVE),
+    (r"(.+_)?alpha|.*scal(e|ing).*|.+_exponent|d_initial|eps", POSITIVE),
+)
+
+
+def field_range(peft_type: str, name: str) -> dict | None:
+    """`option()`'s range arguments for a numeric config field, or None where neither table knows it."""
+    if (peft_type, name) in FIELD_RANGES:
+        return FIELD_RANGES[peft_type, name]
+    return next((rule for pattern, rule in NAME_RANGES if re.fullmatch(pattern, name)), None)
+
+
+def numeric_range(peft_type: str, name: str, default) -> dict:
+    """A numeric field's range: the tables', else (a newer peft's field) at least 0 unless peft's default is
+    negative, which says the field takes negatives: then any finite value."""
+    known = field_range(peft_type, name)
+    if known is not None:
+        return known
+    return NON_NEGATIVE if default is None or default >= 0 else {"low": -math.inf}
+
+
+def string_choices(peft_type: str, name: str, help_text: str) -> tuple | None:
+    """The values a string field takes where peft checks them (its config, or its layers when the model is built):
+    a bias mode as the field's help lists them ('none', 'all' or '<tuner>_only'), PEANuT's activation (a key of
+    transformers' ACT2FN), WaveFT's wavelet family (peft's table); None: any string."""
+    if name == "bias":
+        return tuple(dict.fromkeys(re.findall(r"'(\w+)'", help_text))) or None
+    if (peft_type, name) == ("peanut", "act_fn"):
+        from transformers.activations import ACT2FN
+        return tuple(sorted(ACT2FN))
+    if (peft_type, name) == ("waveft", "wavelet_family"):
+        from peft.tuners.waveft.constants import WAVELET_REDUCTIONS
+        return tuple(WAVELET_REDUCTIONS)
+    return None
+
+
+# Fields a type inherits but refuses at any value but the default: not options (AdaLoRA is LoRA's config less DoRA).
+UNOFFERED_FIELDS = frozenset({("adalora", "use_dora")})
+# Choices peft's type offers that need a field this suite does not offer (a dict or a nested config): LoftQ's init
+# needs a `loftq_config`.
+UNOFFERED_CHOICES = {"init_lora_weights": {"loftq"}}
+
+
 def first_sentence(text) -> str:
     text = " ".join("".join(text).split())  # some fields' help is a tuple of strings
     return (text.split(". ")[0].rstrip(".") or "peft's config field")[:150]
@@ -237,7 +320,8 @@ def options_class(row: Tuner) -> type[PeftOptions]:
     hints = typing.get_type_hints(config_cls)
     specs, undecided = [], {}
     for f in fields(config_cls):
-        rule = None if f.name in SUITE_FIELDS or f.default is MISSING else rule_of_type(hints[f.name])
+        offered = f.name not in SUITE_FIELDS and (row.peft_type, f.name) not in UNOFFERED_FIELDS
+        rule = rule_of_type(hints[f.name]) if offered and f.default is not MISSING else None
         if rule is None:
             continue
         default = row.defaults.get(f.name, f.default)
@@ -245,7 +329,14 @@ def options_class(row: Tuner) -> type[PeftOptions]:
             undecided[f.name] = f.default
         if isinstance(default, Enum):
             continue
-        specs.append((f.name, hints[f.name], option(default, first_sentence(f.metadata.get("help", "")), **rule)))
+        help_text = " ".join("".join(f.metadata.get("help", "")).split())
+        if rule["kind"] in (int, float):
+            rule |= numeric_range(row.peft_type, f.name, f.default)
+        elif rule["kind"] is str and string_choices(row.peft_type, f.name, help_text):
+            rule = {"kind": None, "choices": string_choices(row.peft_type, f.name, help_text)}
+        if rule.get("choices"):
+            rule["choices"] = tuple(c for c in rule["choices"] if c not in UNOFFERED_CHOICES.get(f.name, ()))
+        specs.append((f.name, hints[f.name], option(default, first_sentence(help_text), **rule)))
     cls = make_dataclass(f"{row.label}Options", specs, bases=(PeftOptions,))
     cls.config_cls, cls.peft_defaults, cls.method = config_cls, undecided, row.label
     return cls

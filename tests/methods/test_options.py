@@ -16,7 +16,10 @@ from methods.options import Options, option
 
 METHODS = list_methods()
 # A value past a field's edge may trip a rule joining it to another field first: the companion keeps that one valid.
-COMPANIONS = {("repadapter", "hidden_dim"): {"groups": 1}}
+COMPANIONS = {("repadapter", "hidden_dim"): {"groups": 1},
+              ("gralora", "r"): {"gralora_k": 1},  # peft: gralora_k divides r
+              ("oft", "oft_block_size"): {"r": 8},  # peft: exactly one of r and oft_block_size above 0
+              ("supertuning", "lora_alpha"): {"r": 8}}  # peft: an alpha needs an explicit r
 # (method, field): (accepted, refused), by hand from each method's source, not read from the declarations.
 BY_HAND = {
     ("full", "dropout"): ([0, 0.0, 0.5, 0.999], [1, 1.0, -0.01, math.nan, True, "0.1", None]),

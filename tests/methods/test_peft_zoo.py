@@ -7,6 +7,8 @@ every row's method on the tiny backbones."""
 from __future__ import annotations
 
 import copy
+import re
+from dataclasses import fields
 
 import peft
 import pytest
@@ -143,13 +145,63 @@ def test_options_are_the_config_fields_with_peft_defaults_or_the_rows():
 
 
 @pytest.mark.parametrize("options, expected", [
-    ({"r": 2.5}, "HRA r must be an integer"),
+    ({"r": 2.5}, "HRA r must be a positive integer, got 2.5"),
+    ({"r": 0}, "HRA r must be a positive integer, got 0"),
     ({"apply_GS": "yes"}, "HRA apply_GS must be true or false"),
 ])
 def test_bad_option_values_are_refused_in_one_line(options, expected):
     with pytest.raises(ValueError, match=expected) as err:
         options_class(TUNERS["hra"])(**options)
     assert "\n" not in str(err.value)
+
+
+# (row, field): (accepted, refused), by hand from peft's docs and checks: ranks and counts from 1, dropouts in [0, 1),
+# fractions in [0, 1], seeds from 0, scales above 0, LoKr's -1 (peft picks the factor), two B experts at least (Lily),
+# an even group size from 2 (RoAd), PSOFT's eps in (0, 1), the bias modes each help lists, no LoftQ (needs its config).
+BY_HAND = {
+    ("peft_lora", "r"): ([1, 64], [0, -1, 1.5, True]),
+    ("peft_lora", "lora_dropout"): ([0, 0.5], [1, 1.0, -0.1]),
+    ("peft_lora", "lora_alpha"): ([1, 16], [0, -8]),
+    ("peft_lora", "init_lora_weights"): ([True, False, "gaussian", "pissa"], ["loftq", 1, 0]),
+    ("adalora", "tinit"): ([0, 10], [-1]),
+    ("adalora", "beta1"): ([0, 0.85], [1, 1.0, -0.1]),
+    ("frod", "sparse_rate"): ([0, 0.01, 1], [1.01, -0.01]),
+    ("frod", "projection_prng_key"): ([0, 7], [-1]),
+    ("lily", "num_B"): ([2, 4], [1, 0]),
+    ("road", "group_size"): ([2, 64], [1, 0]),
+    ("psoft", "cayley_neumann_eps"): ([None, 0.5], [0, 1, 1.0]),
+    ("waveft", "scaling"): ([0.5, 25], [0, -25.0]),
+    ("waveft", "wavelet_family"): (["db1", "sym2"], ["haar2", "a.pth"]),
+    ("unilora", "bias"): (["none", "all", "unilora_only"], ["lora_only", "x"]),
+    ("unilora", "init_theta_d_bound"): ([0.02], [0, 0.0, -0.02]),
+    ("oft", "r"): ([0], [-1]),
+    ("tinylora", "weight_tying"): ([0, 0.5, 1], [1.5, -0.5]),
+    ("hira", "init_weights"): ([True, False], [1, 0]),
+}
+
+
+@pytest.mark.parametrize(("method", "name"), list(BY_HAND))
+def test_the_generated_ranges_written_by_hand(method, name):
+    cls = get_method_class(method).options_cls
+    accepted, refused = BY_HAND[method, name]
+    for value in accepted:
+        assert getattr(cls(**{name: value}), name) == value
+    for value in refused:
+        message = f"^{re.escape(cls.method)} {name} must be .*, got {re.escape(repr(value))}\\.$"
+        with pytest.raises(ValueError, match=message):
+            cls(**{name: value})
+
+
+def test_every_numeric_field_of_a_row_has_a_known_range():
+    """The fallback (at least 0) is for a newer peft's fields only: each row's numbers are in the range tables."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    from methods.peft_table import PEFT_TYPES, field_range
+    for row in TUNERS.values():
+        numeric = [f.name for f in fields(options_class(row)) if f.metadata["rule"].kind in (int, float)]
+        config = PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPES[row.peft_type]]
+        assert {f.name for f in fields(config)} >= set(numeric), row.name
+        assert [n for n in numeric if field_range(row.peft_type, n) is None] == [], row.name
 
 
 def test_float_fields_take_integers_as_numbers_and_choices_are_checked():
