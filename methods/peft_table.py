@@ -143,7 +143,8 @@ TUNERS: dict[str, Tuner] = {row.name: row for row in (
           transformers=("vit",), reads_weights=True),  # one decomposition per layer kind: Swin stages differ in width
     tuner("pvera", "pvera", "PVeRA", "#6a3d9a", "arXiv 2025, https://arxiv.org/abs/2512.07703"),
     tuner("vblora", "vblora", "VB-LoRA", "#b15928", "Li et al., NeurIPS 2024, https://arxiv.org/abs/2405.15179",
-          identity=False),
+          identity=False, defaults={"vector_length": None}, why="vector_length None: the largest divisor of every "
+          "adapted width up to peft's 256 (ours, as C3A's block size; ViT-B runs peft's 256)"),
     tuner("unilora", "unilora", "UniLoRA", "#7fc97f", "https://arxiv.org/abs/2506.00799", identity=False,
           reads_weights=True),
     tuner("tinylora", "tinylora", "TinyLoRA", "#beaed4", "https://arxiv.org/abs/2602.04118"),

@@ -15,6 +15,7 @@ Two tuners need more than a config:
   is added to the training loss here (`orth_reg_weight`, peft's 0.5).
 - C3A (circular convolution; Chen et al., 2024, https://arxiv.org/abs/2407.19342) needs a block size that divides
   every adapted layer's input and output width: by default the largest such divisor up to peft's 256 (ours).
+  VB-LoRA's vector length must divide them too: the same rule, from peft's 256 (ViT-B/16's 768 and 2304 keep it).
 
 `METHOD=peft:<type>` names the registered method of that peft type (`peft:hra` is `hra`); a type without a row (a
 newer peft's) is built with the default row: the attention linears of a ViT or Swin, peft's defaults, named
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import math
 from functools import cache, reduce
+from typing import ClassVar
 
 import peft
 import torch
@@ -112,16 +114,29 @@ class AdaLoRATuning(PeftConfigTuning):
         return loss, preds, labels
 
 
-class C3ATuning(PeftConfigTuning):
+class WidthDivisorTuning(PeftConfigTuning):
+    """A tuner whose size must divide every adapted layer's input and output width (C3A's block size, VB-LoRA's
+    vector length): left at None, the largest such divisor up to peft's default, gcd(peft's, every width)."""
+
+    divisor: ClassVar[str]  # the config field
+
     def decided(self) -> dict:
-        if self.options.block_size is not None:
+        if getattr(self.options, self.divisor) is not None:
             return {}
         layers = [self.backbone.get_submodule(name) for name in self.target_names()]
         widths = [w for layer in layers for w in (layer.in_features, layer.out_features)]
-        return {"block_size": reduce(math.gcd, widths, self.options.peft_defaults["block_size"])}
+        return {self.divisor: reduce(math.gcd, widths, self.options.peft_defaults[self.divisor])}
 
 
-SPECIAL = {"adalora": AdaLoRATuning, "c3a": C3ATuning}
+class C3ATuning(WidthDivisorTuning):
+    divisor = "block_size"
+
+
+class VBLoRATuning(WidthDivisorTuning):
+    divisor = "vector_length"
+
+
+SPECIAL = {"adalora": AdaLoRATuning, "c3a": C3ATuning, "vblora": VBLoRATuning}
 
 
 def method_class(row: Tuner) -> type[PeftConfigTuning]:

@@ -7,6 +7,7 @@ every row's method on the tiny backbones."""
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import fields
 
@@ -218,6 +219,20 @@ def test_c3a_block_size_divides_every_adapted_width():
     assert {layer.block_size["default"] for layer in vit.peft_layers().values()} == {32}
     swin = create_method("c3a", make_tiny("swin"), num_classes=3)  # gcd(256, 24, 48, 72, 144) = 8
     assert {layer.block_size["default"] for layer in swin.peft_layers().values()} == {8}
+
+
+@pytest.mark.parametrize(("make", "widths"), [
+    (lambda: make_tiny("vit"), (32, 96)),  # qkv 32 -> 96, proj 32 -> 32
+    (lambda: create_backbone("vit_embedded_p7_28"), (128, 384)),  # the embedded default: width 128
+    (lambda: create_backbone("vit_base_patch16_224", pretrained=False, depth=1), (768, 2304)),  # ViT-B/16's widths
+])
+def test_vblora_vector_length_divides_every_adapted_width(make, widths):
+    expected = math.gcd(256, *widths)  # peft's 256 where it divides: 256 on ViT-B, 128 embedded, 32 tiny
+    model = create_method("vblora", make(), num_classes=3)
+    assert model.peft_model.peft_config["default"].vector_length == expected
+    assert all(w % expected == 0 for w in widths)
+    assert create_method("vblora", make(), num_classes=3, vector_length=16).peft_model.peft_config[
+        "default"].vector_length == 16  # a chosen length is kept
 
 
 # --- families: convolutions where the row says so ------------------------------------------------------------------

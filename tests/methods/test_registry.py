@@ -1,7 +1,8 @@
 """Each method owns its label, colour and place in the paper; the report and the grid read them from the registry.
 
 What this pins comes from outside the registry: VPT's Table 1 and Fig. 3 and the labels the methods' papers (and
-issue 16) give, written below, and which methods exist, read from the `register_method("...")` calls in methods/*.py
+issue 16) give, written below, and which methods exist, read from the `register_method("...")` and
+`peft_method("...")` calls in methods/*.py and the rows of methods/peft_table.py (which methods/peft_zoo.py registers)
 with `ast`. A new method needs no edit here: it is registered exactly once, with a label and a colour of its own, and
 it comes after Table 1's rows in registration order."""
 
@@ -33,15 +34,25 @@ AFTER_TABLE_1 = [*LORA, *ADAPTER_FAMILY, *SCALES, *VQT, *PEFT]  # in this order,
 LABELS = TABLE_1 | LORA | ADAPTER_FAMILY | SCALES | VQT | PEFT
 
 
+def literal_calls(path: Path, function: str, arg: int = 0) -> list[str]:
+    """The string literal passed as argument `arg` of every `function(...)` call in the file at `path`."""
+    return [node.args[arg].value for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == function
+            and len(node.args) > arg and isinstance(node.args[arg], ast.Constant)]
+
+
 def declared_methods() -> list[str]:
-    """The name of every `register_method("name")` call (a class decorator) in methods/, read from the source."""
-    names = []
+    """Every method the source declares, read with `ast`: each `register_method("name")` and `peft_method("name")`
+    (a class decorator) in methods/, and each row of methods/peft_table.py (`tuner(peft_type, "name", ...)`) that no
+    `peft_method` decorator declares (methods/peft_zoo.py registers those from the table)."""
+    names, decorated = [], []
     for path in sorted(METHODS_DIR.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "register_method"
-                    and node.args and isinstance(node.args[0], ast.Constant)):
-                names.append(node.args[0].value)
-    return names
+        names += literal_calls(path, "register_method")
+        decorated += literal_calls(path, "peft_method")
+    rows = literal_calls(METHODS_DIR / "peft_table.py", "tuner", 1)
+    assert len(set(rows)) == len(rows), "a row of the peft table twice"  # a dict keeps the last one silently
+    assert set(decorated) <= set(rows)  # each hand-tuned peft wrapper has its row
+    return names + decorated + [row for row in rows if row not in decorated]
 
 
 def test_every_method_in_the_source_is_registered_exactly_once():
