@@ -14,7 +14,7 @@ from benchmark import perf
 from benchmark.costs.model_costs import PerfConfig, build_model, matmul_peak_gflops, measure_method, training_flops
 from benchmark.perf import merge_rows
 from methods import create_method, list_methods
-from tests.helpers.models import TINY_VIT, make_tiny_vit
+from tests.helpers.models import TINY_VIT, make_tiny_vit, tiny_options
 
 REQUIRED = ["method", "backbone", "batch_size", "train_img_s", "eval_img_s", "peak_mem_mb", "flops_per_img",
             "achieved_gflops"]
@@ -143,7 +143,7 @@ def test_fused_attention_stays_on(method, tiny_batch):
     """Every method keeps timm's scaled-dot-product attention, and a training step actually runs it."""
     from torch.profiler import profile
 
-    model = create_method(method, make_tiny_vit(), num_classes=3)
+    model = create_method(method, make_tiny_vit(), num_classes=3, **tiny_options(method))
     flags = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
     assert flags and all(flags)
     with profile() as prof:

@@ -34,6 +34,12 @@ TINY_METHOD_OPTIONS |= {(method, kind): options for kind in ("vit", "swin") for 
     "vblora": {"vector_length": 8}, "psoft": {"r": 8}}.items()}
 
 
+def tiny_options(method: str, kind: str = "vit") -> dict:
+    """The options `method` needs on the tiny backbone of `kind` (a family or a TINY_CONVNETS key), {} for its
+    defaults: what a test building every registered method on a tiny backbone passes to create_method."""
+    return dict(TINY_METHOD_OPTIONS.get((method, kind), {}))
+
+
 def make_tiny_vit(**overrides):
     """A 2-block, width-32 ViT on 32 px RGB images (16 patches + CLS): a real timm VisionTransformer."""
     return create_backbone("vit_tiny_patch16_224", pretrained=False, **{**TINY_VIT, **overrides})

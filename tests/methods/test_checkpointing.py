@@ -8,7 +8,7 @@ import torch
 
 from benchmark.core.pipeline import apply_speed_options
 from methods import create_method, list_methods
-from tests.helpers.models import make_tiny_vit
+from tests.helpers.models import make_tiny_vit, tiny_options
 
 # drop_path > 0 and the prompts' dropout make the check strict: recomputation must replay the same random masks.
 STOCHASTIC = dict(drop_path_rate=0.2)
@@ -16,7 +16,7 @@ STOCHASTIC = dict(drop_path_rate=0.2)
 
 def outputs_and_grads(method: str, checkpointing: bool, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
-    model = create_method(method, make_tiny_vit(**STOCHASTIC), num_classes=3)
+    model = create_method(method, make_tiny_vit(**STOCHASTIC), num_classes=3, **tiny_options(method))
     apply_speed_options(model, compile=False, checkpointing=checkpointing)
     model.train()
     torch.manual_seed(1)

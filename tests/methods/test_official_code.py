@@ -16,7 +16,7 @@ from benchmark.core.validate import planned_data_config
 from benchmark.run import main
 from methods import create_method, list_methods
 from methods.base import TuningModule
-from tests.helpers.models import make_tiny_vit
+from tests.helpers.models import make_tiny_vit, tiny_options
 
 FROZEN_BACKBONE_METHODS = [m for m in list_methods() if m != "full"]
 DROPPY = dict(drop_rate=0.3, proj_drop_rate=0.3, attn_drop_rate=0.3, pos_drop_rate=0.3, drop_path_rate=0.3)
@@ -31,7 +31,8 @@ OPTIONS = {"vpt_shallow": {"prompt_length": 3, "prompt_dropout": 0.0},
 
 def droppy_model(method: str, **options) -> TuningModule:
     torch.manual_seed(0)
-    return create_method(method, make_tiny_vit(**DROPPY), num_classes=3, **{**OPTIONS.get(method, {}), **options})
+    return create_method(method, make_tiny_vit(**DROPPY), num_classes=3,
+                         **{**tiny_options(method), **OPTIONS.get(method, {}), **options})
 
 
 @pytest.mark.parametrize("method", FROZEN_BACKBONE_METHODS)
