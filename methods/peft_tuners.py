@@ -90,7 +90,11 @@ class PeftTuning(TuningModule):
         peft.inject_adapter_in_model(config, self.backbone)
 
     def target_names(self) -> list[str]:
-        return target_names(self.backbone, self.family, self.tuner.layers)
+        """The adapted modules, found once before peft wraps them: afterwards each wrapped layer's `base_layer` and
+        peft's own convolutions (a LoRA's `lora_A` on a Conv2d) would match the convnet rule too."""
+        if "_target_names" not in self.__dict__:
+            self.__dict__["_target_names"] = target_names(self.backbone, self.family, self.tuner.layers)
+        return self.__dict__["_target_names"]
 
     def peft_layers(self) -> dict[str, BaseTunerLayer]:
         return {name: m for name, m in self.backbone.named_modules() if isinstance(m, BaseTunerLayer)}

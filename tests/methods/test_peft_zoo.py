@@ -241,6 +241,8 @@ def test_conv_tuners_adapt_every_ungrouped_convolution_of_a_resnet():
     blocks = [f"layer{i}.0" for i in range(1, 5)]
     expected = {f"{b}.conv{j}" for b in blocks for j in (1, 2)} | {f"{b}.downsample.0" for b in blocks}
     assert set(model.peft_layers()) == expected
+    # the config asked for after injection (a run's peft-format save) names the same layers, not their base_layer
+    assert set(model.peft_config().target_modules) == expected
 
 
 def test_convnext_gets_its_block_linears_not_its_depthwise_convolution():
