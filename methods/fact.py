@@ -49,15 +49,13 @@ class FacTTTOptions(Options):
 
 
 @dataclass
-class FacTTKOptions(Options):
-    method = "FacT"
+class FacTTKOptions(FacTTTOptions):
+    """FacT-TT's options with FacT-TK's official defaults (the rank and the scale); the dropout and drop-path too."""
+
     dim: int = option(32, "factor rank d (official VTAB configs: 16 or 32)", kind=int, positive=True,
                       hint="the factor rank d, e.g. 8")
     scale: float = option(10.0, "s, the update's scale (official configs: 0.01-100)", kind=float, positive=True,
                           hint="the code's s: 0.01-100")
-    dropout: float = option(0.1, "dropout on the core's output (official: 0.1)", kind=float, low=0, high=1,
-                            high_open=True)
-    drop_path: float = drop_path_option()
 
 
 class FacTFactors(nn.Module):
