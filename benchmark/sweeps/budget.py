@@ -11,7 +11,8 @@ Budget records (the leaderboard report reads them; benchmark/analysis/leaderboar
   fraction or shots, option point), written when its finals are done, with the fields of `budget_record`:
   identity (`dataset`, `backbone`, `method`, `train_fraction`, `shots`, `options`, `recipe`), the search (`search`:
   "full" or "halving", `base_points`, `points`, `widenings`, `widened`: the edges widened in order joined by ",",
-  `lrs`, `weight_decays` searched, `epochs`: a point's full budget), its cost (`search_runs`, `search_epochs`,
+  `lrs`, `weight_decays` searched, `epochs`: a point's full budget; with halving, `rungs`: "6x5,2x15" = 6 points of 5
+  epochs then 2 of 15, benchmark/sweeps/halving.py), its cost (`search_runs`, `search_epochs`,
   `search_images`: training images seen summed over its runs, `search_wall_seconds`), the finals' cost
   (`final_runs`, `final_epochs`, `final_images`, `final_wall_seconds`), the choice (`selected_lr` as the recipe
   states lrs, `selected_weight_decay`, `selected_val_top1`, `selected_lr_edge`: "lowest"/"highest" when the choice

@@ -337,6 +337,9 @@ def write_cell_budget(cell: RunConfig, grid: SearchGrid, base_points: int, widen
                 "cell_name": cell_name(resolved)}
     record = budget_record(identity, grid.kind, base_points, widening, wds, resolved.epochs, search_results, finals,
                            entry)
+    if grid.halving:  # the rungs of its last choice (after any widening): points x epochs each
+        record["rungs"] = ",".join(f"{rung.points}x{rung.epochs}"
+                                   for rung in halving_rungs(len(widening.lrs) * len(wds), resolved.epochs))
     write_budget(resolved.results_dir, resolved.run_id().rsplit("/", 1)[0] + "/" + cell_name(resolved), record)
 
 

@@ -59,7 +59,7 @@ def no_training(monkeypatch):
 @pytest.mark.parametrize("search, count", [
     ([], 2 * 2 * 3),  # plain grid: 2 methods x 2 fractions x 3 seeds
     (["--search"], 2 * 2 * (6 + 3)),  # 6 points + 3 finals per cell
-    (["--search", "halving"], 2 * 2 * (6 + 3 + 2 + 3)),  # rungs of 6, 3, 2 points + 3 finals
+    (["--search", "halving"], 2 * 2 * (6 + 2 + 3)),  # rungs of 6 and 2 points + 3 finals
 ])
 def test_dry_run_counts_the_runs_and_trains_nothing(tmp_path, capsys, no_training, search, count):
     args = ["--methods", "linear,bias", "--fractions", "0.1,1", "--seeds", "0,1,2", "--datasets", "digits",
