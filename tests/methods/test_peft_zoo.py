@@ -20,7 +20,7 @@ from backbones import create_backbone
 from methods import create_method, get_method_class, list_methods
 from methods.peft_table import TUNERS, UNSUPPORTED, options_class, row_for
 from methods.registry import color
-from tests.helpers.models import TINY_METHOD_OPTIONS, make_tiny, make_tiny_convnet
+from tests.helpers.models import TINY_METHOD_OPTIONS, TINY_VIT, make_tiny, make_tiny_convnet
 from tests.helpers.training import train_steps
 
 D, C, DEPTH = 768, 200, 12
@@ -67,7 +67,27 @@ VIT_B_COUNTS = {
     "unilora": 256,  # one shared theta_d of length 256 for every layer
     "tinylora": DEPTH * 2 * 64,  # a 64-long vector per adapted layer (weight_tying 0)
 }
-SLOW_COUNTS = ("adamss", "frod")  # their init runs SVDs on every weight: ~1 min each for ViT-B on 2 CPU cores
+
+
+def adamss(i: int, o: int, r: int = 100, num_subspaces: int = 5) -> int:
+    """AdaMSS at subspace_rank 1 (peft's default): an SVD of [W | b] (out, in + 1) at rank min(r, out, in + 1), its
+    left singular vectors' out rows k-means-clustered into num_subspaces subspaces; per subspace an A (1, rank) and a
+    B (rows in the subspace, 1), so the Bs cover the out rows once."""
+    return num_subspaces * min(r, o, i + 1) + o
+
+
+def frod(i: int, o: int, sparse_rate: float = 0.01) -> int:
+    """FRoD: per layer a lambda (in,) over the shared (in, in) basis V of its layer kind, and the values of a sparse
+    (in, in) S with int(in * in * sparse_rate) off-diagonal entries (the positions are a seeded draw, shared)."""
+    return i + int(i * i * sparse_rate)
+
+
+# Their init reads W (SVDs, k-means, a joint decomposition): ~1 min each for ViT-B on 2 CPU cores, so slow. The counts
+# do not depend on W's values at these defaults: AdaMSS's k-means yields num_subspaces non-empty clusters for distinct
+# rows and a rank-1 A and B per cluster, whatever the cluster sizes; FRoD's shapes are in alone. (AdaMSS with
+# subspace_rank k > 1 counts sum over clusters of min(n_c, k) * (n_c + rank), n_c the cluster sizes k-means draws
+# from W; with use_dynamic_rank the ranks follow W's singular values: neither is pinned.)
+SLOW_COUNTS = {"adamss": per_layer(adamss), "frod": per_layer(frod)}
 ROWS = [name for name in TUNERS if name not in ("dora", "ia3", "loha", "lokr", "vera", "boft", "fourierft")]
 
 
@@ -84,6 +104,28 @@ def test_vit_b_counts_match_the_formulas(meta_vit_b):
             counted[name] = create_method(name, copy.deepcopy(meta_vit_b), C).tuned_params
     assert counted == {name: count + HEAD for name, count in VIT_B_COUNTS.items()}
     assert set(VIT_B_COUNTS) | set(SLOW_COUNTS) == set(ROWS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SLOW_COUNTS)
+def test_vit_b_counts_of_the_tuners_that_read_the_weights(meta_vit_b, name):
+    with torch.device("meta"):
+        model = create_method(name, copy.deepcopy(meta_vit_b), C)
+    assert model.tuned_params == SLOW_COUNTS[name] + HEAD
+
+
+@pytest.mark.parametrize("name, options, layer_count", [
+    ("adamss", {}, adamss),
+    ("adamss", {"r": 20, "num_subspaces": 3}, lambda i, o: adamss(i, o, r=20, num_subspaces=3)),
+    ("frod", {}, frod),
+    ("frod", {"sparse_rate": 0.05}, lambda i, o: frod(i, o, sparse_rate=0.05)),
+])
+def test_the_weight_reading_tuners_count_by_their_formulas_on_the_tiny_vit(name, options, layer_count):
+    """The slow ViT-B formulas on the tiny ViT (width 32, 2 blocks, real random weights), options included: AdaMSS's
+    rank is min(r, out, in + 1) (33 for qkv at r = 100, 20 at r = 20), FRoD's sparse S int(32 * 32 * rate) entries."""
+    d, depth, classes = TINY_VIT["embed_dim"], TINY_VIT["depth"], 3
+    model = create_method(name, make_tiny("vit"), classes, **options)
+    assert model.tuned_params == depth * (layer_count(d, 3 * d) + layer_count(d, d)) + d * classes + classes
 
 
 def test_the_table_registers_at_least_thirty_peft_methods_with_distinct_colours():
