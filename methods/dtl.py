@@ -23,7 +23,7 @@ Choices, and whose:
 - the code trains with drop_path 0.1 in the frozen backbone: `drop_path=0.1` (RECIPE=paper), 0 by default.
 
 On ViT-B/16 (D = 768, 12 blocks) with 200 classes: 12 * 2 * 2 * 768 + (768*200 + 200) = 190,664 tuned parameters
-(36,864 in the side network, the paper's 0.04M); DTL+ adds 768 * 3 * 3 = 6,912. The side network is
+(36,864 in the side network; not checked against the paper's table); DTL+ adds 768 * 3 * 3 = 6,912. The side network is
 `dtl_side.<block>.{down,up}`, the fusion `dtl_fusion`.
 """
 

@@ -16,7 +16,7 @@ from tests.helpers.vit import DEPTH, HEAD, D, embed, vit_b_tuned
 
 
 def test_vit_b_count_follows_the_formula():
-    side = DEPTH * 2 * 2 * D  # A (2 x D) and B (D x 2) per block, no biases: the paper's 0.04M
+    side = DEPTH * 2 * 2 * D  # A (2 x D) and B (D x 2) per block, no biases
     assert vit_b_tuned("dtl") == side + HEAD == 190_664
     assert vit_b_tuned("dtl", fusion_size=3) == side + D * 3 * 3 + HEAD  # DTL+: one depth-wise 3x3, no bias
     assert vit_b_tuned("dtl", read_blocks="3-12", rank=4) == 10 * 2 * 4 * D + HEAD
