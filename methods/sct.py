@@ -25,7 +25,7 @@ train_model_sct.py `getSalientChannels`, run_model_sct.sh):
   (methods/base.py), so drop-path never acts.
 
 Tuned at ViT-B/16 (12 blocks) with K = 96 and 200 classes: 12 * (96 * 96 + 96) + 768 * 200 + 200 = 265,544; the
-111,744 without the head is the paper's "0.11M" for ViT-B (its Table 1).
+111,744 without the head is the paper's "0.11M" for ViT-B (its abstract, arXiv:2309.08513v5).
 """
 
 from __future__ import annotations
