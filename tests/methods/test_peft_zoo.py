@@ -183,6 +183,8 @@ def test_options_are_the_config_fields_with_peft_defaults_or_the_rows():
     hra = options_class(TUNERS["hra"])()
     assert (hra.r, hra.apply_GS, hra.init_weights) == (8, False, True)  # peft's HRAConfig defaults
     assert not hasattr(hra, "target_modules") and not hasattr(hra, "layers_to_transform")  # the suite's
+    adalora = options_class(TUNERS["adalora"])()  # its schedule's length comes from the trainer, not from METHOD_ARGS
+    assert not hasattr(adalora, "total_step") and not hasattr(hra, "fan_in_fan_out")
     assert options_class(TUNERS["frod"])().progressbar is False  # the row's
     assert options_class(TUNERS["c3a"])().block_size is None  # decided from the widths
 
@@ -288,8 +290,13 @@ def test_conv_tuners_adapt_every_ungrouped_convolution_of_a_resnet():
 
 
 def test_convnext_gets_its_block_linears_not_its_depthwise_convolution():
+    expected = {f"stages.{s}.blocks.0.mlp.fc{j}" for s in range(4) for j in (1, 2)}
     model = create_method("hira", make_tiny_convnet("convnext"), num_classes=3)
-    assert set(model.peft_layers()) == {f"stages.{s}.blocks.0.mlp.fc{j}" for s in range(4) for j in (1, 2)}
+    assert set(model.peft_layers()) == expected  # the tiny ConvNeXt's MLP: 1x1 Conv2d (timm's conv_mlp=True)
+    # timm's channels-last MLP (conv_mlp=False, as convnext_base has it): the same layers as nn.Linear
+    model = create_method("hira", make_tiny_convnet("convnext", conv_mlp=False), num_classes=3)
+    assert {type(model.backbone.get_submodule(f"{name}.base_layer")) for name in expected} == {torch.nn.Linear}
+    assert set(model.peft_layers()) == expected
 
 
 def test_a_linear_only_tuner_refuses_a_resnet_naming_the_families():
