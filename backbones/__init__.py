@@ -5,10 +5,10 @@ build on it."""
 
 from backbones import embedded  # noqa: F401 — registers vit_embedded_p7_28 with timm
 from backbones.create import create_backbone, data_config
-from backbones.families import FAMILIES, Family, family_of, family_table
+from backbones.families import FAMILIES, Family, family_of, family_table, fixed_patch_grid
 from backbones.hints import closest_name
 from backbones.ssl_vits import not_on_hub
 from backbones.weights import classifier_prefix, load_weights
 
 __all__ = ["FAMILIES", "Family", "classifier_prefix", "closest_name", "create_backbone", "data_config",
-           "family_of", "family_table", "load_weights", "not_on_hub"]
+           "family_of", "family_table", "fixed_patch_grid", "load_weights", "not_on_hub"]

@@ -147,6 +147,17 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
 )}
 
 
+def fixed_patch_grid(model: nn.Module, who: str, why: str, fix: str = "") -> tuple[int, int]:
+    """A ViT's fixed patch grid (rows, columns), for a method whose convolution runs over the patch tokens laid out on
+    it; a model without one (dynamic_img_size, or no patch_embed.grid_size) is refused, naming `who` needs it, `why`,
+    and (optional) the `fix`."""
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid is None or getattr(model, "dynamic_img_size", False):
+        has = "dynamic_img_size=True" if grid is not None else "no patch_embed.grid_size"
+        raise ValueError(f"{who} needs a fixed patch grid ({why}); this backbone has {has}{f'; {fix}' if fix else ''}.")
+    return int(grid[0]), int(grid[1])
+
+
 def family_of(model: nn.Module) -> Family | None:
     """The row of a built timm model's family, or None when the suite has no methods for it."""
     return next((family for family in FAMILIES.values() if family.matches(model)), None)

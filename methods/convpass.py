@@ -42,6 +42,7 @@ from timm.models.swin_transformer import SwinTransformerBlock
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from backbones import fixed_patch_grid
 from methods.base import TuningModule
 from methods.options import Options, drop_path_option, option
 from methods.registry import register_method
@@ -167,12 +168,7 @@ class ConvpassTuning(TuningModule):
 
     def patch_grid(self) -> tuple[tuple[int, int], int]:
         """A ViT's fixed patch grid (rows, columns) and its prefix tokens (CLS, registers)."""
-        backbone = self.backbone
-        grid = getattr(backbone.patch_embed, "grid_size", None)
-        if grid is None or getattr(backbone, "dynamic_img_size", False):
-            raise ValueError("convpass needs a fixed patch grid (its 3x3 conv runs over it); this backbone has "
-                             f"{'dynamic_img_size=True' if grid is not None else 'no patch_embed.grid_size'}.")
-        return (int(grid[0]), int(grid[1])), backbone.num_prefix_tokens
+        return fixed_patch_grid(self.backbone, "convpass", "its 3x3 conv runs over it"), self.backbone.num_prefix_tokens
 
     def bypasses(self) -> list[Convpass]:
         return [b for block in self.family.blocks(self.backbone) for b in (block.adapter_attn, block.adapter_mlp)]

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from backbones import fixed_patch_grid
 from methods.base import TuningModule
 from methods.options import Options, drop_path_option, option
 from methods.registry import register_method
@@ -126,11 +127,8 @@ class DTLTuning(TuningModule):
         return [layer - 1 for layer in layers]
 
     def patch_grid(self) -> tuple[int, int]:
-        grid = getattr(self.backbone.patch_embed, "grid_size", None)
-        if grid is None or getattr(self.backbone, "dynamic_img_size", False):
-            raise ValueError("dtl fusion_size > 0 (DTL+) needs a fixed patch grid (its conv runs over it); use "
-                             "fusion_size=0 on this backbone.")
-        return int(grid[0]), int(grid[1])
+        return fixed_patch_grid(self.backbone, "dtl fusion_size > 0 (DTL+)", "its conv runs over it",
+                                "use fusion_size=0 on it")
 
     def fuse(self, side: torch.Tensor) -> torch.Tensor:
         """DTL+'s depth-wise conv over the patch tokens' grid; prefix tokens pass unchanged. (B, prefix+N, D)"""

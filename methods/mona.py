@@ -41,6 +41,7 @@ from timm.models.swin_transformer import SwinTransformerBlock
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from backbones import fixed_patch_grid
 from methods.base import TuningModule
 from methods.options import Options, option
 from methods.registry import register_method
@@ -163,12 +164,7 @@ class MonaTuning(TuningModule):
 
     def patch_grid(self) -> tuple[tuple[int, int], int]:
         """A ViT's fixed patch grid (rows, columns) and its prefix tokens (CLS, registers)."""
-        backbone = self.backbone
-        grid = getattr(backbone.patch_embed, "grid_size", None)
-        if grid is None or getattr(backbone, "dynamic_img_size", False):
-            raise ValueError("mona needs a fixed patch grid (its convolutions run over it); this backbone has "
-                             f"{'dynamic_img_size=True' if grid is not None else 'no patch_embed.grid_size'}.")
-        return (int(grid[0]), int(grid[1])), backbone.num_prefix_tokens
+        return fixed_patch_grid(self.backbone, "mona", "its convolutions run over it"), self.backbone.num_prefix_tokens
 
     def adapters(self) -> list[Mona]:
         return [m for block in self.family.blocks(self.backbone) for m in (block.mona1, block.mona2)]
