@@ -34,7 +34,7 @@ data: ## Fashion-MNIST from Debian (dataset-fashion-mnist) for the embedded defa
 	@test -f $(FMNIST) || (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && \
 		apt-get install -y -q dataset-fashion-mnist)) >/dev/null || { echo "run: sudo apt-get install dataset-fashion-mnist"; exit 1; }
 
-bench: install data ## One run: make bench METHOD=vpt_deep FRACTION=0.1 [DATASET= DATA_ROOT= RECIPE=quick|paper|<file.yaml> BACKBONE= WEIGHTS= BACKBONE_ARGS="k=v" METHOD_ARGS="k=v" ...]
+bench: install data ## One run: make bench METHOD=vpt_deep FRACTION=0.1 [DATASET= DATA_ROOT= RECIPE=quick|paper|<file.yaml>|selected:<results> BACKBONE= WEIGHTS= BACKBONE_ARGS="k=v" METHOD_ARGS="k=v" ...]
 	$(PY) -m benchmark.run $(ARGS)
 
 grid: install data ## A resumable grid: make grid METHODS=a,b FRACTIONS=0.1,1 (or SHOTS=1,2,4) SEEDS=0,1 DATASETS= [OPTIONS="k=v1,v2" SEARCH=1 SHARD=i/n JOBS=2]

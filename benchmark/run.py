@@ -1,6 +1,10 @@
 """One benchmark run: config -> backbone + method + datamodule -> Lightning Trainer -> result JSON.
 
     python -m benchmark.run --method vpt_deep --fraction 0.1 [--dataset digits] [--seed 0] ...
+    python -m benchmark.run --method lora --fraction 0.1 --seed 5 --train-on trainval --recipe selected:results
+
+RECIPE=selected:<results> takes the lr and weight decay a search there chose for this run's dataset, backbone, data
+and method (benchmark/sweeps/selected.py, as a grid does): a new seed or a final again, without the search.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from benchmark.core.config import RunConfig
 from benchmark.core.errors import ConfigError
 from benchmark.core.pipeline import run
 from benchmark.core.store import is_storage_error, storage_problem
+from benchmark.sweeps.selected import with_selected_recipe
 
 
 def parser() -> argparse.ArgumentParser:
@@ -29,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     2 bad input (nothing ran)."""
     cfg = None
     try:
-        cfg = config_from_args(argv)
+        cfg = with_selected_recipe(config_from_args(argv))  # a missing choice: ConfigError, before weights load
         result = run(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

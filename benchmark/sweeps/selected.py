@@ -9,9 +9,10 @@ file reruns the finals. It is rebuilt from the budget records (benchmark/sweeps/
 that share a results folder all end with the same files.
 
     make grid METHODS=lora,linear FRACTIONS=0.1 SEEDS=3,4 TRAIN_ON=trainval RECIPE=selected:results   # new seeds
-    make bench METHOD=lora TRAIN_ON=trainval RECIPE=results/recipes/digits/vit_embedded_p7_28/frac0.1.yaml
+    make bench METHOD=lora FRACTION=0.1 SEED=5 TRAIN_ON=trainval RECIPE=selected:results               # one run
 
-A grid resolves `selected:<dir>` cell by cell (`recipe_for`); a single run takes the file's path.
+A grid resolves `selected:<dir>` cell by cell and a single run (benchmark/run.py) its own config, both through
+`with_selected_recipe`; RECIPE=<the file's path> works too.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ def write_selected_recipes(results_dir: str | Path, records: list[dict]) -> list
         text = yaml.safe_dump({"defaults": {}, "methods": dict(sorted(entries.items()))}, sort_keys=False)
         atomic_write_text(path, HEADER + text)
     return list(files)
+
+
+def with_selected_recipe(cfg: RunConfig) -> RunConfig:
+    """`cfg` with RECIPE=selected:<dir> resolved to its cell's recipe file (`recipe_for`); any other recipe as is."""
+    return recipe_for(cfg) if str(cfg.recipe).startswith(PREFIX) else cfg
 
 
 def recipe_for(cell: RunConfig) -> RunConfig:

@@ -12,8 +12,7 @@ from backbones import closest_name
 from benchmark.core.config import RunConfig, option_text
 from benchmark.core.errors import ConfigError
 from benchmark.core.validate import validate_config
-from benchmark.sweeps.selected import PREFIX as SELECTED
-from benchmark.sweeps.selected import recipe_for
+from benchmark.sweeps.selected import with_selected_recipe
 from datamodules import SUITES, list_datasets, suite_datasets
 from methods.registry import fig3_methods
 
@@ -86,7 +85,7 @@ class GridSpec:
         cells = [replace(self.base, dataset=d, method=m, **data, options=options)
                  for d, m, data, options in itertools.product(self.datasets, self.methods, self.data_points(),
                                                               self.options or [self.base.options])]
-        return [recipe_for(cell) for cell in cells] if str(self.base.recipe).startswith(SELECTED) else cells
+        return [with_selected_recipe(cell) for cell in cells]
 
     def configs(self) -> list[RunConfig]:
         """Dataset-major order: a stopped grid leaves whole datasets finished, and the report can draw them."""

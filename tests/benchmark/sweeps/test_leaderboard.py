@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
+import benchmark.run
 import methods
 from benchmark.core.config import RunConfig, load_recipe
 from benchmark.core.errors import ConfigError
@@ -134,6 +135,38 @@ def test_selected_recipe_reruns_the_finals_without_the_search(tmp_path, monkeypa
     assert training.trained == [f"digits/{BACKBONE}/{m}/frac0.1_seed5_trainval" for m in ("linear", "lora")]
     new = read_result(result_path(tmp_path, f"digits/{BACKBONE}/lora/frac0.1_seed5_trainval"))
     assert (new["lr"], new["weight_decay"], new["train_on"]) == (LORA_LR, 0.0, "trainval")
+
+
+def test_one_run_takes_its_cells_selected_recipe_as_the_grid_does(tmp_path, monkeypatch):
+    fake_leaderboard(monkeypatch, {"linear": peak_at(LINEAR_LR), "lora": peak_at(LORA_LR)})
+    leaderboard(tmp_path, epochs=7)
+    started = []
+    monkeypatch.setattr(benchmark.run, "run", lambda cfg: started.append(cfg) or {"status": "ok"})
+    assert benchmark.run.main(["--method", "lora", "--fraction", "0.1", "--seed", "5", "--train-on", "trainval",
+                               "--recipe", f"selected:{tmp_path}", "--results-dir", str(tmp_path)]) == 0
+    (cfg,) = started
+    assert cfg.recipe == str(tmp_path / "recipes" / "digits" / BACKBONE / "frac0.1.yaml")
+    resolved = cfg.resolved()
+    assert (resolved.lr, resolved.weight_decay, resolved.epochs, resolved.seed) == (LORA_LR, 0.0, 7, 5)
+    grid_cell = GridSpec(["lora"], [0.1], [5], ["digits"], RunConfig(recipe=f"selected:{tmp_path}")).configs()[0]
+    assert grid_cell.recipe == cfg.recipe  # the grid's own resolution: one owner
+
+
+@pytest.mark.parametrize("args, missing", [
+    (["--fraction", "0.3"], "has no choices for DATASET=digits (frac0.3)"),  # a fraction never searched
+    (["--fraction", "0.1", "--method", "bias"], "has no choice for METHOD=bias"),
+    (["--fraction", "0.1", "--dataset", "fashion_heldout"], "has no choices for DATASET=fashion_heldout"),
+])
+def test_one_run_without_a_selected_choice_is_refused_before_weights_load(tmp_path, monkeypatch, capsys, args,
+                                                                          missing):
+    fake_leaderboard(monkeypatch, {"linear": peak_at(LINEAR_LR), "lora": peak_at(LORA_LR)})
+    leaderboard(tmp_path, epochs=7)
+    capsys.readouterr()
+    monkeypatch.setattr(benchmark.run, "run", lambda cfg: pytest.fail("a run started"))
+    argv = ["--method", "lora", *args, "--recipe", f"selected:{tmp_path}", "--results-dir", str(tmp_path)]
+    assert benchmark.run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert missing in err and "run the search first (make leaderboard" in err and err.count("\n") == 1
 
 
 def test_selected_recipe_of_a_cell_never_searched_is_refused_with_the_fix(tmp_path):
