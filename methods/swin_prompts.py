@@ -37,6 +37,7 @@ Ours, not the official code's:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -73,27 +74,37 @@ def make_prompts(backbone: SwinTransformer, prompt_length: int, deep: bool) -> n
     return prompts
 
 
-def window_attention(attn: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, p: int) -> torch.Tensor:
+def window_attention(attn: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, p: int,
+                     key_values: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """timm's WindowAttention forward on windows whose first p rows are prompts (B*nW, p + area, C): the relative
-    position bias and the shift mask get zero rows and columns for the prompts (PromptedWindowAttention)."""
+    position bias and the shift mask get zero rows and columns for the prompts (PromptedWindowAttention).
+    `key_values` (keys, values), each (heads, T, head_dim), are T more rows before every window's keys and values
+    (E²VPT's key-value prompts, prefix tuning's prefixes), with zero bias and mask columns: each query also attends
+    to them, and they ask nothing (PromptedWindowAttention of E²VPT's swin_transformer_prompt_VK.py)."""
     windows, tokens, _ = x.shape
     qkv = attn.qkv(x).reshape(windows, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)  # (B*nW, heads, p + area, head_dim)
-    bias = F.pad(attn._get_rel_pos_bias(), (p, 0, p, 0))  # (1, heads, p + area, p + area)
+    extra = 0
+    if key_values is not None:
+        keys, values = (t.unsqueeze(0).expand(windows, -1, -1, -1).to(k.dtype) for t in key_values)
+        k, v = torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2)  # (B*nW, heads, T + p + area, head_dim)
+        extra = keys.shape[2]
+    bias = F.pad(attn._get_rel_pos_bias(), (extra + p, 0, p, 0))  # (1, heads, p + area, T + p + area)
     if mask is not None:  # (nW, area, area), windows batch-major: window w of image b is row b * nW + w
         num_win = mask.shape[0]
-        mask = F.pad(mask, (p, 0, p, 0)).view(1, num_win, 1, tokens, tokens)
+        mask = F.pad(mask, (extra + p, 0, p, 0)).view(1, num_win, 1, tokens, extra + tokens)
         bias = (bias.unsqueeze(1) + mask).expand(windows // num_win, -1, -1, -1, -1).reshape(windows, -1, tokens,
-                                                                                              tokens)
+                                                                                              extra + tokens)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
                                          dropout_p=attn.attn_drop.p if attn.training else 0.0)
     return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(windows, tokens, -1)))
 
 
-def prompted_attention(block: SwinTransformerBlock, h: torch.Tensor, h_prompts: torch.Tensor):
+def prompted_attention(block: SwinTransformerBlock, h: torch.Tensor, h_prompts: torch.Tensor,
+                       key_values: tuple[torch.Tensor, torch.Tensor] | None = None):
     """timm's SwinTransformerBlock._attn on the normed map h (B, H, W, C) with the normed prompts (B, p, C) prepended
-    to every window; returns (the map's output (B, H, W, C), the prompts' output averaged over each image's
-    windows (B, p, C))."""
+    to every window (and `key_values` before every window's keys and values: window_attention); returns (the map's
+    output (B, H, W, C), the prompts' output averaged over each image's windows (B, p, C))."""
     batch, height, width, dim = h.shape
     p = h_prompts.shape[1]
     (win_h, win_w), shift = block.window_size, block.shift_size
@@ -105,19 +116,20 @@ def prompted_attention(block: SwinTransformerBlock, h: torch.Tensor, h_prompts: 
     num_win = windows.shape[0] // batch
     prompt_rows = h_prompts.unsqueeze(1).expand(-1, num_win, -1, -1).reshape(-1, p, dim)  # image b's at b*nW + w
     mask = block.get_attn_mask(shifted) if block.dynamic_mask else block.attn_mask
-    out = window_attention(block.attn, torch.cat([prompt_rows, windows], dim=1), mask, p)
+    out = window_attention(block.attn, torch.cat([prompt_rows, windows], dim=1), mask, p, key_values)
     prompts_out = out[:, :p].reshape(batch, num_win, p, dim).mean(dim=1)  # over the image's own windows
     shifted = window_reverse(out[:, p:].reshape(-1, win_h, win_w, dim), block.window_size, padded_h, padded_w)
     shifted = shifted[:, :height, :width, :]
     return (torch.roll(shifted, shifts=shift, dims=(1, 2)) if any(shift) else shifted), prompts_out
 
 
-def prompted_block(block: SwinTransformerBlock, x: torch.Tensor, prompts: torch.Tensor):
+def prompted_block(block: SwinTransformerBlock, x: torch.Tensor, prompts: torch.Tensor,
+                   key_values: tuple[torch.Tensor, torch.Tensor] | None = None):
     """One Swin block on the map x (B, H, W, C) and the prompts (B, p, C): [prompts, tokens] share the residual
-    adds, norm2 and the MLP (PromptedSwinTransformerBlock.forward)."""
+    adds, norm2 and the MLP (PromptedSwinTransformerBlock.forward); `key_values` as in window_attention."""
     batch, height, width, dim = x.shape
     p = prompts.shape[1]
-    attn_x, attn_prompts = prompted_attention(block, block.norm1(x), block.norm1(prompts))
+    attn_x, attn_prompts = prompted_attention(block, block.norm1(x), block.norm1(prompts), key_values)
     seq = torch.cat([prompts, x.reshape(batch, -1, dim)], dim=1)
     seq = seq + block.drop_path1(torch.cat([attn_prompts, attn_x.reshape(batch, -1, dim)], dim=1))
     seq = seq + block.drop_path2(block.mlp(block.norm2(seq)))
@@ -135,21 +147,28 @@ def merge_prompts(downsample: nn.Module, prompts: torch.Tensor) -> torch.Tensor:
 def forward_features(model, x: torch.Tensor) -> torch.Tensor:
     """The prompted Swin forward of a VisualPromptTuning `model` (its vpt_prompts from make_prompts, its
     dropped_prompts): the normed [prompts, tokens] as a (B, 1, p + H*W, C) map for timm's average-pool head."""
-    backbone = model.backbone
+    return prompted_features(model.backbone, x, model.vpt_prompts, model.deep, model.dropped_prompts)
+
+
+def prompted_features(backbone: SwinTransformer, x: torch.Tensor, stage_prompts: nn.ParameterList, deep: bool,
+                      take: Callable[[torch.Tensor, int], torch.Tensor],
+                      run_block: Callable[..., tuple[torch.Tensor, torch.Tensor]] = prompted_block) -> torch.Tensor:
+    """The official prompted Swin forward: `stage_prompts` from make_prompts, `take(prompts (p, C), batch)` the set a
+    block reads as (B or 1, p, C), `run_block(block, x, prompts)` one block (prompted_block, or a method's block whose
+    forward adds to it); returns the normed [prompts, tokens] as a (B, 1, p + H*W, C) map for timm's average pool."""
     x = backbone.patch_embed(x)  # (B, H, W, C0), patch norm included
     batch, prompts = x.shape[0], None
     for stage_index, stage in enumerate(backbone.layers):
         x = stage.downsample(x)
-        if prompts is not None and not model.deep:  # deep: this stage's first block replaces them
+        if prompts is not None and not deep:  # deep: this stage's first block replaces them
             prompts = merge_prompts(stage.downsample, prompts)
         checkpointing = stage.grad_checkpointing and torch.is_grad_enabled()
         for block_index, block in enumerate(stage.blocks):
-            if model.deep or prompts is None:  # a fresh set replaces the previous block's prompt outputs
-                prompts = model.vpt_prompts[stage_index][block_index]  # (p, C)
-                prompts = model.dropped_prompts(prompts, batch).expand(batch, -1, -1)
+            if deep or prompts is None:  # a fresh set replaces the previous block's prompt outputs
+                prompts = take(stage_prompts[stage_index][block_index], batch).expand(batch, -1, -1)  # (B, p, C)
             if checkpointing:
-                x, prompts = checkpoint(prompted_block, block, x, prompts, use_reentrant=False)
+                x, prompts = checkpoint(run_block, block, x, prompts, use_reentrant=False)
             else:
-                x, prompts = prompted_block(block, x, prompts)
+                x, prompts = run_block(block, x, prompts)
     x, prompts = backbone.norm(x), backbone.norm(prompts)
     return torch.cat([prompts, x.flatten(1, 2)], dim=1).unsqueeze(1)  # (B, 1, p + H*W, C)

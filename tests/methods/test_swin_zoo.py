@@ -3,7 +3,8 @@
 - counts: every zoo method that declares Swin, by formula per stage width C and depth d, on the tiny Swin of
   tests/helpers/models.py (C = 24, 48) and on Swin-B built on the meta device (C = 128, 256, 512, 1024);
 - placement: one Swin block (shifted windows; the second stage's width; padded windows) of each block-modifying
-  method against its forward written out here, one image at a time, with a window attention of its own (roll,
+  method against its forward written out here (prompt methods with the window's prompt rows and extra keys and
+  values, and their whole forward through the stages), one image at a time, with a window attention of its own (roll,
   pad, windows, relative-position bias from the coordinates, shift mask from the regions), every sublayer a
   callable so that each method's changes enter where its paper (or the code named in its docstring) puts them;
 - re-parameterisation: SSF and RepAdapter evaluate merged exactly as unmerged on a Swin, padded windows included;
@@ -91,6 +92,8 @@ def zoo_counts(g, frequencies: int = 1000) -> dict[str, int]:
         # R: (in / 4) blocks of 4 x 4 = 4 in, s: out; qkv, proj, fc1, fc2
         "boft": per_block(g, lambda c: (4 * c + 3 * c) + (4 * c + c) + (4 * c + 4 * c) + (16 * c + c)),
         "fourierft": per_block(g, lambda c: 2 * frequencies),
+        # p = 5 visual prompts of width C, and heads * T * d = T * C (T = 5) key-value rows, per block
+        "e2vpt": per_block(g, lambda c: 5 * c + 5 * c),
     }
     counts = {method: count + head(g) for method, count in attention_mlp.items()}
     counts["sidetune"] = sidetune_count(last, g.classes)
@@ -138,33 +141,46 @@ def window_attention(block, h: torch.Tensor, qkv, proj) -> torch.Tensor:
     rows. The map is rolled by -shift, zero-padded to whole windows (the padded rows enter qkv as any row), each
     window attends over itself head by head with the relative-position bias of its coordinates and -100 between
     different shift regions; the windows go back into the map, the padding is cut and the roll undone."""
+    return prompted_window_attention(block, h, h.new_zeros(0, h.shape[-1]), None, qkv, proj)[0]
+
+
+def prompted_window_attention(block, h: torch.Tensor, prompts: torch.Tensor, key_values, qkv, proj):
+    """window_attention with the p (normed) prompt rows (p, C) before every window's tokens, and `key_values` (keys,
+    values), each (heads, T, d), before every window's keys and values head by head; prompt rows and columns and the
+    T columns get no relative-position bias and no shift mask. Returns the map and the prompts' outputs averaged
+    over the windows (p, C)."""
     height, width, dim = h.shape
     attn, (win_h, win_w), shift = block.attn, block.window_size, block.shift_size
-    heads = attn.num_heads
+    heads, p = attn.num_heads, prompts.shape[0]
+    keys, values = key_values if key_values is not None else (h.new_zeros(heads, 0, dim // heads),) * 2
+    t = keys.shape[1]
     h = torch.roll(h, shifts=(-shift[0], -shift[1]), dims=(0, 1))
     padded = (math.ceil(height / win_h) * win_h, math.ceil(width / win_w) * win_w)
     grid = torch.zeros(*padded, dim)
     grid[:height, :width] = h
-    out = torch.zeros_like(grid)
+    out, prompt_outs = torch.zeros_like(grid), []
     for top in range(0, padded[0], win_h):
         for left in range(0, padded[1], win_w):
             coords = [(r, c) for r in range(top, top + win_h) for c in range(left, left + win_w)]
             n = len(coords)
-            q, k, v = qkv(torch.stack([grid[r, c] for r, c in coords])).reshape(n, 3, heads, -1).unbind(1)
-            bias = torch.zeros(heads, n, n)
+            rows = torch.cat([prompts, torch.stack([grid[r, c] for r, c in coords])])
+            q, k, v = qkv(rows).reshape(p + n, 3, heads, -1).unbind(1)  # (p + n, heads, d)
+            k, v = torch.cat([keys.transpose(0, 1), k]), torch.cat([values.transpose(0, 1), v])  # (T + p + n, ...)
+            bias = torch.zeros(heads, p + n, t + p + n)
             for i, (ri, ci) in enumerate(coords):
                 for j, (rj, cj) in enumerate(coords):
                     index = (ri - rj + win_h - 1) * (2 * win_w - 1) + (ci - cj + win_w - 1)
-                    bias[:, i, j] = attn.relative_position_bias_table[index]
+                    bias[:, p + i, t + p + j] = attn.relative_position_bias_table[index]
                     regions_i = (region(ri, padded[0], win_h, shift[0]), region(ci, padded[1], win_w, shift[1]))
                     regions_j = (region(rj, padded[0], win_h, shift[0]), region(cj, padded[1], win_w, shift[1]))
                     if any(shift) and regions_i != regions_j:
-                        bias[:, i, j] -= 100.0
+                        bias[:, p + i, t + p + j] -= 100.0
             scores = torch.einsum("ihd,jhd->hij", q, k) / math.sqrt(q.shape[-1]) + bias
-            rows = torch.einsum("hij,jhd->ihd", scores.softmax(dim=-1), v).reshape(n, dim)
-            for (r, c), row in zip(coords, proj(rows), strict=True):
+            rows = proj(torch.einsum("hij,jhd->ihd", scores.softmax(dim=-1), v).reshape(p + n, dim))
+            prompt_outs.append(rows[:p])
+            for (r, c), row in zip(coords, rows[p:], strict=True):
                 out[r, c] = row
-    return torch.roll(out[:height, :width], shifts=shift, dims=(0, 1))
+    return torch.roll(out[:height, :width], shifts=shift, dims=(0, 1)), torch.stack(prompt_outs).mean(dim=0)
 
 
 def plain_ops(block) -> SimpleNamespace:
@@ -273,6 +289,68 @@ def test_the_plain_reference_is_timms_swin_block():
         with torch.no_grad():
             expected = torch.stack([reference_block(block, image, plain_ops(block)) for image in x])
             torch.testing.assert_close(block(x), expected, rtol=0, atol=1e-5)
+
+
+def prompted_reference_block(block, x: torch.Tensor, prompts: torch.Tensor, key_values):
+    """One image: x (H, W, C), prompts (p, C) -> both after the block (VPT's and E²VPT's PromptedSwinTransformerBlock):
+    [prompts, tokens] take the window attention's outputs, then share norm2 and the MLP."""
+    height, width, dim = x.shape
+    ops = plain_ops(block)
+    attn_x, attn_prompts = prompted_window_attention(block, ops.norm1(x), ops.norm1(prompts), key_values, ops.qkv,
+                                                     ops.proj)
+    seq = torch.cat([prompts, x.reshape(-1, dim)]) + torch.cat([attn_prompts, attn_x.reshape(-1, dim)])
+    seq = seq + ops.fc2(F.gelu(ops.fc1(ops.norm2(seq))))
+    return seq[len(prompts):].reshape(height, width, dim), seq[:len(prompts)]
+
+
+def reference_prompted_model(model, images: torch.Tensor, stage_prompts, key_values_of) -> torch.Tensor:
+    """Logits of a deep-prompted Swin, one image at a time: timm's patch embedding and merges, every block through
+    prompted_reference_block with a fresh prompt set, then the final norm over prompts and tokens and their mean."""
+    backbone, logits = model.backbone, []
+    for image in images:
+        x = backbone.patch_embed(image[None])[0]  # (H, W, C0)
+        for s, stage in enumerate(backbone.layers):
+            x = stage.downsample(x[None])[0]
+            for b, block in enumerate(stage.blocks):
+                x, prompts = prompted_reference_block(block, x, stage_prompts[s][b], key_values_of(block))
+        rows = layer_norm(backbone.norm, torch.cat([prompts, x.flatten(0, 1)]))
+        logits.append(linear(backbone.head.fc, rows.mean(dim=0)))
+    return torch.stack(logits)
+
+
+@pytest.mark.parametrize("swin", SWINS.values(), ids=SWINS.keys())
+def test_e2vpt_block_attends_to_window_prompts_and_key_values(swin):
+    model = trained("e2vpt", **swin)
+    stages = model.backbone.layers
+    for block in (stages[0].blocks[1], stages[1].blocks[0]):  # shifted windows at width 24; width 48
+        height, width = block.input_resolution
+        generator = torch.Generator().manual_seed(1)
+        x = torch.randn(2, height, width, block.dim, generator=generator)
+        prompts = torch.randn(2, 5, block.dim, generator=generator)  # per image: images must not mix
+        kv = (block.e2vpt_kv, block.e2vpt_kv)  # one tensor for keys and values (SHARE_PARAM_KV)
+        with torch.no_grad():
+            expected = [prompted_reference_block(block, *pair, kv) for pair in zip(x, prompts, strict=True)]
+            without_kv = prompted_reference_block(block, x[0], prompts[0], None)
+            out_x, out_prompts = block(x, prompts)
+        torch.testing.assert_close(out_x, torch.stack([e[0] for e in expected]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(out_prompts, torch.stack([e[1] for e in expected]), rtol=0, atol=1e-5)
+        assert (expected[0][0] - without_kv[0]).abs().max() > 1e-3  # the key-value prompts are what it sees
+
+
+def test_e2vpt_logits_follow_the_stages_written_out():
+    """Fresh prompts of the stage's width before every block, merges by timm's own, prompts pooled with the tokens."""
+    model = trained("e2vpt", window_size=3)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = reference_prompted_model(model, images, model.e2vpt_prompts, lambda b: (b.e2vpt_kv, b.e2vpt_kv))
+        torch.testing.assert_close(model(images), expected, rtol=0, atol=1e-5)
+    assert [tuple(t.shape) for t in model.e2vpt_prompts] == [(2, 5, 24), (2, 5, 48)]
+    fresh = create_method("e2vpt", make_tiny("swin"), num_classes=3)
+    bound = math.sqrt(6 / (3 * 4 * 4 + 24))  # VPT's bound with the stage-0 width, every stage
+    assert all(t.abs().max() <= bound for t in fresh.e2vpt_prompts)
+    for block in (b for stage in fresh.backbone.layers for b in stage.blocks):  # (heads, T, d), Kaiming over T * d
+        assert block.e2vpt_kv.shape == (block.attn.num_heads, 5, 24)
+        assert 0.9 * math.sqrt(6 / (5 * 24)) < block.e2vpt_kv.abs().max() <= math.sqrt(6 / (5 * 24))
 
 
 @pytest.mark.parametrize("swin", SWINS.values(), ids=SWINS.keys())
