@@ -19,6 +19,12 @@ points and finals. A suite's budget sums its tasks' images. A row whose granted 
 differs from its table's most common one is marked UNEQUAL_MARK, so two methods with unequal budgets never stand side
 by side unmarked.
 
+Wall time, per method (`wall_time`: leaderboard_wall_time.csv and a section of leaderboard.md): the wall seconds of
+its search and of its finals, summed over the board's cells, their total and its share of the whole, and the totals
+over every method. Per cell from the same sources as the budget: a record's `search_wall_seconds` and
+`final_wall_seconds` (every run the search started), else the runs' `wall_seconds`: the finished search points (tagged
+`search_lr<lr>_wd<wd>`, a halving rung `..._e<epochs>`) and the finals.
+
 Costs, from `make perf` (perf.csv): train img/s, peak memory, and eval img/s relative to the plain backbone's, which
 Full's evaluation is (no module added), measured merged where the method merges its update while it evaluates (a
 methods.base.MergeForEvalTuning subclass, as tests/methods/test_merge_contract.py finds them).
@@ -50,8 +56,10 @@ SUITES = {"VTAB-1k": VTAB_DATASETS, "FGVC": FGVC_DATASETS}  # suite -> its datas
 OVERALL = "Overall"
 REFERENCE = "full"  # the paired difference's reference, and the plain backbone's evaluation speed
 UNEQUAL_MARK = "†"
+WALL_TOTAL = "TOTAL"  # the wall-time table's row of every method together
 CELL = ["dataset", "method", "train_fraction"]
 BUDGET = ["search", "points", "epochs", "images_seen"]
+WALL = ["search_seconds", "final_seconds"]  # per cell: where the wall time went
 EQUAL_BUDGET = ["search", "points", "epochs"]  # what was granted; images seen also count a point that failed
 # perf.csv's columns that make one measurement configuration; the leaderboard reads one configuration
 PERF_CONFIG = ["batch_size", "img_size", "device", "precision", "compile", "checkpointing"]
@@ -116,16 +124,25 @@ def derived_budgets(summary: pd.DataFrame, final: pd.DataFrame) -> pd.DataFrame:
     """Cells without a budget record: points from the finals' `search_points` (else the search-point runs counted;
     0: a fixed recipe), the finals' epochs, images seen over the finished search points and the finals."""
     recorded = final["search_points"] if "search_points" in final else pd.Series(np.nan, index=final.index)
-    budget = (final.assign(images=images_seen(final), recorded=pd.to_numeric(recorded, errors="coerce"))
-              .groupby(CELL).agg(epochs=("epochs", "max"), images_seen=("images", "sum"), recorded=("recorded", "max")))
+    budget = (final.assign(images=images_seen(final), recorded=pd.to_numeric(recorded, errors="coerce"),
+                           seconds=wall_seconds(final))
+              .groupby(CELL).agg(epochs=("epochs", "max"), images_seen=("images", "sum"), recorded=("recorded", "max"),
+                                 final_seconds=("seconds", lambda v: v.sum(min_count=1))))
     points = search_runs(summary, final)
-    searched = (points.assign(images=images_seen(points)).groupby(CELL)
-                .agg(counted=("tag", "nunique"), search_images=("images", "sum")))
+    searched = (points.assign(images=images_seen(points), seconds=wall_seconds(points)).groupby(CELL)
+                .agg(counted=("tag", "nunique"), search_images=("images", "sum"),
+                     search_seconds=("seconds", lambda v: v.sum(min_count=1))))
     budget = budget.join(searched).fillna({"counted": 0, "search_images": 0})
+    budget["search_seconds"] = budget["search_seconds"].where(budget["counted"] > 0, 0.0)  # no search: it cost 0
     budget["points"] = budget["recorded"].fillna(budget["counted"]).astype(int)
     budget["images_seen"] += budget["search_images"]
     budget["search"] = np.where(budget["points"] > 0, "full", "none")
-    return budget[BUDGET]
+    return budget[BUDGET + WALL]
+
+
+def wall_seconds(runs: pd.DataFrame) -> pd.Series:
+    """Each run's recorded wall seconds (NaN where a run record lacks them)."""
+    return pd.to_numeric(runs.get("wall_seconds", pd.Series(np.nan, index=runs.index)), errors="coerce")
 
 
 def recorded_budgets(records: list[dict], final: pd.DataFrame) -> pd.DataFrame:
@@ -133,12 +150,13 @@ def recorded_budgets(records: list[dict], final: pd.DataFrame) -> pd.DataFrame:
     option-grid cell; images seen are the search's and the finals'."""
     frame = pd.DataFrame(records)
     if frame.empty:
-        return pd.DataFrame(columns=BUDGET, index=pd.MultiIndex.from_tuples([], names=CELL))
+        return pd.DataFrame(columns=BUDGET + WALL, index=pd.MultiIndex.from_tuples([], names=CELL))
     plain = frame["shots"].isna() & frame["options"].fillna("").astype(str).isin(["", "{}"])
     keys = CELL + [c for c in ("backbone", "recipe") if c in final]
     frame = frame[plain].merge(final[keys].drop_duplicates(), on=keys)
     frame["images_seen"] = frame["search_images"] + frame["final_images"]
-    return frame.set_index(CELL)[BUDGET]
+    frame = frame.rename(columns={"search_wall_seconds": "search_seconds", "final_wall_seconds": "final_seconds"})
+    return frame.set_index(CELL).reindex(columns=BUDGET + WALL)
 
 
 def read_budgets(results_dir: str | Path) -> list[dict]:
@@ -148,10 +166,24 @@ def read_budgets(results_dir: str | Path) -> list[dict]:
 
 
 def cell_budgets(summary: pd.DataFrame, final: pd.DataFrame, records: list[dict] | None = None) -> pd.DataFrame:
-    """Per (dataset, method, fraction) cell: search, points, epochs, images seen; a budget record, where the search
-    wrote one, wins over what the run records tell (module docstring)."""
+    """Per (dataset, method, fraction) cell: search, points, epochs, images seen, and the search's and the finals'
+    wall seconds; a budget record, where the search wrote one, wins over what the run records tell (module
+    docstring)."""
     budget = recorded_budgets(records or [], final).combine_first(derived_budgets(summary, final))
-    return budget.reset_index()[[*CELL, *BUDGET]]
+    return budget.reset_index()[[*CELL, *BUDGET, *WALL]]
+
+
+def wall_time(budgets: pd.DataFrame) -> pd.DataFrame:
+    """Per method (most costly first), then TOTAL: the wall seconds of its search and its finals over the cells of
+    `budgets` (cell_budgets), their total and that total's share (%) of every method's."""
+    per_method = budgets[WALL].astype(float).groupby(budgets["method"]).sum(min_count=1)
+    per_method["total_seconds"] = per_method["search_seconds"] + per_method["final_seconds"]  # NaN: unknown
+    per_method = per_method.sort_values("total_seconds", ascending=False, kind="stable")
+    whole = per_method.sum(min_count=1).rename(WALL_TOTAL).to_frame().T  # the methods whose times are known
+    table = pd.concat([per_method, whole]).rename_axis("method").reset_index()
+    table.insert(1, "label", [WALL_TOTAL if m == WALL_TOTAL else label(m) for m in table["method"]])
+    seconds = whole["total_seconds"].iloc[0]
+    return table.assign(share_percent=100 * table["total_seconds"] / seconds if seconds > 0 else math.nan)
 
 
 def span(values) -> str:
@@ -330,6 +362,26 @@ def fraction_markdown(at: pd.DataFrame) -> list[str]:
     return text
 
 
+def duration_text(seconds) -> str:
+    """3725 -> 1.03 h: the wall-time table's durations, in the unit that reads best."""
+    if pd.isna(seconds):
+        return "?"
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "min")):
+        if seconds >= size:
+            return f"{seconds / size:.3g} {unit}"
+    return f"{seconds:.3g} s"
+
+
+def wall_time_markdown(table: pd.DataFrame) -> str:
+    shown = pd.DataFrame({"Method": table["label"]})
+    for column, name in (("search_seconds", "Search"), ("final_seconds", "Finals"), ("total_seconds", "Total")):
+        shown[name] = table[column].map(duration_text)
+    shown["Share of the whole"] = table["share_percent"].map(lambda v: "?" if pd.isna(v) else f"{v:.1f}%")
+    return "\n".join(["## Wall time", "", "Where the wall time went, per method: its search (every point, halving "
+                      "rungs and widenings included) and its final runs, summed over the cells above (seconds in "
+                      "leaderboard_wall_time.csv).", "", markdown(shown)])
+
+
 def leaderboard_markdown(frame: pd.DataFrame) -> str:
     seeds = int(frame["n_seeds"].max())
     text = ["# Leaderboard", "", f"Test top-1 (%): mean ± half-width of the 95% confidence interval over up to {seeds} "
@@ -411,15 +463,20 @@ def leaderboard_figures(frame: pd.DataFrame) -> dict[str, Figure]:
 
 
 def write_leaderboard(final: pd.DataFrame, summary: pd.DataFrame, out: Path, results_dir: str | Path,
-                      perf_path: str | Path | None = None) -> tuple[dict[str, Path], pd.DataFrame]:
-    """leaderboard.md, leaderboard.csv and the figures (PNG + PDF) into `out`, the budgets read from `results_dir`'s
-    records; returns the paths and the frame."""
-    frame = leaderboard(final, summary, perf_path, read_budgets(results_dir))
-    written = {"leaderboard.csv": out / "leaderboard.csv", "leaderboard.md": out / "leaderboard.md"}
-    frame.to_csv(written["leaderboard.csv"], index=False)
-    written["leaderboard.md"].write_text(leaderboard_markdown(frame))
+                      perf_path: str | Path | None = None) -> tuple[dict[str, Path], dict[str, pd.DataFrame]]:
+    """leaderboard.md (the boards, then the wall time), leaderboard.csv, leaderboard_wall_time.csv and the figures
+    (PNG + PDF) into `out`, the budgets read from `results_dir`'s records; returns the paths and the tables by name
+    (`leaderboard`, `leaderboard_wall_time`)."""
+    records = read_budgets(results_dir)
+    frame = leaderboard(final, summary, perf_path, records)
+    tables = {"leaderboard": frame, "leaderboard_wall_time": wall_time(cell_budgets(summary, final, records))}
+    written = {f"{name}.csv": out / f"{name}.csv" for name in tables} | {"leaderboard.md": out / "leaderboard.md"}
+    for name, table in tables.items():
+        table.to_csv(written[f"{name}.csv"], index=False)
+    written["leaderboard.md"].write_text(leaderboard_markdown(frame) + "\n" + wall_time_markdown(
+        tables["leaderboard_wall_time"]) + "\n")
     for name, fig in leaderboard_figures(frame).items():
         for suffix in ("png", "pdf"):
             written[f"{name}.{suffix}"] = out / f"{name}.{suffix}"
             fig.savefig(written[f"{name}.{suffix}"], dpi=150)
-    return written, frame
+    return written, tables

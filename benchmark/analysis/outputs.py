@@ -104,9 +104,8 @@ def write_report(results_dir: str | Path = "results", out_dir: str | Path | None
     written["audits.md"] = out / "audits.md"
     written["audits.md"].write_text(audits_markdown(audits, final))
     if leaderboard:  # benchmark/analysis/leaderboard.py; docs/leaderboard.md
-        files, frames["leaderboard"] = write_leaderboard(final, summary, out, results_dir,
-                                                         perf or Path(results_dir) / "perf.csv")
-        written |= files
+        files, tables = write_leaderboard(final, summary, out, results_dir, perf or Path(results_dir) / "perf.csv")
+        written, frames = written | files, frames | tables
     if use_wandb:
         log_report([p for p in written.values() if p.suffix == ".png"], frames, str(results_dir))
     return written

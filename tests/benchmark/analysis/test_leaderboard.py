@@ -14,6 +14,7 @@ import pytest
 from benchmark import report
 from benchmark.analysis import leaderboard as lb
 from benchmark.analysis.aggregate import final_runs, load_summary
+from benchmark.core.store import atomic_write_json
 from tests.helpers.results import BACKBONE, synthetic_top1, write_run
 
 T_975 = {2: 4.302652729911275, 3: 3.182446305284263}  # Student t quantile 0.975 by degrees of freedom (tables)
@@ -137,6 +138,39 @@ def test_scope_budget_sums_images_and_spans_points():
     assert math.isnan(lb.scope_budget(budgets, "full", ["a", "b"])["images_seen"])  # b unknown: no total
 
 
+def write_wall_time_results(results) -> None:
+    """Hand wall times: vpt_deep searched two points and a halving rung (plus a failed point), no record; linear's
+    budget record says 5 s of search and 15 s of finals (its runs' 100 s each are not read); Full never searched."""
+    for tag, seconds in (("search_lr0.01_wd0", 10.0), ("search_lr0.05_wd0", 20.0), ("search_lr0.01_wd0_e5", 6.0)):
+        write_run(results, "vpt_deep", "digits", 0.1, 0, tag=tag, wall_seconds=seconds, n_train=100, epochs=20)
+    write_run(results, "vpt_deep", "digits", 0.1, 0, tag="search_lr9_wd0", status="failed", wall_seconds=1000.0)
+    for method, seconds in (("vpt_deep", (30.0, 40.0)), ("linear", (100.0, 100.0)), ("full", (50.0, 50.0))):
+        for seed, wall in enumerate(seconds):
+            write_run(results, method, "digits", 0.1, seed, train_on="trainval", wall_seconds=wall, n_train=120,
+                      epochs=20)
+    atomic_write_json(results / "budget" / "linear.json", {
+        "dataset": "digits", "method": "linear", "train_fraction": 0.1, "backbone": BACKBONE, "shots": None,
+        "options": "", "search": "full", "points": 6, "epochs": 20, "search_images": 0, "final_images": 0,
+        "search_wall_seconds": 5.0, "final_wall_seconds": 15.0})
+
+
+def test_wall_time_per_method_search_and_finals_by_hand(tmp_path):
+    results = tmp_path / "results"
+    write_wall_time_results(results)
+    summary = load_summary(results)
+    written, tables = lb.write_leaderboard(final_runs(summary), summary, results, results)
+    table = pd.read_csv(written["leaderboard_wall_time.csv"]).set_index("method")
+    whole = 36 + 70 + 100 + 20  # vpt_deep 10 + 20 + 6 searching (the failed point is no finished run) + 30 + 40
+    expected = {"vpt_deep": (36, 70, 106), "full": (0, 100, 100), "linear": (5, 15, 20), lb.WALL_TOTAL: (41, 185, whole)}
+    assert list(table.index) == list(expected)  # most costly first, then the total
+    for method, seconds in expected.items():
+        assert table.loc[method, ["search_seconds", "final_seconds", "total_seconds"]].tolist() == list(seconds)
+        assert table.loc[method, "share_percent"] == pytest.approx(100 * seconds[2] / whole)
+    assert tables["leaderboard_wall_time"]["total_seconds"].iloc[-1] == whole  # the table the W&B run logs
+    text = written["leaderboard.md"].read_text()
+    assert "## Wall time" in text and "| VPT-deep | 36 s | 1.17 min | 1.77 min | 46.9% |" in text
+
+
 def write_perf(path, rows: list[tuple]) -> None:
     """perf.csv rows (method, batch_size, eval_img_s, options), as `make perf` writes them."""
     frame = pd.DataFrame([{"method": m, "backbone": BACKBONE, "batch_size": b, "img_size": 28, "device": "cpu x2",
@@ -229,5 +263,6 @@ def test_report_option_writes_the_leaderboard_and_logs_it_to_wandb_offline(tmp_p
     assert (tmp_path / "results" / "figures" / "leaderboard.md").is_file()
     (run_dir,) = (tmp_path / "wandb_dir" / "wandb").glob("offline-run-*")
     media = run_dir / "files" / "media"
-    assert list((media / "table").glob("leaderboard_*.table.json"))
+    assert list((media / "table").glob("leaderboard_[0-9]*.table.json"))
+    assert list((media / "table").glob("leaderboard_wall_time_*.table.json"))
     assert list((media / "images").glob("leaderboard_params_frac1_*.png"))
