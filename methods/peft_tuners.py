@@ -36,6 +36,7 @@ the `lora` name's tests, results and checkpoints rely on (docs/methods.md, "peft
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -83,7 +84,10 @@ class PeftTuning(TuningModule):
                 kinds = " / ".join(f"nn.{kind.__name__}" for kind in adaptable)
                 raise ValueError(f"{self.label} adapts {kinds} layers; this backbone's {name} is "
                                  f"{type(layer).__name__}.")
-        self.inject(self.peft_config())
+        with warnings.catch_warnings():
+            if norms:  # peft's LN-tuning layer asks any norm for Linear-style in/out features it never uses
+                warnings.filterwarnings("ignore", r"Unsupported layer type .*LayerNorm", UserWarning, "peft")
+            self.inject(self.peft_config())
         self.backbone.__dict__.pop("peft_config", None)  # peft's record of the config; ours lives in self.options
 
     def inject(self, config: peft.PeftConfig) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 
 import pytest
 
@@ -70,6 +71,18 @@ def test_dry_run_counts_the_runs_and_trains_nothing(tmp_path, capsys, no_trainin
     # the first five: a plain grid's seeds of one cell; a search's first points (all of seed 0)
     assert len(re.findall(r"^  linear digits frac=0\.1 seed=0", out, re.MULTILINE)) == (5 if search else 1)
     assert no_training.trained == [] and not (tmp_path / "runs").exists()
+
+
+def test_dry_run_of_the_peft_tuners_prints_no_warning(tmp_path, capsys, no_training):
+    """peft's LN-tuning layer asks each norm for Linear-style in/out features it never uses, and warns for every
+    nn.LayerNorm ("Unsupported layer type"): filtered at that injection alone, so a leaderboard's dry run is quiet."""
+    args = ["--leaderboard", "--methods", "ln_tuning,peft_lora,ia3", "--fractions", "0.1", "--datasets", "digits",
+            "--results-dir", str(tmp_path), "--dry-run"]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(args) == 0
+    assert [str(w.message) for w in seen if "Unsupported layer type" in str(w.message)] == []
+    assert "Unsupported layer type" not in capsys.readouterr().err and no_training.trained == []
 
 
 def test_dry_run_leaves_out_finished_runs(tmp_path, capsys, no_training):
