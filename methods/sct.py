@@ -19,20 +19,32 @@ train_model_sct.py `getSalientChannels`, run_model_sct.sh):
   (train_aug False, batch 50; for VTAB-1k its training loader has none either). Under several processes the
   per-class sums are added over them before the norms, as one process over all the data would compute them.
 - Not offered: the code's other modes ("sct_mlp" on the MLP's output, "sct_qkv" inside attention) and its
-  `scale` / `scaleonx` switches, which its ChannelAdapter reads but never applies. ViTs only: the official Swin
-  variant's selection (getSalientChannels) hard-codes width 768 and 12 blocks named `blocks.i.norm2`.
+  `scale` / `scaleonx` switches, which its ChannelAdapter reads but never applies.
 - The code trains with drop_path_rate 0.1 in the frozen blocks; ours keeps a frozen backbone in eval mode
   (methods/base.py), so drop-path never acts.
 
 Tuned at ViT-B/16 (12 blocks) with K = 96 and 200 classes: 12 * (96 * 96 + 96) + 768 * 200 + 200 = 265,544; the
 111,744 without the head is the paper's "0.11M" for ViT-B (its abstract, arXiv:2309.08513v5).
+
+On a Swin, the official Swin variant (models/swin_transformer_sct.py `SwinTransformerBlock`, `BasicLayer`):
+- the adapter of every block of every stage sits where the ViT's does, after the window attention's residual add
+  and before norm2, on the block's (B, H, W, C) map: the code's `x = shortcut + drop_path(x); x = sct_attn(x)`.
+- one K for every block (the code passes its one topN to every block of every stage), each block's K channels
+  chosen among its own stage's C; K must not exceed the narrowest stage (Swin-B: 128), K = 96 by default as on ViT-B.
+- generalised (ours): the code's selection for Swin is the ViT's, hard-coded for ViT-B (width 768, 12 blocks named
+  `blocks.i.norm2`, the first token dropped as CLS): its hooks find no module of a Swin. Here each block's norm2
+  input is measured over all its tokens (a Swin has no CLS token; its padded windows never reach norm2), per class
+  over its stage's width, with the ViT's scores.
+Per block K^2 + K; Swin-B (24 blocks) with 200 classes: 24 * 9,312 + 1024 * 200 + 200 = 428,488.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+from timm.models.swin_transformer import SwinTransformerBlock
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -77,6 +89,19 @@ class SalientChannelBlock(Block):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
+class SalientChannelSwinBlock(SwinTransformerBlock):
+    """timm's SwinTransformerBlock with `sct` on its (B, H, W, C) map between the window attention's residual add and
+    norm2 (the code's Swin block)."""
+
+    sct: ChannelAdapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, dim = x.shape
+        x = self.sct(x + self.drop_path1(self._attn(self.norm1(x)))).reshape(batch, -1, dim)
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x.reshape(batch, height, width, dim)
+
+
 def salient_channels(sum_squares: torch.Tensor, counts: torch.Tensor, k: int) -> torch.Tensor:
     """The K channels with the largest mean over classes of each class's L2 norm, in ascending order.
 
@@ -92,9 +117,14 @@ class SalientChannelTuning(TuningModule):
     options_cls = SCTOptions
     identity_at_init = False  # W ~ trunc-normal(0.02): the map is near, not at, zero
     selects_from_data = True
+    # a family opts in with the block class that mirrors its plain timm block (the row's plain_block)
+    block_classes: ClassVar[dict[type[nn.Module], type[nn.Module]]] = {Block: SalientChannelBlock,
+                                                                       SwinTransformerBlock: SalientChannelSwinBlock}
+    families = ("vit", "swin")
 
     def adapt(self) -> None:
-        blocks = self.family.plain_blocks(self.backbone, "sct")  # what SalientChannelBlock.forward mirrors
+        blocks = self.family.plain_blocks(self.backbone, "sct")  # what the block classes' forwards mirror
+        adapted = self.block_classes[self.family.plain_block]
         device = self.backbone.patch_embed.proj.weight.device
         for block in blocks:
             width = self.family.width_of(block)
@@ -102,13 +132,13 @@ class SalientChannelTuning(TuningModule):
                 raise ValueError(f"sct channels={self.options.channels} exceeds the block width {width}; choose "
                                  f"channels in 1..{width} (official: 96 of 768).")
             block.sct = ChannelAdapter(width, self.options.channels, device)
-            block.__class__ = SalientChannelBlock  # same state-dict keys, plus `sct`
+            block.__class__ = adapted  # same state-dict keys, plus `sct`
 
     def select_from_data(self, loader) -> None:
-        """Per block, the per-class sums of squares of norm2's input over the patch tokens, then the K channels."""
-        blocks, prefix = self.family.blocks(self.backbone), self.backbone.num_prefix_tokens
-        width = self.family.width_of(blocks[0])
-        sums = torch.zeros(len(blocks), self.num_classes, width, device=self.device)
+        """Per block, the per-class sums of squares of norm2's input over the patch tokens (a ViT's prefix tokens left
+        out; a Swin has none), each over its block's width, then the K channels."""
+        blocks, prefix = self.family.blocks(self.backbone), getattr(self.backbone, "num_prefix_tokens", 0)
+        sums = [torch.zeros(self.num_classes, self.family.width_of(block), device=self.device) for block in blocks]
         counts = torch.zeros(self.num_classes, device=self.device)
         labels_now: list[torch.Tensor] = []
 
@@ -137,6 +167,6 @@ class SalientChannelTuning(TuningModule):
             for block in blocks:
                 block.sct.active = True
             self.train(was_training)
-        sums, counts = self.summed_over_processes(sums), self.summed_over_processes(counts)
+        sums, counts = [self.summed_over_processes(t) for t in sums], self.summed_over_processes(counts)
         for i, block in enumerate(blocks):
             block.sct.channels.copy_(salient_channels(sums[i], counts, self.options.channels))

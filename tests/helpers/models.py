@@ -26,6 +26,7 @@ TINY_CONVNETS = {
 # Method options a tiny backbone needs where a method's default does not fit it: FourierFT's 1,000 frequencies per
 # layer exceed the tiny Swin's smallest adapted weight (stage 0's attn.proj, 24 x 24 = 576 entries).
 TINY_METHOD_OPTIONS = {("sct", "vit"): {"channels": 8},  # SCT's 96 salient channels exceed the tiny width 32
+                       ("sct", "swin"): {"channels": 8},  # and the tiny Swin's 24 and 48
                        ("fourierft", "swin"): {"n_frequency": 500}}
 # peft tuners whose defaults are sized for ViT-B's 768 (methods/peft_table.py): a rank or group at most the tiny widths
 # (ViT 32; Swin 24 and 48), a vector length and group size dividing them, a frequency count within a 24 x 24 weight.

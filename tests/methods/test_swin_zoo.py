@@ -69,7 +69,7 @@ def lokr_layer(out: int, inp: int, r: int = 8) -> int:
     return a * c + (b * d if r >= max(b, d) / 2 else r * (b + d))
 
 
-def zoo_counts(g, frequencies: int = 1000) -> dict[str, int]:
+def zoo_counts(g, frequencies: int = 1000, channels: int = 96) -> dict[str, int]:
     c0, last = g.widths[0], g.widths[-1]
     attention_mlp = {
         "ln_tune": layernorms(g),
@@ -94,6 +94,7 @@ def zoo_counts(g, frequencies: int = 1000) -> dict[str, int]:
         "fourierft": per_block(g, lambda c: 2 * frequencies),
         # p = 5 visual prompts of width C, and heads * T * d = T * C (T = 5) key-value rows, per block
         "e2vpt": per_block(g, lambda c: 5 * c + 5 * c),
+        "sct": per_block(g, lambda c: channels * channels + channels),  # Linear(K, K) per block, any width C >= K
     }
     counts = {method: count + head(g) for method, count in attention_mlp.items()}
     counts["sidetune"] = sidetune_count(last, g.classes)
@@ -121,12 +122,16 @@ def test_swin_b_counts_quoted_in_the_docs():
     assert SWIN_B_COUNTS["houlsby"] == 3_369_928 and SWIN_B_COUNTS["difffit"] == 395_080
 
 
+# the formulas' arguments for TINY_METHOD_OPTIONS
+TINY_FORMULA = {"fourierft": {"frequencies": 500}, "sct": {"channels": 8}}
+
+
 @pytest.mark.parametrize("method", SWIN_B_COUNTS)
 def test_tiny_swin_tuned_parameters_follow_the_formula(method):
     options = TINY_METHOD_OPTIONS.get((method, "swin"), {})
     with torch.device("meta"):
         model = create_method(method, make_tiny("swin"), num_classes=3, **options)
-    assert model.tuned_params == zoo_counts(TINY, **({"frequencies": 500} if options else {}))[method]
+    assert model.tuned_params == zoo_counts(TINY, **TINY_FORMULA.get(method, {}))[method]
 
 
 def test_houlsby_without_norms_trains_the_adapters_only():
@@ -190,14 +195,14 @@ def plain_ops(block) -> SimpleNamespace:
         norm1=lambda t: layer_norm(block.norm1, t), qkv=lambda t: linear(attn.qkv, t),
         proj=lambda t: linear(attn.proj, t), norm2=lambda t: layer_norm(block.norm2, t),
         fc1=lambda t: linear(mlp.fc1, t), fc2=lambda t: linear(mlp.fc2, t),
-        attn_branch=lambda h, a: a, mlp_branch=lambda h, m: m)
+        attn_branch=lambda h, a: a, mlp_branch=lambda h, m: m, after_attn=lambda x: x)
 
 
 def reference_block(block, x: torch.Tensor, ops: SimpleNamespace) -> torch.Tensor:
-    """x (H, W, C) -> x + attn_branch(h, attn(h)), h = norm1(x); then x + mlp_branch(h, fc2(gelu(fc1(h)))),
-    h = norm2(x): each branch gets the sublayer's (normed) input and output."""
+    """x (H, W, C) -> after_attn(x + attn_branch(h, attn(h))), h = norm1(x); then x + mlp_branch(h,
+    fc2(gelu(fc1(h)))), h = norm2(x): each branch gets the sublayer's (normed) input and output."""
     h = ops.norm1(x)
-    x = x + ops.attn_branch(h, window_attention(block, h, ops.qkv, ops.proj))
+    x = ops.after_attn(x + ops.attn_branch(h, window_attention(block, h, ops.qkv, ops.proj)))
     h = ops.norm2(x)
     return x + ops.mlp_branch(h, ops.fc2(F.gelu(ops.fc1(h))))
 
@@ -222,6 +227,13 @@ def scaled(layer, y: torch.Tensor) -> torch.Tensor:
     return y * layer.ssf_scale + layer.ssf_shift
 
 
+def salient_update(sct, x: torch.Tensor) -> torch.Tensor:
+    """x with x[..., S] + W x[..., S] + b on the salient channels S only."""
+    x, chosen = x.clone(), sct.channels
+    x[..., chosen] = x[..., chosen] + linear(sct.adapt_linear, x[..., chosen])
+    return x
+
+
 def method_ops(method: str, block) -> SimpleNamespace:
     ops = plain_ops(block)
     if method == "adaptformer":  # beside the MLP, reading its input norm2(x) (V-PETL Bench's Swin)
@@ -244,6 +256,8 @@ def method_ops(method: str, block) -> SimpleNamespace:
     elif method == "difffit":  # per-channel gammas on both branches
         ops.attn_branch = lambda h, a: block.ls1.difffit_gamma * a
         ops.mlp_branch = lambda h, m: block.ls2.difffit_gamma * m
+    elif method == "sct":  # x[S] += W x[S] + b on the residual stream between attention and MLP (the code's Swin)
+        ops.after_attn = lambda x: salient_update(block.sct, x)
     elif method == "repadapter":  # A(t) = t + s up(down(t)) on the input of qkv (padded rows too) and of fc1
         attn, mlp = block.attn, block.mlp
         ops.qkv = lambda t: linear(attn.qkv, rep_adapter(block.adapter_attn, t, 1.0, 2))
@@ -251,18 +265,23 @@ def method_ops(method: str, block) -> SimpleNamespace:
     return ops
 
 
-BLOCK_METHODS = ["adaptformer", "houlsby", "convpass", "ssf", "difffit", "repadapter"]
+BLOCK_METHODS = ["adaptformer", "houlsby", "convpass", "ssf", "difffit", "repadapter", "sct"]
 SWINS = {"tiny": {}, "padded windows": dict(window_size=3)}  # 8x8 / 4x4 maps in 4x4 windows, or in 3x3 (padded)
 
 
 def trained(method: str, **swin):
     """The method on a tiny Swin with every tuned backbone tensor moved off its init (zero branches matter)."""
     torch.manual_seed(0)
-    model = create_method(method, make_tiny("swin", **swin), num_classes=3)
+    model = create_method(method, make_tiny("swin", **swin), num_classes=3, **TINY_METHOD_OPTIONS.get((method, "swin"),
+                                                                                                     {}))
     with torch.no_grad():
         for name, p in model.backbone.named_parameters():
             if p.requires_grad and not name.startswith("head."):
                 p.add_(0.3 * torch.randn_like(p))
+        for name, chosen in model.backbone.named_buffers():  # SCT's salient channels: some of the block's, not 0..K-1
+            if name.endswith("sct.channels"):
+                width = model.backbone.get_submodule(name.removesuffix(".sct.channels")).dim
+                chosen.copy_(torch.randperm(width)[:len(chosen)].sort().values)
     return model.eval()
 
 
@@ -380,10 +399,41 @@ def test_ssf_follows_the_official_swin_sites():
     assert model.backbone.layers[1].downsample.norm.ssf_scale.shape == (4 * 24,)
 
 
+def test_sct_selects_each_blocks_channels_over_its_stage_width():
+    """Per block, norm2's input over all tokens (no CLS on a Swin), per class sqrt(sum x^2) per channel of the stage's
+    width, the mean over the classes, the K largest: the ViT's scores, measured on the plain pretrained blocks."""
+    def loud_first_token(_block, inputs):  # the top-left token loud in channel 7: salient only where it counts
+        x = inputs[0].clone()
+        x[:, 0, 0, 7] = 100.0
+        return (x,)
+
+    torch.manual_seed(0)
+    plain = make_tiny("swin").eval()
+    plain.layers[0].blocks[0].register_forward_pre_hook(loud_first_token)
+    model = create_method("sct", copy.deepcopy(plain), num_classes=3, channels=5)
+    g = torch.Generator().manual_seed(1)
+    images, labels = torch.randn(7, 3, 32, 32, generator=g), torch.tensor([0, 2, 0, 2, 2, 0, 2])
+    model.select_from_data(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=3))
+    expected = []
+    with torch.no_grad():
+        x = plain.patch_embed(images)
+        for stage in plain.layers:
+            x = stage.downsample(x)
+            for block in stage.blocks:
+                rows = (x + block._attn(block.norm1(x))).flatten(1, 2)  # (B, H*W, C)
+                norms = torch.stack([rows[labels == c].square().sum(dim=(0, 1)).sqrt() for c in (0, 2)])
+                expected.append(sorted(norms.mean(dim=0).topk(5).indices.tolist()))
+                x = block(x)
+    blocks = [b for stage in model.backbone.layers for b in stage.blocks]
+    assert [b.sct.channels.tolist() for b in blocks] == expected
+    assert 7 in expected[0] and any(max(chosen) >= 24 for chosen in expected)  # stage 1 chooses among its 48
+
+
 def test_block_methods_keep_the_backbones_keys():
     plain = set(make_tiny("swin").state_dict())
     for method in BLOCK_METHODS:
-        keys = set(create_method(method, make_tiny("swin"), num_classes=3).backbone.state_dict())
+        options = TINY_METHOD_OPTIONS.get((method, "swin"), {})
+        keys = set(create_method(method, make_tiny("swin"), num_classes=3, **options).backbone.state_dict())
         assert plain <= keys, method
     keys = set(create_method("adaptformer", make_tiny("swin"), num_classes=3).backbone.state_dict())
     assert "layers.1.blocks.0.mlp.adaptmlp.down_proj.weight" in keys  # V-PETL Bench's name
