@@ -8,6 +8,7 @@ from methods import ln_tune, ssf, difffit, fact  # noqa: F401, I001 — issue 16
 from methods import sidetune, vqt  # noqa: F401, I001 — the zoo (issue 16)
 from methods import adapter_plus, mona, vfpt, prefix, dtl  # noqa: F401, I001 — issue 29's vision methods
 from methods import e2vpt, sct, selective, gps  # noqa: F401, I001 — issue 29's vision methods (2)
+from methods import spt  # noqa: F401, I001 — SPT-LoRA and SPT-Adapter (sensitivity-chosen budget)
 from methods import peft_tuners  # noqa: F401, I001 — peft's tuners, after the hand-written ones
 from methods import peft_zoo  # noqa: F401, I001 — every other peft tuner (a table's rows) and METHOD=peft:<type>
 from methods.base import OptimConfig, TuningModule

@@ -28,6 +28,10 @@ TINY_CONVNETS = {
 TINY_METHOD_OPTIONS = {("sct", "vit"): {"channels": 8},  # SCT's 96 salient channels exceed the tiny width 32
                        ("sct", "swin"): {"channels": 8},  # and the tiny Swin's 24 and 48
                        ("fourierft", "swin"): {"n_frequency": 500}}
+# SPT's budget of 400,000 exceeds every weight of the tiny backbones (~25,000): 2,000 leaves some matrices structured,
+# others with single entries, some vectors whole
+TINY_METHOD_OPTIONS |= {(method, kind): {"budget": 2000} for method in ("spt_lora", "spt_adapter")
+                        for kind in ("vit", "swin")}
 # peft tuners whose defaults are sized for ViT-B's 768 (methods/peft_table.py): a rank or group at most the tiny widths
 # (ViT 32; Swin 24 and 48), a vector length and group size dividing them, a frequency count within a 24 x 24 weight.
 TINY_METHOD_OPTIONS |= {(method, kind): options for kind in ("vit", "swin") for method, options in {
