@@ -132,7 +132,8 @@ class RunConfig:
     pretrained: bool = setting(True, "pretrained weights (0: random init, the no-pretraining control)",
                                off="--scratch")
     recipe: str | None = setting(None, "quick (embedded default), paper, the path of a recipe .yaml file, or "
-                                 "selected:<results> (the lr and wd a search there chose: benchmark/sweeps/selected.py)")
+                                 "selected:<results> (the lr and wd a search there chose: "
+                                 "benchmark/sweeps/selected.py)")
     optimizer: str | None = setting(None, "default: the recipe's", choices=tuple(LR_MAX))
     lr: float | None = setting(None, "default: the recipe's (paper recipes scale their base lr by batch / 256)")
     weight_decay: float | None = setting(None, "default: the recipe's", flags=("--weight-decay", "--wd"))
