@@ -19,6 +19,14 @@ Whose choices:
 
 On ViT-B/16 (D = 768, 12 blocks) with 200 classes and p = 10: 12 * 2 * 10 * 768 + (768*200 + 200) = 338,120
 tuned parameters. With projection_dim h: 10*768 + (768 h + h) + (h * 12*2*768 + 12*2*768) + head.
+
+On a Swin (ours: no reference has one): every block of every stage gets p keys and p values of its stage's width C,
+(2, p, C) split into the block's heads, before every window's keys and values, shared by the windows; their
+columns get zero relative-position bias and zero shift mask (as E²VPT's key-value prompts in its Swin code,
+methods/swin_prompts.py). Trained directly, N(0, 1): peft's default parameterisation. projection_dim is refused:
+its MLP maps one width to every layer's keys and values, and a Swin's widths differ per stage. Count
+sum(d * 2 p C) + head; Swin-B with 200 classes: 20 * 12,032 + 1024 * 200 + 200 = 445,640. Blocks keep their
+state-dict keys, plus `layers.i.blocks.j.prefix_kv`.
 """
 
 from __future__ import annotations
@@ -28,10 +36,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
+from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
 from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from methods import swin_prompts
 from methods.base import TuningModule
 from methods.options import Options, option
 from methods.registry import register_method
@@ -97,13 +107,32 @@ class PrefixBlock(Block):
         return attn.proj_drop(attn.proj(out))
 
 
+class PrefixSwinBlock(SwinTransformerBlock):
+    """timm's SwinTransformerBlock whose window attention also reads `prefix_kv` (2, p, C): p keys and p values
+    before every window's own, split into the heads like them, with zero bias and mask columns."""
+
+    prefix_kv: nn.Parameter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, _, dim = x.shape
+        heads = self.attn.num_heads
+        keys, values = self.prefix_kv.reshape(2, -1, heads, dim // heads).transpose(1, 2).unbind(0)  # (H, p, d)
+        no_prompts = x.new_zeros(batch, 0, dim)
+        return swin_prompts.prompted_block(self, x, no_prompts, (keys, values))[0]
+
+
 @register_method("prefix")
 class PrefixTuning(TuningModule):
     label, color = "Prefix", "#bd9e39"
     options_cls = PrefixOptions
     identity_at_init = False  # the prefixes take a share of every softmax from the first step
+    families = ("vit", "swin")
 
     def adapt(self) -> None:
+        self.swin = self.family.plain_block is SwinTransformerBlock
+        if self.swin:  # each block holds its own prefixes (widths differ per stage); timm's forward runs them
+            self.adapt_swin()
+            return
         blocks = self.family.plain_blocks(self.backbone, "prefix")
         for i, block in enumerate(blocks):
             if not PrefixBlock.supports(block):
@@ -114,8 +143,24 @@ class PrefixTuning(TuningModule):
                                 self.options.projection_dim)
         self.prefix_encoder = encoder.to(next(self.backbone.parameters()).device)
 
+    def adapt_swin(self) -> None:
+        """A (2, p, C) prefix per Swin block, N(0, 1), trained directly."""
+        if self.options.projection_dim:
+            raise ValueError("prefix projection_dim maps one width to every layer's keys and values; a Swin's widths "
+                             "differ per stage: use projection_dim=0 on it.")
+        for block in self.family.plain_blocks(self.backbone, "prefix"):
+            if type(block.attn) is not WindowAttention or type(block.attn.qkv) is not nn.Linear:
+                raise ValueError("prefix needs timm's WindowAttention over one fused qkv Linear in every Swin block; "
+                                 f"this one has {type(block.attn).__name__}.")
+            device = block.attn.qkv.weight.device
+            width = self.family.width_of(block)
+            block.prefix_kv = nn.Parameter(torch.randn(2, self.options.prefix_length, width, device=device))
+            block.__class__ = PrefixSwinBlock  # same parameters and state-dict keys, plus `prefix_kv`
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """timm's VisionTransformer.forward_features with each block's prefix passed in."""
+        """timm's VisionTransformer.forward_features with each block's prefix passed in; a Swin's own forward."""
+        if self.swin:
+            return self.backbone.forward_features(x)  # (B, H, W, C)
         backbone = self.backbone
         x = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(backbone.patch_embed(x))))  # (B, prefix+N, D)
         prefixes = self.prefix_encoder()  # (L, 2, p, D)

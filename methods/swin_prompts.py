@@ -114,7 +114,7 @@ def prompted_attention(block: SwinTransformerBlock, h: torch.Tensor, h_prompts: 
     padded_h, padded_w = shifted.shape[1:3]
     windows = window_partition(shifted, block.window_size).view(-1, block.window_area, dim)  # (B*nW, area, C)
     num_win = windows.shape[0] // batch
-    prompt_rows = h_prompts.unsqueeze(1).expand(-1, num_win, -1, -1).reshape(-1, p, dim)  # image b's at b*nW + w
+    prompt_rows = h_prompts.unsqueeze(1).expand(-1, num_win, -1, -1).reshape(batch * num_win, p, dim)  # b*nW + w
     mask = block.get_attn_mask(shifted) if block.dynamic_mask else block.attn_mask
     out = window_attention(block.attn, torch.cat([prompt_rows, windows], dim=1), mask, p, key_values)
     prompts_out = out[:, :p].reshape(batch, num_win, p, dim).mean(dim=1)  # over the image's own windows

@@ -95,6 +95,7 @@ def zoo_counts(g, frequencies: int = 1000, channels: int = 96) -> dict[str, int]
         # p = 5 visual prompts of width C, and heads * T * d = T * C (T = 5) key-value rows, per block
         "e2vpt": per_block(g, lambda c: 5 * c + 5 * c),
         "sct": per_block(g, lambda c: channels * channels + channels),  # Linear(K, K) per block, any width C >= K
+        "prefix": per_block(g, lambda c: 2 * 10 * c),  # p = 10 keys and 10 values of width C per block
     }
     counts = {method: count + head(g) for method, count in attention_mlp.items()}
     counts["sidetune"] = sidetune_count(last, g.classes)
@@ -354,6 +355,26 @@ def test_e2vpt_block_attends_to_window_prompts_and_key_values(swin):
         torch.testing.assert_close(out_x, torch.stack([e[0] for e in expected]), rtol=0, atol=1e-5)
         torch.testing.assert_close(out_prompts, torch.stack([e[1] for e in expected]), rtol=0, atol=1e-5)
         assert (expected[0][0] - without_kv[0]).abs().max() > 1e-3  # the key-value prompts are what it sees
+
+
+@pytest.mark.parametrize("swin", SWINS.values(), ids=SWINS.keys())
+def test_prefix_block_attends_to_its_keys_and_values_in_every_window(swin):
+    model = trained("prefix", **swin)
+    stages = model.backbone.layers
+    for block in (stages[0].blocks[1], stages[1].blocks[0]):  # shifted windows at width 24; width 48
+        height, width = block.input_resolution
+        heads, dim = block.attn.num_heads, block.dim
+        x = torch.randn(2, height, width, dim, generator=torch.Generator().manual_seed(1))
+        keys, values = (t.reshape(10, heads, dim // heads).transpose(0, 1) for t in block.prefix_kv)  # (H, p, d)
+        none = torch.zeros(0, dim)
+        with torch.no_grad():
+            expected = torch.stack([prompted_reference_block(block, image, none, (keys, values))[0] for image in x])
+            swapped = prompted_reference_block(block, x[0], none, (values, keys))[0]
+            torch.testing.assert_close(block(x), expected, rtol=0, atol=1e-5)
+        assert (expected[0] - swapped).abs().max() > 1e-3  # keys and values are two tensors, each in its place
+    assert [tuple(b.prefix_kv.shape) for s in stages for b in s.blocks] == [(2, 10, 24)] * 2 + [(2, 10, 48)] * 2
+    with pytest.raises(ValueError, match="widths differ per stage: use projection_dim=0"):
+        create_method("prefix", make_tiny("swin"), num_classes=3, projection_dim=8)
 
 
 def test_e2vpt_logits_follow_the_stages_written_out():
