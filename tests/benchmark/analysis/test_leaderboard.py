@@ -161,7 +161,8 @@ def test_wall_time_per_method_search_and_finals_by_hand(tmp_path):
     written, tables = lb.write_leaderboard(final_runs(summary), summary, results, results)
     table = pd.read_csv(written["leaderboard_wall_time.csv"]).set_index("method")
     whole = 36 + 70 + 100 + 20  # vpt_deep 10 + 20 + 6 searching (the failed point is no finished run) + 30 + 40
-    expected = {"vpt_deep": (36, 70, 106), "full": (0, 100, 100), "linear": (5, 15, 20), lb.WALL_TOTAL: (41, 185, whole)}
+    expected = {"vpt_deep": (36, 70, 106), "full": (0, 100, 100), "linear": (5, 15, 20),
+                lb.WALL_TOTAL: (41, 185, whole)}
     assert list(table.index) == list(expected)  # most costly first, then the total
     for method, seconds in expected.items():
         assert table.loc[method, ["search_seconds", "final_seconds", "total_seconds"]].tolist() == list(seconds)
