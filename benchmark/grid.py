@@ -16,6 +16,9 @@ JSON per run.
   every registered method at 10% and 100% of the data with seeds 0,1,2 unless METHODS/FRACTIONS/SEEDS say otherwise.
 - DATASETS may name suites: `vtab-1k` (the 19 VTAB-1k tasks), `fgvc` (the five FGVC tasks): datamodules/suites.py.
 - `--dry-run` (DRY_RUN=1) checks every run and prints how many would start and the first few; nothing trains.
+  With `--perf <perf.csv>` (PERF=) it also estimates their device time from `make perf` figures: images trained and
+  evaluated, search and finals apart, over `--estimate-devices` (ESTIMATE_DEVICES=) devices, optionally scaled to
+  Full's img/s on another device (FULL_TRAIN_IMG_S=, FULL_EVAL_IMG_S=): benchmark/costs/estimate.py.
 - `--shard i/n` (SHARD=i/n) runs only the i-th of n disjoint parts of the grid, so n processes (a SLURM job
   array, several machines) share one grid and one results folder: see `Shard`; a search is dealt out by cells.
 - `--jobs n` (JOBS=n) trains n runs at a time in n worker processes on this machine, each with cpu_count / n
@@ -33,10 +36,11 @@ from benchmark.core.cli import add_switch, comma_list, on_off, option_grid
 from benchmark.core.config import RunConfig, check_fraction, check_shots
 from benchmark.core.errors import ConfigError
 from benchmark.core.store import is_storage_error, storage_problem
+from benchmark.costs.estimate import check_speed_inputs, estimate, estimate_lines, method_speeds, speed_source
 from benchmark.run import config_from_args
 from benchmark.sweeps.budget import MAX_WIDENINGS
 from benchmark.sweeps.runner import GridInterrupted, plan_grid, run_grid, stop_on_signals
-from benchmark.sweeps.search import SearchGrid, plan_search, run_search
+from benchmark.sweeps.search import SearchGrid, later_rung_runs, plan_search, run_search
 from benchmark.sweeps.spec import FIG3_FRACTIONS, PAPER_METHODS, ZOO_FRACTIONS, GridSpec, Shard, describe
 from datamodules import EMBEDDED_DATASETS
 
@@ -84,6 +88,12 @@ def parser() -> argparse.ArgumentParser:
                    help=f"leaderboard: times a cell whose chosen lr is an edge of its grid gets one more lr beyond it "
                    f"(default {MAX_WIDENINGS})")
     add_switch(p, "--dry-run", help="check every run and print how many would start and the first few; train nothing")
+    p.add_argument("--perf", help="with --dry-run: estimate the runs' device time from this `make perf` csv")
+    p.add_argument("--full-train-img-s", type=float, help="with --perf: Full's train img/s on the target device "
+                   "(e.g. a published figure); each method's is scaled from it by the csv's ratio to Full")
+    p.add_argument("--full-eval-img-s", type=float, help="with --perf: Full's eval img/s on the target device")
+    p.add_argument("--estimate-devices", type=int, default=1, help="with --perf: devices the runs are dealt out to "
+                   "(default 1)")
     return p
 
 def base_config(run_args: list[str]) -> RunConfig:
@@ -167,14 +177,16 @@ def search_grid(args: argparse.Namespace) -> SearchGrid | None:
                           "SEARCH_LR_FACTORS) need --search (SEARCH=1).")
     return None
 
-def dry_run(spec: GridSpec, grid: SearchGrid | None, shard: Shard | None) -> int:
-    """Print the runs the grid would start (how many, the first few) after checking every one; train nothing."""
+def dry_run(spec: GridSpec, grid: SearchGrid | None, shard: Shard | None, args: argparse.Namespace) -> int:
+    """Print the runs the grid would start (how many, the first few) after checking every one, and with --perf the
+    estimate of their device time; train nothing."""
     if grid is None:
         known = plan_grid(spec, shard)
-        count, note = len(known), ""
+        count, note, planned = len(known), "", known
     else:
         known, count, cells = plan_search(spec, grid, shard)
-        note = f" in {cells} search cells (search points, then finals"
+        planned = known + [cfg for cell in cells for cfg in later_rung_runs(cell, spec.seeds, grid)]
+        note = f" in {len(cells)} search cells (search points, then finals"
         note += ("; later halving rungs counted, named once the earlier ones are done" if grid.halving else "")
         note += (f"; up to {grid.widen} widening(s) per cell at an lr edge, not counted" if grid.widen else "") + ")"
     print(f"Dry run: {count} runs would start{note}; nothing trained.")
@@ -182,7 +194,18 @@ def dry_run(spec: GridSpec, grid: SearchGrid | None, shard: Shard | None) -> int
         print(f"  {describe(cfg)}")
     if count > DRY_RUN_SHOWN:
         print(f"  ... and {count - min(len(known), DRY_RUN_SHOWN)} more")
+    if args.perf and planned:
+        print("\n".join(estimated(planned, args)))
     return 0
+
+def estimated(planned: list, args: argparse.Namespace) -> list[str]:
+    """The dry run's estimate of `planned` runs' device time (benchmark/costs/estimate.py)."""
+    backbone = planned[0].resolved().backbone
+    speeds, missing, config = method_speeds(args.perf, backbone, sorted({cfg.method for cfg in planned}),
+                                            args.full_train_img_s, args.full_eval_img_s)
+    table, unknown = estimate(planned, speeds, args.estimate_devices)
+    source = speed_source(args.perf, config, args.full_train_img_s, args.full_eval_img_s)
+    return estimate_lines(table, unknown, missing, source, args.estimate_devices)
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 every run ok, 1 some failed (recorded), 2 bad input (nothing ran), 128+signal if stopped."""
@@ -194,8 +217,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.jobs < 1:
                 raise ConfigError(f"JOBS must be a whole number >= 1 (runs trained at a time), got {args.jobs}.")
             grid = search_grid(args)
+            check_speed_inputs(args.perf, args.full_train_img_s, args.full_eval_img_s, args.estimate_devices,
+                               args.dry_run)
             if args.dry_run:
-                return dry_run(spec, grid, args.shard)
+                return dry_run(spec, grid, args.shard, args)
             if grid is not None:
                 runner = run_search(spec, grid, jobs=args.jobs, shard=args.shard)
             else:

@@ -130,6 +130,12 @@ class FractionDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         raise NotImplementedError
 
+    @classmethod
+    def split_sizes(cls) -> dict[str, int] | None:
+        """Images per split (`train`: the train pool, `val`, `test`) and `classes`, where the family publishes them,
+        so a grid is planned without its data on disk (benchmark/costs/estimate.py); None: known from the files only."""
+        return None
+
     @property
     def class_names(self) -> list[str]:
         """Label i's name, which an extra test set's class folder must carry; class ids as text by default."""

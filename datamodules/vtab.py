@@ -29,32 +29,39 @@ SPLIT_FILES = {"train": "train800.txt", "val": "val200.txt", "test": "test.txt"}
 TRAINVAL_FILE = "train800val200.txt"
 
 
+SPLIT_SIZES = {"train": 800, "val": 200}  # VTAB-1k's train800 / val200 lists: 1,000 training images per task
+
+
 @dataclass(frozen=True)
 class VTABTask:
     group: str  # natural / specialized / structured: VTAB's three groups, averaged separately in the paper
     num_classes: int
+    # the test split's images: VTAB's test sets (Zhai et al., 2019, the task_adaptation data loaders), as VPT lists
+    # them (Jia et al., ECCV 2022, https://arxiv.org/abs/2203.12119, appendix Table 7 "Specifications of the various
+    # datasets evaluated"); the processed layout's test.txt holds these
+    test_size: int
 
 
 VTAB_TASKS = {
-    "cifar": VTABTask("natural", 100),
-    "caltech101": VTABTask("natural", 102),
-    "dtd": VTABTask("natural", 47),
-    "oxford_flowers102": VTABTask("natural", 102),
-    "oxford_iiit_pet": VTABTask("natural", 37),
-    "svhn": VTABTask("natural", 10),
-    "sun397": VTABTask("natural", 397),
-    "patch_camelyon": VTABTask("specialized", 2),
-    "eurosat": VTABTask("specialized", 10),
-    "resisc45": VTABTask("specialized", 45),
-    "diabetic_retinopathy": VTABTask("specialized", 5),
-    "clevr_count": VTABTask("structured", 8),
-    "clevr_dist": VTABTask("structured", 6),
-    "dmlab": VTABTask("structured", 6),
-    "kitti": VTABTask("structured", 4),
-    "dsprites_loc": VTABTask("structured", 16),
-    "dsprites_ori": VTABTask("structured", 16),
-    "smallnorb_azi": VTABTask("structured", 18),
-    "smallnorb_ele": VTABTask("structured", 9),
+    "cifar": VTABTask("natural", 100, 10000),
+    "caltech101": VTABTask("natural", 102, 6084),
+    "dtd": VTABTask("natural", 47, 1880),
+    "oxford_flowers102": VTABTask("natural", 102, 6149),
+    "oxford_iiit_pet": VTABTask("natural", 37, 3669),
+    "svhn": VTABTask("natural", 10, 26032),
+    "sun397": VTABTask("natural", 397, 21750),
+    "patch_camelyon": VTABTask("specialized", 2, 32768),
+    "eurosat": VTABTask("specialized", 10, 5400),
+    "resisc45": VTABTask("specialized", 45, 6300),
+    "diabetic_retinopathy": VTABTask("specialized", 5, 42670),
+    "clevr_count": VTABTask("structured", 8, 15000),
+    "clevr_dist": VTABTask("structured", 6, 15000),
+    "dmlab": VTABTask("structured", 6, 22735),
+    "kitti": VTABTask("structured", 4, 711),
+    "dsprites_loc": VTABTask("structured", 16, 73728),
+    "dsprites_ori": VTABTask("structured", 16, 73728),
+    "smallnorb_azi": VTABTask("structured", 18, 12150),
+    "smallnorb_ele": VTABTask("structured", 9, 12150),
 }
 
 
@@ -85,6 +92,11 @@ class VTABDataModule(ImageFilesDataModule):
     @property
     def num_classes(self) -> int:
         return VTAB_TASKS[self.task].num_classes
+
+    @classmethod
+    def split_sizes(cls) -> dict[str, int]:
+        info = VTAB_TASKS[cls.task]
+        return SPLIT_SIZES | {"test": info.test_size, "classes": info.num_classes}
 
     @cached_property
     def task_dir(self) -> Path:

@@ -228,17 +228,17 @@ def measured_as_recipe(perf: pd.DataFrame, backbone: str) -> pd.Series:
                      index=perf.index, dtype=bool)
 
 
-def method_costs(perf_path: str | Path | None, backbone: str, methods) -> pd.DataFrame:
+def method_costs(perf_path: str | Path | None, backbone: str, methods, recipe_options: bool = True) -> pd.DataFrame:
     """Per method: train_img_s, peak_mem_mb, eval_img_s, eval_vs_plain (its eval img/s over Full's), merged, and
     the perf configuration measured (`perf`); empty when perf.csv is absent or holds none of `methods` on `backbone`
-    with their recipe's options. Of several configurations the one that measured most of `methods` counts (then
-    the latest measurement of each)."""
+    with their recipe's options (`recipe_options=False`: with any options). Of several configurations the one that
+    measured most of `methods` counts (then the latest measurement of each)."""
     columns = ["train_img_s", "peak_mem_mb", "eval_img_s", "eval_vs_plain", "merged", "perf"]
     if perf_path is None or not Path(perf_path).is_file():
         return pd.DataFrame(columns=columns)
     perf = pd.read_csv(perf_path)
     perf = perf[(perf["backbone"] == backbone) & perf["method"].isin([m for m in methods if known(m)])]
-    perf = perf[measured_as_recipe(perf, backbone)] if not perf.empty else perf
+    perf = perf[measured_as_recipe(perf, backbone)] if recipe_options and not perf.empty else perf
     if perf.empty:
         return pd.DataFrame(columns=columns)
     config = [c for c in PERF_CONFIG if c in perf]

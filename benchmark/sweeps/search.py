@@ -363,9 +363,21 @@ def search_cells(spec: GridSpec, grid: SearchGrid, shard: Shard | None = None) -
     return shard.select(cells) if shard is not None else cells
 
 
-def plan_search(spec: GridSpec, grid: SearchGrid, shard: Shard | None = None) -> tuple[list[RunConfig], int, int]:
-    """(the runs a search would start that are known now, how many runs it would start, cells) without training:
-    finished runs left out; later halving rungs and widenings are counted or noted, not named."""
+def later_rung_runs(cell: RunConfig, seeds: list[int], grid: SearchGrid) -> list[RunConfig]:
+    """Stand-ins for a halving cell's later rungs, whose points the rung before chooses: as many runs as each rung
+    trains, at the grid's first point and the rung's epochs (what an estimate of their cost needs); none for a full
+    search."""
+    if not grid.halving:
+        return []
+    lrs, wds = grid.values(cell.resolved())
+    rungs = halving_rungs(len(lrs) * len(wds), cell.resolved().epochs)
+    return [rung_config(cell, lrs[0], wds[0], seeds[0], rung.epochs) for rung in rungs[1:] for _ in range(rung.points)]
+
+
+def plan_search(spec: GridSpec, grid: SearchGrid,
+                shard: Shard | None = None) -> tuple[list[RunConfig], int, list[RunConfig]]:
+    """(the runs a search would start that are known now, how many runs it would start, its cells) without
+    training: finished runs left out; later halving rungs and widenings are counted or noted, not named."""
     cells = search_cells(spec, grid, shard)
     known, count = [], 0
     for cell in cells:
@@ -373,7 +385,7 @@ def plan_search(spec: GridSpec, grid: SearchGrid, shard: Shard | None = None) ->
         todo = [cfg for cfg in runs if finished_result(cfg) is None]
         known += todo
         count += planned - (len(runs) - len(todo))
-    return known, count, len(cells)
+    return known, count, cells
 
 
 def run_search(spec: GridSpec, grid: SearchGrid | None = None, jobs: int = 1, out: TextIO = sys.stdout,
