@@ -410,13 +410,13 @@ class SensitivityTuning(TuningModule):
 
 @register_method("spt_lora")
 class SPTLoRA(SensitivityTuning):
-    label, color = "SPT-LoRA", "#17becf"
+    label, color = "SPT-LoRA", "#00838f"
     options_cls = SPTLoRAOptions
     structured = "lora"
 
 
 @register_method("spt_adapter")
 class SPTAdapter(SensitivityTuning):
-    label, color = "SPT-Adapter", "#bcbd22"
+    label, color = "SPT-Adapter", "#827717"
     options_cls = SPTAdapterOptions
     structured = "adapter"
