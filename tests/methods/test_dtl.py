@@ -62,7 +62,7 @@ def test_init_leaves_every_token_as_the_backbones(tiny_batch):
     plain = make_tiny_vit().eval()
     model = create_method("dtl", copy.deepcopy(plain), num_classes=3).eval()
     assert all(s.up.weight.abs().sum() == 0 and s.down.weight.abs().sum() > 0 for s in model.dtl_side.values())
-    assert model.options.rank == 2 and model.options.beta == 100.0
+    assert model.rank == 2 and model.pool == "patch_mean" and model.options.beta == 100.0  # None: the ViT code's
     with torch.no_grad():
         assert torch.equal(model.forward_features(tiny_batch[0]), plain.forward_features(tiny_batch[0]))
     backbone_pool = create_method("dtl", copy.deepcopy(plain), num_classes=3, pool="backbone").eval()

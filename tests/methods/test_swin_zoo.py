@@ -69,6 +69,24 @@ def lokr_layer(out: int, inp: int, r: int = 8) -> int:
     return a * c + (b * d if r >= max(b, d) / 2 else r * (b + d))
 
 
+def dtl_read_widths(g) -> list[int]:
+    """C of each block DTL reads by default on a Swin (ours; Swin-B: the code's --lora_before_blocks 4-23): the last
+    two stages' blocks, the second half of them adding (the last n - n // 2 of n); a stage none of whose blocks adds
+    left out (its side sum restarts at the stage's end)."""
+    stages = [[c] * d for c, d in zip(g.widths, g.depths, strict=True)][-2:]
+    first_add, kept, before = sum(map(len, stages)) // 2, [], 0
+    for stage in stages:
+        if before + len(stage) > first_add:  # the stage holds an adding block
+            kept += stage
+        before += len(stage)
+    return kept
+
+
+def dtl_fusion_widths(g) -> list[int]:
+    """C of each stage with an adding block: DTL+ convolves its map (one depth-wise k x k per stage)."""
+    return sorted(set(dtl_read_widths(g)))
+
+
 def zoo_counts(g, frequencies: int = 1000, channels: int = 96) -> dict[str, int]:
     c0, last = g.widths[0], g.widths[-1]
     attention_mlp = {
@@ -96,6 +114,7 @@ def zoo_counts(g, frequencies: int = 1000, channels: int = 96) -> dict[str, int]
         "e2vpt": per_block(g, lambda c: 5 * c + 5 * c),
         "sct": per_block(g, lambda c: channels * channels + channels),  # Linear(K, K) per block, any width C >= K
         "prefix": per_block(g, lambda c: 2 * 10 * c),  # p = 10 keys and 10 values of width C per block
+        "dtl": sum(2 * 4 * c for c in dtl_read_widths(g)),  # A (4 x C) and B (C x 4) per read block (the code's r 4)
     }
     counts = {method: count + head(g) for method, count in attention_mlp.items()}
     counts["sidetune"] = sidetune_count(last, g.classes)
@@ -121,6 +140,17 @@ def test_swin_b_counts_quoted_in_the_docs():
     assert {m: SWIN_B_COUNTS[m] for m in ("adaptformer", "convpass", "repadapter", "ssf", "ln_tune")} == {
         "adaptformer": 1_758_664, "convpass": 642_504, "repadapter": 518_216, "ssf": 479_432, "ln_tune": 262_600}
     assert SWIN_B_COUNTS["houlsby"] == 3_369_928 and SWIN_B_COUNTS["difffit"] == 395_080
+    assert dtl_read_widths(SWIN_B) == [512] * 18 + [1024] * 2 and SWIN_B_COUNTS["dtl"] == 295_112
+
+
+@pytest.mark.parametrize("g", [SWIN_B, TINY], ids=["swin_b", "tiny"])
+def test_dtl_plus_adds_one_depthwise_conv_per_adding_stage(g):
+    """DTL+ (the code's Swin scripts: fusion_size 5): k^2 C per stage whose blocks add, no bias."""
+    with torch.device("meta"):
+        backbone = create_backbone(SWIN_B.name) if g is SWIN_B else make_tiny("swin")
+        model = create_method("dtl", backbone, num_classes=g.classes, fusion_size=5)
+    assert model.tuned_params == zoo_counts(g)["dtl"] + sum(25 * c for c in dtl_fusion_widths(g))
+    assert g is not SWIN_B or model.tuned_params == 333_512
 
 
 # the formulas' arguments for TINY_METHOD_OPTIONS
@@ -448,6 +478,86 @@ def test_sct_selects_each_blocks_channels_over_its_stage_width():
     blocks = [b for stage in model.backbone.layers for b in stage.blocks]
     assert [b.sct.channels.tolist() for b in blocks] == expected
     assert 7 in expected[0] and any(max(chosen) >= 24 for chosen in expected)  # stage 1 chooses among its 48
+
+
+def reference_dtl_logits(model, images: torch.Tensor, read: set[int], add: set[int], pool: str) -> torch.Tensor:
+    """The code's Swin DTL (models/swin_transformer.py BasicLayer.forward): per stage the side sum restarts from 0;
+    before a read block i it gains x B_i A_i, after an adding block x += fuse(swish(sum)), fuse the stage's depth-wise
+    conv over the (H, W) map (DTL+) or nothing; blocks (0-based over the stages) are timm's, untouched. Head: norm,
+    then the map's mean (the code's), or the mean, then norm (patch_mean)."""
+    backbone, beta, i = model.backbone, model.options.beta, 0
+    x = backbone.patch_embed(images)  # (B, H, W, C0)
+    for s, stage in enumerate(backbone.layers):
+        x, side = stage.downsample(x), 0.0
+        for block in stage.blocks:
+            if i in read:
+                low_rank = model.dtl_side[str(i)]
+                side = side + x @ low_rank.down.weight.T @ low_rank.up.weight.T
+            x = block(x)
+            if i in add:
+                act = side * torch.sigmoid(beta * side)
+                if model.dtl_fusion is not None:
+                    w = model.dtl_fusion[str(s)].weight  # (C, 1, k, k)
+                    act = F.conv2d(act.permute(0, 3, 1, 2), w, padding=w.shape[-1] // 2, groups=len(w))
+                    act = act.permute(0, 2, 3, 1)
+                x = x + act
+            i += 1
+    pooled = backbone.norm(x).mean(dim=(1, 2)) if pool == "backbone" else backbone.norm(x.mean(dim=(1, 2)))
+    return linear(backbone.head.fc, pooled)
+
+
+@pytest.mark.parametrize(("options", "read", "add"), [
+    ({}, {2, 3}, {2, 3}),  # ours: the last two stages read, the second half adds, stage 0 (no add) left out
+    ({"read_blocks": "1-4", "add_blocks": "2+4", "fusion_size": 3}, {0, 1, 2, 3}, {1, 3}),  # both stages add
+    ({"read_blocks": "2-4", "add_blocks": "2-3", "pool": "patch_mean", "fusion_size": 5}, {1, 2, 3}, {1, 2}),
+    ({"add_blocks": "1"}, {0, 1}, {0}),  # stage 0 adds: the default read keeps its blocks, drops stage 1's
+], ids=["default", "both stages add, DTL+ 3", "patch_mean, DTL+ 5", "stage 0 adds"])
+def test_dtl_side_sums_restart_per_stage_and_add_after_the_chosen_blocks(options, read, add):
+    torch.manual_seed(0)
+    model = create_method("dtl", make_tiny("swin"), num_classes=3, beta=2.0, **options).eval()
+    assert set(model.dtl_side) == {str(i) for i in read} and model.add_after == add
+    with torch.no_grad():
+        for side in model.dtl_side.values():
+            side.up.weight.normal_(std=0.5)
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference_dtl_logits(model, images, read, add, options.get("pool", "backbone"))
+        torch.testing.assert_close(model(images), expected, rtol=0, atol=1e-5)
+        assert (expected - reference_dtl_logits(model, images, set(), set(), "backbone")).abs().max() > 1e-3
+    assert all(model.dtl_side[str(i)].up.weight.shape[0] == (24 if i < 2 else 48) for i in read)  # its block's C
+    assert all(model.dtl_side[str(i)].down.weight.shape[0] == 4 for i in read)  # the code's Swin rank 4
+
+
+def test_dtl_on_swin_b_reads_and_adds_the_code_blocks():
+    """The code's Swin-B scripts: --lora_before_blocks 4-23 --add_after_blocks 14-23 (0-based); one conv per adding
+    stage (stages 2 and 3) for DTL+."""
+    with torch.device("meta"):
+        model = create_method("dtl", create_backbone(SWIN_B.name), num_classes=200, fusion_size=5)
+    assert sorted(map(int, model.dtl_side)) == list(range(4, 24)) and model.add_after == set(range(14, 24))
+    assert {s: tuple(c.weight.shape) for s, c in model.dtl_fusion.items()} == {"2": (512, 1, 5, 5),
+                                                                               "3": (1024, 1, 5, 5)}
+
+
+def test_dtl_on_swin_starts_as_the_plain_swin():
+    """B zero: the side sum is 0 and swish(0) = 0; the code's head is timm's Swin head (norm, average, linear)."""
+    torch.manual_seed(0)
+    plain = make_tiny("swin").eval()
+    model = create_method("dtl", copy.deepcopy(plain), num_classes=3, fusion_size=5).eval()
+    plain.reset_classifier(3)
+    plain.head = copy.deepcopy(model.backbone.head)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(images), plain(images))
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"read_blocks": "1-4", "add_blocks": "4"}, r"dtl read block\(s\) \[1, 2\] lie in a stage with no add_blocks"),
+    ({"read_blocks": "1+4", "add_blocks": "2-3"}, r"after block 3, but the first block that feeds it in its stage "
+                                                  r"\(blocks 3-4\) is 4"),
+], ids=["read stage without an add", "add before its stage's first read"])
+def test_dtl_refuses_reads_that_cannot_reach_an_add_of_their_stage(options, message):
+    with pytest.raises(ValueError, match=message):
+        create_method("dtl", make_tiny("swin"), num_classes=3, **options)
 
 
 def test_block_methods_keep_the_backbones_keys():
