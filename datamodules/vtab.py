@@ -38,7 +38,9 @@ class VTABTask:
     num_classes: int
     # the test split's images: VTAB's test sets (Zhai et al., 2019, the task_adaptation data loaders), as VPT lists
     # them (Jia et al., ECCV 2022, https://arxiv.org/abs/2203.12119, appendix Table 7 "Specifications of the various
-    # datasets evaluated"); the processed layout's test.txt holds these
+    # datasets evaluated"); the processed layout's test.txt holds these. Written from that table as recalled, not
+    # read from a copy here: caltech101's 6,084 is checked (MTEB's card), dsprites' 73,728 is task_adaptation's 10%
+    # of its 737,280; only the dry run's cost estimate reads them, never a run (its test.txt decides)
     test_size: int
 
 
