@@ -126,9 +126,10 @@ class Shard:
 def validate_all(configs: list[RunConfig]) -> None:
     """Check every run before the first trains: one typo must not surface hours into a grid."""
     problems: dict[str, None] = {}
+    builds: dict[str, list[str]] = {}  # one meta build per model, not per cell
     for cfg in configs:
         try:
-            validate_config(cfg)
+            validate_config(cfg, builds)
         except ConfigError as err:
             problems.update({f"{describe(cfg)}: {p}" if len(configs) > 1 else p: None for p in err.problems})
     if problems:

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from benchmark.core.config import RunConfig
+from benchmark.core.errors import ConfigError
 from benchmark.core.store import atomic_write_json, read_result, result_path
 from benchmark.grid import main
 from benchmark.sweeps import runner as grid_runner
@@ -287,3 +288,29 @@ def test_zoo_grid_is_every_method_at_all_the_data_two_at_a_time():
     assert args.methods == ["full", "linear", "bias", "adapter", "vpt_shallow", "vpt_deep"] and args.jobs == 1
     assert parse_args(["--zoo", "--search"])[0].jobs == 2  # a search: two cells at a time
     assert parse_args(["--search"])[0].jobs == 1 and parse_args(["--search", "--jobs", "3"])[0].jobs == 3
+
+
+def test_a_grids_checks_build_each_model_once_and_still_refuse_every_cell(tmp_path, monkeypatch):
+    """validate_all builds a model on the meta device once per (method, backbone, options, optimizer), not per
+    cell: cells that differ only in seed and data share the build; another option value builds again; a model that
+    cannot be built is refused for every cell that asks for it."""
+    import benchmark.core.validate as validate
+    from benchmark.sweeps.spec import validate_all
+
+    built = []
+    real = validate.create_method
+    monkeypatch.setattr(validate, "create_method", lambda name, *a, **kw: built.append((name, kw)) or real(name, *a,
+                                                                                                            **kw))
+    base = dict(results_dir=str(tmp_path), epochs=1)
+    same = [RunConfig(method="adapter", dataset=d, seed=s, **base) for d in ("digits", "fashion_heldout")
+            for s in (0, 1, 2)]
+    validate_all(same)
+    assert len(built) == 1
+    validate_all(same + [RunConfig(method="adapter", options={"reduction": 4}, **base)])
+    assert len(built) == 1 + 2  # a fresh grid: the shared build once more, the other reduction once
+    unbuildable = [RunConfig(method="adapter", options={"reduction": 7}, seed=s, **base) for s in (0, 1)]
+    with pytest.raises(ConfigError) as err:
+        validate_all(unbuildable)
+    assert [p.split(":")[0] for p in err.value.problems] == [f"adapter digits frac=0.1 reduction=7 seed={s}"
+                                                             for s in (0, 1)]
+    assert all("reduction 7 does not divide" in p for p in err.value.problems)
