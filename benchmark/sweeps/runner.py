@@ -243,7 +243,9 @@ def worker_pool(jobs: int, log_dir: Path):
         yield pool, threads
     except BaseException:
         for process in multiprocessing.active_children():  # the pool's workers: this process has no other children
-            process.terminate()
+            # SIGKILL: Lightning's trainer catches SIGTERM, ends that fit and lets the worker go on to its next
+            # queued run; results are written atomically, so a killed run leaves nothing half-written
+            process.kill()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()

@@ -314,3 +314,33 @@ def test_a_grids_checks_build_each_model_once_and_still_refuse_every_cell(tmp_pa
     assert [p.split(":")[0] for p in err.value.problems] == [f"adapter digits frac=0.1 reduction=7 seed={s}"
                                                              for s in (0, 1)]
     assert all("reduction 7 does not divide" in p for p in err.value.problems)
+
+
+def catch_sigterm_and_sleep(seconds: float, ready: str) -> None:
+    """A worker's job that, as Lightning's trainer does, handles SIGTERM itself and carries on."""
+    import time
+    from pathlib import Path
+
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    Path(ready).touch()
+    time.sleep(seconds)
+
+
+def test_a_stopped_grid_stops_its_workers_even_when_they_catch_sigterm(tmp_path):
+    """Leaving the worker pool by an exception (the grid's GridInterrupted on Ctrl+C) ends the workers at once,
+    also a worker inside a Lightning fit, which handles SIGTERM itself and would go on to its next queued run."""
+    import multiprocessing
+    import time
+
+    ready = tmp_path / "ready"
+    with pytest.raises(KeyboardInterrupt):
+        with grid_runner.worker_pool(1, tmp_path) as (pool, _):
+            pool.submit(catch_sigterm_and_sleep, 300, str(ready))
+            deadline = time.time() + 120
+            while not ready.exists() and time.time() < deadline:
+                time.sleep(0.05)
+            workers = multiprocessing.active_children()
+            raise KeyboardInterrupt
+    for worker in workers:
+        worker.join(timeout=30)
+    assert ready.exists() and workers and not any(worker.is_alive() for worker in workers)
