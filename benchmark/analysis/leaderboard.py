@@ -46,6 +46,7 @@ from matplotlib.ticker import FuncFormatter
 from benchmark.analysis.aggregate import dataset_groups
 from benchmark.analysis.stats import ONE_SEED, paired_difference, t_interval, verdict
 from benchmark.analysis.tables import markdown, number
+from benchmark.core.config import is_search_tag
 from benchmark.costs.model_costs import recipe_settings
 from datamodules import FGVC_DATASETS, VTAB_DATASETS
 from methods import get_method_class, list_methods
@@ -112,7 +113,7 @@ def search_runs(summary: pd.DataFrame, final: pd.DataFrame) -> pd.DataFrame:
     no few-shot or option-grid point (their cells are not the leaderboard's)."""
     if "tag" not in summary:
         return summary.iloc[0:0]
-    points = summary[(summary["status"] == "ok") & summary["tag"].fillna("").astype(str).str.startswith("search_")]
+    points = summary[(summary["status"] == "ok") & summary["tag"].fillna("").astype(str).map(is_search_tag)]
     for column in ("shots", "options"):
         if column in points:
             points = points[points[column].isna() | (points[column].astype(str) == "")]

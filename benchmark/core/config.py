@@ -69,6 +69,12 @@ def check_extra_test(value) -> dict[str, str]:
 
 
 MAX_TAG = 64  # a tag is one part of a file name, beside the run's other parts
+SEARCH_TAG_PREFIX = "search_"  # a search point's or halving rung's tag starts so (benchmark/sweeps/search.py names them)
+
+
+def is_search_tag(tag) -> bool:
+    """Whether a run's tag names a search point or halving rung (not a final or an ordinary run)."""
+    return str(tag).startswith(SEARCH_TAG_PREFIX)
 
 
 def check_tag(value) -> str:

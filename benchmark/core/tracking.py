@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger
 
-from benchmark.core.config import RunConfig
+from benchmark.core.config import RunConfig, is_search_tag
 from benchmark.core.validate import wandb_key_problem
 
 DEFAULT_PROJECT = "vpt-bench"
@@ -48,7 +48,7 @@ def wandb_mode() -> str:
 def run_tags(cfg: RunConfig) -> list[str]:
     data = f"shots={cfg.shots}" if cfg.shots is not None else f"fraction={cfg.train_fraction:g}"
     tags = [cfg.method, data, f"recipe={cfg.recipe}"]
-    if cfg.tag.startswith("search_"):
+    if is_search_tag(cfg.tag):
         tags.append("search")
     if cfg.train_on == "trainval":
         tags.append("final")
@@ -59,7 +59,7 @@ def wandb_logger(cfg: RunConfig):
     """Lightning's WandbLogger for one run: grouped by dataset, tagged by method, the whole config logged."""
     Path(save_dir()).mkdir(parents=True, exist_ok=True)
     return WandbLogger(project=project(), name=cfg.run_id(), group=cfg.dataset, tags=run_tags(cfg),
-                       job_type="search" if cfg.tag.startswith("search_") else "train", config=asdict(cfg),
+                       job_type="search" if is_search_tag(cfg.tag) else "train", config=asdict(cfg),
                        save_dir=save_dir(), mode=wandb_mode())
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmark.analysis.leaderboard import REFERENCE, method_costs
-from benchmark.core.config import RunConfig
+from benchmark.core.config import RunConfig, is_search_tag
 from benchmark.core.errors import ConfigError
 from datamodules import get_datamodule_class
 
@@ -47,7 +47,7 @@ def run_images(cfg: RunConfig) -> dict[str, int] | None:
 
 def phase(cfg: RunConfig) -> str:
     """`search` for a search point or halving rung (tagged search_*), `finals` for every other run."""
-    return "search" if cfg.tag.startswith("search_") else "finals"
+    return "search" if is_search_tag(cfg.tag) else "finals"
 
 
 def method_speeds(perf_path: str | Path, backbone: str, methods: list[str], full_train_img_s: float | None = None,

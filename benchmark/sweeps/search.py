@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
-from benchmark.core.config import RunConfig, load_recipe, options_label
+from benchmark.core.config import SEARCH_TAG_PREFIX, RunConfig, load_recipe, options_label
 from benchmark.core.errors import ConfigError
 from benchmark.core.pipeline import RESULT_SETTINGS, changed_settings, run_record
 from benchmark.core.store import atomic_write_json, result_path, results_path, write_summary
@@ -58,7 +58,6 @@ PAPER_WDS = (0.01, 0.001, 0.0001, 0.0)
 # in which a 40-epoch cosine run on the embedded tasks changes most (lr too small: underfit; too large: unstable).
 RELATIVE_LR_FACTORS = (0.2, 1.0, 5.0)
 RELATIVE_WDS = (0.001, 0.0)
-TAG_PREFIX = "search_"
 
 
 @dataclass(frozen=True)
@@ -126,7 +125,7 @@ def lr_multiplier(cfg: RunConfig) -> float:
 
 
 def search_tag(lr: float, weight_decay: float) -> str:
-    return f"{TAG_PREFIX}lr{lr:g}_wd{weight_decay:g}"
+    return f"{SEARCH_TAG_PREFIX}lr{lr:g}_wd{weight_decay:g}"
 
 
 def point_config(cell: RunConfig, lr: float, weight_decay: float, seed: int) -> RunConfig:
@@ -212,7 +211,7 @@ def train_points(runner: GridRunner, configs: list[RunConfig], one_pass: bool = 
             pending[k] = to_train
     trained = None
     if one_pass and pending and can_share_a_pass(configs[0].resolved()):
-        trained = train_in_one_pass(list(pending.values()), name=f"{TAG_PREFIX}one_pass")
+        trained = train_in_one_pass(list(pending.values()), name=f"{SEARCH_TAG_PREFIX}one_pass")
     for k, result in zip(pending, trained or [None] * len(pending), strict=True):
         if result is None:
             results[k] = runner.execute(configs[k], record_claimed=False)
