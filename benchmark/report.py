@@ -3,6 +3,7 @@
     python -m benchmark.report [--results-dir results] [--out results/figures] [--datasets a,b] [--backbone X]
                                [--recipe quick] [--epochs 20] [--fraction 1.0] [--wandb] [--wise-ft]
                                [--leaderboard [--perf results/perf.csv]]
+    python -m benchmark.report --results-dir <full search> --compare-search <halving search>
 
 It reads run JSONs (refreshing results/summary.csv) — never builds a model unless --wise-ft asks — and writes PNG +
 PDF figures and Markdown + CSV tables. audits.md holds what the runs' saved curves and test logits give (the
@@ -27,6 +28,7 @@ import argparse
 import sys
 
 from benchmark.analysis.outputs import write_report
+from benchmark.analysis.search_agreement import write_search_agreement
 from benchmark.core.cli import add_switch, comma_list
 from benchmark.core.config import EMBEDDED_BACKBONE
 from benchmark.core.store import check_results_dir, is_storage_error, storage_problem
@@ -50,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
                     "scores them at weights interpolated with the pretrained ones; the one option that builds models")
     add_switch(p, "--leaderboard", help="also the leaderboard (leaderboard.md/.csv, leaderboard_*.png)")
     p.add_argument("--perf", help="the leaderboard's costs: a `make perf` CSV (default: <results-dir>/perf.csv)")
+    p.add_argument("--compare-search", metavar="HALVING_RESULTS",
+                   help="only search_agreement.md/.csv: the halving search in HALVING_RESULTS against the full search "
+                        "in --results-dir, cell by cell (benchmark/analysis/search_agreement.py)")
     p.add_argument("--fig3", action="store_true",
                    help="the embedded Fig. 3: the embedded tasks, the paper's six methods, the embedded backbone")
     p.add_argument("--zoo", action="store_true",
@@ -65,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         args.datasets, args.backbone = list(EMBEDDED_DATASETS), args.backbone or EMBEDDED_BACKBONE
     try:
         results_dir = check_results_dir(args.results_dir)
+        if args.compare_search:
+            written = write_search_agreement(results_dir, check_results_dir(args.compare_search), args.out)
+            print(written["search_agreement.md"].read_text())
+            print("Wrote " + ", ".join(str(p) for p in written.values()))
+            return 0
         written = write_report(results_dir, args.out, args.datasets, args.methods, args.backbone, args.fraction,
                                args.wandb, recipe=args.recipe, epochs=args.epochs, wise_ft=args.wise_ft,
                                leaderboard=args.leaderboard, perf=args.perf)

@@ -69,12 +69,17 @@ def check_extra_test(value) -> dict[str, str]:
 
 
 MAX_TAG = 64  # a tag is one part of a file name, beside the run's other parts
-SEARCH_TAG_PREFIX = "search_"  # a search point's or halving rung's tag starts so (benchmark/sweeps/search.py names them)
+SEARCH_TAG_PREFIX = "search_"  # a search point's or halving rung's tag starts so (sweeps/search.py names them)
 
 
 def is_search_tag(tag) -> bool:
     """Whether a run's tag names a search point or halving rung (not a final or an ordinary run)."""
     return str(tag).startswith(SEARCH_TAG_PREFIX)
+
+
+def search_tag(lr: float, weight_decay: float) -> str:
+    """The tag of a full search's point (a halving rung appends `_e<epochs>`)."""
+    return f"{SEARCH_TAG_PREFIX}lr{lr:g}_wd{weight_decay:g}"
 
 
 def check_tag(value) -> str:

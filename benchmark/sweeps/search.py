@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
-from benchmark.core.config import SEARCH_TAG_PREFIX, RunConfig, load_recipe, options_label
+from benchmark.core.config import SEARCH_TAG_PREFIX, RunConfig, load_recipe, options_label, search_tag
 from benchmark.core.errors import ConfigError
 from benchmark.core.pipeline import RESULT_SETTINGS, changed_settings, run_record
 from benchmark.core.store import atomic_write_json, result_path, results_path, write_summary
@@ -122,10 +122,6 @@ def lr_multiplier(cfg: RunConfig) -> float:
     """batch/256 for recipes whose lrs are base lrs (the paper's linear scaling rule), else 1."""
     scaling = load_recipe(cfg.recipe, cfg.method).get("lr_scaling")
     return cfg.batch_size / 256 if scaling == "batch/256" else 1.0
-
-
-def search_tag(lr: float, weight_decay: float) -> str:
-    return f"{SEARCH_TAG_PREFIX}lr{lr:g}_wd{weight_decay:g}"
 
 
 def point_config(cell: RunConfig, lr: float, weight_decay: float, seed: int) -> RunConfig:
