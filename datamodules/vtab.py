@@ -36,11 +36,10 @@ SPLIT_SIZES = {"train": 800, "val": 200}  # VTAB-1k's train800 / val200 lists: 1
 class VTABTask:
     group: str  # natural / specialized / structured: VTAB's three groups, averaged separately in the paper
     num_classes: int
-    # the test split's images: VTAB's test sets (Zhai et al., 2019, the task_adaptation data loaders), as VPT lists
-    # them (Jia et al., ECCV 2022, https://arxiv.org/abs/2203.12119, appendix Table 7 "Specifications of the various
-    # datasets evaluated"); the processed layout's test.txt holds these. Written from that table as recalled, not
-    # read from a copy here: caltech101's 6,084 is checked (MTEB's card), dsprites' 73,728 is task_adaptation's 10%
-    # of its 737,280; only the dry run's cost estimate reads them, never a run (its test.txt decides)
+    # test.txt's images: the "test" split of google-research/task_adaptation data/<task>.py, sized by the TFDS catalog
+    # (tensorflow/datasets docs/catalog/<name>.md): the TFDS test split, except clevr = validation (15,000), eurosat
+    # and resisc45 = train's last 20% (27,000, 31,500), dsprites = train's last 10% (737,280), smallnorb = test[50%:]
+    # (24,300); they match VPT's appendix Table 7. Only the dry run's cost estimate reads them (a run counts test.txt)
     test_size: int
 
 
