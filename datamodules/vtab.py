@@ -39,7 +39,7 @@ class VTABTask:
     # test.txt's images: the "test" split of google-research/task_adaptation data/<task>.py, sized by the TFDS catalog
     # (tensorflow/datasets docs/catalog/<name>.md): the TFDS test split, except clevr = validation (15,000), eurosat
     # and resisc45 = train's last 20% (27,000, 31,500), dsprites = train's last 10% (737,280), smallnorb = test[50%:]
-    # (24,300); they match VPT's appendix Table 7. Only the dry run's cost estimate reads them (a run counts test.txt)
+    # (24,300). Only the dry run's cost estimate reads them (a run counts its test.txt)
     test_size: int
 
 
