@@ -108,6 +108,14 @@ class FashionHeldoutDataModule(TensorSplitsDataModule):
 
     name = "fashion_heldout"
     train_per_class, val_per_class = 400, 100
+    test_per_class = 1000  # Fashion-MNIST's t10k holds 1,000 images of each class
+
+    @classmethod
+    def split_sizes(cls) -> dict[str, int]:
+        """The carving's sizes (arrays() makes them), so a grid's cost is estimated before any data is read."""
+        classes = len(HELDOUT_CLASSES)
+        return {"train": cls.train_per_class * classes, "val": cls.val_per_class * classes,
+                "test": cls.test_per_class * classes, "classes": classes}
 
     @property
     def num_classes(self) -> int:
@@ -182,14 +190,21 @@ class DigitsDataModule(TensorSplitsDataModule):
     """
 
     name = "digits"
+    images, test_per_class, val_per_class = 1797, 60, 20  # scikit-learn's digits; the carving below
 
     @property
     def num_classes(self) -> int:
         return 10
 
+    @classmethod
+    def split_sizes(cls) -> dict[str, int]:
+        """The carving's sizes (arrays() makes them), so a grid's cost is estimated before any data is read."""
+        test, val = cls.test_per_class * 10, cls.val_per_class * 10
+        return {"train": cls.images - test - val, "val": val, "test": test, "classes": 10}
+
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         images, labels = load_digits_uint8()
-        test, rest = carve(labels, 60)
-        val, train = carve(labels[rest], 20)
+        test, rest = carve(labels, self.test_per_class)
+        val, train = carve(labels[rest], self.val_per_class)
         chosen = {"test": test, "val": rest[val], "train": rest[train]}[split]
         return images[chosen], labels[chosen]

@@ -3,7 +3,8 @@
 Images. A run trains on its fraction of the training pool (train; a final: train + val) for its epochs, and scores
 val after every epoch and test once (benchmark/core/pipeline.py), so it trains `n_train x epochs` images and
 evaluates `val x epochs + test`. The split sizes are the ones a dataset family publishes (`split_sizes()` of its
-datamodule: VTAB-1k's 800 / 200 and each task's test set, datamodules/vtab.py), so no data need be on disk; a
+datamodule: VTAB-1k's 800 / 200 and each task's test set, datamodules/vtab.py; the embedded tasks' carving,
+datamodules/embedded.py), so no data need be on disk; a
 dataset without published sizes is left out of the estimate and named. `n_train` is the fraction of the pool (the
 split rounds per class: within a few images), or `shots x classes`.
 

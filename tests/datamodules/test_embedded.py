@@ -23,3 +23,14 @@ def test_cached_arrays_are_shared_and_read_only():
     assert load_digits_uint8()[0] is images
     with pytest.raises(ValueError, match="read-only"):
         images[0, 0, 0] = 1
+
+
+@pytest.mark.parametrize("name", ["digits", "fashion_heldout"])
+def test_published_split_sizes_are_the_carved_arrays(name):
+    """The cost estimate (benchmark/costs/estimate.py) plans with split_sizes(); the runs train on arrays()."""
+    from datamodules import get_datamodule_class
+
+    cls = get_datamodule_class(name)
+    dm = cls(data_config={"input_size": (1, 28, 28), "mean": (0.0,), "std": (1.0,)}, train_fraction=1.0)
+    carved = {split: len(dm.arrays(split)[1]) for split in ("train", "val", "test")}
+    assert cls.split_sizes() == carved | {"classes": dm.num_classes}

@@ -48,7 +48,7 @@ def test_images_of_a_search_point_a_final_a_fraction_and_shots():
     tenth = RunConfig(dataset="vtab/dtd", method="linear", epochs=2, train_fraction=0.1)
     assert run_images(tenth)["train_images"] == 80 * 2
     assert run_images(RunConfig(dataset="vtab/dtd", method="linear", epochs=1, shots=2))["train_images"] == 2 * 47
-    assert run_images(RunConfig(dataset="digits", method="linear")) is None  # no published sizes
+    assert run_images(RunConfig(dataset="cub", method="linear")) is None  # no published sizes (its files decide)
 
 
 def test_speeds_scale_full_given_by_the_csv_ratios_and_count_an_unmeasured_method_at_full(perf):
@@ -62,7 +62,7 @@ def test_speeds_scale_full_given_by_the_csv_ratios_and_count_an_unmeasured_metho
 def test_estimate_of_a_tiny_plan_by_hand(perf):
     plan = [RunConfig(dataset="vtab/dtd", method="linear", epochs=2, train_fraction=1.0, tag="search_lr0.1_wd0"),
             RunConfig(dataset="vtab/dtd", method="full", epochs=2, train_fraction=1.0, train_on="trainval", seed=1),
-            RunConfig(dataset="digits", method="linear")]
+            RunConfig(dataset="cub", method="linear")]
     speeds, _, _ = method_speeds(perf, ARCH, ["linear"], 100.0, 400.0)
     table, unknown = estimate(plan, speeds, devices=2)
     eval_images = 200 * 2 + DTD_TEST
@@ -72,7 +72,7 @@ def test_estimate_of_a_tiny_plan_by_hand(perf):
     assert table.loc["search", ["train_hours", "eval_hours"]].tolist() == pytest.approx(search)
     assert table.loc["finals", ["train_hours", "eval_hours"]].tolist() == pytest.approx(finals)
     assert table.loc["total", "hours"] == pytest.approx(sum(search) + sum(finals))
-    assert table.loc["total", "train_images"] == 3600 and unknown == ["digits"]
+    assert table.loc["total", "train_images"] == 3600 and unknown == ["cub"]
 
 
 def test_dry_run_prints_the_estimate_and_trains_nothing(tmp_path, capsys, perf):
