@@ -47,6 +47,7 @@ from benchmark.analysis.aggregate import dataset_groups
 from benchmark.analysis.stats import ONE_SEED, paired_difference, t_interval, verdict
 from benchmark.analysis.tables import markdown, number
 from benchmark.core.config import is_search_tag
+from benchmark.core.store import read_budgets
 from benchmark.costs.model_costs import recipe_settings
 from datamodules import FGVC_DATASETS, VTAB_DATASETS
 from methods import get_method_class, list_methods
@@ -158,12 +159,6 @@ def recorded_budgets(records: list[dict], final: pd.DataFrame) -> pd.DataFrame:
     frame["images_seen"] = frame["search_images"] + frame["final_images"]
     frame = frame.rename(columns={"search_wall_seconds": "search_seconds", "final_wall_seconds": "final_seconds"})
     return frame.set_index(CELL).reindex(columns=BUDGET + WALL)
-
-
-def read_budgets(results_dir: str | Path) -> list[dict]:
-    """Every budget record under `<results_dir>/budget/` (the search writes one JSON per cell), in path order."""
-    folder = Path(results_dir) / "budget"
-    return [json.loads(path.read_text()) for path in sorted(folder.rglob("*.json"))] if folder.is_dir() else []
 
 
 def cell_budgets(summary: pd.DataFrame, final: pd.DataFrame, records: list[dict] | None = None) -> pd.DataFrame:

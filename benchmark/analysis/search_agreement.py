@@ -26,9 +26,9 @@ import numpy as np
 import pandas as pd
 
 from benchmark.analysis.aggregate import load_summary
-from benchmark.analysis.leaderboard import read_budgets
 from benchmark.analysis.tables import markdown, number
 from benchmark.core.config import search_tag
+from benchmark.core.store import read_budgets
 
 KEYS = ["dataset", "backbone", "method", "train_fraction", "recipe"]  # a search cell
 CHOICE = ["lr", "weight_decay"]

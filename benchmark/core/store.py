@@ -175,6 +175,15 @@ def load_runs(results_dir: str | Path) -> pd.DataFrame:
     return frame
 
 
+BUDGET_DIR = "budget"  # <results>/budget/: one budget record per search cell (benchmark/sweeps/budget.py)
+
+
+def read_budgets(results_dir: str | Path) -> list[dict]:
+    """Every search cell's budget record under `<results_dir>/budget/`, in path order."""
+    folder = Path(results_dir) / BUDGET_DIR
+    return [json.loads(path.read_text()) for path in sorted(folder.rglob("*.json"))] if folder.is_dir() else []
+
+
 def read_summary(results_dir: str | Path) -> pd.DataFrame:
     """results/summary.csv as written by `write_summary` (empty tags stay empty strings, not NaN)."""
     path = Path(results_dir) / "summary.csv"

@@ -24,14 +24,13 @@ Budget records (the leaderboard report reads them; benchmark/analysis/leaderboar
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from benchmark.core.store import atomic_write_json, atomic_write_text, results_path
+from benchmark.core.store import BUDGET_DIR, atomic_write_json, atomic_write_text, read_budgets, results_path
 
 MAX_WIDENINGS = 2  # per cell: a choice still at the edge after two steps of 5x (25x) is reported as such
 BUDGET_CSV = "budget.csv"
@@ -116,17 +115,11 @@ def budget_record(identity: dict, search: str, base_points: int, widening: Widen
 
 
 def budget_path(results_dir: str | Path, cell_id: str) -> Path:
-    return results_path(results_dir, "budget", f"{cell_id}.json")
+    return results_path(results_dir, BUDGET_DIR, f"{cell_id}.json")
 
 
 def write_budget(results_dir: str | Path, cell_id: str, record: dict) -> None:
     atomic_write_json(budget_path(results_dir, cell_id), record)
-
-
-def read_budgets(results_dir: str | Path) -> list[dict]:
-    """Every cell's budget record under `results_dir`, in path order."""
-    folder = Path(results_dir) / "budget"
-    return [json.loads(path.read_text()) for path in sorted(folder.rglob("*.json"))] if folder.is_dir() else []
 
 
 def budget_table(records: list[dict]) -> pd.DataFrame:

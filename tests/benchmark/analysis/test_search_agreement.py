@@ -10,8 +10,8 @@ import pytest
 
 from benchmark import report
 from benchmark.analysis.aggregate import load_summary
-from benchmark.analysis.leaderboard import read_budgets
 from benchmark.analysis.search_agreement import agreement, totals
+from benchmark.core.store import read_budgets
 
 CELL = {"backbone": "bb", "train_fraction": 0.1, "shots": None, "options": "", "recipe": "quick"}
 
