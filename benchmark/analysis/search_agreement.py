@@ -8,7 +8,9 @@ writes search_agreement.md and search_agreement.csv (default: <full>/figures). P
 fraction, recipe; the budget records of both folders, benchmark/sweeps/budget.py): each search's choice (lr, weight
 decay) and whether they are the same point; the accuracy lost by the halving choice, `full - halving`, twice: on the
 finals (mean test top-1 of each folder's final runs, over the seeds both have) and on the points (test top-1 of the
-full search's own run at each choice, one run set, so no seed noise between the two); and each search's epochs.
+full search's own run at each choice, one run set, so no seed noise between the two); the val gap, the full search's
+val top-1 at its choice minus at the halving choice (how close the full search itself found the two: a gap of a few
+val images is a near tie); and each search's epochs.
 Totals: the cells, the share choosing the same point, the mean loss on the finals and on the points, and the halving
 search's epochs over the full search's and over the finals'. Cells of one folder only are left out; few-shot and
 option-grid cells too (the leaderboard has neither).
@@ -51,13 +53,13 @@ def finals_by_seed(summary: pd.DataFrame) -> pd.DataFrame:
     return ok[[*KEYS, "seed", "test_top1"]]
 
 
-def point_top1(summary: pd.DataFrame, cell: dict, lr: float, weight_decay: float) -> float:
-    """Test top-1 of the search's own run at (lr, weight decay) in `cell` (NaN when it has none): the full search
+def point_top1(summary: pd.DataFrame, cell: dict, lr: float, weight_decay: float, split: str = "test") -> float:
+    """`split` top-1 of the search's own run at (lr, weight decay) in `cell` (NaN when it has none): the full search
     trains each point once, at the search seed."""
     runs = summary[(summary["status"] == "ok") & (summary["tag"] == search_tag(lr, weight_decay))]
     for key in KEYS:
         runs = runs[runs[key] == cell[key]]
-    return float(runs["test_top1"].mean()) if len(runs) else math.nan
+    return float(runs[f"{split}_top1"].mean()) if len(runs) else math.nan
 
 
 def mean_over_common_seeds(full: pd.DataFrame, halving: pd.DataFrame) -> tuple[float, float]:
@@ -81,6 +83,8 @@ def agreement(full_records: list[dict], halving_records: list[dict], full_summar
         final_full, final_halving = mean_over_common_seeds(full_finals[in_cell[0]], halving_finals[in_cell[1]])
         point_full = point_top1(full_summary, key, cell["lr_full"], cell["weight_decay_full"])
         point_halving = point_top1(full_summary, key, cell["lr_halving"], cell["weight_decay_halving"])
+        val_gap = (point_top1(full_summary, key, cell["lr_full"], cell["weight_decay_full"], "val")
+                   - point_top1(full_summary, key, cell["lr_halving"], cell["weight_decay_halving"], "val"))
         same = bool(np.isclose(cell["lr_full"], cell["lr_halving"])
                     and np.isclose(cell["weight_decay_full"], cell["weight_decay_halving"]))
         rows.append(key | {
@@ -88,6 +92,7 @@ def agreement(full_records: list[dict], halving_records: list[dict], full_summar
             "lr_halving": cell["lr_halving"], "weight_decay_halving": cell["weight_decay_halving"], "same": same,
             "final_full": final_full, "final_halving": final_halving, "final_lost": final_full - final_halving,
             "point_full": point_full, "point_halving": point_halving, "point_lost": point_full - point_halving,
+            "val_gap": val_gap,
             "search_epochs_full": cell["search_epochs_full"], "search_epochs_halving": cell["search_epochs_halving"],
             "final_epochs": cell["final_epochs_halving"]})
     return pd.DataFrame(rows)
@@ -96,7 +101,9 @@ def agreement(full_records: list[dict], halving_records: list[dict], full_summar
 def totals(cells: pd.DataFrame) -> dict:
     """The issue's three numbers over every compared cell: same point, accuracy lost, compute."""
     halving_epochs = float(cells["search_epochs_halving"].sum())
+    different = cells[~cells["same"]]
     return {"cells": len(cells), "same": int(cells["same"].sum()), "same_share": float(cells["same"].mean()),
+            "val_gap_median": float(different["val_gap"].median()) if len(different) else math.nan,
             "final_lost_mean": float(cells["final_lost"].mean()), "final_lost_max": float(cells["final_lost"].max()),
             "point_lost_mean": float(cells["point_lost"].mean()),
             "halving_over_full_search": halving_epochs / float(cells["search_epochs_full"].sum()),
@@ -108,7 +115,9 @@ def agreement_markdown(cells: pd.DataFrame) -> str:
     if cells.empty:
         return "No cell was searched in both folders.\n"
     t = totals(cells)
-    lines = [f"- **Same point**: {t['same']} of {t['cells']} cells ({t['same_share']:.0%}).",
+    lines = [f"- **Same point**: {t['same']} of {t['cells']} cells ({t['same_share']:.0%}); where they differ, the "
+             "full search's val top-1 at its choice is above that at the halving choice by "
+             f"{number(t['val_gap_median'])} points (median; its own runs of the recipe's epochs).",
              f"- **Accuracy lost** (full - halving, test top-1): finals {number(t['final_lost_mean'], 3)} on average "
              f"(at most {number(t['final_lost_max'])}); the full search's own runs at each choice "
              f"{number(t['point_lost_mean'], 3)}.",
@@ -124,7 +133,8 @@ def agreement_markdown(cells: pd.DataFrame) -> str:
                              zip(shown["same"], shown["lr_halving"], shown["weight_decay_halving"], strict=True)],
         "final full": shown["final_full"].map(number), "halving": shown["final_halving"].map(number),
         "lost": shown["final_lost"].map(number), "point full": shown["point_full"].map(number),
-        "point halving": shown["point_halving"].map(number), "point lost": shown["point_lost"].map(number)})
+        "point halving": shown["point_halving"].map(number), "point lost": shown["point_lost"].map(number),
+        "val gap": shown["val_gap"].map(number)})
     return "\n".join(lines) + "\n" + markdown(table)
 
 

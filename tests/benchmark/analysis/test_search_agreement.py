@@ -24,10 +24,11 @@ def budget(folder: Path, method: str, search: str, lr: float, wd: float, search_
     path.write_text(json.dumps(record))
 
 
-def run(folder: Path, method: str, seed: int, top1: float, tag: str = "", train_on: str = "trainval") -> None:
+def run(folder: Path, method: str, seed: int, top1: float, tag: str = "", train_on: str = "trainval",
+        val: float = 0.0) -> None:
     record = {"status": "ok", "dataset": "digits", "method": method, "backbone": "bb", "train_fraction": 0.1,
               "seed": seed, "recipe": "quick", "train_on": train_on, "pretrained": True, "test_top1": top1,
-              "config": {"tag": tag}}
+              "val_top1": val, "config": {"tag": tag}}
     path = folder / "runs" / "digits" / "bb" / method / f"seed{seed}_{train_on}_{tag}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record))
@@ -50,8 +51,8 @@ def folders(tmp_path: Path) -> tuple[Path, Path]:
         run(full, "b", seed, top1)
     run(halving, "b", 0, 58.0)
     run(halving, "b", 1, 59.0)
-    run(full, "b", 0, 55.0, tag="search_lr0.1_wd0", train_on="train")
-    run(full, "b", 0, 50.0, tag="search_lr0.5_wd0", train_on="train")
+    run(full, "b", 0, 55.0, tag="search_lr0.1_wd0", train_on="train", val=61.0)
+    run(full, "b", 0, 50.0, tag="search_lr0.5_wd0", train_on="train", val=60.5)
     run(full, "b", 0, 99.0, tag="search_lr0.5_wd0_e5", train_on="train")  # a halving rung: not the point's run
     # cell c: searched by the full search only; cell d: a few-shot cell, which the leaderboard does not have
     budget(full, "c", "full", 0.1, 0.0, 120)
@@ -72,6 +73,7 @@ def test_each_cell_compares_the_two_choices(folders):
     assert cells.loc["b", "final_lost"] == pytest.approx(2.5)
     # the points: the full search's own runs at lr 0.1 (55) and 0.5 (50), not the rung run at 0.5 (99)
     assert (cells.loc["b", "point_full"], cells.loc["b", "point_halving"]) == (55.0, 50.0)
+    assert cells.loc["b", "val_gap"] == pytest.approx(61.0 - 60.5)  # the full search's own val at the two choices
     assert cells.loc["a", "final_lost"] == 0.0 and cells.loc["a", "point_lost"] == 0.0
 
 
@@ -79,6 +81,7 @@ def test_totals_by_hand(folders):
     full, halving = folders
     t = totals(agreement(read_budgets(full), read_budgets(halving), load_summary(full), load_summary(halving)))
     assert (t["cells"], t["same"], t["same_share"]) == (2, 1, 0.5)
+    assert t["val_gap_median"] == pytest.approx(0.5)  # over the differing cell b alone
     assert t["final_lost_mean"] == pytest.approx((0 + 2.5) / 2) and t["final_lost_max"] == pytest.approx(2.5)
     assert t["point_lost_mean"] == pytest.approx((0 + 5) / 2)
     assert t["halving_over_full_search"] == pytest.approx((60 + 60) / (120 + 120))
