@@ -72,12 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         results_dir = check_results_dir(args.results_dir)
         if args.compare_search:
             written = write_search_agreement(results_dir, check_results_dir(args.compare_search), args.out)
-            print(written["search_agreement.md"].read_text())
-            print("Wrote " + ", ".join(str(p) for p in written.values()))
-            return 0
-        written = write_report(results_dir, args.out, args.datasets, args.methods, args.backbone, args.fraction,
-                               args.wandb, recipe=args.recipe, epochs=args.epochs, wise_ft=args.wise_ft,
-                               leaderboard=args.leaderboard, perf=args.perf)
+        else:
+            written = write_report(results_dir, args.out, args.datasets, args.methods, args.backbone, args.fraction,
+                                   args.wandb, recipe=args.recipe, epochs=args.epochs, wise_ft=args.wise_ft,
+                                   leaderboard=args.leaderboard, perf=args.perf)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -86,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {storage_problem(err, args.out or args.results_dir)}", file=sys.stderr)
         return 1
-    if "table.md" in written:
-        print(written["table.md"].read_text())
+    for shown in ("table.md", "search_agreement.md"):  # the report's table, or the comparison's
+        if shown in written:
+            print(written[shown].read_text())
     print("Wrote " + ", ".join(str(p) for p in written.values()))
     return 0
 

@@ -190,7 +190,7 @@ class DigitsDataModule(TensorSplitsDataModule):
     """
 
     name = "digits"
-    images, test_per_class, val_per_class = 1797, 60, 20  # scikit-learn's digits; the carving below
+    total_images, test_per_class, val_per_class = 1797, 60, 20  # scikit-learn's digits; the carving below
 
     @property
     def num_classes(self) -> int:
@@ -200,7 +200,7 @@ class DigitsDataModule(TensorSplitsDataModule):
     def split_sizes(cls) -> dict[str, int]:
         """The carving's sizes (arrays() makes them), so a grid's cost is estimated before any data is read."""
         test, val = cls.test_per_class * 10, cls.val_per_class * 10
-        return {"train": cls.images - test - val, "val": val, "test": test, "classes": 10}
+        return {"train": cls.total_images - test - val, "val": val, "test": test, "classes": 10}
 
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         images, labels = load_digits_uint8()
