@@ -7,7 +7,8 @@ JSON per run.
     python -m benchmark.grid --methods vpt_deep --options "prompt_length=1,5,10;prompt_dropout=0,0.1"  # ablation
 
 - A run whose result exists with `status: ok` is skipped, so a stopped grid resumes where it stopped.
-- A failing run is recorded as `status: failed` with its error and the grid goes on.
+- A failing run is recorded as `status: failed` with its error and the grid goes on. A search point that failed (an
+  lr that diverged) in a cell that chose among its other points is counted apart and does not fail the grid.
 - SIGINT / SIGTERM (Ctrl+C, SLURM preemption) stop the grid at once: the run in progress is dropped
   (result files are written atomically, so it leaves nothing half-written) and the next call redoes it.
 - `--search` runs the paper's selection protocol per (dataset, method, fraction): benchmark/sweeps/search.py;
@@ -208,7 +209,8 @@ def estimated(planned: list, args: argparse.Namespace) -> list[str]:
     return estimate_lines(table, unknown, missing, source, args.estimate_devices)
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 every run ok, 1 some failed (recorded), 2 bad input (nothing ran), 128+signal if stopped."""
+    """Exit status: 0 every run ok (failed search points aside, where their cell still chose), 1 some failed
+    (recorded), 2 bad input (nothing ran), 128+signal if stopped."""
     args, run_args = parse_args(argv)
     spec = None
     try:

@@ -58,6 +58,11 @@ class stop_on_signals:
             signal.signal(s, handler)
         return False
 
+# A search point that failed (an lr that diverged) in a cell that chose among its other points: a result of the search,
+# counted apart, not a failure of the grid (its exit status stays 0 when every final run is ok).
+FAILED_POINT = "failed search point"
+
+
 def format_seconds(seconds: float) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
@@ -160,16 +165,24 @@ class GridRunner:
         wall time of each that trained ok, the runs its widening `added` to the plan) and print one progress line."""
         self.total += added
         for status, count in counts.items():
-            self.counts[status] += count
+            self.counts[status] = self.counts.get(status, 0) + count
             self.done += count
         self.trained_seconds += trained_seconds
         done = ", ".join(f"{count} {status}" for status, count in counts.items() if count)
         print(f"{self.progress()} cell    {describe(cell, seed=False)}: {done}", file=self.out, flush=True)
 
+    def excuse_failed_points(self, count: int) -> None:
+        """Count `count` failed runs as failed search points: their cell chose among its other points."""
+        if count:
+            self.counts["failed"] -= count
+            self.counts[FAILED_POINT] = self.counts.get(FAILED_POINT, 0) + count
+
     def summary_line(self) -> str:
         c = self.counts
+        points = (f", {c[FAILED_POINT]} search point(s) failed in cells that chose among the rest (each result says "
+                  f"why: an lr that diverged)") if c.get(FAILED_POINT) else ""
         return (f"{self.done}/{self.total} runs: {c['ok']} trained ok, {c['skipped']} already done, "
-                f"{c['failed']} failed, {c['claimed']} claimed by other processes")
+                f"{c['failed']} failed, {c['claimed']} claimed by other processes{points}")
 
 def finished_result(cfg: RunConfig) -> dict | None:
     """The run's result when it finished ok and FORCE is off (the grid skips it), else None."""

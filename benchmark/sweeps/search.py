@@ -296,8 +296,11 @@ def search_cell(runner: GridRunner, cell: RunConfig, seeds: list[int], grid: Sea
     lrs, wds = grid.values(resolved)
     search = CellSearch(runner, cell, seeds[0], wds, grid, planned_runs(cell, seeds, grid)[1] - len(seeds),
                         one_pass)
+    failed_before = runner.counts["failed"]
     widening = widen_until_inside(search.choose, lrs, grid.widen, lr_limit(resolved))
     points, choice = widening.points, widening.choice
+    if choice is not None:  # its failed points (an lr that diverged) are results of the search, not grid failures
+        runner.excuse_failed_points(runner.counts["failed"] - failed_before)
     finals = []
     for seed in seeds:
         if choice is None:

@@ -16,7 +16,7 @@ from benchmark.core.errors import ConfigError
 from benchmark.core.store import atomic_write_json, read_result, result_path
 from benchmark.grid import main
 from benchmark.sweeps import runner as grid_runner
-from benchmark.sweeps.runner import GridRunner, format_seconds, run_grid
+from benchmark.sweeps.runner import FAILED_POINT, GridRunner, format_seconds, run_grid
 from benchmark.sweeps.search import SearchGrid, lr_edge, run_search, search_tag
 from benchmark.sweeps.spec import GridSpec
 from tests.helpers.runs import FakeTraining
@@ -175,7 +175,8 @@ def test_search_picks_the_best_val_with_ties_to_smaller_lr_then_wd(tmp_path, mon
     # feature_cache=False: every point a run of its own (through the fake), not a one-pass head search
     spec = GridSpec(["linear"], [0.1], [3, 4], ["digits"], RunConfig(results_dir=str(results), feature_cache=False))
     runner = run_search(spec, SearchGrid(LRS, WDS))
-    assert runner.counts == {"ok": 7, "skipped": 0, "failed": 1, "claimed": 0}
+    # the diverged point (2.5, 0.001) is a result of a search that chose among the rest, not a grid failure
+    assert runner.counts == {"ok": 7, "skipped": 0, "failed": 0, "claimed": 0, FAILED_POINT: 1}
     points = [run_id(f"frac0.1_seed3_{search_tag(lr, wd)}") for lr in LRS for wd in WDS]
     assert training.trained == points + [run_id("frac0.1_seed3_trainval"), run_id("frac0.1_seed4_trainval")]
     for seed in (3, 4):
@@ -202,9 +203,33 @@ def test_search_picks_the_best_val_with_ties_to_smaller_lr_then_wd(tmp_path, mon
     old = {k: v for k, v in final.items() if k != "selected_lr_edge"}
     write(results, "frac0.1_seed4_trainval", **old)
     training.trained.clear()  # unchanged points, unchanged choice: nothing trains
-    assert run_search(spec, SearchGrid(LRS, WDS)).counts == {"ok": 0, "skipped": 7, "failed": 1, "claimed": 0}
+    assert run_search(spec, SearchGrid(LRS, WDS)).counts == {"ok": 0, "skipped": 7, "failed": 0, "claimed": 0,
+                                                             FAILED_POINT: 1}
     assert training.trained == [run_id(f"frac0.1_seed3_{search_tag(2.5, 0.001)}")]
     assert read_result(result_path(results, run_id("frac0.1_seed4_trainval"))) == final
+
+
+def test_a_diverged_search_point_leaves_the_exit_status_0_a_failed_final_1(tmp_path, monkeypatch, capsys):
+    """`make leaderboard && make report`: a cell that chose among its other points is done; a final that fails is
+    not (nor a cell whose every point failed: test_no_finished_search_point_records_the_finals_as_failed)."""
+    outcome = search_outcome({(0.1, 0.0): 70.0, (0.5, 0.0): None})
+    monkeypatch.setattr(GridRunner, "train", staticmethod(FakeTraining(outcome)))
+    args = ["--methods", "linear", "--fractions", "0.1", "--datasets", "digits", "--search", "--no-feature-cache",
+            "--results-dir", str(tmp_path), "--seeds"]
+    monkeypatch.setattr("benchmark.grid.search_grid", lambda args: SearchGrid((0.1, 0.5), (0.0,)))
+    assert main([*args, "0,1"]) == 0
+    out = capsys.readouterr().out
+    assert "4/4 runs: 3 trained ok, 0 already done, 0 failed, 0 claimed by other processes, 1 search point(s) " \
+           "failed in cells that chose among the rest" in out
+
+    def final_fails(cfg):
+        return {"status": "failed", "error": "E"} if cfg.train_on == "trainval" and cfg.seed == 2 else outcome(cfg)
+    monkeypatch.setattr(GridRunner, "train", staticmethod(FakeTraining(final_fails)))
+    # two cells, each with a failed point and a failed final: only each cell's own points are excused
+    args[args.index("0.1")] = "0.1,0.2"
+    assert main([*args, "0,1,2"]) == 1
+    assert "10/10 runs: 3 trained ok, 3 already done, 2 failed, 0 claimed by other processes, 2 search point(s)" in \
+        capsys.readouterr().out
 
 
 def test_final_runs_of_the_paper_recipe_train_at_the_scaled_selected_lr(tmp_path, monkeypatch):
