@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -251,7 +252,7 @@ def worker_pool(jobs: int, log_dir: Path):
     threads = max(1, (os.cpu_count() or 1) // jobs)
     log_dir.mkdir(parents=True, exist_ok=True)
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=start_worker,
-                               initargs=(threads, str(log_dir)))
+                               initargs=(threads, str(log_dir), os.getpid()))
     try:
         yield pool, threads
     except BaseException:
@@ -263,12 +264,22 @@ def worker_pool(jobs: int, log_dir: Path):
         raise
     pool.shutdown()
 
-def start_worker(threads: int, log_dir: str) -> None:
+def start_worker(threads: int, log_dir: str, grid_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole process group: the grid decides
+    threading.Thread(target=exit_when_orphaned, args=(grid_pid,), daemon=True, name="grid-watch").start()
     torch.set_num_threads(threads)
     log = open(Path(log_dir) / f"grid_worker_{os.getpid()}.log", "a", buffering=1)  # noqa: SIM115 — the worker's
     os.dup2(log.fileno(), 1)  # stdout and stderr (progress bars, warnings) for its lifetime
     os.dup2(log.fileno(), 2)
+
+def exit_when_orphaned(grid_pid: int, every: float = 1.0) -> None:
+    """End this worker once the grid that started it is gone: a grid killed by SIGKILL (the OOM killer, `kill -9`)
+    cannot stop its workers, which would train on with nobody to collect their cells. The run in flight leaves
+    nothing half-written (atomic results) and its claim is stale once this process is gone (core/claims.py)."""
+    while os.getppid() == grid_pid:
+        time.sleep(every)
+    os._exit(1)  # from this thread: the main thread is inside a fit and would not look
+
 
 def train_in_worker(cfg: RunConfig) -> tuple[dict, float]:
     started = time.time()

@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -160,6 +162,58 @@ def test_grid_stops_cleanly_on_signal_and_resumes(tmp_path, signum):
     resumed = run_grid(GridSpec(["linear"], [0.1], [0], ["digits"], RunConfig(epochs=30, results_dir=str(results))),
                        out=io.StringIO())
     assert resumed.counts["skipped"] == 1 and not resumed.trained_seconds
+
+
+GRID_WITH_A_SLEEPING_WORKER = """
+import os, sys, time
+from pathlib import Path
+from benchmark.sweeps.runner import worker_pool
+
+def nap(pid_file):
+    Path(pid_file).write_text(str(os.getpid()))
+    time.sleep(600)
+
+if __name__ == "__main__":
+    with worker_pool(1, Path(sys.argv[1])) as (pool, _):
+        pool.submit(nap, sys.argv[2]).result()
+"""
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped (/proc/<pid>/stat's third field)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_a_worker_exits_when_its_grid_is_killed_with_sigkill(tmp_path):
+    """SIGKILL (the OOM killer, kill -9) gives the grid no chance to stop its workers: each watches its parent and
+    ends itself. The worker here sleeps in its task as a run would train, so only the watch can end it."""
+    script, pid_file = tmp_path / "grid.py", tmp_path / "worker.pid"
+    script.write_text(GRID_WITH_A_SLEEPING_WORKER)
+    grid = subprocess.Popen([sys.executable, str(script), str(tmp_path / "logs"), str(pid_file)], cwd=REPO_ROOT,
+                            env=os.environ | {"PYTHONPATH": str(REPO_ROOT)})
+    worker = None
+    try:
+        deadline = time.monotonic() + 300  # generous: the worker imports torch first
+        while not pid_file.exists() or not pid_file.read_text():
+            assert grid.poll() is None and time.monotonic() < deadline, "the worker never started its task"
+            time.sleep(0.1)
+        worker = int(pid_file.read_text())
+        assert alive(worker)
+        grid.kill()
+        grid.wait()
+        deadline = time.monotonic() + 120
+        while alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(worker), "the worker trains on after its grid was killed"
+    finally:
+        if grid.poll() is None:
+            grid.kill()
+        if worker is not None and alive(worker):
+            os.kill(worker, signal.SIGKILL)
 
 
 def test_select_best_val_ties_to_smaller_lr_ignoring_failures():
