@@ -1,4 +1,4 @@
-"""The peft bridge's one table: per peft tuner (peft 0.21.2), the registered method's name, label and colour, the
+"""The peft bridge's one table: per peft tuner (peft 0.22.0), the registered method's name, label and colour, the
 layers it adapts by default, the options where ours differ from peft's, whether it adapts convolutions (the convnet
 family) and whether peft can fold it into W. methods/peft_tuners.py (the seven hand-tuned wrappers) and
 methods/peft_zoo.py (every other row, and `METHOD=peft:<type>`) read it; `make params` and docs/methods.md's support
@@ -148,6 +148,7 @@ TUNERS: dict[str, Tuner] = {row.name: row for row in (
     tuner("unilora", "unilora", "UniLoRA", "#7fc97f", "https://arxiv.org/abs/2506.00799", identity=False,
           reads_weights=True),
     tuner("tinylora", "tinylora", "TinyLoRA", "#beaed4", "https://arxiv.org/abs/2602.04118"),
+    tuner("paca", "paca", "PaCA", "#bc80bd", "Woo et al., ICLR 2025, https://arxiv.org/abs/2503.01905"),  # peft 0.22
 )}
 
 # `peft:<type>` -> the registered method of that type (DoRA is LoRA's variant: `peft:lora` is peft_lora)

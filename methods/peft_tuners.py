@@ -1,6 +1,6 @@
 """Hugging Face peft's tuners on the timm ViT: DoRA, IA3, LoHa, LoKr, VeRA, BOFT and FourierFT, in one bridge.
 
-peft (https://github.com/huggingface/peft; tested with peft 0.21.2) implements every tuner here; this file only
+peft (https://github.com/huggingface/peft; tested with peft 0.22.0) implements every tuner here; this file only
 says which of the backbone's linears each one adapts, with which hyper-parameters, and checks the options. peft
 replaces each targeted `nn.Linear` by its own layer that keeps the original as `base_layer`, so those layers'
 state-dict keys gain `.base_layer` (`blocks.0.attn.qkv.base_layer.weight`) and the tuner's tensors are named

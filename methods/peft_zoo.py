@@ -1,6 +1,6 @@
 """Every other peft tuner as a registered method, one row of methods/peft_table.py each, and `METHOD=peft:<type>`.
 
-peft (https://github.com/huggingface/peft, 0.21.2) implements each tuner; a row says which layers it adapts and
+peft (https://github.com/huggingface/peft, 0.22.0) implements each tuner; a row says which layers it adapts and
 where its defaults differ from peft's (methods/peft_table.py). Each is built through its tuner's model class
 (`PEFT_TYPE_TO_TUNER_MAPPING[type](backbone, config, "default")`, peft's model path), which injects in place and,
 for the tuners whose state is shared across layers (VeRA, FRoD, PVeRA, VB-LoRA, UniLoRA, TinyLoRA: one random

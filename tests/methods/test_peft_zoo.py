@@ -34,7 +34,7 @@ def per_layer(count, layers=ATTN) -> int:
     return DEPTH * sum(count(i, o) for i, o in layers)
 
 
-# Each from its tuner's parameterisation (peft 0.21.2 defaults, this suite's layers), then the head.
+# Each from its tuner's parameterisation (peft 0.22.0 defaults, this suite's layers), then the head.
 VIT_B_COUNTS = {
     "peft_lora": per_layer(lambda i, o: 8 * (i + o)),  # A (8, in), B (out, 8)
     "adalora": per_layer(lambda i, o: 12 * (i + o) + 12, ALL),  # P, Q at init_r 12 and the 12 singular values
@@ -66,6 +66,7 @@ VIT_B_COUNTS = {
     "vblora": 256 * 256 + per_layer(lambda i, o: 4 * (i // 256) * 256 + (o // 256) * 4 * 256),
     "unilora": 256,  # one shared theta_d of length 256 for every layer
     "tinylora": DEPTH * 2 * 64,  # a 64-long vector per adapted layer (weight_tying 0)
+    "paca": per_layer(lambda i, o: 8 * o),  # the update of r = 8 of W's input columns (out, 8), no added matrices
 }
 
 
@@ -147,7 +148,7 @@ def test_peft_type_names_its_registered_method(peft_type, name):
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("peft:hrq", "Unknown peft type 'hrq' (peft 0.21.2). Did you mean 'hra'?"),
+    ("peft:hrq", f"Unknown peft type 'hrq' (peft {peft.__version__}). Did you mean 'hra'?"),
     ("peft:prefix_tuning", "peft type 'prefix_tuning' cannot tune a vision backbone: a prompt-learning type"),
     ("peft:poly", "peft type 'poly' cannot tune a vision backbone: it mixes LoRA skills by a task id"),
 ])
