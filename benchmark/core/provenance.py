@@ -6,6 +6,7 @@ from __future__ import annotations
 import platform
 import resource
 import subprocess
+from importlib.metadata import version
 
 import lightning as L
 import numpy
@@ -32,8 +33,10 @@ def git_dirty() -> bool | None:
     return None if status is None else bool(status)
 
 def versions() -> dict:
+    # peft decides every peft tuner's numbers (its layers, inits): read from its metadata, not imported here
     return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "lightning": L.__version__, "torchmetrics": torchmetrics.__version__, "numpy": numpy.__version__}
+            "lightning": L.__version__, "torchmetrics": torchmetrics.__version__, "numpy": numpy.__version__,
+            "peft": version("peft")}
 
 def peak_memory_mb(device: torch.device | None = None) -> float:
     """CUDA's peak allocation on `device` (the current one by default), else this process's peak resident set."""

@@ -11,6 +11,7 @@ import sys
 
 import lightning as L
 import numpy as np
+import peft
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -72,9 +73,10 @@ def test_same_config_and_seed_give_bit_identical_results_on_cpu(two_runs):
 
 def test_result_records_code_and_library_versions(two_runs):
     (result, _), _ = two_runs
-    for library in ("torch", "timm", "lightning", "torchmetrics", "numpy", "python"):
+    for library in ("torch", "timm", "lightning", "torchmetrics", "numpy", "python", "peft"):
         assert result["versions"][library]
     assert result["versions"]["torch"] == torch.__version__ and result["versions"]["lightning"] == L.__version__
+    assert result["versions"]["peft"] == peft.__version__  # the peft tuners' numbers are peft's
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
     assert re.fullmatch(r"[0-9a-f]{40}", result["git_commit"]) and result["git_commit"] == head
     assert isinstance(result["git_dirty"], bool)
