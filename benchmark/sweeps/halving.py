@@ -14,6 +14,12 @@ top-1, ties to the smaller lr, then the smaller weight decay; a failed point nev
   N = 6, E = 20 (the quick recipe), eta = 3: R = 2; 6 points x 5 epochs (E/4), the best 2 x 15 epochs (3E/4) and the
   better of those two is the choice: 60 epochs = 3E, against the full search's 6E.
 
+A widened cell (the leaderboard adds an lr beyond an edge its choice sits at) halves again over all its points with
+its base grid's rungs: the same epochs and number of rungs, each keeping a third of its points (the last keeps the
+choice), so it reuses every run of its first halving and trains only the new points and the survivors not trained
+at a rung yet. N = 6 widened to 8: 8 points x 5 epochs, the best 3 x 15; new runs 2 x 5 and at most 3 x 15 epochs.
+Rungs computed afresh for 8 points (3 and 10 epochs) would share no run with the first halving.
+
 Why this rule. The last survivor needs no run of E epochs on train: the finals retrain it on train+val, so stopping
 at one point instead of continuing two points to E (5E per cell before) is what brings the search under the finals'
 budget. Equal rung shares are Jamieson & Talwalkar's allocation (each rung halves the candidates at the same cost).
@@ -48,18 +54,23 @@ class Rung:
     keep: int  # how many go on to the next rung (1 at the last: the choice)
 
 
-def halving_rungs(n_points: int, epochs: int) -> list[Rung]:
-    """The rungs of a cell of `n_points` (>= 2) points whose recipe trains `epochs` (>= 1) epochs (module docstring)."""
+def halving_rungs(n_points: int, epochs: int, base_points: int | None = None) -> list[Rung]:
+    """The rungs of a cell of `n_points` (>= 2) points whose recipe trains `epochs` (>= 1) epochs (module docstring).
+    A cell widened from `base_points` to `n_points` keeps its base grid's rungs (how many, their epochs) and each
+    still keeps a third, the last one point: the runs of its first halving are reused."""
     if n_points < 2 or epochs < 1:
         raise ValueError(f"successive halving needs >= 2 points and >= 1 epoch, got {n_points} point(s) and {epochs} "
                          "epoch(s): give more SEARCH_LRS=/SEARCH_WDS= values or --epochs.")
-    counts = [n_points]
+    counts = [base_points or n_points]
     while counts[-1] > 1:
         counts.append(math.ceil(counts[-1] / ETA))
     n_rungs = len(counts) - 1  # ceil(log_ETA N)
     budget = BUDGET_FINALS * epochs
-    return [Rung(min(epochs, max(1, budget // (n_rungs * n))), n, counts[r + 1])
-            for r, n in enumerate(counts[:-1])]
+    rung_epochs = [min(epochs, max(1, budget // (n_rungs * n))) for n in counts[:-1]]
+    points = [n_points]
+    while len(points) < n_rungs:
+        points.append(math.ceil(points[-1] / ETA))
+    return [Rung(e, n, keep) for e, n, keep in zip(rung_epochs, points, [*points[1:], 1], strict=True)]
 
 
 def rung_warmup(warmup_epochs: float, epochs: int, full_epochs: int) -> float:

@@ -261,6 +261,7 @@ class CellSearch:
     grid: SearchGrid
     planned: int
     one_pass: bool = True
+    base_points: int | None = None  # the points before any widening: a widened halving keeps their rungs
     runs: dict = field(default_factory=dict)  # run id -> result
 
     def results(self, configs: list[RunConfig]) -> list[dict]:
@@ -281,7 +282,7 @@ class CellSearch:
             points = [(lr, wd, result) for (lr, wd), result in zip(pairs, results, strict=True)]
             return points, select(points)
         latest, alive, rung_points = {}, pairs, []
-        for rung in halving_rungs(len(pairs), self.cell.resolved().epochs):
+        for rung in halving_rungs(len(pairs), self.cell.resolved().epochs, self.base_points):
             results = self.results([rung_config(self.cell, lr, wd, self.seed, rung.epochs) for lr, wd in alive])
             rung_points = [(lr, wd, result) for (lr, wd), result in zip(alive, results, strict=True)]
             latest.update({(lr, wd): result for lr, wd, result in rung_points})
@@ -295,7 +296,7 @@ def search_cell(runner: GridRunner, cell: RunConfig, seeds: list[int], grid: Sea
     resolved = cell.resolved()
     lrs, wds = grid.values(resolved)
     search = CellSearch(runner, cell, seeds[0], wds, grid, planned_runs(cell, seeds, grid)[1] - len(seeds),
-                        one_pass)
+                        one_pass, base_points=len(lrs) * len(wds))
     failed_before = runner.counts["failed"]
     widening = widen_until_inside(search.choose, lrs, grid.widen, lr_limit(resolved))
     points, choice = widening.points, widening.choice
@@ -337,7 +338,8 @@ def write_cell_budget(cell: RunConfig, grid: SearchGrid, base_points: int, widen
                            entry)
     if grid.halving:  # the rungs of its last choice (after any widening): points x epochs each
         record["rungs"] = ",".join(f"{rung.points}x{rung.epochs}"
-                                   for rung in halving_rungs(len(widening.lrs) * len(wds), resolved.epochs))
+                                   for rung in halving_rungs(len(widening.lrs) * len(wds), resolved.epochs,
+                                                             base_points))
     write_budget(resolved.results_dir, resolved.run_id().rsplit("/", 1)[0] + "/" + cell_name(resolved), record)
 
 

@@ -47,6 +47,17 @@ def test_rungs_keep_a_third_within_three_finals_epochs(n, epochs, expected):
     assert [(r.epochs, r.points, r.keep) for r in halving_rungs(n, epochs)] == expected
 
 
+@pytest.mark.parametrize("n, base, epochs, expected", [
+    # the base grid's rungs (count, epochs), its own points: a third kept per rung (rounded up), the last keeps one
+    (8, 6, 20, [(5, 8, 3), (15, 3, 1)]),  # 6 -> 2 -> 1 gave 5 and 15 epochs; 8 -> 3 -> 1
+    (10, 6, 20, [(5, 10, 4), (15, 4, 1)]),  # two widenings: still the base's two rungs, not 10's three
+    (4, 3, 20, [(20, 4, 1)]),  # a base of one rung (3 points: the full search) stays one rung of E epochs
+    (6, 6, 20, [(5, 6, 2), (15, 2, 1)]),  # not widened: the plain rule
+])
+def test_a_widened_cell_keeps_its_base_grids_rungs(n, base, epochs, expected):
+    assert [(r.epochs, r.points, r.keep) for r in halving_rungs(n, epochs, base)] == expected
+
+
 @pytest.mark.parametrize("n, epochs", [(6, 20), (6, 4), (9, 40), (40, 100), (13, 70), (100, 500), (5, 1000)])
 def test_a_search_costs_no_more_than_three_finals(n, epochs):
     """Whenever 3E affords every first-rung point an epoch (3E >= R x n), the rungs' epochs sum to at most 3E."""
@@ -115,3 +126,36 @@ def test_halving_and_the_full_search_share_no_runs_and_may_choose_differently(tm
     assert len(search_runs) == 6 + 2 and all(run.endswith(("_e5", "_e15")) for run in search_runs)
     final = read_result(result_path(tmp_path, f"digits/{BACKBONE}/linear/frac0.1_seed0_trainval"))
     assert (final["selected_lr"], final["selected_weight_decay"]) == CHOICE  # the stale final retrained
+
+
+# A widened halving cell, lrs 0.1, 0.5, 2.5 (x wd 0.001, 0) then 0.02 below the lowest edge. val top-1 at 5 and 15
+# epochs. First halving: (0.1, 0.001) 65 and (0.5, 0.001) 60 survive rung 0; at 15 epochs (0.1, 0.001) wins (80): the
+# lowest lr, an edge, so 0.02 is added. Again over 8 points with the base's rungs (5 epochs keep 3, 15 keep 1):
+# (0.02, 0) 70, (0.1, 0.001) 65, (0.5, 0.001) 60 survive; at 15 epochs (0.02, 0) wins (85).
+WIDENED_VAL = {(0.02, 0.001): {5: 30}, (0.02, 0.0): {5: 70, 15: 85}, (0.1, 0.001): {5: 65, 15: 80},
+               (0.1, 0.0): {5: 50}, (0.5, 0.001): {5: 60, 15: 70}, (0.5, 0.0): {5: 40}, (2.5, 0.001): {5: 20},
+               (2.5, 0.0): {5: 10}}
+
+
+def test_a_widened_halving_reuses_its_first_halvings_runs(tmp_path, monkeypatch):
+    trained = []
+
+    def outcome(cfg):
+        cost = {"epochs": cfg.epochs, "n_train": 100, "wall_seconds": 1.0}
+        if cfg.train_on == "trainval":
+            return cost | {"status": "ok", "val_top1": 0.0, "test_top1": 60.0}
+        trained.append((point(cfg), cfg.epochs))
+        return cost | {"status": "ok", "val_top1": WIDENED_VAL[point(cfg)][cfg.epochs], "test_top1": 0.0}
+
+    monkeypatch.setattr(GridRunner, "train", staticmethod(FakeTraining(outcome)))
+    spec = GridSpec(["linear"], [0.1], [0], ["digits"], RunConfig(results_dir=str(tmp_path), feature_cache=False))
+    run_search(spec, SearchGrid((0.1, 0.5, 2.5), (0.001, 0.0), halving=True, widen=1), out=io.StringIO())
+    first = [(p, 5) for p in WIDENED_VAL if p[0] != 0.02] + [((0.1, 0.001), 15), ((0.5, 0.001), 15)]
+    # after widening only the new lr's two points at 5 epochs and the one new survivor at 15 train
+    assert trained == first + [((0.02, 0.001), 5), ((0.02, 0.0), 5), ((0.02, 0.0), 15)]
+    final = read_result(result_path(tmp_path, f"digits/{BACKBONE}/linear/frac0.1_seed0_trainval"))
+    assert (final["selected_lr"], final["selected_weight_decay"]) == (0.02, 0.0)
+    budget = pd.read_csv(tmp_path / "budget.csv").iloc[0]
+    # 6 x 5 + 2 x 15 + 2 x 5 + 1 x 15 = 85 epochs in 11 runs (rungs computed afresh for 8 points: 114 in 19)
+    assert (budget["search_runs"], budget["search_epochs"], budget["rungs"]) == (11, 85, "8x5,3x15")
+    assert (budget["points"], budget["widenings"]) == (8, 1)
