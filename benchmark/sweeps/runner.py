@@ -181,7 +181,7 @@ class GridRunner:
     def summary_line(self) -> str:
         c = self.counts
         points = (f", {c[FAILED_POINT]} search point(s) failed in cells that chose among the rest (each result says "
-                  f"why: an lr that diverged)") if c.get(FAILED_POINT) else ""
+                  f"why, e.g. an lr that diverged)") if c.get(FAILED_POINT) else ""
         return (f"{self.done}/{self.total} runs: {c['ok']} trained ok, {c['skipped']} already done, "
                 f"{c['failed']} failed, {c['claimed']} claimed by other processes{points}")
 
