@@ -163,6 +163,13 @@ def interruption_behind(err: BaseException) -> BaseException | None:
     return None
 
 
+def diverged(result: dict | None) -> bool:
+    """Whether `result` is a run whose training loss went non-finite (the error `record_failure` writes for a
+    NonFiniteLossError, e.g. an lr too large): an outcome of its settings, not of the machine."""
+    return bool(result) and result.get("status") == "failed" and \
+        str(result.get("error", "")).startswith(f"{NonFiniteLossError.__name__}:")
+
+
 def record_failure(cfg: RunConfig, path, started: float, err: Exception) -> dict:
     """A training failure becomes a `status: failed` result (written atomically) so a grid records it and moves on.
     Where even that cannot be written (a full disk), the failure is said on stderr and the previous file stays. An

@@ -30,8 +30,8 @@ from typing import TextIO
 
 from benchmark.core.config import SEARCH_TAG_PREFIX, RunConfig, load_recipe, options_label, search_tag
 from benchmark.core.errors import ConfigError
-from benchmark.core.pipeline import RESULT_SETTINGS, changed_settings, run_record
-from benchmark.core.store import atomic_write_json, result_path, results_path, write_summary
+from benchmark.core.pipeline import RESULT_SETTINGS, changed_settings, diverged, run_record
+from benchmark.core.store import atomic_write_json, read_result, result_path, results_path, write_summary
 from benchmark.sweeps.budget import (
     MAX_WIDENINGS,
     budget_record,
@@ -44,7 +44,7 @@ from benchmark.sweeps.budget import (
 )
 from benchmark.sweeps.halving import halving_rungs, rung_warmup
 from benchmark.sweeps.heads import can_share_a_pass, train_in_one_pass
-from benchmark.sweeps.runner import GridRunner, costliest_first, count_finished, finished_result, worker_pool
+from benchmark.sweeps.runner import GridRunner, costliest_first, finished_result, worker_pool
 from benchmark.sweeps.selected import cell_name, selected_entry, write_selected_recipes
 from benchmark.sweeps.spec import GridSpec, Shard, describe, validate_all
 from methods.base import LR_MAX
@@ -193,6 +193,25 @@ def record_unselectable(cfg: RunConfig, reason: str) -> dict:
     return result
 
 
+def diverged_point(cfg: RunConfig) -> dict | None:
+    """A search point's earlier result when its loss diverged (and FORCE is off): a result of the search like an ok
+    one, kept rather than trained again on every resume (an lr that diverges late costs most of a run each time).
+    Other failures (out of memory, a killed worker, missing data) say nothing about the point and train again."""
+    resolved = cfg.resolved()
+    earlier = read_result(result_path(resolved.results_dir, resolved.run_id()))
+    return earlier if diverged(earlier) and not cfg.force else None
+
+
+def done_before(cfg: RunConfig) -> dict | None:
+    """The result a search reads back instead of training `cfg`: finished ok, or a search point that diverged."""
+    return finished_result(cfg) or (diverged_point(cfg) if cfg.train_on == "train" else None)
+
+
+def count_done(configs: list[RunConfig]) -> int:
+    """How many of `configs` a search will not train (for its ETA and dry run)."""
+    return sum(done_before(cfg) is not None for cfg in configs)
+
+
 def train_points(runner: GridRunner, configs: list[RunConfig], one_pass: bool = True) -> list[dict]:
     """Every search point's result: finished ones read back; the others trained as the heads of one pass where
     they can share it (the linear probe on cached features: benchmark/sweeps/heads.py), else one run each. Points
@@ -201,6 +220,11 @@ def train_points(runner: GridRunner, configs: list[RunConfig], one_pass: bool = 
     pending = {}
     results = []
     for k, cfg in enumerate(configs):
+        if (earlier := diverged_point(cfg)) is not None:  # counted as it was when trained, nothing trains
+            runner.finish(cfg, "failed", f"{earlier['error']} (an earlier run; delete its result or FORCE=1 to "
+                                         f"train it again)")
+            results.append(earlier)
+            continue
         to_train, existing = runner.to_train(cfg)
         results.append(existing)
         if to_train is not None:
@@ -382,7 +406,7 @@ def plan_search(spec: GridSpec, grid: SearchGrid,
     known, count = [], 0
     for cell in cells:
         runs, planned = planned_runs(cell, spec.seeds, grid)
-        todo = [cfg for cfg in runs if finished_result(cfg) is None]
+        todo = [cfg for cfg in runs if done_before(cfg) is None]
         known += todo
         count += planned - (len(runs) - len(todo))
     return known, count, cells
@@ -399,7 +423,7 @@ def run_search(spec: GridSpec, grid: SearchGrid | None = None, jobs: int = 1, ou
         print(f"Shard {shard}: {len(cells)} of the search's {len(spec.cells())} cells", file=out, flush=True)
     plans = [planned_runs(cell, spec.seeds, grid) for cell in cells]
     runner = GridRunner(total=sum(n for _, n in plans), out=out, jobs=jobs,
-                        finished=count_finished([cfg for runs, _ in plans for cfg in runs]))
+                        finished=count_done([cfg for runs, _ in plans for cfg in runs]))
     try:
         if jobs > 1:
             search_in_workers(runner, cells, spec.seeds, grid, results_path(spec.base.results_dir, "logs"))
@@ -431,7 +455,7 @@ def search_cell_in_worker(cell: RunConfig, seeds: list[int], grid: SearchGrid) -
     """One cell in a worker, its progress lines in the worker's log; returns its runs' counts by status, the wall
     time of each that trained ok and the runs its widening added, for the grid's runner."""
     runs, planned = planned_runs(cell, seeds, grid)
-    worker = GridRunner(total=planned, finished=count_finished(runs))
+    worker = GridRunner(total=planned, finished=count_done(runs))
     search_cell(worker, cell, seeds, grid)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -192,9 +192,9 @@ def test_search_picks_the_best_val_with_ties_to_smaller_lr_then_wd(tmp_path, mon
     write(results, f"frac0.1_seed3_{search_tag(0.5, 0.0)}", status="ok", val_top1=90.0, test_top1=0.0, seed=3)
     training.trained.clear()
     again = run_search(spec, SearchGrid(LRS, WDS))
-    assert training.trained == [run_id(f"frac0.1_seed3_{search_tag(2.5, 0.001)}"),  # the failed point retried
-                                run_id("frac0.1_seed3_trainval"), run_id("frac0.1_seed4_trainval")]
-    assert again.counts["skipped"] == 5
+    # the diverged point is read back, not retried: only the finals train
+    assert training.trained == [run_id("frac0.1_seed3_trainval"), run_id("frac0.1_seed4_trainval")]
+    assert again.counts == {"ok": 2, "skipped": 5, "failed": 0, "claimed": 0, FAILED_POINT: 1}
     final = read_result(result_path(results, run_id("frac0.1_seed4_trainval")))
     assert (final["selected_lr"], final["selected_weight_decay"], final["lr"]) == (0.5, 0.0, 0.5)
     assert final["selected_lr_edge"] == ""  # 0.5 lies inside the grid
@@ -205,8 +205,38 @@ def test_search_picks_the_best_val_with_ties_to_smaller_lr_then_wd(tmp_path, mon
     training.trained.clear()  # unchanged points, unchanged choice: nothing trains
     assert run_search(spec, SearchGrid(LRS, WDS)).counts == {"ok": 0, "skipped": 7, "failed": 0, "claimed": 0,
                                                              FAILED_POINT: 1}
-    assert training.trained == [run_id(f"frac0.1_seed3_{search_tag(2.5, 0.001)}")]
+    assert training.trained == []
     assert read_result(result_path(results, run_id("frac0.1_seed4_trainval"))) == final
+
+
+def test_a_resumed_search_keeps_a_diverged_point_and_retrains_other_failures(tmp_path, monkeypatch, capsys):
+    """lr 0.1 diverged and lr 0.5 ran out of memory in an earlier run: a divergence is the point's outcome (read back,
+    counted as failed as when it trained), out of memory says nothing about it (trained again). The dry run counts
+    the diverged point as done; FORCE=1 trains it again."""
+    def point(lr: float) -> str:
+        return f"frac0.1_seed0_{search_tag(lr, 0.0)}"
+
+    write(tmp_path, point(0.1), status="failed", error="NonFiniteLossError: non-finite training loss in epoch 4")
+    write(tmp_path, point(0.5), status="failed", error="OutOfMemoryError: CUDA out of memory")
+    write(tmp_path, point(2.5), status="ok", val_top1=70.0, test_top1=0.0)
+    training = FakeTraining(search_outcome({(0.1, 0.0): 90.0, (0.5, 0.0): 80.0, (2.5, 0.0): 70.0}))
+    monkeypatch.setattr(GridRunner, "train", staticmethod(training))
+    args = ["--methods", "linear", "--fractions", "0.1", "--datasets", "digits", "--search", "--no-feature-cache",
+            "--results-dir", str(tmp_path), "--seeds", "0"]
+    monkeypatch.setattr("benchmark.grid.search_grid", lambda args: SearchGrid((0.1, 0.5, 2.5), (0.0,)))
+    assert main([*args, "--dry-run"]) == 0
+    assert "Dry run: 2 runs would start" in capsys.readouterr().out  # lr 0.5 and the final; not lr 0.1
+    assert main(args) == 0
+    assert training.trained == [run_id(point(0.5)), run_id("frac0.1_seed0_trainval")]
+    out = capsys.readouterr().out
+    assert "4/4 runs: 2 trained ok, 1 already done, 0 failed, 0 claimed by other processes, 1 search point(s)" in out
+    final = read_result(result_path(tmp_path, run_id("frac0.1_seed0_trainval")))
+    assert final["selected_lr"] == 0.5  # chosen among the points that finished, the kept divergence excluded
+
+    training.trained.clear()
+    assert main([*args, "--force"]) == 0
+    assert run_id(point(0.1)) in training.trained
+    assert read_result(result_path(tmp_path, run_id(point(0.1))))["status"] == "ok"
 
 
 def test_a_diverged_search_point_leaves_the_exit_status_0_a_failed_final_1(tmp_path, monkeypatch, capsys):
