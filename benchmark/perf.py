@@ -42,8 +42,8 @@ from benchmark.costs.model_costs import (
     loader_img_s,
     matmul_peak_gflops,
     measure_method,
-    recipe_settings,
 )
+from benchmark.costs.perf_rows import recipe_settings
 from benchmark.costs.search_cost import linear_search_benchmark
 
 RESULT_MARK = "PERF_RESULT "

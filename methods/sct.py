@@ -75,7 +75,10 @@ class ChannelAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return x
-        return x.index_add(-1, self.channels, self.adapt_linear(x.index_select(-1, self.channels)))
+        # under autocast the linear gives bf16/fp16 while the residual stream stays fp32: added in the stream's dtype,
+        # as the code's in-place `x[..., S] += ...` casts
+        update = self.adapt_linear(x.index_select(-1, self.channels)).to(x.dtype)
+        return x.index_add(-1, self.channels, update)
 
 
 class SalientChannelBlock(Block):

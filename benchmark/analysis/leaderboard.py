@@ -32,7 +32,6 @@ methods.base.MergeForEvalTuning subclass, as tests/methods/test_merge_contract.p
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -48,23 +47,18 @@ from benchmark.analysis.stats import ONE_SEED, paired_difference, t_interval, ve
 from benchmark.analysis.tables import markdown, number
 from benchmark.core.config import is_search_tag
 from benchmark.core.store import read_budgets
-from benchmark.costs.model_costs import recipe_settings
+from benchmark.costs.perf_rows import REFERENCE, method_costs
 from datamodules import FGVC_DATASETS, VTAB_DATASETS
-from methods import get_method_class, list_methods
-from methods.base import MergeForEvalTuning
 from methods.registry import color, label, table_order
 
 SUITES = {"VTAB-1k": VTAB_DATASETS, "FGVC": FGVC_DATASETS}  # suite -> its datasets, in the papers' order
 OVERALL = "Overall"
-REFERENCE = "full"  # the paired difference's reference, and the plain backbone's evaluation speed
 UNEQUAL_MARK = "†"
 WALL_TOTAL = "TOTAL"  # the wall-time table's row of every method together
 CELL = ["dataset", "method", "train_fraction"]
 BUDGET = ["search", "points", "epochs", "images_seen"]
 WALL = ["search_seconds", "final_seconds"]  # per cell: where the wall time went
 EQUAL_BUDGET = ["search", "points", "epochs"]  # what was granted; images seen also count a point that failed
-# perf.csv's columns that make one measurement configuration; the leaderboard reads one configuration
-PERF_CONFIG = ["batch_size", "img_size", "device", "precision", "compile", "checkpointing"]
 
 
 # --- scopes: datasets, suite groups, suites, overall ---------------------------------------------------------------
@@ -202,50 +196,6 @@ def mark_unequal(board: pd.DataFrame) -> pd.Series:
     counts = keys.value_counts(sort=False)
     reference = max(keys, key=lambda k: (counts[k], -list(keys).index(k)))
     return keys != reference
-
-
-# --- costs from `make perf` ----------------------------------------------------------------------------------------
-def known(method: str) -> bool:
-    return method in list_methods()
-
-
-def merges(method: str, options: str = "{}") -> bool:
-    """Whether the method evaluates with its update merged: a class fact, which its merge_for_eval may switch off."""
-    return (known(method) and issubclass(get_method_class(method), MergeForEvalTuning)
-            and json.loads(options).get("merge_for_eval", True))
-
-
-def measured_as_recipe(perf: pd.DataFrame, backbone: str) -> pd.Series:
-    """True for perf.csv rows measured with the options plain `make perf` gives each method (its recipe's), the
-    options of the leaderboard's runs; a row of other METHOD_ARGS measured another model."""
-    stated = {m: recipe_settings(m, backbone, {})["method_options"] for m in perf["method"].unique()}
-    options = perf.get("method_options", pd.Series("{}", index=perf.index)).fillna("{}").map(json.loads)
-    return pd.Series([options[i] == stated[m] for i, m in zip(perf.index, perf["method"], strict=True)],
-                     index=perf.index, dtype=bool)
-
-
-def method_costs(perf_path: str | Path | None, backbone: str, methods, recipe_options: bool = True) -> pd.DataFrame:
-    """Per method: train_img_s, peak_mem_mb, eval_img_s, eval_vs_plain (its eval img/s over Full's), merged, and
-    the perf configuration measured (`perf`); empty when perf.csv is absent or holds none of `methods` on `backbone`
-    with their recipe's options (`recipe_options=False`: with any options). Of several configurations the one that
-    measured most of `methods` counts (then the latest measurement of each)."""
-    columns = ["train_img_s", "peak_mem_mb", "eval_img_s", "eval_vs_plain", "merged", "perf"]
-    if perf_path is None or not Path(perf_path).is_file():
-        return pd.DataFrame(columns=columns)
-    perf = pd.read_csv(perf_path)
-    perf = perf[(perf["backbone"] == backbone) & perf["method"].isin([m for m in methods if known(m)])]
-    perf = perf[measured_as_recipe(perf, backbone)] if recipe_options and not perf.empty else perf
-    if perf.empty:
-        return pd.DataFrame(columns=columns)
-    config = [c for c in PERF_CONFIG if c in perf]
-    perf = perf.assign(perf=perf[config].astype(str).agg(", ".join, axis=1))
-    if "measured_at" in perf:
-        perf = perf.sort_values("measured_at", kind="stable")
-    coverage = perf.groupby("perf", sort=False)["method"].nunique()
-    chosen = perf[perf["perf"] == coverage.idxmax()].drop_duplicates("method", keep="last").set_index("method")
-    chosen["eval_vs_plain"] = chosen["eval_img_s"] / chosen["eval_img_s"].get(REFERENCE, math.nan)
-    chosen["merged"] = [merges(m, options) for m, options in chosen["method_options"].fillna("{}").items()]
-    return chosen[columns]
 
 
 # --- the boards ----------------------------------------------------------------------------------------------------

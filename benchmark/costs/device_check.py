@@ -43,7 +43,8 @@ from benchmark.core.config import RunConfig
 from benchmark.core.provenance import git_commit
 from benchmark.core.store import atomic_write_text
 from benchmark.costs.loading import loader_benchmark, loader_data_config, loader_summary, write_jpeg_folder
-from benchmark.costs.model_costs import PerfConfig, device_name, measure_method, recipe_settings
+from benchmark.costs.model_costs import PerfConfig, device_name, measure_method
+from benchmark.costs.perf_rows import recipe_settings
 
 CORE_METHODS = ("full", "linear", "bias", "adapter", "lora", "vpt_shallow", "vpt_deep")
 FP32_METHODS = ("full", "vpt_deep")  # the comparison the VPT paper is about, in fp32 too
@@ -80,7 +81,7 @@ GPU_SIZE = CheckSize(backbone="vit_base_patch16_224", backbone_kwargs={}, batch_
                      compile_methods=COMPILE_ORDER, compile_backend=None, budget_s=420.0,
                      priors={"eager": 15.0, "loader": 60.0, "end_to_end": 90.0, "compile": 150.0})
 CPU_SIZE = CheckSize(backbone="vit_tiny_patch16_224",
-                     backbone_kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2),
+                     backbone_kwargs=dict(img_size=32, patch_size=8, embed_dim=128, depth=1, num_heads=2),
                      batch_size=4, steps=1, warmup=0, workers=1, loader_images=16, loader_repeats=1,
                      loader_min_seconds=0.0, end_to_end_epochs=1, compile_methods=("linear",),
                      compile_backend="eager", budget_s=600.0,

@@ -9,9 +9,9 @@ dataset without published sizes is left out of the estimate and named. `n_train`
 split rounds per class: within a few images), or `shots x classes`.
 
 Speed. Per method the train and eval img/s of the PERF csv, read as the leaderboard reads it
-(analysis/leaderboard.py `method_costs`: the rows of the grid's backbone, or of its architecture, `vit_base_patch16_224`
-for `vit_base_patch16_224.orig_in21k`, measured with the recipe's options, else, where the csv predates a recipe
-option and lacks Full so, with any: the header says so). Given Full's img/s on another device
+(benchmark/costs/perf_rows.py `method_costs`: the rows of the grid's backbone, or of its architecture,
+`vit_base_patch16_224` for `vit_base_patch16_224.orig_in21k`, measured with the recipe's options, else, where the
+csv predates a recipe option and lacks Full so, with any: the header says so). Given Full's img/s on another device
 (`--full-train-img-s`, `--full-eval-img-s`, e.g. a published GPU figure), each method's are Full's scaled by the csv's
 ratios to Full: train img/s = Full's / step_vs_full, eval img/s = Full's x eval_vs_plain. A method the csv did not
 measure is counted at Full's speed and named. Device time = images / img/s, train and eval apart, summed over the
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmark.analysis.leaderboard import REFERENCE, method_costs
 from benchmark.core.config import RunConfig, is_search_tag
 from benchmark.core.errors import ConfigError
+from benchmark.costs.perf_rows import REFERENCE, method_costs
 from datamodules import get_datamodule_class
 
 PHASES = ("search", "finals")

@@ -7,7 +7,7 @@ import json
 import os
 import statistics
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
-from benchmark.core.config import EMBEDDED_BACKBONE, load_recipe
+from benchmark.core.config import EMBEDDED_BACKBONE
 from benchmark.core.pipeline import apply_speed_options
 from benchmark.core.provenance import peak_memory_mb
 
@@ -45,19 +45,6 @@ class PerfConfig:
             raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={self.steps}, warmup={self.warmup}.")
         if self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}.")
-
-def recipe_settings(method: str, backbone: str, given: dict) -> dict:
-    """Optimizer and method options from the method's recipe (quick for the embedded backbone, paper otherwise),
-    options overridden by `given` where the method has them. VPT's prompt length is its cost knob."""
-    from methods import get_method_class
-
-    accepted = {f.name for f in fields(get_method_class(method).options_cls)}
-    try:
-        recipe = load_recipe("quick" if backbone == EMBEDDED_BACKBONE else "paper", method)
-    except (ValueError, OSError):  # no such recipe: SGD and the method's own defaults
-        recipe = {}
-    options = {k: v for k, v in {**recipe.get("method_options", {}), **given}.items() if k in accepted}
-    return {"optimizer": recipe.get("optimizer", "sgd"), "method_options": options}
 
 def _register_cpu_attention_flops() -> None:
     """torch's counter knows the CUDA SDPA kernels but not the CPU flash kernel timm's fused attention uses."""

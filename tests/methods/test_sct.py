@@ -95,6 +95,19 @@ def test_adapter_init_and_the_adapted_block(tiny_batch):
         torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-5)
 
 
+
+def test_the_adapted_block_runs_under_bf16_autocast(tiny_batch):
+    """bf16-mixed (`make bench PRECISION=bf16-mixed`, gpu-check): the linear's bf16 update joins the fp32 stream."""
+    model, _ = built()
+    model.select_from_data(DataLoader(data(), batch_size=4))
+    model.eval()
+    with torch.no_grad():
+        full = model(tiny_batch[0])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(tiny_batch[0])
+    torch.testing.assert_close(mixed.float(), full, rtol=0.05, atol=0.05)
+
+
 def test_a_trainer_selects_once_before_the_first_step():
     model, plain = built()
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
