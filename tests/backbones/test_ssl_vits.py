@@ -22,7 +22,7 @@ from benchmark.core.validate import check_backbone_name, planned_data_config
 from benchmark.run import config_from_args
 from datamodules.files import fgvc_transform
 from methods import create_method, get_method_class, list_methods
-from tests.helpers.models import TINY_VIT
+from tests.helpers.models import TINY_VIT, tiny_options
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
@@ -321,7 +321,7 @@ TOKEN_SENSITIVE = ("linear", "vpt_shallow", "vpt_deep", "partial_k", "ssf", "vqt
 def test_every_vit_method_trains_a_step_on_each_geometry(method, kind):
     backbone = build(kind, **({"img_size": 56} if "dinov2" in kind else {}))  # 4 x 4 patches of 14 px
     plain = copy.deepcopy(backbone)
-    model = create_method(method, backbone, num_classes=3)
+    model = create_method(method, backbone, num_classes=3, **tiny_options(method))
     images, labels = images_for(backbone), torch.tensor([0, 2])
     if get_method_class(method).identity_at_init:  # the pretrained function, read where its checkpoint expects
         plain.reset_classifier(3)

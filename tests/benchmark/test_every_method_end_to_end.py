@@ -16,7 +16,7 @@ from datamodules import create_datamodule
 from methods import list_methods
 from methods.registry import methods_for_family
 from tests.helpers.data import make_fgvc, make_folder, make_vtab
-from tests.helpers.models import TINY_BACKBONES, TINY_CONVNETS, TINY_METHOD_OPTIONS, TINY_VIT
+from tests.helpers.models import TINY_BACKBONES, TINY_CONVNETS, TINY_METHOD_OPTIONS, TINY_VIT, tiny_options
 
 pytestmark = pytest.mark.filterwarnings("ignore:DATASET=.*train.json has 3 classes:UserWarning")
 
@@ -73,7 +73,8 @@ def family_roots(tmp_path_factory):
 def test_on_each_dataset_family_with_a_tiny_vit(method, family, family_roots, tmp_path):
     cfg = RunConfig(method=method, dataset=family, data_root=str(family_roots[family]), train_fraction=1.0,
                     backbone="vit_tiny_patch16_224", pretrained=False, backbone_kwargs=TINY_VIT, epochs=1,
-                    warmup_epochs=0, batch_size=4, results_dir=str(tmp_path / "results"))
+                    warmup_epochs=0, batch_size=4, method_options=tiny_options(method),
+                    results_dir=str(tmp_path / "results"))
     check(run(cfg), {"cub": 9, "vtab/kitti": 8, "folder": 6}[family])
 
 
