@@ -37,12 +37,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from adjustText import adjust_text
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from benchmark.analysis.aggregate import dataset_groups
+from benchmark.analysis.plots import CROWDED, label_points
 from benchmark.analysis.stats import ONE_SEED, paired_difference, t_interval, verdict
 from benchmark.analysis.tables import markdown, number
 from benchmark.core.config import is_search_tag
@@ -354,18 +354,10 @@ def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.Series:
     return (ordered[y] > best_before).reindex(points.index)
 
 
-def label_points(fig: Figure, ax, rows: pd.DataFrame, x: str) -> None:
-    """Each point's method label, moved by adjustText until no two overlap (after the layout is fixed)."""
-    fig.canvas.draw()
-    texts = [ax.text(row[x], row["mean"], row["label"] + (f" {UNEQUAL_MARK}" if row["unequal_budget"] else ""),
-                     fontsize=7, color=color(row["method"])) for _, row in rows.iterrows()]
-    adjust_text(texts, ax=ax, arrowprops=dict(arrowstyle="-", color="0.6", lw=0.5))
-
-
 def plot_front(rows: pd.DataFrame, x: str, xlabel: str, title: str, smaller_is_better: bool) -> Figure:
     """Top-1 with its interval against `x` (log), the Pareto front as a step line through the non-dominated points."""
-    fig = Figure(figsize=(8, 5.5), layout="constrained")
-    FigureCanvasAgg(fig)  # adjustText measures the labels with the canvas' renderer
+    fig = Figure(figsize=(8, 5.5) if len(rows) <= CROWDED else (12, 8), layout="constrained")
+    FigureCanvasAgg(fig)  # the labels are measured with the canvas' renderer
     ax = fig.subplots()
     rows = rows.dropna(subset=[x, "mean"]).reset_index(drop=True)
     for _, row in rows.iterrows():
@@ -386,7 +378,8 @@ def plot_front(rows: pd.DataFrame, x: str, xlabel: str, title: str, smaller_is_b
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", frameon=False)
     ax.set_title(title, fontsize=10)
-    label_points(fig, ax, rows, x)
+    label_points(ax, rows[x], rows["mean"], [row["label"] + (f" {UNEQUAL_MARK}" if row["unequal_budget"] else "")
+                                             for _, row in rows.iterrows()], [color(m) for m in rows["method"]])
     return fig
 
 

@@ -177,12 +177,33 @@ def test_labels_of_crowded_points_do_not_overlap():
                          "ci_low": np.nan, "ci_high": np.nan, "n_seeds": 1, "unequal_budget": False})
     rows["label"] = rows["method"] + " with a long label"
     fig = lb.plot_front(rows, "tuned_percent", "x", "title", smaller_is_better=True)  # unadjusted: 6 overlaps
+    assert tuple(fig.get_size_inches()) == (8, 5.5)
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     boxes = [t.get_window_extent(renderer) for t in fig.axes[0].texts]
     assert len(boxes) == 6
     assert not [(a, b) for a, b in itertools.combinations(range(6), 2) if boxes[a].overlaps(boxes[b])]
 
+
+
+def test_dozens_of_labels_in_one_spot_do_not_overlap_on_a_larger_canvas():
+    """30 points within 0.03% of each other: adjustText alone leaves overlaps here; separate_labels leaves none."""
+    from methods.registry import list_methods
+    n = 30
+    rows = pd.DataFrame({"method": list_methods()[:n], "tuned_percent": 1 + 0.001 * np.arange(n),
+                         "mean": 80 + 0.001 * np.arange(n), "ci_low": np.nan, "ci_high": np.nan, "n_seeds": 1,
+                         "unequal_budget": False})
+    rows.loc[n - 1, ["tuned_percent", "mean"]] = [100, 90]
+    rows["label"] = rows["method"] + " with a long label"
+    fig = lb.plot_front(rows, "tuned_percent", "x", "title", smaller_is_better=True)
+    assert tuple(fig.get_size_inches()) == (12, 8)  # more than plots.CROWDED (24) points
+    fig.canvas.draw()  # the final layout: labels inside the axes leave it as it was when they were placed
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in fig.axes[0].texts]
+    inside = fig.axes[0].get_window_extent(renderer).padded(1e-6)  # a label moved to an edge: float round-off
+    assert len(boxes) == n
+    assert not [(a, b) for a, b in itertools.combinations(range(n), 2) if boxes[a].overlaps(boxes[b])]
+    assert all(inside.x0 <= b.x0 and b.x1 <= inside.x1 and inside.y0 <= b.y0 and b.y1 <= inside.y1 for b in boxes)
 
 def write_results(results) -> None:
     """Six methods x two tasks x three seeds at 100%, a linear search point, a failed run."""

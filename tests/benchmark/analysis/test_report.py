@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -261,12 +262,32 @@ def test_zoo_points_by_hand(hand_final):
     assert list(aggregate.zoo_points(hand_final)["method"]) == ["full", "linear", "full", "linear"]  # Table 1 order
 
 
+def test_a_crowded_zoo_panel_gets_a_larger_canvas_and_no_label_overlaps():
+    from methods.registry import list_methods
+    n = plots.CROWDED + 1
+    points = pd.DataFrame({"dataset": "task_a", "method": list_methods()[:n], "tuned_percent": 1 + 0.01 * np.arange(n),
+                           "mean": 80.0, "n_seeds": 1, "train_fraction": 1.0})
+    fig = plots.plot_zoo(points)
+    assert tuple(fig.get_size_inches()) == (9.5, 8)  # one panel, more than CROWDED points
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in fig.axes[0].texts]
+    assert len(boxes) == n and not [1 for a, b in itertools.combinations(boxes, 2) if a.overlaps(b)]
+
+
 def test_zoo_figure_one_panel_per_task_every_method_labelled(hand_final):
     fig = plots.plot_zoo(aggregate.zoo_points(hand_final))
+    assert tuple(fig.get_size_inches()) == (13, 5.5)  # 6.5 x 5.5 per panel: 2 points each
     assert [ax.get_title() for ax in fig.axes] == ["task_a", "task_b"]
     for ax in fig.axes:
         assert ax.get_xscale() == "log"
-    positions = {ax.get_title(): {t.get_text(): tuple(t.xy) for t in ax.texts} for ax in fig.axes}
-    # each label at (tuned %, mean top-1) of its point: task_a full 61, linear 61; task_b full 80, linear 87
-    assert positions == {"task_a": {"Full": (100.0, 61.0), "Linear": (0.5, 61.0)},
-                         "task_b": {"Full": (100.0, 80.0), "Linear": (0.5, 87.0)}}
+    # each label's line ends at its point (tuned %, mean top-1): task_a full 61, linear 61; task_b full 80, linear 87
+    ends = {ax.get_title(): {t.get_text(): tuple(line.get_path().vertices[-1]) for t, line in
+                             zip(ax.texts, ax.patches, strict=True)} for ax in fig.axes}
+    expected = {"task_a": {"Full": (100.0, 61.0), "Linear": (0.5, 61.0)},
+                "task_b": {"Full": (100.0, 80.0), "Linear": (0.5, 87.0)}}
+    assert ends.keys() == expected.keys()
+    for task, labels in expected.items():
+        assert ends[task].keys() == labels.keys()
+        for name, point in labels.items():
+            assert ends[task][name] == pytest.approx(point), (task, name)
