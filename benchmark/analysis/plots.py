@@ -168,6 +168,7 @@ def label_points(ax, xs, ys, labels, colors) -> None:
         ax.add_patch(FancyArrowPatch(posA=text.get_position(), posB=(x, y), patchA=text, shrinkB=0, arrowstyle="-",
                                      color="0.6", lw=0.5))
 
+
 def plot_zoo(points: pd.DataFrame, title: str | None = None) -> Figure:
     """Every method at one training-data fraction: test top-1 against tuned-parameter % (log x), one panel per task,
     each point labelled with its method (the PETL surveys' accuracy-vs-parameters view)."""
